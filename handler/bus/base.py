@@ -1,0 +1,62 @@
+"""The pub/sub contract: route a committed event to every node that serves its users.
+
+The bus carries *notifications*; the store stays the source of truth. A backend must:
+
+- deliver each published event to the sink of every node that has subscribed to one of its
+  `recipients`, including the publishing node itself;
+- preserve publish order per recipient user;
+- make `subscribe` return only once events published afterwards will reach this node (the
+  binding race depends on it: subscribe, then read the backlog);
+- never block the publisher: `publish_nowait` queues or delivers synchronously.
+
+A backend that can lose events (Redis pub/sub is at-most-once) must repair the loss, e.g. with
+a gap check against the store, since the protocol promises exactly-once delivery per binding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal, Protocol
+
+import attrs
+import trio
+
+from handler.protocol import Chat, Message, RequestId
+
+
+@attrs.frozen
+class Delivery:
+    """A committed chat or message to push to the open connections of `recipients`.
+
+    `origin_connection` is the connection whose frame caused it; it receives the event with
+    `origin_request_id` (its acknowledgement) instead of the plain copy.
+    """
+
+    kind: Literal["message", "chat"]
+    recipients: tuple[str, ...]
+    message: Message | None = None
+    chat: Chat | None = None
+    origin_connection: str | None = None
+    origin_request_id: RequestId | None = None
+
+
+DeliverySink = Callable[[Delivery], None]
+
+
+class Bus(Protocol):
+    async def run(
+        self, sink: DeliverySink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run until cancelled, calling `sink` (synchronously) for every event for this node."""
+
+    async def subscribe(self, user_id: str) -> None:
+        """Start routing the user's events to this node; returns once that is in effect."""
+
+    async def unsubscribe(self, user_id: str) -> None:
+        """Stop routing the user's events to this node."""
+
+    def publish_nowait(self, event: Delivery) -> None:
+        """Send an event to its recipients' nodes without blocking; order kept per user."""
+
+    async def check(self) -> None:
+        """Raise `BusUnavailable` when the backend does not answer (health check)."""

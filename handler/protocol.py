@@ -1,0 +1,531 @@
+"""Wire protocol: frames, decoding, validation and encoding. Pure code, no I/O.
+
+This module is the schema shared by the server, the Python clients and the docs. Client frames
+are decoded by `decode()` into frozen attrs classes; every rule a frame can break raises
+`ProtocolError` with the error code and field of the protocol, never another exception.
+Server frames are attrs classes too; `encode()` turns one into the JSON text sent on the wire.
+
+Theory of operation of `decode()`:
+1. JSON is parsed by orjson (fast path). orjson refuses a few inputs that are valid JSON but
+   carry lone UTF-16 surrogates or integers beyond 64 bits; those are re-parsed by the stdlib
+   parser so the client gets `bad_request` naming the field instead of a misleading `bad_json`.
+   NaN/Infinity literals, nesting deeper than the parsers allow, and non-objects are `bad_json`.
+2. `request_id` is read first, so that every later error can quote it.
+3. `type` selects the frame; each frame validates its own fields, in declaration order.
+Unknown extra fields are ignored, so clients may send fields a newer server understands.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Final
+
+import attrs
+import orjson
+
+from handler.errors import ErrorCode, ProtocolError
+
+MAX_MESSAGE_CHARS: Final = 4096
+MAX_FRAME_BYTES: Final = 65536
+HISTORY_LIMIT: Final = 1000
+FETCH_MESSAGES_DEFAULT: Final = 100
+FETCH_MESSAGES_MAX: Final = 1000
+MAX_USER_ID_CHARS: Final = 128
+MAX_ID_CHARS: Final = 128
+MAX_REQUEST_ID_CHARS: Final = 64
+MAX_TOKEN_CHARS: Final = 8192
+_INT64_MAX: Final = 2**63 - 1
+
+RequestId = str | int
+
+
+@attrs.frozen
+class Limits:
+    """The protocol limits a decoder enforces; defaults are the protocol's, config overrides."""
+
+    max_message_chars: int = MAX_MESSAGE_CHARS
+    history_limit: int = HISTORY_LIMIT
+
+
+DEFAULT_LIMITS: Final = Limits()
+
+
+# --------------------------------------------------------------------------- client frames
+
+
+@attrs.frozen
+class CreateChat:
+    recipient_id: str
+    token: str | None = None
+    request_id: RequestId | None = None
+    type: ClassVar[str] = "create_chat"
+
+
+@attrs.frozen
+class SendMessage:
+    chat_id: str
+    recipient_id: str
+    content: str
+    client_message_id: str | None = None
+    token: str | None = None
+    request_id: RequestId | None = None
+    type: ClassVar[str] = "send_message"
+
+
+@attrs.frozen
+class FetchChats:
+    limit: int = HISTORY_LIMIT
+    token: str | None = None
+    request_id: RequestId | None = None
+    type: ClassVar[str] = "fetch_chats"
+
+
+@attrs.frozen
+class FetchMessages:
+    chat_id: str
+    before: str | None = None
+    limit: int = FETCH_MESSAGES_DEFAULT
+    token: str | None = None
+    request_id: RequestId | None = None
+    type: ClassVar[str] = "fetch_messages"
+
+
+@attrs.frozen
+class Ping:
+    token: str | None = None
+    request_id: RequestId | None = None
+    type: ClassVar[str] = "ping"
+
+
+ClientFrame = CreateChat | SendMessage | FetchChats | FetchMessages | Ping
+
+
+# --------------------------------------------------------------------------- records
+
+
+@attrs.frozen
+class Chat:
+    """A 1:1 chat; `participants` is always the two user ids, sorted."""
+
+    chat_id: str
+    participants: tuple[str, str]
+    created_by: str
+    created_at: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "chat_id": self.chat_id,
+            "participants": list(self.participants),
+            "created_by": self.created_by,
+            "created_at": self.created_at,
+        }
+
+    def other_participant(self, user_id: str) -> str:
+        first, second = self.participants
+        return second if first == user_id else first
+
+
+@attrs.frozen
+class Message:
+    message_id: str
+    chat_id: str
+    sender_id: str
+    recipient_id: str
+    content: str
+    timestamp: str
+    client_message_id: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {
+            "message_id": self.message_id,
+            "chat_id": self.chat_id,
+            "sender_id": self.sender_id,
+            "recipient_id": self.recipient_id,
+            "content": self.content,
+            "timestamp": self.timestamp,
+        }
+        if self.client_message_id is not None:
+            wire["client_message_id"] = self.client_message_id
+        return wire
+
+
+# --------------------------------------------------------------------------- server frames
+
+
+@attrs.frozen
+class Authenticated:
+    user_id: str
+    request_id: RequestId | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": "authenticated", "user_id": self.user_id}
+
+
+@attrs.frozen
+class AllChats:
+    data: tuple[Chat, ...]
+    request_id: RequestId | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return _with_request_id(
+            {"type": "all_chats", "data": [chat.to_wire() for chat in self.data]},
+            self.request_id,
+        )
+
+
+@attrs.frozen
+class NewChats:
+    data: tuple[Chat, ...]
+    request_id: RequestId | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return _with_request_id(
+            {"type": "new_chats", "data": [chat.to_wire() for chat in self.data]},
+            self.request_id,
+        )
+
+
+@attrs.frozen
+class AllMessages:
+    chat_id: str
+    data: tuple[Message, ...]
+    has_more: bool
+    request_id: RequestId | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return _with_request_id(
+            {
+                "type": "all_messages",
+                "chat_id": self.chat_id,
+                "data": [message.to_wire() for message in self.data],
+                "has_more": self.has_more,
+            },
+            self.request_id,
+        )
+
+
+@attrs.frozen
+class NewMessages:
+    chat_id: str
+    data: tuple[Message, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": "new_messages",
+            "chat_id": self.chat_id,
+            "data": [message.to_wire() for message in self.data],
+        }
+
+
+@attrs.frozen
+class MessageEvent:
+    """The live `message` frame; the sender's copy carries its `request_id` as the ack."""
+
+    message: Message
+    request_id: RequestId | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = self.message.to_wire()
+        wire["type"] = "message"
+        return _with_request_id(wire, self.request_id)
+
+
+@attrs.frozen
+class Pong:
+    request_id: RequestId | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return _with_request_id({"type": "pong"}, self.request_id)
+
+
+@attrs.frozen
+class ErrorFrame:
+    code: ErrorCode
+    message: str
+    field: str | None = None
+    request_id: RequestId | None = None
+    retry_after_ms: int | None = None
+
+    @classmethod
+    def from_error(cls, error: ProtocolError) -> ErrorFrame:
+        return cls(
+            code=error.code,
+            message=error.message,
+            field=error.field,
+            request_id=error.request_id,
+            retry_after_ms=error.retry_after_ms,
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"type": "error", "code": str(self.code), "message": self.message}
+        if self.field is not None:
+            wire["field"] = self.field
+        if self.retry_after_ms is not None:
+            wire["retry_after_ms"] = self.retry_after_ms
+        return _with_request_id(wire, self.request_id)
+
+
+ServerFrame = (
+    Authenticated
+    | AllChats
+    | NewChats
+    | AllMessages
+    | NewMessages
+    | MessageEvent
+    | Pong
+    | ErrorFrame
+)
+
+
+def _with_request_id(wire: dict[str, Any], request_id: RequestId | None) -> dict[str, Any]:
+    if request_id is not None:
+        wire["request_id"] = request_id
+    return wire
+
+
+def encode(frame: ServerFrame) -> str:
+    """Serialize a server frame to the JSON text of one WebSocket text message."""
+    return orjson.dumps(frame.to_wire()).decode()
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def decode(text: str | bytes, limits: Limits = DEFAULT_LIMITS) -> ClientFrame:
+    """Parse and validate one client frame.
+
+    Raises:
+        ProtocolError: for every rule the frame breaks; `request_id` is set when readable.
+    """
+    if isinstance(text, bytes | bytearray | memoryview):
+        raise ProtocolError(ErrorCode.BAD_JSON, "binary frames are not accepted; send JSON text")
+    obj = _parse_json(text)
+    if not isinstance(obj, dict):
+        raise ProtocolError(ErrorCode.BAD_JSON, "a frame must be a JSON object")
+    request_id = _request_id(obj)
+    try:
+        frame_type = obj.get("type")
+        if not isinstance(frame_type, str):
+            raise ProtocolError(ErrorCode.UNKNOWN_TYPE, "the frame has no string 'type' field")
+        builder = _BUILDERS.get(frame_type)
+        if builder is None:
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_TYPE,
+                f"unknown frame type; expected one of {', '.join(sorted(_BUILDERS))}",
+            )
+        fields = _Fields(obj)
+        token = fields.optional_str("token", MAX_TOKEN_CHARS)
+        return builder(fields, token, request_id, limits)
+    except ProtocolError as error:
+        raise error.with_request_id(request_id) from None
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        pass
+    # orjson refuses lone surrogates and integers past 64 bits, both valid JSON; the stdlib
+    # parser accepts them, so field validation can give a precise answer. Anything it refuses
+    # too is genuinely malformed.
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise ProtocolError(ErrorCode.BAD_JSON, "the frame is not valid JSON") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _request_id(obj: Mapping[str, Any]) -> RequestId | None:
+    value = obj.get("request_id")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            "request_id must be a string of 1..64 characters or an integer",
+            field="request_id",
+        )
+    if isinstance(value, int):
+        if not -_INT64_MAX <= value <= _INT64_MAX:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, "request_id integer is out of range", field="request_id"
+            )
+        return value
+    if not 1 <= len(value) <= MAX_REQUEST_ID_CHARS or not _is_utf8(value):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            "request_id must be a string of 1..64 characters or an integer",
+            field="request_id",
+        )
+    return value
+
+
+def _is_utf8(value: str) -> bool:
+    if value.isascii():
+        return True
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def validate_user_id(value: str, field: str) -> str:
+    """Check the user id rules: 1..128 characters, no control characters, no edge spaces."""
+    if not 1 <= len(value) <= MAX_USER_ID_CHARS:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"{field} must be 1..128 characters", field=field
+        )
+    if value != value.strip() or not value.isprintable() and _has_control(value):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            f"{field} must not contain control characters or leading/trailing white space",
+            field=field,
+        )
+    if not _is_utf8(value):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{field} is not valid Unicode", field=field)
+    return value
+
+
+def _has_control(value: str) -> bool:
+    return any(ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0 for char in value)
+
+
+class _Fields:
+    """Typed accessors over a frame's JSON object that raise the protocol's errors."""
+
+    def __init__(self, obj: Mapping[str, Any]) -> None:
+        self._obj = obj
+
+    def _string(self, name: str, value: Any, max_chars: int) -> str:
+        if not isinstance(value, str):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{name} must be a string", field=name)
+        if not value:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{name} must not be empty", field=name)
+        if len(value) > max_chars:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, f"{name} is longer than {max_chars} characters", field=name
+            )
+        if not _is_utf8(value):
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, f"{name} is not valid Unicode (lone surrogate)", field=name
+            )
+        return value
+
+    def required_str(self, name: str, max_chars: int = MAX_ID_CHARS) -> str:
+        if name not in self._obj or self._obj[name] is None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{name} is required", field=name)
+        return self._string(name, self._obj[name], max_chars)
+
+    def optional_str(self, name: str, max_chars: int = MAX_ID_CHARS) -> str | None:
+        value = self._obj.get(name)
+        if value is None:
+            return None
+        return self._string(name, value, max_chars)
+
+    def user_id(self, name: str) -> str:
+        if name not in self._obj or self._obj[name] is None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{name} is required", field=name)
+        value = self._obj[name]
+        if not isinstance(value, str):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{name} must be a string", field=name)
+        return validate_user_id(value, name)
+
+    def content(self, limits: Limits) -> str:
+        if "content" not in self._obj or self._obj["content"] is None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "content is required", field="content")
+        value = self._obj["content"]
+        if not isinstance(value, str):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "content must be a string", field="content")
+        if not value:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "content must not be empty", field="content")
+        if len(value) > limits.max_message_chars:
+            raise ProtocolError(
+                ErrorCode.TOO_LARGE,
+                f"content is longer than {limits.max_message_chars} characters",
+                field="content",
+            )
+        if not _is_utf8(value):
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST,
+                "content is not valid Unicode (lone surrogate)",
+                field="content",
+            )
+        return value
+
+    def optional_limit(self, default: int, maximum: int | None) -> int:
+        """An integer >= 1; above `maximum` is an error when given, else capped by the caller."""
+        value = self._obj.get("limit")
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "limit must be an integer", field="limit")
+        if value < 1 or (maximum is not None and value > maximum):
+            bounds = f"1..{maximum}" if maximum is not None else ">= 1"
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"limit must be {bounds}", field="limit")
+        return value
+
+
+_Builder = Callable[[_Fields, str | None, RequestId | None, Limits], ClientFrame]
+
+
+def _build_create_chat(
+    fields: _Fields, token: str | None, request_id: RequestId | None, limits: Limits
+) -> ClientFrame:
+    return CreateChat(fields.user_id("recipient_id"), token=token, request_id=request_id)
+
+
+def _build_send_message(
+    fields: _Fields, token: str | None, request_id: RequestId | None, limits: Limits
+) -> ClientFrame:
+    return SendMessage(
+        chat_id=fields.required_str("chat_id"),
+        recipient_id=fields.user_id("recipient_id"),
+        content=fields.content(limits),
+        client_message_id=fields.optional_str("client_message_id"),
+        token=token,
+        request_id=request_id,
+    )
+
+
+def _build_fetch_chats(
+    fields: _Fields, token: str | None, request_id: RequestId | None, limits: Limits
+) -> ClientFrame:
+    limit = fields.optional_limit(limits.history_limit, None)
+    return FetchChats(min(limit, limits.history_limit), token=token, request_id=request_id)
+
+
+def _build_fetch_messages(
+    fields: _Fields, token: str | None, request_id: RequestId | None, limits: Limits
+) -> ClientFrame:
+    chat_id = fields.required_str("chat_id")
+    before = fields.optional_str("before")
+    limit = fields.optional_limit(FETCH_MESSAGES_DEFAULT, FETCH_MESSAGES_MAX)
+    return FetchMessages(
+        chat_id,
+        before=before,
+        limit=min(limit, limits.history_limit),
+        token=token,
+        request_id=request_id,
+    )
+
+
+def _build_ping(
+    fields: _Fields, token: str | None, request_id: RequestId | None, limits: Limits
+) -> ClientFrame:
+    return Ping(token=token, request_id=request_id)
+
+
+_BUILDERS: Final[dict[str, _Builder]] = {
+    "create_chat": _build_create_chat,
+    "send_message": _build_send_message,
+    "fetch_chats": _build_fetch_chats,
+    "fetch_messages": _build_fetch_messages,
+    "ping": _build_ping,
+}
+
+CLIENT_FRAME_TYPES: Final = tuple(sorted(_BUILDERS))

@@ -1,0 +1,106 @@
+"""The storage contract every backend implements, and the records it returns.
+
+The store is the source of truth for chats, messages and what was delivered to whom. Its
+guarantees, which the hub relies on and the contract tests check on every backend:
+
+- `add_message` returns only after COMMIT; concurrent writes are batched into one transaction
+  (group commit), never made faster by skipping durability.
+- `on_commit` callbacks run in the caller's Trio thread, in commit order, before the writing
+  task resumes; the hub publishes from there, so fan-out order equals commit order.
+- Within a chat, message ids and timestamps never go backwards.
+- `(sender_id, chat_id, client_message_id)` is unique: a resend returns the stored message
+  with `created=False`.
+- Delivery state is per user: a chat or message is undelivered until `mark_delivered`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import attrs
+
+from handler.protocol import Chat, Message
+
+OnCommit = Callable[[Message], None]
+
+
+@attrs.frozen
+class ChatHistory:
+    """A chat with a page of its messages, oldest first."""
+
+    chat: Chat
+    messages: tuple[Message, ...]
+    has_more: bool
+
+
+@attrs.frozen
+class Backlog:
+    """What a user has not yet received: chats oldest first, then messages grouped by chat.
+
+    `messages` is ordered by each chat's oldest undelivered message; each tuple oldest first.
+    """
+
+    chats: tuple[Chat, ...]
+    messages: tuple[tuple[str, tuple[Message, ...]], ...]
+
+    @property
+    def message_ids(self) -> frozenset[str]:
+        return frozenset(m.message_id for _, batch in self.messages for m in batch)
+
+    @property
+    def chat_ids(self) -> frozenset[str]:
+        return frozenset(chat.chat_id for chat in self.chats)
+
+
+class Store(Protocol):
+    """Persistent chats, messages and delivery state. All methods are safe to call concurrently."""
+
+    async def open(self) -> None:
+        """Connect, run migrations, start background writers. Call once before use."""
+
+    async def aclose(self) -> None:
+        """Flush pending writes and release every connection and thread."""
+
+    async def check(self) -> None:
+        """Raise `StoreUnavailable` when the backend does not answer (health check)."""
+
+    async def create_chat(self, creator_id: str, recipient_id: str) -> tuple[Chat, bool]:
+        """Create the 1:1 chat of the pair or find it; `True` when it was created now.
+
+        The creator's copy counts as delivered, the recipient's does not.
+        """
+
+    async def get_chat(self, chat_id: str) -> Chat | None:
+        """The chat with this id, or None."""
+
+    async def add_message(
+        self,
+        chat: Chat,
+        sender_id: str,
+        content: str,
+        client_message_id: str | None,
+        on_commit: OnCommit | None = None,
+    ) -> tuple[Message, bool]:
+        """Store a message durably; `True` when new, `False` for an idempotent resend.
+
+        `on_commit` is called (only for new messages) after COMMIT, in commit order.
+        """
+
+    async def chat_histories(self, user_id: str, limit: int) -> list[ChatHistory]:
+        """Every chat of the user, most recently active first, each with its newest `limit`
+        messages oldest first."""
+
+    async def messages_before(
+        self, chat_id: str, before_id: str | None, limit: int
+    ) -> tuple[tuple[Message, ...], bool] | None:
+        """A page of messages older than `before_id` (or the newest), oldest first, with
+        `has_more`; None when `before_id` is not a message of this chat."""
+
+    async def backlog(self, user_id: str) -> Backlog:
+        """Everything not yet delivered to the user."""
+
+    async def mark_delivered(
+        self, user_id: str, chat_ids: Sequence[str], message_ids: Sequence[str]
+    ) -> None:
+        """Record that these chats and messages reached the user (idempotent)."""
