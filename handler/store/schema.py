@@ -1,0 +1,44 @@
+"""Versioned schema migrations. Append a new tuple to migrate; never edit a shipped one."""
+
+from __future__ import annotations
+
+from typing import Final
+
+SQLITE_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """
+        CREATE TABLE chats (
+            id INTEGER PRIMARY KEY,
+            user_a TEXT NOT NULL,
+            user_b TEXT NOT NULL,
+            created_by TEXT NOT NULL,
+            created_at_ms INTEGER NOT NULL,
+            last_message_ms INTEGER NOT NULL DEFAULT 0,
+            last_activity_ms INTEGER NOT NULL,
+            a_delivered INTEGER NOT NULL DEFAULT 0,
+            b_delivered INTEGER NOT NULL DEFAULT 0,
+            UNIQUE (user_a, user_b)
+        )
+        """,
+        "CREATE INDEX chats_by_user_b ON chats (user_b)",
+        """
+        CREATE TABLE messages (
+            id INTEGER PRIMARY KEY,
+            chat_id INTEGER NOT NULL REFERENCES chats (id),
+            sender_id TEXT NOT NULL,
+            recipient_id TEXT NOT NULL,
+            content TEXT NOT NULL,
+            created_at_ms INTEGER NOT NULL,
+            client_message_id TEXT,
+            delivered INTEGER NOT NULL DEFAULT 0
+        )
+        """,
+        "CREATE INDEX messages_by_chat ON messages (chat_id, id)",
+        "CREATE INDEX messages_undelivered ON messages (recipient_id, id) WHERE delivered = 0",
+        """
+        CREATE UNIQUE INDEX messages_idempotency
+            ON messages (sender_id, chat_id, client_message_id)
+            WHERE client_message_id IS NOT NULL
+        """,
+    ),
+)
