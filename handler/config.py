@@ -84,6 +84,8 @@ class Config:
         return int(self.handler_url.rpartition(":")[2])
 
 
+_STORAGE_DEFAULTS: Final = StorageConfig()
+_BUS_DEFAULTS: Final = BusConfig()
 _SYNC_VALUES: Final = ("normal", "full")
 _ALGORITHMS: Final = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384")
 
@@ -185,8 +187,8 @@ def _parse_storage(raw: Any, base_dir: Path, environ: Mapping[str, str]) -> Stor
     synchronous = section.get("synchronous", str, "normal")
     if synchronous not in _SYNC_VALUES:
         raise ConfigError(section.key("synchronous"), 'must be "normal" or "full"')
-    dsn = environ.get("CHAT_DATABASE_URL") or section.get("dsn", str, StorageConfig.dsn)
-    pool_size = section.positive("pool_size", StorageConfig.pool_size, integer=True)
+    dsn = environ.get("CHAT_DATABASE_URL") or section.get("dsn", str, _STORAGE_DEFAULTS.dsn)
+    pool_size = section.positive("pool_size", _STORAGE_DEFAULTS.pool_size, integer=True)
     return StorageConfig(
         backend=backend, path=path, synchronous=synchronous, dsn=dsn, pool_size=pool_size
     )
@@ -197,7 +199,7 @@ def _parse_bus(raw: Any, environ: Mapping[str, str]) -> BusConfig:
     backend = section.get("backend", str, "local")
     if backend not in ("local", "redis"):
         raise ConfigError(section.key("backend"), 'must be "local" or "redis"')
-    url = environ.get("CHAT_REDIS_URL") or section.get("url", str, BusConfig.url)
+    url = environ.get("CHAT_REDIS_URL") or section.get("url", str, _BUS_DEFAULTS.url)
     return BusConfig(backend=backend, url=url)
 
 

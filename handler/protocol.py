@@ -226,9 +226,7 @@ class MessageEvent:
     request_id: RequestId | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        wire = self.message.to_wire()
-        wire["type"] = "message"
-        return _with_request_id(wire, self.request_id)
+        return _with_request_id({"type": "message", **self.message.to_wire()}, self.request_id)
 
 
 @attrs.frozen

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import attrs
+import trio
 
 from handler.protocol import Chat, Message
 
@@ -56,11 +57,15 @@ class Backlog:
 class Store(Protocol):
     """Persistent chats, messages and delivery state. All methods are safe to call concurrently."""
 
-    async def open(self) -> None:
-        """Connect, run migrations, start background writers. Call once before use."""
+    async def open(self, nursery: trio.Nursery) -> None:
+        """Connect, run migrations, start background writers in `nursery`. Call once.
+
+        The caller owns the nursery (structured concurrency: no hidden tasks); `aclose()` must
+        be awaited before that nursery exits.
+        """
 
     async def aclose(self) -> None:
-        """Flush pending writes and release every connection and thread."""
+        """Flush pending writes, stop the background tasks, release every connection."""
 
     async def check(self) -> None:
         """Raise `StoreUnavailable` when the backend does not answer (health check)."""

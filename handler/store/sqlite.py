@@ -148,8 +148,7 @@ class SQLiteStore:
         self._reader_limiter = trio.CapacityLimiter(_READERS)
         self._writer: _Writer | None = None
         self._writer_connection: sqlite3.Connection | None = None
-        self._nursery_cm: Any = None
-        self._nursery: trio.Nursery | None = None
+        self._writer_done = trio.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -172,20 +171,26 @@ class SQLiteStore:
         self._writer_connection = writer
         self._readers = [self._connect(readonly=True) for _ in range(_READERS)]
 
-    async def open(self) -> None:
-        await trio.to_thread.run_sync(self._open_sync)
+    async def open(self, nursery: trio.Nursery) -> None:
+        try:
+            await trio.to_thread.run_sync(self._open_sync)
+        except sqlite3.Error as error:
+            raise StoreUnavailable(f"cannot open {self._path}: {error}") from None
         assert self._writer_connection is not None
         self._writer = _Writer(self._writer_connection)
-        self._nursery_cm = trio.open_nursery()
-        self._nursery = await self._nursery_cm.__aenter__()
-        self._nursery.start_soon(self._writer.run)
+        nursery.start_soon(self._run_writer, self._writer)
+
+    async def _run_writer(self, writer: _Writer) -> None:
+        try:
+            await writer.run()
+        finally:
+            self._writer_done.set()
 
     async def aclose(self) -> None:
         if self._writer is not None:
             self._writer.close()
-        if self._nursery_cm is not None:
-            await self._nursery_cm.__aexit__(None, None, None)
-            self._nursery_cm = None
+            await self._writer_done.wait()
+            self._writer = None
 
         def close_all() -> None:
             for connection in [*self._readers, self._writer_connection]:

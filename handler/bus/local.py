@@ -1,0 +1,38 @@
+"""In-process bus: events go straight to this process's hub. The embedded default."""
+
+from __future__ import annotations
+
+import trio
+
+from handler.bus.base import Delivery, DeliverySink
+
+
+class LocalBus:
+    """Synchronous fan-out within one process; cannot reach another worker (see server.py)."""
+
+    def __init__(self) -> None:
+        self._sink: DeliverySink | None = None
+        self._subscribed: set[str] = set()
+
+    async def run(
+        self, sink: DeliverySink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        self._sink = sink
+        task_status.started()
+        try:
+            await trio.sleep_forever()
+        finally:
+            self._sink = None
+
+    async def subscribe(self, user_id: str) -> None:
+        self._subscribed.add(user_id)
+
+    async def unsubscribe(self, user_id: str) -> None:
+        self._subscribed.discard(user_id)
+
+    def publish_nowait(self, event: Delivery) -> None:
+        if self._sink is not None and any(u in self._subscribed for u in event.recipients):
+            self._sink(event)
+
+    async def check(self) -> None:
+        return None

@@ -1,0 +1,139 @@
+"""One WebSocket connection's outbound side: a bounded outbox and the binding buffer.
+
+Theory of operation:
+- Every frame for the socket goes through `outbox`, a bounded trio memory channel read by the
+  connection's single writer task. Direct replies wait for room (with a deadline: a client that
+  sends requests but never reads is dropped); fan-out from other users never waits: when the
+  outbox is full the connection is dropped (slow-consumer policy, close 1013) and what it
+  missed stays undelivered in the store.
+- While the connection binds (reads its backlog), fan-out is parked in `_pending` instead; the
+  binder then writes the backlog, replays the parked items that the backlog did not already
+  contain, and only then switches to live. All of it happens on one Trio thread, so the switch
+  itself needs no lock. This is what makes delivery exactly-once around a (re)connect.
+"""
+
+from __future__ import annotations
+
+import collections
+import secrets
+from collections.abc import Callable
+from typing import Final
+
+import attrs
+import trio
+
+from handler.errors import CloseCode
+
+REPLY_ROOM_TIMEOUT_S: Final = 5.0
+
+
+@attrs.frozen
+class Receipt:
+    """What counts as delivered to `user_id` once the frame carrying it is written."""
+
+    user_id: str
+    chat_ids: tuple[str, ...] = ()
+    message_ids: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class Outgoing:
+    """An encoded frame on its way to the socket."""
+
+    text: str
+    frame_type: str
+    receipt: Receipt | None = None
+    published_at: float | None = None  # trio clock, for publish-to-deliver latency
+    message_id: str | None = None  # for de-duplicating fan-out against the backlog
+    chat_id: str | None = None  # same, for new chats
+
+
+def new_connection_id() -> str:
+    return secrets.token_hex(8)
+
+
+class Connection:
+    """State shared by a connection's reader, writer and the hub."""
+
+    def __init__(self, send_queue: int, on_drop: Callable[[Connection], None]) -> None:
+        self.id = new_connection_id()
+        self.user_id: str | None = None
+        self.token_expires_at: float | None = None
+        self.close_code: CloseCode | None = None
+        self.close_reason = ""
+        self.cancel_scope = trio.CancelScope()
+        self._capacity = send_queue
+        self._send, self.outbox = trio.open_memory_channel[Outgoing](send_queue)
+        self._pending: collections.deque[Outgoing] | None = None
+        self._on_drop = on_drop
+
+    @property
+    def binding(self) -> bool:
+        return self._pending is not None
+
+    def close(self, code: CloseCode, reason: str = "") -> None:
+        """Ask the transport to close with `code`; the first request wins."""
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = reason
+        self.cancel_scope.cancel()
+
+    # ------------------------------------------------------------------ writes
+
+    def push_nowait(self, item: Outgoing) -> None:
+        """Fan-out path: never blocks; a full outbox drops the connection."""
+        if self.close_code is not None:
+            return
+        if self._pending is not None:
+            if len(self._pending) >= self._capacity:
+                self._drop()
+            else:
+                self._pending.append(item)
+            return
+        try:
+            self._send.send_nowait(item)
+        except trio.WouldBlock:
+            self._drop()
+        except trio.ClosedResourceError:
+            pass
+
+    async def reply(self, item: Outgoing) -> None:
+        """Direct-reply path: waits for room, but a client that does not read is dropped."""
+        with trio.move_on_after(REPLY_ROOM_TIMEOUT_S):
+            try:
+                await self._send.send(item)
+            except trio.ClosedResourceError:
+                pass
+            return
+        self._drop()
+
+    def _drop(self) -> None:
+        self._on_drop(self)
+        self.close(CloseCode.TRY_AGAIN_LATER, "send queue full: client is not reading")
+
+    # ------------------------------------------------------------------ binding
+
+    def start_binding(self) -> None:
+        self._pending = collections.deque()
+
+    async def finish_binding(
+        self, delivered_message_ids: frozenset[str], delivered_chat_ids: frozenset[str]
+    ) -> None:
+        """Replay parked fan-out the backlog did not contain, then go live."""
+        pending = self._pending
+        assert pending is not None
+        while pending:
+            item = pending.popleft()
+            if item.message_id is not None and item.message_id in delivered_message_ids:
+                continue
+            if item.chat_id is not None and item.chat_id in delivered_chat_ids:
+                continue
+            await self.reply(item)
+        # No await between the empty check above and this line: nothing can slip in between.
+        self._pending = None
+
+    def abort_binding(self) -> None:
+        self._pending = None
+
+    def close_outbox(self) -> None:
+        self._send.close()

@@ -1,0 +1,229 @@
+"""The hub: which users are connected here, fan-out to their connections, delivery marks.
+
+Theory of operation:
+- `users` maps a user id to the connections bound here. The first connection of a user
+  subscribes this node to the user's events on the bus; the last one to leave unsubscribes.
+  Concurrent binders of the same user wait for that one subscription (`_UserEntry.ready`).
+- The bus calls `deliver()` synchronously, in commit order. It encodes each event once per
+  variant (the origin connection's acknowledgement carries its `request_id`, everyone else
+  shares one text) and pushes it with `push_nowait`: fan-out never waits on a slow socket.
+- A frame that carried a `Receipt` is reported back by the writer once it is on the socket;
+  the marks are coalesced and written in batches by `run_marks()`, so delivery tracking costs
+  one small write per batch rather than one per message.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+from collections.abc import Iterable
+
+import trio
+
+from handler import protocol
+from handler.bus.base import Bus, Delivery
+from handler.connection import Connection, Outgoing, Receipt
+from handler.errors import CloseCode, HandlerError
+from handler.metrics import Metrics
+from handler.ratelimit import TokenBucket
+from handler.store.base import Store
+
+log = logging.getLogger("handler.hub")
+
+MARK_FLUSH_INTERVAL_S = 0.02
+
+
+class _UserEntry:
+    def __init__(self, rate: float, burst: float) -> None:
+        self.connections: dict[str, Connection] = {}
+        self.ready = trio.Event()
+        self.failed = False
+        self.bucket = TokenBucket(rate, burst)
+
+
+class Hub:
+    def __init__(
+        self, store: Store, bus: Bus, metrics: Metrics, *, rate_per_s: float, rate_burst: float
+    ) -> None:
+        self.store = store
+        self.bus = bus
+        self.metrics = metrics
+        self._rate = rate_per_s
+        self._burst = rate_burst
+        self.users: dict[str, _UserEntry] = {}
+        self.connections: dict[str, Connection] = {}
+        self._marks_send, self._marks_receive = trio.open_memory_channel[Receipt](math.inf)
+        self.closing = False
+
+    # ------------------------------------------------------------------ registry
+
+    def attach(self, connection: Connection) -> None:
+        self.connections[connection.id] = connection
+        self.metrics.connections.inc()
+
+    async def detach(self, connection: Connection) -> None:
+        """Forget a closed connection."""
+        if self.connections.pop(connection.id, None) is not None:
+            self.metrics.connections.dec()
+        await self.unregister(connection)
+
+    async def unregister(self, connection: Connection) -> None:
+        """Stop fan-out to the connection; unsubscribe the user if it was the last one."""
+        user_id = connection.user_id
+        connection.user_id = None
+        if user_id is None:
+            return
+        entry = self.users.get(user_id)
+        if entry is None or entry.connections.pop(connection.id, None) is None:
+            return
+        if not entry.connections:
+            del self.users[user_id]
+            self.metrics.bound_users.dec()
+            if entry.ready.is_set() and not entry.failed:
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    try:
+                        await self.bus.unsubscribe(user_id)
+                    except HandlerError as error:
+                        log.warning("unsubscribe of a user failed: %s", error)
+
+    async def register(self, connection: Connection, user_id: str) -> None:
+        """Make the connection reachable by fan-out; it starts in binding mode.
+
+        Raises HandlerError if the bus cannot subscribe; the connection is then unregistered.
+        """
+        connection.user_id = user_id
+        connection.start_binding()
+        entry = self.users.get(user_id)
+        if entry is None:
+            entry = self.users[user_id] = _UserEntry(self._rate, self._burst)
+            self.metrics.bound_users.inc()
+            entry.connections[connection.id] = connection
+            try:
+                await self.bus.subscribe(user_id)
+            except BaseException:
+                entry.failed = True
+                raise
+            finally:
+                entry.ready.set()
+        else:
+            entry.connections[connection.id] = connection
+            await entry.ready.wait()
+            if entry.failed:
+                raise HandlerError("subscription failed")
+
+    def bucket_for(self, user_id: str) -> TokenBucket | None:
+        entry = self.users.get(user_id)
+        return None if entry is None else entry.bucket
+
+    def user_connections(self, user_id: str) -> Iterable[Connection]:
+        entry = self.users.get(user_id)
+        return () if entry is None else entry.connections.values()
+
+    # ------------------------------------------------------------------ fan-out
+
+    def deliver(self, event: Delivery) -> None:
+        """The bus sink: push a committed event to every local connection of its recipients."""
+        if event.kind == "message":
+            self._deliver_message(event)
+        else:
+            self._deliver_chat(event)
+
+    def _deliver_message(self, event: Delivery) -> None:
+        message = event.message
+        assert message is not None
+        now = trio.current_time()
+        plain: str | None = None  # encoded once, shared by every non-origin connection
+        for user_id in event.recipients:
+            entry = self.users.get(user_id)
+            if entry is None:
+                continue
+            receipt = None
+            if user_id == message.recipient_id:
+                receipt = Receipt(user_id, message_ids=(message.message_id,))
+            for connection in list(entry.connections.values()):
+                if connection.id == event.origin_connection:
+                    text = protocol.encode(protocol.MessageEvent(message, event.origin_request_id))
+                else:
+                    plain = plain or protocol.encode(protocol.MessageEvent(message))
+                    text = plain
+                connection.push_nowait(
+                    Outgoing(text, "message", receipt, now, message_id=message.message_id)
+                )
+
+    def _deliver_chat(self, event: Delivery) -> None:
+        chat = event.chat
+        assert chat is not None
+        now = trio.current_time()
+        text: str | None = None
+        for user_id in event.recipients:
+            entry = self.users.get(user_id)
+            if entry is None:
+                continue
+            receipt = Receipt(user_id, chat_ids=(chat.chat_id,))
+            for connection in list(entry.connections.values()):
+                if connection.id == event.origin_connection:
+                    continue  # it already has the chat in its direct reply
+                text = text or protocol.encode(protocol.NewChats((chat,)))
+                connection.push_nowait(
+                    Outgoing(text, "new_chats", receipt, now, chat_id=chat.chat_id)
+                )
+
+    def drop_slow(self, connection: Connection) -> None:
+        """Slow-consumer policy: count it; the connection closes itself with 1013."""
+        self.metrics.slow_consumers.inc()
+        log.warning(
+            "dropping slow consumer conn=%s user=%s", connection.id, connection.user_id
+        )
+
+    # ------------------------------------------------------------------ delivery marks
+
+    def written(self, item: Outgoing) -> None:
+        """Called by a writer once `item` is on the socket."""
+        if item.published_at is not None:
+            self.metrics.deliver_latency.observe(trio.current_time() - item.published_at)
+        if item.receipt is not None:
+            self._marks_send.send_nowait(item.receipt)
+
+    async def run_marks(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Coalesce delivery receipts and write them in batches."""
+        task_status.started()
+        async with self._marks_receive:
+            async for first in self._marks_receive:
+                await trio.sleep(MARK_FLUSH_INTERVAL_S)
+                batch = [first]
+                while True:
+                    try:
+                        batch.append(self._marks_receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await self._flush_marks(batch)
+
+    async def _flush_marks(self, batch: list[Receipt]) -> None:
+        chats: dict[str, list[str]] = collections.defaultdict(list)
+        messages: dict[str, list[str]] = collections.defaultdict(list)
+        for receipt in batch:
+            chats[receipt.user_id].extend(receipt.chat_ids)
+            messages[receipt.user_id].extend(receipt.message_ids)
+        for user_id in chats.keys() | messages.keys():
+            try:
+                await self.store.mark_delivered(user_id, chats[user_id], messages[user_id])
+            except HandlerError as error:
+                # Not fatal: an unmarked item is offered again on the next binding.
+                log.warning("could not record deliveries: %s", error)
+
+    def stop_marks(self) -> None:
+        self._marks_send.close()
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def close_all(self, code: CloseCode, grace_s: float) -> None:
+        """Ask every connection to close with `code` and wait (bounded) for them to go."""
+        self.closing = True
+        for connection in list(self.connections.values()):
+            connection.close(code, "server shutting down")
+        with trio.move_on_after(grace_s):
+            while self.connections:
+                await trio.sleep(0.01)

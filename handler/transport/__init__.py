@@ -1,0 +1,1 @@
+"""The WebSocket transport: the ASGI `/ws` endpoint and the Hypercorn hardening it relies on."""

@@ -1,0 +1,153 @@
+"""The `/ws` endpoint at the ASGI layer: one reader and one writer per connection.
+
+It bypasses Quart's per-frame websocket machinery (queues and tasks per message) and speaks
+ASGI directly, which is all a JSON-over-WebSocket protocol needs. Per connection:
+
+- the reader (the ASGI task itself) receives messages, enforces the byte limit, and feeds
+  text to the `Session`; its receive waits under the session's next deadline (idle, auth,
+  token expiry), so timers cost no extra task;
+- the writer drains the connection's outbox to the socket, one frame at a time;
+- both run under `Connection.cancel_scope`: closing a connection (slow consumer, timeout,
+  shutdown) cancels them, then a close frame is attempted within `CLOSE_TIMEOUT_S`. Thanks to
+  `hypercorn_guard`, cancelling a write that a client does not read aborts the TCP connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.parse
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Final
+
+import trio
+
+from handler.connection import Connection
+from handler.errors import CloseCode
+from handler.session import Services, Session
+from handler.transport.hypercorn_guard import ACCEPT_OPTIONS_KEY, TransportOptions
+
+log = logging.getLogger("handler.ws")
+
+CLOSE_TIMEOUT_S: Final = 2.0
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+def origin_allowed(scope: Scope, allowed_origins: tuple[str, ...]) -> bool:
+    """Browsers must come from an allowed origin; non-browser clients send no Origin."""
+    headers = dict(scope.get("headers") or ())
+    origin_raw = headers.get(b"origin")
+    if origin_raw is None:
+        return True
+    origin = origin_raw.decode("latin-1").rstrip("/")
+    if allowed_origins:
+        return origin in allowed_origins or "*" in allowed_origins
+    host = headers.get(b"host", b"").decode("latin-1")
+    parsed = urllib.parse.urlsplit(origin)
+    return bool(host) and parsed.netloc == host
+
+
+def _query_token(scope: Scope) -> str | None:
+    query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    values = query.get("token")
+    return values[0] if values else None
+
+
+def _utf8_length(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+async def serve_websocket(scope: Scope, receive: Receive, send: Send, services: Services) -> None:
+    """Run one WebSocket connection from handshake to close."""
+    limits = services.limits
+    connect = await receive()
+    if connect["type"] != "websocket.connect":
+        return
+    hub = services.hub
+    if not origin_allowed(scope, services.allowed_origins):
+        log.info("refused upgrade: origin not allowed")
+        await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})  # -> 403
+        return
+    if hub.closing:
+        await send({"type": "websocket.close", "code": CloseCode.GOING_AWAY})
+        return
+    options: TransportOptions = {
+        "max_message_bytes": limits.max_frame_bytes,
+        "compression": limits.compression,
+        "ping_interval_s": limits.ping_interval_s,
+    }
+    await send({"type": "websocket.accept", ACCEPT_OPTIONS_KEY: options})
+
+    connection = Connection(limits.send_queue, hub.drop_slow)
+    session = Session(connection, services)
+    hub.attach(connection)
+    client = scope.get("client")
+    log.info("open conn=%s peer=%s", connection.id, client[0] if client else "-")
+    disconnected = False
+    try:
+        with connection.cancel_scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_write, connection, send, services)
+                await session.start(_query_token(scope))
+                disconnected = await _read(receive, session, connection, limits.max_frame_bytes)
+                nursery.cancel_scope.cancel()
+    finally:
+        user_id = connection.user_id
+        with trio.CancelScope(shield=True):
+            if not disconnected:
+                if connection.close_code is None:  # cancelled from outside: server stopping
+                    connection.close(CloseCode.GOING_AWAY, "server shutting down")
+                await _send_close(send, connection, services)
+            connection.close_outbox()
+            await hub.detach(connection)
+        log.info(
+            "close conn=%s user=%s code=%s",
+            connection.id,
+            user_id,
+            "client" if disconnected else connection.close_code,
+        )
+
+
+async def _read(
+    receive: Receive, session: Session, connection: Connection, max_bytes: int
+) -> bool:
+    """Feed client messages to the session; True when the client disconnected."""
+    while True:
+        with trio.move_on_at(session.next_deadline()):
+            event = await receive()
+            kind = event["type"]
+            if kind == "websocket.disconnect":
+                return True
+            if kind != "websocket.receive":
+                continue
+            session.data_received()
+            text = event.get("text")
+            payload: str | bytes = text if text is not None else (event.get("bytes") or b"")
+            size = _utf8_length(payload) if isinstance(payload, str) else len(payload)
+            if size > max_bytes:
+                connection.close(CloseCode.MESSAGE_TOO_BIG, "message too big")
+                return False
+            await session.handle_text(payload)
+            continue
+        expired = session.deadline_close(trio.current_time())
+        if expired is not None:
+            connection.close(*expired)
+            return False
+
+
+async def _write(connection: Connection, send: Send, services: Services) -> None:
+    frames_out = services.metrics.frames_out
+    hub = services.hub
+    async for item in connection.outbox:
+        await send({"type": "websocket.send", "text": item.text})
+        frames_out.labels(item.frame_type).inc()
+        hub.written(item)
+
+
+async def _send_close(send: Send, connection: Connection, services: Services) -> None:
+    code = connection.close_code or CloseCode.NORMAL
+    services.metrics.closes.labels(str(int(code))).inc()
+    with trio.move_on_after(CLOSE_TIMEOUT_S):
+        await send({"type": "websocket.close", "code": int(code), "reason": connection.close_reason})
