@@ -19,6 +19,7 @@ from typing import Any, Final
 
 import orjson
 import trio
+import trio.lowlevel
 from quart import Response, request
 from quart_trio import QuartTrio
 
@@ -29,6 +30,7 @@ from handler.errors import CloseCode, HandlerError, ProtocolError
 from handler.hub import Hub
 from handler.metrics import Metrics
 from handler.session import ChatCache, Services
+from handler.single_process import guard_local_bus
 from handler.store import open_store
 from handler.transport import hypercorn_guard
 from handler.transport.websocket import Receive, Scope, Send, serve_websocket
@@ -93,16 +95,24 @@ class ChatApp(QuartTrio):
         with trio.CancelScope(shield=True):
             await services.hub.close_all(CloseCode.GOING_AWAY, SHUTDOWN_GRACE_S)
             services.hub.stop_marks()
-            await trio.sleep(0)  # let the mark writer take what was queued
+            await trio.lowlevel.checkpoint()  # let the mark writer take what was queued
             await services.store.aclose()
+            if services.process_lock is not None:
+                services.process_lock.release()
         log.info("services stopped; store closed")
 
 
 async def start_services(config: Config, nursery: trio.Nursery) -> Services:
     """Open the store, start the bus and the delivery-mark writer in `nursery`."""
     metrics = Metrics()
+    process_lock = guard_local_bus(config)
     store = open_store(config.storage)
-    await store.open(nursery)
+    try:
+        await store.open(nursery)
+    except BaseException:
+        if process_lock is not None:
+            process_lock.release()
+        raise
     bus = open_bus(config.bus)
     hub = Hub(
         store,
@@ -121,6 +131,7 @@ async def start_services(config: Config, nursery: trio.Nursery) -> Services:
         metrics=metrics,
         chats=ChatCache(store),
         allowed_origins=config.allowed_origins,
+        process_lock=process_lock,
     )
 
 

@@ -63,7 +63,6 @@ class TokenAuthority:
         key = self._key_for(algorithm)
         if key is None:
             raise _unauthorized("algorithm not accepted")
-        options: dict[str, Any] = {"require": ["sub"]}
         try:
             claims = jwt.decode(
                 token,
@@ -71,7 +70,7 @@ class TokenAuthority:
                 algorithms=[algorithm],
                 issuer=self._config.issuer,
                 audience=self._config.audience,
-                options=options,
+                options={"require": ["sub"]},
                 leeway=0,
             )
         except jwt.ExpiredSignatureError:

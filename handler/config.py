@@ -134,8 +134,13 @@ def _as_tuple(kinds: type | tuple[type, ...]) -> tuple[type, ...]:
 
 
 def _kind_names(kinds: type | tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-             list: "a list"}
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        list: "a list",
+    }
     return " or ".join(names.get(kind, kind.__name__) for kind in _as_tuple(kinds))
 
 
@@ -143,9 +148,7 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def parse_config(
-    raw: Any, *, base_dir: Path, environ: Mapping[str, str] | None = None
-) -> Config:
+def parse_config(raw: Any, *, base_dir: Path, environ: Mapping[str, str] | None = None) -> Config:
     """Build a `Config` from parsed JSON; relative paths are resolved against `base_dir`."""
     environ = os.environ if environ is None else environ
     root = _Section(

@@ -15,6 +15,7 @@ Theory of operation:
 from __future__ import annotations
 
 import collections
+import contextlib
 import secrets
 from collections.abc import Callable
 from typing import Final
@@ -100,10 +101,8 @@ class Connection:
     async def reply(self, item: Outgoing) -> None:
         """Direct-reply path: waits for room, but a client that does not read is dropped."""
         with trio.move_on_after(REPLY_ROOM_TIMEOUT_S):
-            try:
+            with contextlib.suppress(trio.ClosedResourceError):
                 await self._send.send(item)
-            except trio.ClosedResourceError:
-                pass
             return
         self._drop()
 

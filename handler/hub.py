@@ -55,6 +55,7 @@ class Hub:
         self.connections: dict[str, Connection] = {}
         self._marks_send, self._marks_receive = trio.open_memory_channel[Receipt](math.inf)
         self.closing = False
+        self._all_detached = trio.Event()
 
     # ------------------------------------------------------------------ registry
 
@@ -66,6 +67,9 @@ class Hub:
         """Forget a closed connection."""
         if self.connections.pop(connection.id, None) is not None:
             self.metrics.connections.dec()
+            if not self.connections:
+                self._all_detached.set()
+                self._all_detached = trio.Event()
         await self.unregister(connection)
 
     async def unregister(self, connection: Connection) -> None:
@@ -172,9 +176,7 @@ class Hub:
     def drop_slow(self, connection: Connection) -> None:
         """Slow-consumer policy: count it; the connection closes itself with 1013."""
         self.metrics.slow_consumers.inc()
-        log.warning(
-            "dropping slow consumer conn=%s user=%s", connection.id, connection.user_id
-        )
+        log.warning("dropping slow consumer conn=%s user=%s", connection.id, connection.user_id)
 
     # ------------------------------------------------------------------ delivery marks
 
@@ -224,6 +226,6 @@ class Hub:
         self.closing = True
         for connection in list(self.connections.values()):
             connection.close(code, "server shutting down")
-        with trio.move_on_after(grace_s):
-            while self.connections:
-                await trio.sleep(0.01)
+        if self.connections:
+            with trio.move_on_after(grace_s):
+                await self._all_detached.wait()

@@ -40,11 +40,15 @@ class Metrics:
             "chat_errors", "Error frames sent, by code", ["code"], registry=registry
         )
         self.closes = Counter(
-            "chat_closes", "Connections closed by the server, by close code", ["code"],
+            "chat_closes",
+            "Connections closed by the server, by close code",
+            ["code"],
             registry=registry,
         )
         self.commit_latency = Histogram(
-            "chat_commit_seconds", "send_message: from frame to COMMIT", buckets=_LATENCY_BUCKETS,
+            "chat_commit_seconds",
+            "send_message: from frame to COMMIT",
+            buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
         self.deliver_latency = Histogram(

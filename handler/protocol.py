@@ -378,7 +378,7 @@ def validate_user_id(value: str, field: str) -> str:
         raise ProtocolError(
             ErrorCode.BAD_REQUEST, f"{field} must be 1..128 characters", field=field
         )
-    if value != value.strip() or not value.isprintable() and _has_control(value):
+    if value != value.strip() or (not value.isprintable() and _has_control(value)):
         raise ProtocolError(
             ErrorCode.BAD_REQUEST,
             f"{field} must not contain control characters or leading/trailing white space",

@@ -52,6 +52,9 @@ async def serve(
             await shutdown_trigger()
         await chat_app.begin_shutdown()
 
-    await hypercorn_serve(  # type: ignore[call-overload]
-        chat_app, hypercorn_config(config), shutdown_trigger=trigger, task_status=task_status
+    await hypercorn_serve(
+        chat_app,  # type: ignore[arg-type]  # a Quart app is an ASGI app
+        hypercorn_config(config),
+        shutdown_trigger=trigger,
+        task_status=task_status,
     )

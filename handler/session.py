@@ -37,6 +37,7 @@ from handler.errors import CloseCode, ErrorCode, HandlerError, ProtocolError
 from handler.hub import Hub
 from handler.metrics import Metrics
 from handler.ratelimit import TokenBucket
+from handler.single_process import ProcessLock
 from handler.store.base import Store
 
 log = logging.getLogger("handler.session")
@@ -79,6 +80,7 @@ class Services:
     metrics: Metrics
     chats: ChatCache
     allowed_origins: tuple[str, ...] = ()
+    process_lock: ProcessLock | None = None
 
 
 def _reply(

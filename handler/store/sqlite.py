@@ -14,6 +14,7 @@ Theory of operation:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -46,9 +47,7 @@ def _chat(row: Sequence[Any]) -> Chat:
 
 
 def _message(row: Sequence[Any]) -> Message:
-    return Message(
-        str(row[0]), str(row[1]), row[2], row[3], row[4], format_ms(row[5]), row[6]
-    )
+    return Message(str(row[0]), str(row[1]), row[2], row[3], row[4], format_ms(row[5]), row[6])
 
 
 def _int_id(value: str) -> int | None:
@@ -91,10 +90,8 @@ class _Writer:
 
     def submit_nowait(self, run: Callable[[sqlite3.Connection], Any]) -> None:
         """Queue a write nobody waits for (delivery marks); dropped if the store is closing."""
-        try:
+        with contextlib.suppress(trio.ClosedResourceError):
             self._send.send_nowait(_Operation(run))
-        except trio.ClosedResourceError:
-            pass
 
     def close(self) -> None:
         self._send.close()

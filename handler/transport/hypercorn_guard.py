@@ -23,6 +23,7 @@ the TCP connection when cancelled mid-write (a half-written frame leaves nothing
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import time
@@ -133,7 +134,7 @@ _original_protocol_send = TCPServer.protocol_send
 async def _guarded_accept(self: Any, message: dict[str, Any]) -> None:
     options: TransportOptions | None = message.get(ACCEPT_OPTIONS_KEY)
     if options is None:
-        await _original_accept(self, message)
+        await _original_accept(self, message)  # type: ignore[arg-type]
         return
     self.state = ASGIWebsocketState.CONNECTED
     max_bytes = options["max_message_bytes"]
@@ -197,10 +198,8 @@ def _abort(stream: Any) -> None:
         sock = getattr(getattr(stream, "transport_stream", None), "socket", None)
     if sock is None:
         return
-    try:
+    with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
     sock.close()
 
 
@@ -226,7 +225,8 @@ def install() -> None:
     global _installed
     if _installed:
         return
-    WSStream._accept = _guarded_accept
-    WSStream._handle_events = _guarded_handle_events
-    TCPServer.protocol_send = _cancellable_protocol_send
+    # setattr: these are deliberate replacements of methods, documented above.
+    setattr(WSStream, "_accept", _guarded_accept)  # noqa: B010
+    setattr(WSStream, "_handle_events", _guarded_handle_events)  # noqa: B010
+    setattr(TCPServer, "protocol_send", _cancellable_protocol_send)  # noqa: B010
     _installed = True

@@ -110,9 +110,7 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, services: 
         )
 
 
-async def _read(
-    receive: Receive, session: Session, connection: Connection, max_bytes: int
-) -> bool:
+async def _read(receive: Receive, session: Session, connection: Connection, max_bytes: int) -> bool:
     """Feed client messages to the session; True when the client disconnected."""
     while True:
         with trio.move_on_at(session.next_deadline()):
@@ -150,4 +148,6 @@ async def _send_close(send: Send, connection: Connection, services: Services) ->
     code = connection.close_code or CloseCode.NORMAL
     services.metrics.closes.labels(str(int(code))).inc()
     with trio.move_on_after(CLOSE_TIMEOUT_S):
-        await send({"type": "websocket.close", "code": int(code), "reason": connection.close_reason})
+        await send(
+            {"type": "websocket.close", "code": int(code), "reason": connection.close_reason}
+        )
