@@ -1,0 +1,869 @@
+"""Desktop test client for the chat handler: type JSON frames, send them, watch every frame.
+
+Run it next to `config.json` (it connects to that `handler_url`) or give a URL:
+
+    python test_client.py                      # handler_url from ./config.json
+    python test_client.py 127.0.0.1:8080 --user alice --connect
+
+It is also the reference for talking to the handler from a desktop program, so it is built in
+three layers, top to bottom:
+
+1. Pure helpers (no I/O, unit-tested): endpoint resolution, frame templates checked against the
+   server's own decoder (`handler.protocol`), the context that fills in the last chat id, the
+   sent-frame history, formatting of the frame log, reconnect backoff.
+2. `Link`: the WebSocket connection in Trio with trio-websocket. One reader, one writer fed by a
+   bounded channel (so the keep-alive `ping` and the person's frames never interleave badly),
+   reconnect with exponential backoff and jitter. It knows nothing about Tk.
+3. `App`: the Tk window. Trio runs in *guest mode* inside Tk's event loop: Trio tasks run on the
+   Tk thread between Tk events, so they update widgets directly, and Tk callbacks hand work to
+   Trio with `TrioToken.run_sync_soon`. No thread ever touches a socket or a widget it does not own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import random
+import sys
+import tkinter as tk
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from tkinter import font as tkfont
+from tkinter import scrolledtext, ttk
+from typing import Any, Final, Protocol
+from urllib.parse import urlencode, urlsplit
+
+import h11
+import outcome
+import trio
+import trio_websocket
+
+from handler import protocol
+from handler.errors import ProtocolError
+
+PING_INTERVAL_S: Final = 25.0
+BACKOFF_BASE_S: Final = 0.5
+BACKOFF_MAX_S: Final = 15.0
+HTTP_TIMEOUT_S: Final = 10.0
+MAX_LOG_ENTRIES: Final = 2000
+OUTGOING_CAPACITY: Final = 64
+
+# The template buttons, in the order a conversation usually needs them.
+TEMPLATE_TYPES: Final = ("create_chat", "send_message", "fetch_chats", "fetch_messages", "ping")
+
+
+# =============================================================================== pure helpers
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where the handler is: its HTTP base (for `/auth/dev-token`) and its WebSocket URL."""
+
+    http: str
+    ws: str
+
+
+def resolve_endpoints(target: str | None, config_path: Path = Path("config.json")) -> Endpoints:
+    """Turn a command-line target, or the `handler_url` of `config.json`, into endpoints.
+
+    Accepts `host:port`, `http(s)://host:port` and `ws(s)://host:port/path`. A wildcard bind
+    address (`0.0.0.0`, `::`) is not something to connect to, so it becomes loopback.
+    """
+    if target is None:
+        try:
+            target = str(json.loads(config_path.read_text(encoding="utf-8"))["handler_url"])
+        except (OSError, ValueError, KeyError, TypeError):
+            target = "127.0.0.1:8080"
+    if "://" not in target:
+        target = f"http://{target}"
+    parts = urlsplit(target)
+    if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
+        raise ValueError(f"not a handler address: {target!r}")
+    secure = parts.scheme in ("https", "wss")
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(parts.hostname, parts.hostname)
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc = f"{netloc}:{parts.port}"
+    path = parts.path if parts.scheme in ("ws", "wss") and parts.path not in ("", "/") else "/ws"
+    return Endpoints(
+        http=f"{'https' if secure else 'http'}://{netloc}",
+        ws=f"{'wss' if secure else 'ws'}://{netloc}{path}",
+    )
+
+
+def with_token(ws_url: str, token: str) -> str:
+    """The upgrade URL carrying the token (`/ws?token=...`), which binds the connection at once."""
+    if not token:
+        return ws_url
+    separator = "&" if urlsplit(ws_url).query else "?"
+    return f"{ws_url}{separator}{urlencode({'token': token})}"
+
+
+def backoff_delay(
+    attempt: int,
+    base: float = BACKOFF_BASE_S,
+    cap: float = BACKOFF_MAX_S,
+    rand: Callable[[], float] = random.random,
+) -> float:
+    """Reconnect delay: exponential and capped; half fixed, half random ("equal jitter").
+
+    The fixed half keeps a down server from being hammered, the random half keeps clients that
+    were dropped together from all coming back in the same instant.
+    """
+    ceiling = min(cap, base * 2**attempt)
+    return ceiling / 2 + rand() * ceiling / 2
+
+
+@dataclass
+class Context:
+    """What the frames seen so far tell us: who we are, the last chat and the other person in it.
+
+    Templates read it so that, after `create_chat`, a `send_message` is ready to go.
+    """
+
+    user_id: str | None = None
+    chat_id: str | None = None
+    peer: str | None = None
+
+    def observe_sent(self, frame: Mapping[str, Any]) -> None:
+        if frame.get("type") == "create_chat" and isinstance(frame.get("recipient_id"), str):
+            self.peer = frame["recipient_id"]
+
+    def observe_received(self, frame: Mapping[str, Any]) -> None:
+        kind = frame.get("type")
+        data = frame.get("data")
+        if kind == "authenticated" and isinstance(frame.get("user_id"), str):
+            self.user_id = frame["user_id"]
+        elif kind in ("new_chats", "all_chats") and isinstance(data, list) and data:
+            # all_chats is most recent first; new_chats (a reply or the backlog) oldest first.
+            chat = data[0] if kind == "all_chats" else data[-1]
+            if isinstance(chat, Mapping):
+                self._use_chat(chat.get("chat_id"), chat.get("participants"))
+        elif kind == "message":
+            self._use_message(frame)
+        elif kind == "new_messages" and isinstance(data, list) and data:
+            last = data[-1]
+            if isinstance(last, Mapping):
+                self._use_message(last)
+
+    def _use_chat(self, chat_id: Any, participants: Any) -> None:
+        if not isinstance(chat_id, str):
+            return
+        self.chat_id = chat_id
+        if isinstance(participants, list):
+            others = [user for user in participants if user != self.user_id]
+            if others and isinstance(others[0], str):
+                self.peer = others[0]
+
+    def _use_message(self, message: Mapping[str, Any]) -> None:
+        sender, recipient = message.get("sender_id"), message.get("recipient_id")
+        self._use_chat(message.get("chat_id"), None)
+        other = recipient if sender == self.user_id else sender
+        if isinstance(other, str):
+            self.peer = other
+
+
+def frame_template(frame_type: str, context: Context) -> dict[str, Any]:
+    """A ready-to-send client frame of `frame_type`, filled in from `context`.
+
+    The tests check every template against `handler.protocol.decode`, the server's own decoder.
+    """
+    chat_id = context.chat_id or "CHAT_ID"
+    peer = context.peer or "bob"
+    templates: dict[str, dict[str, Any]] = {
+        "create_chat": {"type": "create_chat", "recipient_id": peer},
+        "send_message": {
+            "type": "send_message",
+            "chat_id": chat_id,
+            "recipient_id": peer,
+            "content": "Hello!",
+            # A resend with the same id is stored once: safe to press Send twice.
+            "client_message_id": uuid.uuid4().hex,
+        },
+        "fetch_chats": {"type": "fetch_chats"},
+        "fetch_messages": {"type": "fetch_messages", "chat_id": chat_id, "limit": 50},
+        "ping": {"type": "ping"},
+    }
+    return templates[frame_type]
+
+
+def check_frame(text: str) -> str | None:
+    """What the server's decoder would object to in `text`, or None when it is a valid frame."""
+    try:
+        protocol.decode(text)
+    except ProtocolError as error:
+        where = f" ({error.field})" if error.field else ""
+        return f"{error.code}{where}: {error.message}"
+    return None
+
+
+def shorten_tokens(value: Any) -> Any:
+    """A copy of a frame with tokens cut to their start: the log is for reading, not for secrets."""
+    if isinstance(value, dict):
+        return {
+            key: (
+                f"{item[:12]}… ({len(item)} chars)"
+                if key == "token" and isinstance(item, str) and len(item) > 16
+                else shorten_tokens(item)
+            )
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [shorten_tokens(item) for item in value]
+    return value
+
+
+def parse_frame(text: str) -> dict[str, Any] | None:
+    """The frame as a dict, or None when the text is not a JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def pretty(text: str) -> str:
+    """Indented JSON when `text` is JSON, else the text unchanged."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return json.dumps(shorten_tokens(value), indent=2, ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One line of the frame log: a frame in or out, or a note from the client itself."""
+
+    at: datetime
+    direction: str  # "in", "out" or "note"
+    text: str
+
+    @property
+    def frame(self) -> dict[str, Any] | None:
+        return parse_frame(self.text) if self.direction != "note" else None
+
+    def header(self) -> str:
+        arrow = {"in": "← in ", "out": "→ out", "note": "• note"}[self.direction]
+        clock = f"{self.at:%H:%M:%S}.{self.at.microsecond // 1000:03d}"
+        frame = self.frame
+        kind = str(frame.get("type", "?")) if frame is not None else ""
+        if self.direction == "in" and frame is not None and frame.get("type") == "error":
+            kind = f"error {frame.get('code', '')}".rstrip()
+        return f"{clock}  {arrow}  {kind}".rstrip()
+
+    def body(self) -> str:
+        return pretty(self.text) if self.direction != "note" else self.text
+
+
+class SentHistory:
+    """The frames sent so far, browsable like a shell history (older / newer)."""
+
+    def __init__(self, limit: int = 100) -> None:
+        self._items: collections.deque[str] = collections.deque(maxlen=limit)
+        self._position = 0
+        self._draft = ""
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, text: str) -> None:
+        if not self._items or self._items[-1] != text:
+            self._items.append(text)
+        self._position = len(self._items)
+
+    def older(self, current: str) -> str | None:
+        """The previous sent frame; remembers `current` as a draft when leaving it."""
+        if self._position == 0:
+            return None
+        if self._position == len(self._items):
+            self._draft = current
+        self._position -= 1
+        return self._items[self._position]
+
+    def newer(self) -> str | None:
+        """The next sent frame, then the draft; None when already at the draft."""
+        if self._position >= len(self._items):
+            return None
+        self._position += 1
+        if self._position == len(self._items):
+            return self._draft
+        return self._items[self._position]
+
+
+async def post_json(url: str, payload: Mapping[str, Any]) -> tuple[int, Any]:
+    """POST a JSON body and return (status, parsed JSON or None), with h11 over a Trio stream.
+
+    Ten lines of sans-IO HTTP keep the client to the libraries the server already uses.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    body = json.dumps(payload).encode()
+    connection = h11.Connection(h11.CLIENT)
+    request = h11.Request(
+        method="POST",
+        target=parts.path or "/",
+        headers=[
+            ("Host", parts.netloc),
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            ("Connection", "close"),
+        ],
+    )
+    status, chunks = 0, []
+    with trio.fail_after(HTTP_TIMEOUT_S):
+        if parts.scheme == "https":
+            stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(host, port)
+        else:
+            stream = await trio.open_tcp_stream(host, port)
+        async with stream:
+            await stream.send_all(
+                connection.send(request)
+                + connection.send(h11.Data(data=body))
+                + connection.send(h11.EndOfMessage())
+            )
+            while True:
+                event = connection.next_event()
+                if event is h11.NEED_DATA:
+                    connection.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    chunks.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    break
+    try:
+        return status, json.loads(b"".join(chunks))
+    except ValueError:
+        return status, None
+
+
+async def fetch_dev_token(http_base: str, user_id: str) -> str:
+    """A token from a handler with `auth.dev_tokens` on; raises `RuntimeError` saying why not."""
+    status, body = await post_json(f"{http_base}/auth/dev-token", {"user_id": user_id})
+    if status == 404:
+        raise RuntimeError("this server does not hand out dev tokens (auth.dev_tokens is off)")
+    if status != 200 or not isinstance(body, dict) or not isinstance(body.get("token"), str):
+        detail = body.get("message") if isinstance(body, dict) else None
+        raise RuntimeError(detail or f"dev token request failed with HTTP {status}")
+    return str(body["token"])
+
+
+# =============================================================================== the connection
+
+
+class LinkListener(Protocol):
+    """What a `Link` reports; the window implements it, tests can too."""
+
+    def link_state(self, state: str, detail: str) -> None: ...
+
+    def link_entry(self, entry: LogEntry) -> None: ...
+
+
+class Link:
+    """One logical connection to the handler that survives drops.
+
+    `run()` connects and, while `auto_reconnect` is set, reconnects after a backoff whenever the
+    socket closes. States reported: "connecting", "connected", "waiting" (backoff) and
+    "disconnected". Frames to send go through a bounded channel to the one writer task, so the
+    person's frames and the automatic pings never write to the socket concurrently.
+    """
+
+    def __init__(self, listener: LinkListener, *, ping_interval: float = PING_INTERVAL_S) -> None:
+        self._listener = listener
+        self.ping_interval = ping_interval
+        self.auto_ping = True
+        self.auto_reconnect = True
+        self.state = "disconnected"
+        self._outgoing: trio.MemorySendChannel[str] | None = None
+
+    def send(self, text: str) -> bool:
+        """Queue a frame for the writer; False (with a note) when not connected or backed up."""
+        if self._outgoing is None:
+            self._note("not connected: the frame was not sent")
+            return False
+        try:
+            self._outgoing.send_nowait(text)
+        except trio.WouldBlock:
+            self._note("the send queue is full: the frame was not sent")
+            return False
+        return True
+
+    async def run(
+        self, url: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Stay connected to `url` until cancelled (or until a drop, without auto_reconnect)."""
+        task_status.started()
+        attempt = 0
+        try:
+            while True:
+                self._set_state("connecting", url.split("?")[0])
+                try:
+                    await self._session(url)
+                    attempt = 0  # it was up: the next drop starts the backoff afresh
+                except (OSError, trio_websocket.HandshakeError) as error:
+                    self._note(f"cannot connect: {describe(error)}")
+                if not self.auto_reconnect:
+                    return
+                delay = backoff_delay(attempt)
+                attempt += 1
+                self._set_state("waiting", f"reconnecting in {delay:.1f} s")
+                await trio.sleep(delay)
+        finally:
+            self._set_state("disconnected", "")
+
+    async def _session(self, url: str) -> None:
+        async with trio_websocket.open_websocket_url(url, connect_timeout=10) as ws:
+            send_channel, receive_channel = trio.open_memory_channel[str](OUTGOING_CAPACITY)
+            self._outgoing = send_channel
+            self._set_state("connected", url.split("?")[0])
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer, ws, receive_channel)
+                    nursery.start_soon(self._pinger)
+                    await self._reader(ws)
+                    nursery.cancel_scope.cancel()  # the reader ended: so does everything else
+            finally:
+                self._outgoing = None
+                send_channel.close()
+
+    async def _reader(self, ws: trio_websocket.WebSocketConnection) -> None:
+        while True:
+            try:
+                message = await ws.get_message()
+            except trio_websocket.ConnectionClosed as closed:
+                reason = closed.reason
+                self._note(f"connection closed: {reason.code} {reason.name} {reason.reason or ''}")
+                return
+            text = message if isinstance(message, str) else message.decode("utf-8", "replace")
+            self._listener.link_entry(LogEntry(datetime.now(), "in", text))
+
+    async def _writer(
+        self,
+        ws: trio_websocket.WebSocketConnection,
+        frames: trio.MemoryReceiveChannel[str],
+    ) -> None:
+        async with frames:
+            async for text in frames:
+                try:
+                    await ws.send_message(text)
+                except trio_websocket.ConnectionClosed:
+                    return  # the reader sees the close and reports it
+                self._listener.link_entry(LogEntry(datetime.now(), "out", text))
+
+    async def _pinger(self) -> None:
+        # The handler closes a connection that sends no data frame for 60 s; a ping every 25 s
+        # keeps a quiet connection open.
+        while True:
+            await trio.sleep(self.ping_interval)
+            if self.auto_ping and self._outgoing is not None:
+                self.send(json.dumps({"type": "ping"}))
+
+    def _set_state(self, state: str, detail: str) -> None:
+        self.state = state
+        self._listener.link_state(state, detail)
+
+    def _note(self, text: str) -> None:
+        self._listener.link_entry(LogEntry(datetime.now(), "note", text))
+
+
+def describe(error: BaseException) -> str:
+    """A one-line reason for a connection failure, for people rather than developers."""
+    if isinstance(error, trio_websocket.ConnectionRejected):
+        return f"the server refused the upgrade with HTTP {error.status_code}"
+    return str(error) or type(error).__name__
+
+
+# =============================================================================== the window
+
+
+class TkHost:
+    """Runs Trio as a guest inside Tk's event loop (Trio's "guest mode").
+
+    Trio calls `run_sync_soon_threadsafe` from its I/O thread when it has work for the Tk thread.
+    The callable is queued here and one Tcl `after 0` call, which tkinter hands to the Tk thread
+    safely, runs it there: every Trio task step therefore happens on the Tk thread.
+    """
+
+    def __init__(self, root: tk.Tk) -> None:
+        self._root = root
+        self._queue: collections.deque[Callable[[], object]] = collections.deque()
+        self._tcl_command = root.register(self._run_next)
+
+    def _run_next(self) -> None:
+        self._queue.popleft()()
+
+    def run_sync_soon_threadsafe(self, fn: Callable[[], object]) -> None:
+        self._queue.append(fn)
+        self._root.call("after", 0, self._tcl_command)
+
+
+STATE_COLOURS: Final = {
+    "connected": "#1b8a4b",
+    "connecting": "#b26a00",
+    "waiting": "#c62828",
+    "disconnected": "#667085",
+}
+
+
+class App:
+    """The test client window. Tk callbacks never await: they hand work to Trio."""
+
+    def __init__(
+        self, root: tk.Tk, endpoints: Endpoints, *, user: str = "", token: str = ""
+    ) -> None:
+        self.root = root
+        self.endpoints = endpoints
+        self.link = Link(self)
+        self.context = Context()
+        self.history = SentHistory()
+        self.entries: list[LogEntry] = []
+        self.trio_outcome: outcome.Outcome[None] | None = None
+        self._nursery: trio.Nursery | None = None
+        self._trio_token: trio.lowlevel.TrioToken | None = None
+        self._link_scope: trio.CancelScope | None = None
+        self._closing: trio.Event | None = None
+        self._build(user, token)
+
+    # ------------------------------------------------------------------ layout
+
+    def _build(self, user: str, token: str) -> None:
+        root = self.root
+        root.title("Chat handler test client")
+        root.geometry("1040x760")
+        root.minsize(720, 480)
+        style = ttk.Style(root)
+        if "clam" in style.theme_names():
+            style.theme_use("clam")
+        mono = tkfont.nametofont("TkFixedFont").copy()
+        mono.configure(size=10)
+        root.columnconfigure(0, weight=1)
+        root.rowconfigure(4, weight=1)
+
+        connection = ttk.Frame(root, padding=(8, 8, 8, 2))
+        connection.grid(row=0, column=0, sticky="ew")
+        connection.columnconfigure(1, weight=2)
+        connection.columnconfigure(6, weight=3)
+        self.url_var = tk.StringVar(value=self.endpoints.ws)
+        self.user_var = tk.StringVar(value=user)
+        self.token_var = tk.StringVar(value=token)
+        ttk.Label(connection, text="Server").grid(row=0, column=0, padx=(0, 4))
+        self.url_entry = ttk.Entry(connection, textvariable=self.url_var, width=28)
+        self.url_entry.grid(row=0, column=1, sticky="ew")
+        ttk.Label(connection, text="User").grid(row=0, column=2, padx=(10, 4))
+        self.user_entry = ttk.Entry(connection, textvariable=self.user_var, width=12)
+        self.user_entry.grid(row=0, column=3)
+        self.dev_token_button = ttk.Button(
+            connection, text="Get dev token", command=self.get_dev_token
+        )
+        self.dev_token_button.grid(row=0, column=4, padx=4)
+        ttk.Label(connection, text="Token").grid(row=0, column=5, padx=(6, 4))
+        self.token_entry = ttk.Entry(connection, textvariable=self.token_var, width=30)
+        self.token_entry.grid(row=0, column=6, sticky="ew")
+        self.connect_button = ttk.Button(connection, text="Connect", command=self.connect)
+        self.connect_button.grid(row=0, column=7, padx=(8, 2))
+        self.disconnect_button = ttk.Button(
+            connection, text="Disconnect", command=self.disconnect, state="disabled"
+        )
+        self.disconnect_button.grid(row=0, column=8)
+
+        options = ttk.Frame(root, padding=(8, 2))
+        options.grid(row=1, column=0, sticky="ew")
+        self.state_label = tk.Label(
+            options, text="● disconnected", fg=STATE_COLOURS["disconnected"]
+        )
+        self.state_label.pack(side="left")
+        self.reconnect_var = tk.BooleanVar(value=True)
+        self.ping_var = tk.BooleanVar(value=True)
+        ttk.Checkbutton(
+            options,
+            text="Reconnect automatically",
+            variable=self.reconnect_var,
+            command=self._options_changed,
+        ).pack(side="left", padx=(16, 0))
+        ttk.Checkbutton(
+            options,
+            text=f"Ping every {PING_INTERVAL_S:.0f} s",
+            variable=self.ping_var,
+            command=self._options_changed,
+        ).pack(side="left", padx=(8, 0))
+        self.context_label = ttk.Label(options, text="", foreground="#667085")
+        self.context_label.pack(side="right")
+
+        templates = ttk.Frame(root, padding=(8, 4))
+        templates.grid(row=2, column=0, sticky="ew")
+        ttk.Label(templates, text="Template:").pack(side="left", padx=(0, 4))
+        self.template_buttons: dict[str, ttk.Button] = {}
+        for frame_type in TEMPLATE_TYPES:
+            button = ttk.Button(
+                templates, text=frame_type, command=lambda kind=frame_type: self.fill_template(kind)
+            )
+            button.pack(side="left", padx=2)
+            self.template_buttons[frame_type] = button
+
+        editor = ttk.Frame(root, padding=(8, 2))
+        editor.grid(row=3, column=0, sticky="ew")
+        editor.columnconfigure(0, weight=1)
+        self.editor = tk.Text(editor, height=9, font=mono, undo=True, wrap="none")
+        self.editor.grid(row=0, column=0, sticky="nsew")
+        self.editor.bind("<Control-Return>", self._on_send_key)
+        self.editor.bind("<Control-Up>", lambda _event: self.history_older() or "break")
+        self.editor.bind("<Control-Down>", lambda _event: self.history_newer() or "break")
+        side = ttk.Frame(editor, padding=(6, 0, 0, 0))
+        side.grid(row=0, column=1, sticky="ns")
+        self.send_button = ttk.Button(side, text="Send  (Ctrl+Enter)", command=self.send_editor)
+        self.send_button.pack(fill="x")
+        ttk.Button(side, text="Format JSON", command=self.format_editor).pack(fill="x", pady=4)
+        ttk.Button(side, text="◀ Older  (Ctrl+↑)", command=self.history_older).pack(fill="x")
+        ttk.Button(side, text="Newer ▶  (Ctrl+↓)", command=self.history_newer).pack(
+            fill="x", pady=4
+        )
+
+        log = ttk.Frame(root, padding=(8, 4, 8, 8))
+        log.grid(row=4, column=0, sticky="nsew")
+        log.columnconfigure(0, weight=1)
+        log.rowconfigure(1, weight=1)
+        head = ttk.Frame(log)
+        head.grid(row=0, column=0, sticky="ew")
+        self.log_title = ttk.Label(head, text="Frames in and out (0)")
+        self.log_title.pack(side="left")
+        ttk.Button(head, text="Clear", command=self.clear_log).pack(side="right")
+        self.log = scrolledtext.ScrolledText(log, font=mono, state="disabled", wrap="word")
+        self.log.grid(row=1, column=0, sticky="nsew", pady=(4, 0))
+        bold = (mono.actual("family"), 10, "bold")
+        self.log.tag_configure("in", foreground="#1b7a43", font=bold)
+        self.log.tag_configure("out", foreground="#2456c9", font=bold)
+        self.log.tag_configure("note", foreground="#7a7f8a")
+        self.log.tag_configure("error", foreground="#c62828", font=bold)
+        self.log.tag_configure("body", lmargin1=24, lmargin2=24)
+
+        self.fill_template("ping")
+        root.protocol("WM_DELETE_WINDOW", self.close)
+
+    # ------------------------------------------------------------------ Trio in Tk
+
+    def start(self, script: Callable[[App], Awaitable[None]] | None = None) -> None:
+        """Start Trio as a guest of Tk's loop; `script` (for tests) runs as a Trio task."""
+        host = TkHost(self.root)
+        trio.lowlevel.start_guest_run(
+            self._trio_main,
+            script,
+            run_sync_soon_threadsafe=host.run_sync_soon_threadsafe,
+            done_callback=self._trio_done,
+        )
+
+    async def _trio_main(self, script: Callable[[App], Awaitable[None]] | None) -> None:
+        self._closing = trio.Event()
+        self._trio_token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if script is not None:
+                nursery.start_soon(script, self)
+            await self._closing.wait()
+            nursery.cancel_scope.cancel()
+
+    def _trio_done(self, result: outcome.Outcome[None]) -> None:
+        self.trio_outcome = result
+        if isinstance(result, outcome.Error):
+            traceback.print_exception(result.error)
+        self.root.destroy()
+
+    def _in_trio(self, fn: Callable[..., object], *args: object) -> None:
+        """Run a sync function on Trio's side, from a Tk callback."""
+        if self._trio_token is not None:
+            self._trio_token.run_sync_soon(fn, *args)
+
+    def _spawn(self, async_fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Start a Trio task from a Tk callback."""
+        if self._nursery is not None:
+            self._in_trio(self._nursery.start_soon, async_fn, *args)
+
+    def close(self) -> None:
+        """Window closed: cancel everything in Trio; Trio's done callback destroys the window."""
+        if self._closing is None:
+            self.root.destroy()
+        else:
+            self._in_trio(self._closing.set)
+
+    # ------------------------------------------------------------------ actions
+
+    def get_dev_token(self) -> None:
+        user = self.user_var.get().strip()
+        if not user:
+            self._add_entry(LogEntry(datetime.now(), "note", "type a user id first"))
+            return
+        self._spawn(self._get_dev_token, user)
+
+    async def _get_dev_token(self, user: str) -> None:
+        http = resolve_endpoints(self.url_var.get()).http
+        try:
+            token = await fetch_dev_token(http, user)
+        except (OSError, RuntimeError, trio.TooSlowError, h11.ProtocolError) as error:
+            self._add_entry(LogEntry(datetime.now(), "note", f"no dev token: {describe(error)}"))
+            return
+        self.token_var.set(token)
+        self._add_entry(LogEntry(datetime.now(), "note", f"got a dev token for {user!r}"))
+
+    def connect(self) -> None:
+        try:
+            ws = resolve_endpoints(self.url_var.get()).ws
+        except ValueError as error:
+            self._add_entry(LogEntry(datetime.now(), "note", str(error)))
+            return
+        self.connect_button.configure(state="disabled")
+        self.disconnect_button.configure(state="normal")
+        self._options_changed()
+        self._spawn(self._run_link, with_token(ws, self.token_var.get().strip()))
+
+    async def _run_link(self, url: str) -> None:
+        with trio.CancelScope() as scope:
+            self._link_scope = scope
+            await self.link.run(url)
+        self._link_scope = None
+        self.connect_button.configure(state="normal")
+        self.disconnect_button.configure(state="disabled")
+
+    def disconnect(self) -> None:
+        if self._link_scope is not None:
+            self._in_trio(self._link_scope.cancel)
+
+    def _options_changed(self) -> None:
+        self.link.auto_reconnect = self.reconnect_var.get()
+        self.link.auto_ping = self.ping_var.get()
+
+    def fill_template(self, frame_type: str) -> None:
+        text = json.dumps(frame_template(frame_type, self.context), indent=2, ensure_ascii=False)
+        self._set_editor(text)
+
+    def send_editor(self) -> None:
+        text = self.editor.get("1.0", "end-1c").strip()
+        if not text:
+            return
+        problem = check_frame(text)
+        if problem is not None:
+            # Sending invalid frames is part of testing a server: warn, then send anyway.
+            self._add_entry(LogEntry(datetime.now(), "note", f"local check: {problem}"))
+        # Compact JSON on the wire, like any real client; the log shows it pretty.
+        frame = parse_frame(text)
+        wire = json.dumps(frame, ensure_ascii=False) if frame is not None else text
+        self.history.add(text)
+        if frame is not None:
+            self.context.observe_sent(frame)
+        self._in_trio(self.link.send, wire)
+
+    def _on_send_key(self, _event: tk.Event[tk.Text]) -> str:
+        self.send_editor()
+        return "break"
+
+    def format_editor(self) -> None:
+        text = self.editor.get("1.0", "end-1c")
+        formatted = pretty(text)
+        if formatted != text:
+            self._set_editor(formatted)
+
+    def history_older(self) -> None:
+        text = self.history.older(self.editor.get("1.0", "end-1c"))
+        if text is not None:
+            self._set_editor(text)
+
+    def history_newer(self) -> None:
+        text = self.history.newer()
+        if text is not None:
+            self._set_editor(text)
+
+    def clear_log(self) -> None:
+        self.entries.clear()
+        self.log.configure(state="normal")
+        self.log.delete("1.0", "end")
+        self.log.configure(state="disabled")
+        self.log_title.configure(text="Frames in and out (0)")
+
+    def _set_editor(self, text: str) -> None:
+        self.editor.delete("1.0", "end")
+        self.editor.insert("1.0", text)
+
+    # ------------------------------------------------------------------ LinkListener
+
+    def link_state(self, state: str, detail: str) -> None:
+        label = state if not detail else f"{state}: {detail}"
+        if state == "connected" and self.context.user_id:
+            label = f"{label} as {self.context.user_id}"
+        self.state_label.configure(text=f"● {label}", fg=STATE_COLOURS.get(state, "#667085"))
+        if state == "connecting":
+            self.context.user_id = None
+
+    def link_entry(self, entry: LogEntry) -> None:
+        frame = entry.frame
+        if entry.direction == "in" and frame is not None:
+            self.context.observe_received(frame)
+            if frame.get("type") == "authenticated":
+                self.link_state(self.link.state, "")
+        self._add_entry(entry)
+
+    def _add_entry(self, entry: LogEntry) -> None:
+        self.entries.append(entry)
+        del self.entries[:-MAX_LOG_ENTRIES]
+        frame = entry.frame
+        is_error = frame is not None and frame.get("type") == "error"
+        at_end = self.log.yview()[1] >= 0.999
+        self.log.configure(state="normal")
+        self.log.insert("end", entry.header() + "\n", "error" if is_error else entry.direction)
+        body_tags = ("body", "note") if entry.direction == "note" else ("body",)
+        self.log.insert("end", entry.body() + "\n\n", body_tags)
+        if int(self.log.index("end-1c").split(".")[0]) > MAX_LOG_ENTRIES * 12:
+            self.log.delete("1.0", f"end-{MAX_LOG_ENTRIES * 10} lines")
+        self.log.configure(state="disabled")
+        if at_end:
+            self.log.see("end")
+        self.log_title.configure(text=f"Frames in and out ({len(self.entries)})")
+        chat = self.context.chat_id or "none yet"
+        peer = self.context.peer or "?"
+        self.context_label.configure(text=f"last chat: {chat}  with: {peer}")
+
+
+# =============================================================================== entry point
+
+
+def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument(
+        "url",
+        nargs="?",
+        help="handler address (host:port, http://..., ws://.../ws); "
+        "default: handler_url of --config",
+    )
+    parser.add_argument("--config", type=Path, default=Path("config.json"), help="config.json path")
+    parser.add_argument("--user", default="", help="user id to fill in")
+    parser.add_argument("--token", default="", help="a JWT to connect with")
+    parser.add_argument("--connect", action="store_true", help="connect at start")
+    return parser.parse_args(None if argv is None else list(argv))
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        endpoints = resolve_endpoints(args.url, args.config)
+    except ValueError as error:
+        print(f"test_client: {error}", file=sys.stderr)
+        return 2
+    root = tk.Tk()
+    app = App(root, endpoints, user=args.user, token=args.token)
+
+    async def connect_at_start(app: App) -> None:
+        if args.user and not args.token:
+            await app._get_dev_token(args.user)
+        app.connect()
+
+    app.start(connect_at_start if args.connect else None)
+    root.mainloop()
+    return 1 if isinstance(app.trio_outcome, outcome.Error) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
