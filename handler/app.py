@@ -94,8 +94,7 @@ class ChatApp(QuartTrio):
             return
         with trio.CancelScope(shield=True):
             await services.hub.close_all(CloseCode.GOING_AWAY, SHUTDOWN_GRACE_S)
-            services.hub.stop_marks()
-            await trio.lowlevel.checkpoint()  # let the mark writer take what was queued
+            await services.hub.stop_marks()
             await services.store.aclose()
             if services.process_lock is not None:
                 services.process_lock.release()

@@ -56,6 +56,7 @@ class Hub:
         self._marks_send, self._marks_receive = trio.open_memory_channel[Receipt](math.inf)
         self.closing = False
         self._all_detached = trio.Event()
+        self._marks_done = trio.Event()
 
     # ------------------------------------------------------------------ registry
 
@@ -192,6 +193,12 @@ class Hub:
     ) -> None:
         """Coalesce delivery receipts and write them in batches."""
         task_status.started()
+        try:
+            await self._write_marks()
+        finally:
+            self._marks_done.set()
+
+    async def _write_marks(self) -> None:
         async with self._marks_receive:
             async for first in self._marks_receive:
                 await trio.sleep(MARK_FLUSH_INTERVAL_S)
@@ -216,8 +223,10 @@ class Hub:
                 # Not fatal: an unmarked item is offered again on the next binding.
                 log.warning("could not record deliveries: %s", error)
 
-    def stop_marks(self) -> None:
+    async def stop_marks(self) -> None:
+        """Write the receipts still queued, then stop the mark writer."""
         self._marks_send.close()
+        await self._marks_done.wait()
 
     # ------------------------------------------------------------------ shutdown
 

@@ -42,3 +42,49 @@ SQLITE_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         """,
     ),
 )
+
+# PostgreSQL keeps the SQLite shape, with two differences that matter:
+# - `content` and `client_message_id` are BYTEA holding UTF-8, because PostgreSQL text cannot
+#   hold U+0000 and the protocol returns content exactly as sent;
+# - partial indexes serve the backlog of chats as well as of messages, since several processes
+#   read it concurrently.
+POSTGRES_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """
+        CREATE TABLE chats (
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            user_a TEXT NOT NULL,
+            user_b TEXT NOT NULL,
+            created_by TEXT NOT NULL,
+            created_at_ms BIGINT NOT NULL,
+            last_message_ms BIGINT NOT NULL DEFAULT 0,
+            last_activity_ms BIGINT NOT NULL,
+            a_delivered BOOLEAN NOT NULL DEFAULT FALSE,
+            b_delivered BOOLEAN NOT NULL DEFAULT FALSE,
+            UNIQUE (user_a, user_b)
+        )
+        """,
+        "CREATE INDEX chats_by_user_b ON chats (user_b)",
+        "CREATE INDEX chats_undelivered_a ON chats (user_a, id) WHERE NOT a_delivered",
+        "CREATE INDEX chats_undelivered_b ON chats (user_b, id) WHERE NOT b_delivered",
+        """
+        CREATE TABLE messages (
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            chat_id BIGINT NOT NULL REFERENCES chats (id),
+            sender_id TEXT NOT NULL,
+            recipient_id TEXT NOT NULL,
+            content BYTEA NOT NULL,
+            created_at_ms BIGINT NOT NULL,
+            client_message_id BYTEA,
+            delivered BOOLEAN NOT NULL DEFAULT FALSE
+        )
+        """,
+        "CREATE INDEX messages_by_chat ON messages (chat_id, id)",
+        "CREATE INDEX messages_undelivered ON messages (recipient_id, id) WHERE NOT delivered",
+        """
+        CREATE UNIQUE INDEX messages_idempotency
+            ON messages (sender_id, chat_id, client_message_id)
+            WHERE client_message_id IS NOT NULL
+        """,
+    ),
+)

@@ -128,6 +128,7 @@ def _accept_handshake(
 
 
 _original_accept = WSStream._accept
+_original_handle = WSStream.handle
 _original_protocol_send = TCPServer.protocol_send
 
 
@@ -153,15 +154,26 @@ async def _guarded_accept(self: Any, message: dict[str, Any]) -> None:
     )
     interval = options["ping_interval_s"]
     if interval:
-        self.task_group.spawn(_send_pings, self, interval)
+        self.handler_ping_scope = trio.CancelScope()
+        self.task_group.spawn(_send_pings, self, interval, self.handler_ping_scope)
 
 
-async def _send_pings(stream: Any, interval: float) -> None:
-    while not stream.closed:
-        await trio.sleep(interval)
-        if stream.closed:
-            return
-        await stream._send_wsproto_event(Ping())
+async def _send_pings(stream: Any, interval: float, scope: trio.CancelScope) -> None:
+    """Keep intermediaries from dropping quiet connections; ends with the stream."""
+    with scope:
+        while not stream.closed:
+            await trio.sleep(interval)
+            await stream._send_wsproto_event(Ping())
+
+
+async def _guarded_handle(self: Any, event: Any) -> None:
+    await _original_handle(self, event)
+    if self.closed:
+        # The pinger lives in the TCP connection's task group, which cannot finish (and
+        # shutdown cannot complete) while it sleeps.
+        scope = getattr(self, "handler_ping_scope", None)
+        if scope is not None:
+            scope.cancel()
 
 
 async def _guarded_handle_events(self: Any) -> None:
@@ -228,5 +240,6 @@ def install() -> None:
     # setattr: these are deliberate replacements of methods, documented above.
     setattr(WSStream, "_accept", _guarded_accept)  # noqa: B010
     setattr(WSStream, "_handle_events", _guarded_handle_events)  # noqa: B010
+    setattr(WSStream, "handle", _guarded_handle)  # noqa: B010
     setattr(TCPServer, "protocol_send", _cancellable_protocol_send)  # noqa: B010
     _installed = True

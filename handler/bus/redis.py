@@ -1,0 +1,456 @@
+"""Redis bus: pub/sub with one channel per user, so a node receives only its own users' events.
+
+coredis runs on Trio through anyio (no asyncio loop); everything here is plain Trio.
+
+Theory of operation:
+- Channels: `{prefix}u:{user_id}` per user; `{prefix}n:{node}` is this node's heartbeat channel;
+  `{prefix}all` carries "resynchronize everyone" notices. `subscribe(user)` sends SUBSCRIBE on
+  the node's one subscriber connection and returns once Redis confirmed it.
+- `publish_nowait(event)` first calls the sink synchronously when a recipient is bound here (so
+  same-node delivery needs no round trip and survives a Redis outage), then queues one compact
+  orjson payload for the recipients' channels. One publisher task drains the bounded queue in
+  pipelines, so order per user is publish order. Copies that come back from Redis to the node
+  that published them are skipped. Remote copies carry no origin connection (it lives on the
+  publishing node) and name only the channel's user as recipient.
+- Redis pub/sub is at-most-once, so every way an event can be lost is turned into a *resync*:
+  the bus calls `on_resync(users)` and the hub re-reads those users' backlogs from the store.
+  - the subscriber connection broke (or went silent: a heartbeat published to the node channel
+    every `heartbeat_s` must come back within three periods): after reconnecting and
+    resubscribing, resync every user bound here;
+  - the publisher could not send a batch, or its queue was full: the recipients are remembered
+    and, once Redis answers again, sent a resync notice on their channels (or on `{prefix}all`
+    when too many were lost), so the nodes serving them resync them.
+- Outage: `subscribe` raises `BusUnavailable` (after waiting briefly for a reconnect);
+  `publish_nowait` never raises (events queue, then turn into resync notices); `check` fails;
+  the bus reconnects with backoff (0.1 s doubling to 5 s) and never stops on a Redis error.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Final
+
+import attrs
+import coredis
+import orjson
+import trio
+from coredis.patterns.pubsub import PubSub
+from coredis.retry import NoRetryPolicy
+
+from handler.bus.base import Delivery, DeliverySink
+from handler.config import BusConfig
+from handler.errors import BusUnavailable
+from handler.protocol import Chat, Message
+
+log = logging.getLogger("handler.bus.redis")
+
+ResyncHook = Callable[[tuple[str, ...]], None]
+"""Called with the users bound here whose events may have been lost; re-read their backlog."""
+
+_QUEUE_SIZE: Final = 10_000
+_MAX_PIPELINE: Final = 512
+_SUBSCRIBE_CHUNK: Final = 512
+_MAX_LOST_USERS: Final = 10_000
+_READY_WAIT_S: Final = 2.0
+_COMMAND_TIMEOUT_S: Final = 5.0
+_BACKOFF_MIN_S: Final = 0.1
+_BACKOFF_MAX_S: Final = 5.0
+_HEARTBEAT_S: Final = 2.0
+
+
+@attrs.define
+class RedisBusStatistics:
+    """Counters for metrics and tests (Trio naming: `statistics()`)."""
+
+    published: int = 0
+    received: int = 0
+    dropped: int = 0
+    lost_batches: int = 0
+    reconnects: int = 0
+    resyncs: int = 0
+    queued: int = 0
+    connected: bool = False
+
+
+@attrs.frozen
+class _Outgoing:
+    channels: tuple[bytes, ...]
+    payload: bytes
+
+
+class _Stale(Exception):
+    """The subscriber connection stopped delivering (no heartbeat came back)."""
+
+
+def _encode_event(node: str, event: Delivery) -> bytes:
+    """The remote copy: origin node, kind and record as positional arrays (compact)."""
+    if event.kind == "message":
+        message = event.message
+        assert message is not None
+        return orjson.dumps(
+            {
+                "o": node,
+                "m": [
+                    message.message_id,
+                    message.chat_id,
+                    message.sender_id,
+                    message.recipient_id,
+                    message.content,
+                    message.timestamp,
+                    message.client_message_id,
+                ],
+            }
+        )
+    chat = event.chat
+    assert chat is not None
+    return orjson.dumps(
+        {"o": node, "c": [chat.chat_id, list(chat.participants), chat.created_by, chat.created_at]}
+    )
+
+
+def _decode_event(data: dict[str, Any], user_id: str) -> Delivery | None:
+    if "m" in data:
+        m = data["m"]
+        message = Message(m[0], m[1], m[2], m[3], m[4], m[5], m[6])
+        return Delivery("message", (user_id,), message=message)
+    if "c" in data:
+        c = data["c"]
+        return Delivery("chat", (user_id,), chat=Chat(c[0], (c[1][0], c[1][1]), c[2], c[3]))
+    return None
+
+
+class RedisBus:
+    """The bus for several handler processes; see the module docstring."""
+
+    def __init__(
+        self,
+        config: BusConfig,
+        *,
+        prefix: str = "chat:",
+        queue_size: int = _QUEUE_SIZE,
+        heartbeat_s: float = _HEARTBEAT_S,
+    ) -> None:
+        self._url = config.url
+        self._prefix = prefix
+        self._user_prefix = f"{prefix}u:".encode()
+        self.node_id = secrets.token_hex(8)
+        self._node_channel = f"{prefix}n:{self.node_id}".encode()
+        self._all_channel = f"{prefix}all".encode()
+        self._heartbeat_s = heartbeat_s
+        self._users: set[str] = set()
+        self._sink: DeliverySink | None = None
+        self._on_resync: ResyncHook | None = None
+        self._client: coredis.Redis[bytes] | None = None
+        self._pubsub: PubSub[bytes] | None = None
+        self._ready = trio.Event()
+        self._send, self._receive = trio.open_memory_channel[_Outgoing](queue_size)
+        self._lost: set[str] = set()
+        self._lost_everyone = False
+        self._stats = RedisBusStatistics()
+
+    def statistics(self) -> RedisBusStatistics:
+        stats = attrs.evolve(self._stats)
+        stats.queued = self._send.statistics().current_buffer_used
+        stats.connected = self._pubsub is not None
+        return stats
+
+    def _user_channel(self, user_id: str) -> bytes:
+        return self._user_prefix + user_id.encode("utf-8", "surrogatepass")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(
+        self,
+        sink: DeliverySink,
+        *,
+        on_resync: ResyncHook | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Connect, then publish and receive until cancelled.
+
+        `task_status.started()` comes after the first connection attempt; if Redis is down
+        then, the bus starts degraded (subscribe and check fail) and keeps reconnecting.
+        """
+        self._sink = sink
+        self._on_resync = on_resync
+        try:
+            client: coredis.Redis[bytes] = coredis.Redis.from_url(
+                self._url,
+                retry_policy=NoRetryPolicy(),
+                connect_timeout=_COMMAND_TIMEOUT_S,
+                stream_timeout=_COMMAND_TIMEOUT_S,
+            )
+            async with client, trio.open_nursery() as nursery:
+                self._client = client
+                nursery.start_soon(self._publisher, client)
+                await nursery.start(self._subscriber, client)
+                nursery.start_soon(self._heartbeat, client)
+                task_status.started()
+        finally:
+            self._sink = None
+            self._on_resync = None
+            self._client = None
+            self._pubsub = None
+
+    # ------------------------------------------------------------------ subscriptions
+
+    async def _wait_ready(self) -> PubSub[bytes]:
+        """The live subscriber connection; waits briefly through a reconnect."""
+        if self._client is None:
+            raise BusUnavailable("the redis bus is not running")
+        with trio.move_on_after(_READY_WAIT_S):
+            await self._ready.wait()
+        if self._pubsub is None:
+            raise BusUnavailable("redis is unreachable")
+        return self._pubsub
+
+    async def subscribe(self, user_id: str) -> None:
+        pubsub = await self._wait_ready()
+        self._users.add(user_id)
+        try:
+            with trio.fail_after(_COMMAND_TIMEOUT_S):
+                await pubsub.subscribe(self._user_channel(user_id))
+        except Exception as error:
+            self._users.discard(user_id)
+            raise BusUnavailable(f"redis subscribe failed: {error!r}") from None
+
+    async def unsubscribe(self, user_id: str) -> None:
+        # Local first: from here on the user's events are ignored even before Redis confirms,
+        # and a reconnect will not subscribe it again.
+        self._users.discard(user_id)
+        pubsub = self._pubsub
+        if pubsub is None:
+            return
+        try:
+            with trio.fail_after(_COMMAND_TIMEOUT_S):
+                await pubsub.unsubscribe(self._user_channel(user_id))
+        except Exception as error:
+            # Harmless: the channel is dropped on the next reconnect and ignored until then.
+            log.info("redis unsubscribe failed: %r", error)
+
+    async def _subscriber(
+        self, client: coredis.Redis[bytes], task_status: trio.TaskStatus[None]
+    ) -> None:
+        """Keep one subscriber connection alive; after every reconnect, resync everyone."""
+        started = False
+        connected_before = False
+        delay = 0.0
+        while True:
+            try:
+                async with client.pubsub(
+                    retry_policy=NoRetryPolicy(),
+                    ignore_subscribe_messages=True,
+                    subscription_timeout=_COMMAND_TIMEOUT_S,
+                ) as pubsub:
+                    with trio.fail_after(_COMMAND_TIMEOUT_S * 2):
+                        users = await self._subscribe_all(pubsub)
+                    self._pubsub = pubsub
+                    self._ready.set()
+                    delay = 0.0
+                    if connected_before:
+                        # Whatever was published while we were away is gone from pub/sub.
+                        self._resync(users)
+                    connected_before = True
+                    if not started:
+                        task_status.started()
+                        started = True
+                    await self._consume(pubsub)
+            except Exception as error:
+                log.warning("redis subscriber connection lost: %r", error)
+            finally:
+                if self._pubsub is not None:
+                    self._pubsub = None
+                    self._ready = trio.Event()
+            if not started:
+                log.warning("redis is unreachable; the bus starts degraded and keeps retrying")
+                task_status.started()
+                started = True
+            self._stats.reconnects += 1
+            delay = min(max(delay * 2, _BACKOFF_MIN_S), _BACKOFF_MAX_S)
+            await trio.sleep(delay)
+
+    async def _subscribe_all(self, pubsub: PubSub[bytes]) -> tuple[str, ...]:
+        users = tuple(self._users)
+        await pubsub.subscribe(self._node_channel, self._all_channel)
+        for start in range(0, len(users), _SUBSCRIBE_CHUNK):
+            chunk = users[start : start + _SUBSCRIBE_CHUNK]
+            await pubsub.subscribe(*(self._user_channel(user) for user in chunk))
+        gone = [user for user in users if user not in self._users]
+        if gone:  # unsubscribed while we were resubscribing
+            await pubsub.unsubscribe(*(self._user_channel(user) for user in gone))
+        return tuple(user for user in users if user in self._users)
+
+    async def _consume(self, pubsub: PubSub[bytes]) -> None:
+        silence = self._heartbeat_s * 3
+        while True:
+            with trio.move_on_after(silence) as waiting:
+                message = await pubsub.get_message()
+            if waiting.cancelled_caught:
+                raise _Stale(f"no heartbeat for {silence:.1f}s")
+            if message is None or message["type"] != "message":
+                continue
+            channel = message["channel"]
+            data = message["data"]
+            if not isinstance(channel, bytes) or not isinstance(data, bytes):
+                continue
+            if channel.startswith(self._user_prefix):
+                user_id = channel[len(self._user_prefix) :].decode("utf-8", "surrogatepass")
+                self._receive_for_user(user_id, data)
+            elif channel == self._all_channel and orjson.loads(data).get("o") != self.node_id:
+                self._resync(tuple(self._users))
+
+    def _receive_for_user(self, user_id: str, data: bytes) -> None:
+        if user_id not in self._users:
+            return
+        try:
+            decoded = orjson.loads(data)
+            if decoded.get("o") == self.node_id:
+                return  # delivered locally when it was published
+            if decoded.get("r"):
+                self._resync((user_id,))
+                return
+            event = _decode_event(decoded, user_id)
+        except (orjson.JSONDecodeError, LookupError, TypeError, ValueError) as error:
+            log.warning("ignoring a malformed bus payload: %r", error)
+            return
+        if event is not None and self._sink is not None:
+            self._stats.received += 1
+            self._call_sink(event)
+
+    def _call_sink(self, event: Delivery) -> None:
+        assert self._sink is not None
+        try:
+            self._sink(event)
+        except Exception:
+            # One faulty delivery must not take the subscription (and everyone's events) down.
+            log.exception("the delivery sink failed")
+
+    def _resync(self, users: tuple[str, ...]) -> None:
+        if not users:
+            return
+        self._stats.resyncs += 1
+        if self._on_resync is None:
+            log.warning(
+                "events for %d users may have been lost and no resync hook is set", len(users)
+            )
+            return
+        try:
+            self._on_resync(users)
+        except Exception:
+            log.exception("the resync hook failed")
+
+    # ------------------------------------------------------------------ publishing
+
+    def publish_nowait(self, event: Delivery) -> None:
+        if self._sink is not None and any(user in self._users for user in event.recipients):
+            self._call_sink(event)
+        try:
+            payload = _encode_event(self.node_id, event)
+        except (TypeError, orjson.JSONEncodeError) as error:
+            log.warning("cannot serialize a delivery: %r", error)
+            self._lose(event.recipients)
+            return
+        outgoing = _Outgoing(tuple(self._user_channel(u) for u in event.recipients), payload)
+        try:
+            self._send.send_nowait(outgoing)
+        except trio.WouldBlock:
+            # Slow-consumer policy for Redis itself: drop, remember whom, resync them later.
+            self._stats.dropped += 1
+            self._lose(event.recipients)
+
+    def _lose(self, users: Iterable[str]) -> None:
+        if self._lost_everyone:
+            return
+        self._lost.update(users)
+        if len(self._lost) > _MAX_LOST_USERS:
+            self._lost.clear()
+            self._lost_everyone = True
+
+    def _notices(self) -> list[_Outgoing]:
+        """Resync notices owed for earlier losses, sent ahead of the next batch."""
+        notice = orjson.dumps({"o": self.node_id, "r": 1})
+        if self._lost_everyone:
+            return [_Outgoing((self._all_channel,), notice)]
+        return [_Outgoing((self._user_channel(user),), notice) for user in self._lost]
+
+    async def _publisher(self, client: coredis.Redis[bytes]) -> None:
+        delay = 0.0
+        pending: list[_Outgoing] = []
+        while True:
+            if not pending:
+                pending.append(await self._receive.receive())
+            while len(pending) < _MAX_PIPELINE:
+                try:
+                    pending.append(self._receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            notices = self._notices()
+            try:
+                with trio.fail_after(_COMMAND_TIMEOUT_S):
+                    await self._publish_batch(client, [*notices, *pending])
+            except Exception as error:
+                # Possibly partly sent: treat the whole batch as lost and owe its recipients
+                # a resync rather than risk sending anything twice.
+                log.warning("redis publish failed (%d events): %r", len(pending), error)
+                self._stats.lost_batches += 1
+                for outgoing in pending:
+                    if outgoing.channels[0] != self._all_channel:
+                        self._lose(self._users_of(outgoing.channels))
+                pending = []
+                delay = min(max(delay * 2, _BACKOFF_MIN_S), _BACKOFF_MAX_S)
+                await trio.sleep(delay)
+                continue
+            delay = 0.0
+            if notices:
+                self._lost.clear()
+                self._lost_everyone = False
+            self._stats.published += len(pending)
+            pending = []
+
+    async def _publish_batch(
+        self, client: coredis.Redis[bytes], batch: Sequence[_Outgoing]
+    ) -> None:
+        async with client.pipeline(transaction=False) as pipe:
+            for outgoing in batch:
+                for channel in outgoing.channels:
+                    pipe.publish(channel, outgoing.payload)
+
+    def _users_of(self, channels: Iterable[bytes]) -> list[str]:
+        prefix = self._user_prefix
+        return [
+            channel[len(prefix) :].decode("utf-8", "surrogatepass")
+            for channel in channels
+            if channel.startswith(prefix)
+        ]
+
+    async def _heartbeat(self, client: coredis.Redis[bytes]) -> None:
+        """Publish to our own node channel, proving the subscriber path end to end."""
+        beat = orjson.dumps({"o": self.node_id})
+        while True:
+            await trio.sleep(self._heartbeat_s)
+            if self._pubsub is None:
+                continue
+            try:
+                with trio.fail_after(_COMMAND_TIMEOUT_S):
+                    await client.publish(self._node_channel, beat)
+            except Exception as error:
+                log.info("redis heartbeat failed: %r", error)
+
+    # ------------------------------------------------------------------ health
+
+    async def check(self) -> None:
+        client = self._client
+        if client is None:
+            raise BusUnavailable("the redis bus is not running")
+        if self._pubsub is None:
+            raise BusUnavailable("the redis subscriber is reconnecting")
+        try:
+            with trio.fail_after(2):
+                await client.ping()
+        except Exception as error:
+            raise BusUnavailable(f"redis does not answer: {error!r}") from None
+
+
+__all__ = ["RedisBus", "RedisBusStatistics", "ResyncHook"]
