@@ -7,11 +7,10 @@ import nox
 nox.options.sessions = ["tests", "lint"]
 nox.options.reuse_existing_virtualenvs = True
 
-PYTHON = "3.11"
 LINT_PATHS = ["handler", "tests", "benchmarks", "test_client.py", "noxfile.py"]
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def tests(session: nox.Session) -> None:
     """The whole test suite, with branch coverage of handler/."""
     session.install("-e", ".[test]")
@@ -24,7 +23,7 @@ def tests(session: nox.Session) -> None:
     )
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff (lint + format check) everywhere, mypy --strict on the server package."""
     session.install("-e", ".[test]", "ruff>=0.6", "mypy>=1.11")
@@ -33,7 +32,7 @@ def lint(session: nox.Session) -> None:
     session.run("mypy", "--strict", "handler")
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def bench(session: nox.Session) -> None:
     """The benchmark suite; writes JSON, a markdown table and PNG plots to benchmarks/results/."""
     session.install("-e", ".[test,bench]")
