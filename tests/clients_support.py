@@ -156,12 +156,15 @@ class HandlerProcess:
             return str(json.load(response)["token"])
 
 
-def save_screenshot(png: bytes, name: str) -> Path:
-    """Keep a screenshot in test-artifacts/; with UPDATE_SCREENSHOTS=1 also refresh docs/."""
+def save_screenshot(png: bytes, name: str, *, docs: bool = False) -> Path:
+    """Keep a screenshot in test-artifacts/; with UPDATE_SCREENSHOTS=1, refresh the one in docs/.
+
+    docs/ changes only on request, so a test run leaves the work tree clean.
+    """
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / name
     path.write_bytes(png)
-    if os.environ.get("UPDATE_SCREENSHOTS") == "1":
+    if docs and os.environ.get("UPDATE_SCREENSHOTS") == "1":
         (DOCS / name).write_bytes(png)
     return path
 

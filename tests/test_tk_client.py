@@ -386,7 +386,7 @@ def test_window_connects_sends_and_shows_the_reply(
         assert "fetch_messages" in app.editor.get("1.0", "end")
         app.root.event_generate("<Motion>", warp=True, x=WINDOW[0] - 1, y=WINDOW[1] - 1)
         await trio.sleep(0.2)  # let Tk paint before the screenshot
-        save_screenshot(xvfb.screenshot(), "screenshot-tk.png")
+        save_screenshot(xvfb.screenshot(), "screenshot-tk.png", docs=True)
         app.close()
 
     app.start(person)

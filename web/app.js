@@ -69,6 +69,7 @@ function signOut(reason = "") {
   model.session = null;
   model.chats.clear();
   model.openChatId = null;
+  bubbleCache.clear(); // "You" in a cached bubble meant the previous user
   sessionStorage.removeItem(SESSION_KEY);
   $("chat").hidden = true;
   $("sign-in").hidden = false;
@@ -322,7 +323,7 @@ function renderConversation() {
   if (!entry) {
     $("conversation-title").textContent = "Select a chat";
     $("conversation-id").textContent = "";
-    $("message-list").replaceChildren();
+    syncChildren($("message-list"), []);
     $("no-messages").hidden = true;
     $("load-older").hidden = true;
     return;
@@ -332,7 +333,34 @@ function renderConversation() {
   $("load-older").hidden = !entry.hasMore;
   const records = sortedMessages(entry);
   $("no-messages").hidden = records.length > 0;
-  $("message-list").replaceChildren(...records.map(renderMessage));
+  syncChildren($("message-list"), records.map(messageNode));
+}
+
+/** Rendered bubbles by message key, rebuilt only when what they show changes. */
+const bubbleCache = new Map();
+
+function messageNode(record) {
+  const signature = JSON.stringify([record.state, record.messageId, record.timestamp, record.content, record.error?.code]);
+  const cached = bubbleCache.get(record.key);
+  if (cached?.signature === signature) return cached.node;
+  const node = renderMessage(record);
+  bubbleCache.set(record.key, { signature, node });
+  return node;
+}
+
+/**
+ * Make `parent`'s children exactly `nodes` while touching as few as possible: the message list
+ * is an aria-live log, and a screen reader should announce new messages, not the whole chat.
+ */
+function syncChildren(parent, nodes) {
+  nodes.forEach((node, index) => {
+    if (parent.children[index] !== node) parent.insertBefore(node, parent.children[index] ?? null);
+  });
+  while (parent.children.length > nodes.length) parent.lastElementChild.remove();
+  if (bubbleCache.size > nodes.length * 2 + 200) {
+    const keep = new Set(nodes);
+    for (const [key, { node }] of bubbleCache) if (!keep.has(node)) bubbleCache.delete(key);
+  }
 }
 
 const STATE_LABELS = {

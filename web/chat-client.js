@@ -71,6 +71,7 @@ const DEFAULT_OPTIONS = Object.freeze({
   backoffBaseMs: 500,
   backoffMaxMs: 15_000,
   refreshMarginMs: 60_000,
+  minRefreshMs: 30_000,
   maxInternalRetries: 3,
 });
 
@@ -465,7 +466,12 @@ export class ChatClient extends EventTarget {
     this.#timers.refresh = null;
     const { exp } = jwtClaims(this.#token ?? "");
     if (typeof exp !== "number" || !this.#getToken) return;
-    const inMs = Math.max(1_000, exp * 1000 - Date.now() - this.#options.refreshMarginMs);
+    // The floor matters when this device's clock runs ahead of the token issuer's: every fresh
+    // token would look nearly expired, and an unbounded timer would refresh in a tight loop.
+    const inMs = Math.max(
+      this.#options.minRefreshMs,
+      exp * 1000 - Date.now() - this.#options.refreshMarginMs,
+    );
     this.#timers.refresh = setTimeout(async () => {
       // In-band refresh: any frame carrying the new token extends the session; ping is cheapest.
       if ((await this.#refreshToken()) && this.#state === "online") {
