@@ -1,0 +1,724 @@
+"""The load generator: one process, pinned to its own core, speaking PROTOCOL.md.
+
+`python -m benchmarks.loadgen` reads one job (JSON) from its first stdin line and prints JSON
+lines on stdout. At each measuring point it prints `{"checkpoint": name, ...}` and waits for
+one line back, so the orchestrator reads server CPU time and RSS at exactly that moment while
+the load keeps running. The last line is `{"result": {...}}`. Logs go to stderr.
+
+Jobs (one per workload shape; the scenarios in `benchmarks.scenarios` pick sizes):
+
+- `relay`: closed loop. Pairs of users, each keeping `window` `send_message` unacknowledged
+  (the sender's own `message` copy is the acknowledgement). Saturates the server.
+- `open_loop`: each user sends at Poisson times at a fixed total rate; latency counts from the
+  *intended* send time, so a stalled server cannot hide its stalls (no coordinated omission).
+- `idle`: bind many connections and hold them, with checkpoints at given counts.
+- `connect`: connect + bind as fast as `concurrency` parallel clients allow.
+- `backlog`: one user binds and receives everything not yet delivered to them.
+- `fetch`: one user sends `fetch_chats` and receives every chat with its history.
+- `seed`: send messages through the server (when the store cannot be seeded directly).
+
+Message contents start with the send time (`trio.current_time()`, same process for sender and
+recipient), so any copy of a message carries its own latency.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import os
+import random
+import sys
+import time
+from array import array
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import orjson
+import trio
+
+from benchmarks import wire
+from benchmarks.servers import raise_nofile, usable_cpus
+
+_TS_LEN: Final = 17
+_SETUP_TIMEOUT: Final = 120.0
+
+
+def make_content(sent_at: float, size: int) -> str:
+    """A message body of `size` characters that starts with its send time."""
+    stamp = f"{sent_at:0{_TS_LEN}.6f}"
+    return stamp + " " + "x" * max(0, size - _TS_LEN - 1)
+
+
+def sent_at(content: str) -> float:
+    return float(content[:_TS_LEN])
+
+
+class Checkpoints:
+    """The stdout/stdin handshake with the orchestrator (see module doc)."""
+
+    def __init__(self, interactive: bool) -> None:
+        self.interactive = interactive
+
+    async def __call__(self, name: str, **info: Any) -> None:
+        emit({"checkpoint": name, **info})
+        if self.interactive:
+            line = await trio.to_thread.run_sync(sys.stdin.readline)
+            if not line:
+                raise SystemExit("orchestrator went away")
+
+
+def emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def log(text: str) -> None:
+    print(f"[loadgen] {text}", file=sys.stderr, flush=True)
+
+
+def percentiles(samples: array[float] | list[float]) -> dict[str, float | int]:
+    """p50/p90/p99/p99.9/max in milliseconds, plus the count."""
+    if not samples:
+        return {"count": 0}
+    ordered = sorted(samples)
+    count = len(ordered)
+
+    def pick(q: float) -> float:
+        return ordered[min(count - 1, max(0, math.ceil(q * count) - 1))] * 1000
+
+    return {
+        "count": count,
+        "p50_ms": pick(0.50),
+        "p90_ms": pick(0.90),
+        "p99_ms": pick(0.99),
+        "p999_ms": pick(0.999),
+        "max_ms": ordered[-1] * 1000,
+        "mean_ms": sum(ordered) / count * 1000,
+    }
+
+
+def histogram(samples: array[float], bins: int = 60) -> dict[str, list[float]]:
+    """Log-spaced histogram of latencies (ms) for the plots, small enough to keep in JSON."""
+    if not samples:
+        return {"edges_ms": [], "counts": []}
+    low = max(min(samples) * 1000, 0.01)
+    high = max(max(samples) * 1000, low * 1.01)
+    ratio = (high / low) ** (1 / bins)
+    edges = [low * ratio**i for i in range(bins + 1)]
+    counts = [0.0] * bins
+    log_low, log_ratio = math.log(low), math.log(ratio)
+    for sample in samples:
+        index = int((math.log(max(sample * 1000, low)) - log_low) / log_ratio)
+        counts[min(bins - 1, max(0, index))] += 1
+    return {"edges_ms": edges, "counts": counts}
+
+
+class User:
+    """One authenticated connection of the generator, with frames read but not yet used."""
+
+    def __init__(self, user_id: str, conn: wire.RawConnection | wire.TrioWebsocketConnection):
+        self.user_id = user_id
+        self.conn = conn
+        self.pending: list[dict[str, Any]] = []
+        self.chat_id: str | None = None
+        self.peer: str | None = None
+
+    async def next_frame(self) -> dict[str, Any]:
+        while not self.pending:
+            self.pending.extend(orjson.loads(raw) for raw in await self.conn.receive_batch())
+        return self.pending.pop(0)
+
+    async def wait_for(self, kind: str) -> dict[str, Any]:
+        """The next frame of this type; an `error` frame on the way fails the run."""
+        while True:
+            frame = await self.next_frame()
+            if frame.get("type") == kind:
+                return frame
+            if frame.get("type") == "error":
+                raise RuntimeError(
+                    f"{self.user_id}: server error while waiting for {kind}: {frame}"
+                )
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.conn.send_texts([orjson.dumps(frame)])
+
+
+class Generator:
+    """Shared state of one job: where the server is, how to connect, who we are."""
+
+    def __init__(self, job: dict[str, Any], nursery: trio.Nursery) -> None:
+        self.job = job
+        self.nursery = nursery
+        self.host: str = job.get("host", "127.0.0.1")
+        self.port: int = job["port"]
+        self.secret: str = job.get("secret", "benchmark")
+        self.client: str = job.get("client", "raw")
+        self.prefix: str = job.get("prefix", f"u{os.getpid()}-{random.randrange(10**6)}")
+        # Many source addresses keep ephemeral ports plentiful for 10k+ connections.
+        self.sources = [f"127.0.{i // 250}.{i % 250 + 2}" for i in range(job.get("sources", 0))]
+        self.checkpoint = Checkpoints(job.get("interactive", True))
+        self.tokens: dict[str, str] = {}
+        self._source_cycle = itertools.cycle(self.sources or [None])
+
+    def user_id(self, index: int, role: str = "u") -> str:
+        return f"{self.prefix}-{role}{index}"
+
+    def premint(self, user_ids: list[str]) -> None:
+        """Sign tokens ahead of a timed window: real clients arrive with theirs."""
+        for user_id in user_ids:
+            self.tokens[user_id] = wire.mint_token(user_id, self.secret)
+
+    async def connect(self, user_id: str, *, with_token: bool = True) -> User:
+        """Open a WebSocket with `?token=` and wait for `authenticated` (the bind)."""
+        path = "/ws"
+        if with_token:
+            token = self.tokens.get(user_id) or wire.mint_token(user_id, self.secret)
+            path += "?token=" + token
+        source = next(self._source_cycle)
+        conn = await wire.connect(
+            self.client, self.nursery, self.host, self.port, path, local_address=source
+        )
+        user = User(user_id, conn)
+        await user.wait_for("authenticated")
+        return user
+
+    async def connect_many(
+        self, user_ids: list[str], concurrency: int, on_done: Callable[[User], None] | None = None
+    ) -> list[User]:
+        users: list[User | None] = [None] * len(user_ids)
+        limiter = trio.CapacityLimiter(concurrency)
+
+        async def one(index: int) -> None:
+            async with limiter:
+                users[index] = user = await self.connect(user_ids[index])
+            if on_done:
+                on_done(user)
+
+        async with trio.open_nursery() as nursery:
+            for index in range(len(user_ids)):
+                nursery.start_soon(one, index)
+        return [user for user in users if user is not None]
+
+    async def make_pairs(self, pairs: int, concurrency: int = 64) -> list[tuple[User, User]]:
+        """Bind 2 x `pairs` users and open one chat per pair; both sides learn the chat id."""
+        ids = [self.user_id(i) for i in range(2 * pairs)]
+        users = await self.connect_many(ids, concurrency)
+        couples = [(users[2 * i], users[2 * i + 1]) for i in range(pairs)]
+        limiter = trio.CapacityLimiter(concurrency)
+
+        async def open_chat(a: User, b: User) -> None:
+            async with limiter:
+                await a.send({"type": "create_chat", "recipient_id": b.user_id, "request_id": 1})
+                chat = (await a.wait_for("new_chats"))["data"][0]
+                await b.wait_for("new_chats")
+                a.chat_id = b.chat_id = chat["chat_id"]
+                a.peer, b.peer = b.user_id, a.user_id
+
+        async with trio.open_nursery() as nursery:
+            for a, b in couples:
+                nursery.start_soon(open_chat, a, b)
+        return couples
+
+
+async def close_all(users: list[User], *, polite: bool = True, concurrency: int = 200) -> None:
+    """Close connections; `polite` runs the close handshake, else TCP is simply dropped."""
+    limiter = trio.CapacityLimiter(concurrency)
+
+    async def one(user: User) -> None:
+        async with limiter:
+            with contextlib.suppress(Exception):
+                if polite:
+                    await user.conn.aclose()
+                else:
+                    await user.conn.abort()
+
+    with trio.move_on_after(30):
+        async with trio.open_nursery() as nursery:
+            for user in users:
+                nursery.start_soon(one, user)
+
+
+class Tally:
+    """Counters and latency samples of the measured window."""
+
+    def __init__(self) -> None:
+        self.measuring = False
+        self.sent = 0
+        self.acks = 0
+        self.delivered = 0
+        self.ack_latency: array[float] = array("d")
+        self.delivery_latency: array[float] = array("d")
+        self.errors: Counter[str] = Counter()
+        self.other: Counter[str] = Counter()
+
+
+async def job_relay(gen: Generator) -> dict[str, Any]:
+    """Closed loop: every user keeps `window` messages in flight to its peer."""
+    job = gen.job
+    window: int = job["window"]
+    size: int = job.get("content_bytes", 100)
+    started = trio.current_time()
+    couples = await gen.make_pairs(job["pairs"])
+    users = [u for couple in couples for u in couple]
+    setup_s = trio.current_time() - started
+    tally = Tally()
+    sending = True
+
+    def frame(user: User, now: float) -> bytes:
+        return orjson.dumps(
+            {
+                "type": "send_message",
+                "chat_id": user.chat_id,
+                "recipient_id": user.peer,
+                "content": make_content(now, size),
+                "request_id": 1,
+            }
+        )
+
+    async def run(user: User) -> None:
+        inflight = 0
+        me = user.user_id
+        conn = user.conn
+        while True:
+            if sending and inflight < window:
+                now = trio.current_time()
+                batch = [frame(user, now)] * (window - inflight)
+                await conn.send_texts(batch)
+                if tally.measuring:
+                    tally.sent += len(batch)
+                inflight = window
+            elif not sending and inflight <= 0:
+                return
+            try:
+                received = await conn.receive_batch()
+            except wire.ConnectionClosed as closed:
+                tally.errors[f"closed:{closed.code}"] += 1
+                return
+            now = trio.current_time()
+            for raw in received:
+                message = orjson.loads(raw)
+                kind = message.get("type")
+                if kind == "message":
+                    latency = now - sent_at(message["content"])
+                    if message["sender_id"] == me:
+                        inflight -= 1
+                        if tally.measuring:
+                            tally.acks += 1
+                            tally.ack_latency.append(latency)
+                    elif tally.measuring:
+                        tally.delivered += 1
+                        tally.delivery_latency.append(latency)
+                elif kind == "error":
+                    tally.errors[str(message.get("code"))] += 1
+                    if message.get("request_id") is not None:
+                        inflight -= 1
+                else:
+                    tally.other[str(kind)] += 1
+
+    async with trio.open_nursery() as nursery:
+        for user in users:
+            nursery.start_soon(run, user)
+        await trio.sleep(job.get("warmup_s", 2.0))
+        await gen.checkpoint("measure_start")
+        tally.measuring = True
+        cpu0, t0 = time.process_time(), trio.current_time()
+        await trio.sleep(job["duration_s"])
+        tally.measuring = False
+        elapsed, gen_cpu = trio.current_time() - t0, time.process_time() - cpu0
+        sending = False
+        await gen.checkpoint("measure_end")
+        nursery.cancel_scope.deadline = trio.current_time() + job.get("drain_s", 10.0)
+    await close_all(users)
+    return {
+        "users": len(users),
+        "setup_s": setup_s,
+        "elapsed_s": elapsed,
+        "sent": tally.sent,
+        "acks": tally.acks,
+        "delivered": tally.delivered,
+        "delivered_per_s": tally.delivered / elapsed,
+        "acks_per_s": tally.acks / elapsed,
+        "generator_cpu_s": gen_cpu,
+        "ack_latency": percentiles(tally.ack_latency),
+        "delivery_latency": percentiles(tally.delivery_latency),
+        "delivery_histogram": histogram(tally.delivery_latency),
+        "errors": dict(tally.errors),
+        "other_frames": dict(tally.other),
+    }
+
+
+async def job_open_loop(gen: Generator) -> dict[str, Any]:
+    """Fixed offered load: Poisson sends at `rate` msg/s in total over all users."""
+    job = gen.job
+    size: int = job.get("content_bytes", 100)
+    rate: float = job["rate"]
+    couples = await gen.make_pairs(job["users"] // 2)
+    users = [u for couple in couples for u in couple]
+    per_user = rate / len(users)
+    warmup: float = job.get("warmup_s", 2.0)
+    duration: float = job["duration_s"]
+    rng = random.Random(job.get("seed", 1))
+    tally = Tally()
+    window = [math.inf, math.inf]  # intended-send-time bounds of the measured window
+    outstanding = {"acks": 0, "deliveries": 0}
+    senders_done = False
+    settled = trio.Event()
+
+    def check_settled() -> None:
+        if senders_done and outstanding["acks"] <= 0 and outstanding["deliveries"] <= 0:
+            settled.set()
+
+    begin = trio.current_time() + 0.2
+    stop_at = begin + warmup + duration
+
+    async def sender(user: User) -> None:
+        due = begin + rng.expovariate(per_user)
+        base = {"type": "send_message", "chat_id": user.chat_id, "recipient_id": user.peer}
+        while due < stop_at:
+            await trio.sleep_until(due)
+            frame = orjson.dumps({**base, "content": make_content(due, size), "request_id": 1})
+            try:
+                await user.conn.send_texts([frame])
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                tally.errors["send_failed"] += 1
+                return
+            if window[0] <= due < window[1]:
+                tally.sent += 1
+                outstanding["acks"] += 1
+                outstanding["deliveries"] += 1
+            due += rng.expovariate(per_user)
+
+    async def reader(user: User) -> None:
+        me = user.user_id
+        while True:
+            try:
+                received = await user.conn.receive_batch()
+            except wire.ConnectionClosed as closed:
+                tally.errors[f"closed:{closed.code}"] += 1
+                return
+            now = trio.current_time()
+            for raw in received:
+                message = orjson.loads(raw)
+                kind = message.get("type")
+                if kind == "message":
+                    due = sent_at(message["content"])
+                    if not window[0] <= due < window[1]:
+                        continue
+                    if message["sender_id"] == me:
+                        tally.acks += 1
+                        outstanding["acks"] -= 1
+                        tally.ack_latency.append(now - due)
+                    else:
+                        tally.delivered += 1
+                        outstanding["deliveries"] -= 1
+                        tally.delivery_latency.append(now - due)
+                    check_settled()
+                elif kind == "error":
+                    tally.errors[str(message.get("code"))] += 1
+                else:
+                    tally.other[str(kind)] += 1
+
+    async with trio.open_nursery() as nursery:
+        for user in users:
+            nursery.start_soon(reader, user)
+        async with trio.open_nursery() as senders:
+            for user in users:
+                senders.start_soon(sender, user)
+            await trio.sleep_until(begin + warmup)
+            await gen.checkpoint("measure_start")
+            window[:] = [trio.current_time(), begin + warmup + duration]
+            cpu0 = time.process_time()
+            await trio.sleep_until(window[1])
+            gen_cpu = time.process_time() - cpu0
+            await gen.checkpoint("measure_end")
+        with trio.move_on_after(job.get("drain_s", 10.0)):
+            senders_done = True
+            check_settled()
+            await settled.wait()
+        nursery.cancel_scope.cancel()
+    await close_all(users)
+    elapsed = window[1] - window[0]
+    return {
+        "users": len(users),
+        "offered_per_s": rate,
+        "elapsed_s": elapsed,
+        "sent": tally.sent,
+        "sent_per_s": tally.sent / elapsed,
+        "delivered": tally.delivered,
+        "delivered_per_s": tally.delivered / elapsed,
+        "lost": max(0, outstanding["deliveries"]),
+        "generator_cpu_s": gen_cpu,
+        "ack_latency": percentiles(tally.ack_latency),
+        "delivery_latency": percentiles(tally.delivery_latency),
+        "delivery_histogram": histogram(tally.delivery_latency),
+        "errors": dict(tally.errors),
+        "other_frames": dict(tally.other),
+    }
+
+
+async def _drain(user: User) -> None:
+    """Keep reading (answers server pings) until the connection ends."""
+    with contextlib.suppress(
+        wire.ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError
+    ):
+        while True:
+            await user.conn.receive_batch()
+
+
+async def job_idle(gen: Generator) -> dict[str, Any]:
+    """Hold bound, silent connections; checkpoint at each count in `steps`."""
+    job = gen.job
+    concurrency: int = job.get("concurrency", 100)
+    warm = await gen.connect_many([gen.user_id(i, "w") for i in range(job.get("warmup", 20))], 20)
+    await close_all(warm)
+    await trio.sleep(0.5)
+    await gen.checkpoint("held_0", connections=0)
+    users: list[User] = []
+    steps_out = []
+    async with trio.open_nursery() as nursery:
+
+        def hold(user: User) -> None:
+            nursery.start_soon(_drain, user)
+
+        for step in job["steps"]:
+            t0 = trio.current_time()
+            ids = [gen.user_id(i) for i in range(len(users), step)]
+            gen.premint(ids)
+            users += await gen.connect_many(ids, concurrency, hold)
+            connect_s = trio.current_time() - t0
+            await trio.sleep(job.get("settle_s", 1.0))
+            await gen.checkpoint(f"held_{step}", connections=len(users))
+            steps_out.append({"target": step, "connections": len(users), "connect_s": connect_s})
+        nursery.cancel_scope.cancel()
+    await close_all(users, polite=False)
+    return {"steps": steps_out}
+
+
+async def job_connect(gen: Generator) -> dict[str, Any]:
+    """Connect + bind `count` fresh users with `concurrency` clients at a time."""
+    job = gen.job
+    count: int = job["count"]
+    latencies: array[float] = array("d")
+    users: list[User] = []
+    errors: Counter[str] = Counter()
+    limiter = trio.CapacityLimiter(job.get("concurrency", 50))
+    ids = [gen.user_id(i) for i in range(count)]
+    gen.premint(ids)
+    await gen.checkpoint("measure_start")
+    t0 = trio.current_time()
+    cpu0 = time.process_time()
+    async with trio.open_nursery() as holder:
+
+        async def one(user_id: str) -> None:
+            async with limiter:
+                start = trio.current_time()
+                try:
+                    user = await gen.connect(user_id)
+                except (OSError, wire.HandshakeError, wire.ConnectionClosed) as error:
+                    errors[type(error).__name__] += 1
+                    return
+                latencies.append(trio.current_time() - start)
+                users.append(user)
+                holder.start_soon(_drain, user)
+
+        async with trio.open_nursery() as nursery:
+            for user_id in ids:
+                nursery.start_soon(one, user_id)
+        elapsed = trio.current_time() - t0
+        gen_cpu = time.process_time() - cpu0
+        await gen.checkpoint("measure_end")
+        holder.cancel_scope.cancel()
+    await close_all(users, polite=False)
+    return {
+        "count": count,
+        "bound": len(latencies),
+        "elapsed_s": elapsed,
+        "connects_per_s": len(latencies) / elapsed,
+        "generator_cpu_s": gen_cpu,
+        "latency": percentiles(latencies),
+        "errors": dict(errors),
+    }
+
+
+async def job_backlog(gen: Generator) -> dict[str, Any]:
+    """One user binds and receives `expect_messages` undelivered messages."""
+    job = gen.job
+    expect: int = job["expect_messages"]
+    gen.premint([job["user_id"]])
+    await gen.checkpoint("measure_start")
+    t0 = trio.current_time()
+    user = await gen.connect(job["user_id"])
+    t_bound = trio.current_time()
+    chats = messages = frames = 0
+    first_message: float | None = None
+    with trio.fail_after(job.get("timeout_s", 300.0)):
+        while messages < expect:
+            frame = await user.next_frame()
+            frames += 1
+            kind = frame.get("type")
+            if kind == "new_chats":
+                chats += len(frame["data"])
+            elif kind == "new_messages":
+                messages += len(frame["data"])
+                if first_message is None:
+                    first_message = trio.current_time()
+            elif kind == "error":
+                raise RuntimeError(f"server error: {frame}")
+    elapsed = trio.current_time() - t0
+    await gen.checkpoint("measure_end")
+    received = user.conn.bytes_received
+    await close_all([user])
+    return {
+        "messages": messages,
+        "chats": chats,
+        "frames": frames,
+        "elapsed_s": elapsed,
+        "bind_s": t_bound - t0,
+        "first_message_s": (first_message or t0) - t0,
+        "messages_per_s": messages / elapsed,
+        "bytes": received,
+    }
+
+
+async def job_fetch(gen: Generator) -> dict[str, Any]:
+    """`fetch_chats` for one user, `repeats` times on the same connection."""
+    job = gen.job
+    user = await gen.connect(job["user_id"])
+    await trio.sleep(job.get("settle_s", 0.2))
+    user.pending.clear()
+    rounds = []
+    for index in range(job.get("repeats", 2)):
+        before = user.conn.bytes_received
+        await gen.checkpoint(f"fetch_{index}_start")
+        t0 = trio.current_time()
+        await user.send({"type": "fetch_chats", "request_id": index})
+        listing = await user.wait_for("all_chats")
+        chats = len(listing["data"])
+        messages = 0
+        with trio.fail_after(job.get("timeout_s", 300.0)):
+            for _ in range(chats):
+                page = await user.wait_for("all_messages")
+                messages += len(page["data"])
+        elapsed = trio.current_time() - t0
+        await gen.checkpoint(f"fetch_{index}_end")
+        rounds.append(
+            {
+                "chats": chats,
+                "messages": messages,
+                "elapsed_s": elapsed,
+                "bytes": user.conn.bytes_received - before,
+            }
+        )
+    await close_all([user])
+    return {"rounds": rounds}
+
+
+async def _pump(user: User, targets: list[tuple[str, str]], per_chat: int, size: int) -> None:
+    """Send `per_chat` messages to each (chat, recipient), `window` in flight, round robin."""
+    order = [target for _ in range(per_chat) for target in targets]
+    window = 64
+    sent = acked = 0
+    while acked < len(order):
+        if sent < len(order) and sent - acked < window:
+            count = min(window - (sent - acked), len(order) - sent)
+            frames = [
+                orjson.dumps(
+                    {
+                        "type": "send_message",
+                        "chat_id": chat_id,
+                        "recipient_id": recipient,
+                        "content": make_content(0.0, size),
+                    }
+                )
+                for chat_id, recipient in order[sent : sent + count]
+            ]
+            await user.conn.send_texts(frames)
+            sent += count
+        for raw in await user.conn.receive_batch():
+            frame = orjson.loads(raw)
+            if frame.get("type") == "message" and frame.get("sender_id") == user.user_id:
+                acked += 1
+            elif frame.get("type") == "error":
+                raise RuntimeError(f"seeding failed: {frame}")
+
+
+async def job_seed(gen: Generator) -> dict[str, Any]:
+    """Create chats between `owner` and peers and send messages through the server.
+
+    `sender` is "peer" (the owner stays offline: everything lands in their backlog) or
+    "owner" (the owner's own messages, delivered to them by definition; peers stay offline).
+    """
+    job = gen.job
+    owner_id: str = job["owner"]
+    chats: int = job["chats"]
+    per_chat: int = job["messages_per_chat"]
+    size: int = job.get("content_bytes", 100)
+    peer_ids = [f"{owner_id}-peer{i}" for i in range(chats)]
+    t0 = trio.current_time()
+    if job["sender"] == "owner":
+        owner = await gen.connect(owner_id)
+        targets = []
+        for peer_id in peer_ids:
+            await owner.send({"type": "create_chat", "recipient_id": peer_id})
+            targets.append(((await owner.wait_for("new_chats"))["data"][0]["chat_id"], peer_id))
+        await _pump(owner, targets, per_chat, size)
+        users = [owner]
+    else:
+        users = await gen.connect_many(peer_ids, 50)
+
+        async def fill(peer: User) -> None:
+            await peer.send({"type": "create_chat", "recipient_id": owner_id})
+            chat_id = (await peer.wait_for("new_chats"))["data"][0]["chat_id"]
+            await _pump(peer, [(chat_id, owner_id)], per_chat, size)
+
+        limiter = trio.CapacityLimiter(16)
+
+        async def limited(peer: User) -> None:
+            async with limiter:
+                await fill(peer)
+
+        async with trio.open_nursery() as nursery:
+            for peer in users:
+                nursery.start_soon(limited, peer)
+    elapsed = trio.current_time() - t0
+    await close_all(users)
+    return {"chats": chats, "messages": chats * per_chat, "elapsed_s": elapsed}
+
+
+JOBS: Final[dict[str, Callable[[Generator], Awaitable[dict[str, Any]]]]] = {
+    "relay": job_relay,
+    "open_loop": job_open_loop,
+    "idle": job_idle,
+    "connect": job_connect,
+    "backlog": job_backlog,
+    "fetch": job_fetch,
+    "seed": job_seed,
+}
+
+
+async def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    async with trio.open_nursery() as nursery:
+        gen = Generator(job, nursery)
+        with trio.fail_after(job.get("deadline_s", 900.0)):
+            result = await JOBS[job["kind"]](gen)
+        nursery.cancel_scope.cancel()
+    return result
+
+
+def main() -> None:
+    cpus = usable_cpus(json.loads(os.environ.get("BENCH_LOADGEN_CPUS", "null")))
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    raise_nofile()
+    job = json.loads(sys.stdin.readline())
+    started = time.process_time()
+    result = trio.run(run_job, job)
+    result["generator_total_cpu_s"] = time.process_time() - started
+    emit({"result": result})
+
+
+if __name__ == "__main__":
+    main()

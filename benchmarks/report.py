@@ -1,0 +1,256 @@
+"""Report writers: results.json (everything), results.md (the table), PNG plots.
+
+Plots need matplotlib (the `bench` extra); without it the JSON and markdown are still written
+and the report says the plots were skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int | float):
+        if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+            return str(value)
+        magnitude = abs(value)
+        if magnitude >= 1000:
+            return f"{value:,.0f}"
+        if magnitude >= 10:
+            return f"{value:.1f}"
+        if magnitude >= 1:
+            return f"{value:.2f}"
+        return f"{value:.3f}"
+    return str(value)
+
+
+def _verdict(ok: bool | None) -> str:
+    return {True: "pass", False: "**FAIL**", None: ""}[ok]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The results table, one section per scenario, medians over the runs."""
+    meta = report["meta"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"- profile: `{meta['profile']}`, runs per figure: {meta['runs']} (medians quoted), "
+        f"client: `{meta['client']}`",
+        f"- commit: `{meta.get('commit', '?')}`, {meta.get('date', '')}",
+        f"- machine: {meta.get('cpus', '?')} cores ({meta.get('cpu_model', '?')}), load "
+        f"average before the run {meta.get('loadavg', '?')}; server pinned to core 0, "
+        "generator to core 1",
+        '- "per CPU-s": the figure divided by the server\'s CPU seconds in the same window '
+        "(stable on a noisy machine, unlike wall-clock rates)",
+        "",
+        "| scenario | metric | median | per CPU-s | target | result |",
+        "| --- | --- | ---: | ---: | --- | --- |",
+    ]
+    for key, section in report["scenarios"].items():
+        label = key if key == "ceiling" else f"({key})"
+        if section.get("error"):
+            lines.append(f"| {label} | error: {section['error']} | | | | **FAIL** |")
+            continue
+        if section.get("skipped"):
+            lines.append(f"| {label} | skipped: {section['skipped']} | | | | |")
+            continue
+        for row in section["rows"]:
+            per = row.get("per_cpu_s")
+            per_text = f"{_fmt(per)} {row.get('per_cpu_unit', '')}".strip() if per else ""
+            lines.append(
+                f"| {label} | {row['metric']} | {_fmt(row['value'])} {row['unit']} | {per_text} "
+                f"| {row.get('target') or ''} | {_verdict(row.get('ok'))} |"
+            )
+    lines += ["", "## Scenarios", ""]
+    for key, section in report["scenarios"].items():
+        lines.append(
+            f"- **{key}**: {section.get('title', key)} ({section.get('seconds', 0):.0f} s)"
+        )
+        for note in section.get("notes", []):
+            lines.append(f"  - {note}")
+        seeding = section.get("seeding")
+        if seeding:
+            lines.append(
+                f"  - dataset seeded through the {seeding['method']} in {seeding['seconds']:.1f} s"
+            )
+    if report.get("plots"):
+        lines += ["", "## Plots", ""]
+        lines += [f"![{name}]({name})" for name in report["plots"]]
+    elif report.get("plots_skipped"):
+        lines += ["", f"Plots skipped: {report['plots_skipped']}"]
+    return "\n".join(lines) + "\n"
+
+
+def _histograms(report: dict[str, Any]) -> list[tuple[str, dict[str, list[float]]]]:
+    found = []
+    for key in ("a", "b", "g"):
+        section = report["scenarios"].get(key) or {}
+        for index, run in enumerate(section.get("runs", [])):
+            hist = run.get("histogram")
+            if hist and hist.get("counts"):
+                name = f"({key})" + (f" {run['workers']} worker(s)" if "workers" in run else "")
+                found.append((f"{name} run {index + 1}", hist))
+    return found
+
+
+def plots(report: dict[str, Any], out: Path) -> list[str]:
+    """Latency distributions and throughput per scenario; returns the file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    histograms = _histograms(report)
+    if histograms:
+        fig, ax = plt.subplots(figsize=(9, 5))
+        for label, hist in histograms:
+            edges, counts = hist["edges_ms"], hist["counts"]
+            total = sum(counts) or 1
+            cumulative, acc = [], 0.0
+            for count in counts:
+                acc += count
+                cumulative.append(acc / total)
+            ax.step(edges[1:], cumulative, where="post", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("delivery latency (ms, log scale)")
+        ax.set_ylabel("fraction of messages delivered within")
+        ax.axhline(0.99, color="grey", linewidth=0.8, linestyle=":")
+        ax.axvline(10, color="red", linewidth=0.8, linestyle="--", label="(b) p99 target 10 ms")
+        ax.set_title("Delivery latency distribution (CDF)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "latency.png", dpi=110)
+        plt.close(fig)
+        written.append("latency.png")
+
+    bars = _throughput_bars(report)
+    if bars:
+        fig, axes = plt.subplots(1, len(bars), figsize=(4.2 * len(bars), 4.8), squeeze=False)
+        for ax, (title, unit, items) in zip(axes[0], bars, strict=True):
+            labels = [label for label, _, _ in items]
+            values = [value or 0 for _, value, _ in items]
+            colors = ["#4c72b0" if kind == "handler" else "#aaaaaa" for _, _, kind in items]
+            ax.bar(range(len(values)), values, color=colors)
+            ax.set_xticks(range(len(values)), labels, rotation=30, ha="right", fontsize=8)
+            ax.set_title(title, fontsize=10)
+            ax.set_ylabel(unit)
+            for index, value in enumerate(values):
+                ax.annotate(f"{value:,.0f}", (index, value), ha="center", va="bottom", fontsize=8)
+        fig.suptitle("Throughput per scenario (medians; grey = yardsticks, blue = handler)")
+        fig.tight_layout()
+        fig.savefig(out / "throughput.png", dpi=110)
+        plt.close(fig)
+        written.append("throughput.png")
+
+    memory = report["scenarios"].get("c") or {}
+    if memory.get("median"):
+        steps = memory["params"]["steps"]
+        rss = [memory["median"].get(f"rss_mib_{step}") for step in steps]
+        per = [memory["median"].get(f"per_conn_kib_{step}") for step in steps]
+        if all(value is not None for value in rss + per):
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            ax.plot([0, *steps], [memory["median"]["base_rss_mib"], *rss], marker="o")
+            ax.set_xlabel("bound idle connections")
+            ax.set_ylabel("server RSS (MiB)")
+            for step, value, kib in zip(steps, rss, per, strict=True):
+                ax.annotate(
+                    f"{kib:.1f} KiB/conn",
+                    (step, value),
+                    textcoords="offset points",
+                    xytext=(-10, 8),
+                    fontsize=8,
+                )
+            ax.set_title("(c) Idle memory")
+            ax.grid(True, alpha=0.3)
+            fig.tight_layout()
+            fig.savefig(out / "memory.png", dpi=110)
+            plt.close(fig)
+            written.append("memory.png")
+    return written
+
+
+def _throughput_bars(
+    report: dict[str, Any],
+) -> list[tuple[str, str, list[tuple[str, float | None, str]]]]:
+    scenarios = report["scenarios"]
+    panels: list[tuple[str, str, list[tuple[str, float | None, str]]]] = []
+    relay: list[tuple[str, float | None, str]] = []
+    per_cpu: list[tuple[str, float | None, str]] = []
+    ceiling = scenarios.get("ceiling") or {}
+    for label, runs in (ceiling.get("series") or {}).items():
+        if label == "connect":
+            continue
+        values = [r["delivered_per_s"] for r in runs]
+        short = label.split(",")[0].replace("generator ceiling", "generator ceiling")
+        if "trio-websocket" in label:
+            short = "ceiling (trio-websocket client)"
+        elif "raw client" in label:
+            short = "ceiling (raw client)"
+        else:
+            short = "bare Quart-Trio relay"
+        relay.append((short, sorted(values)[len(values) // 2], "yardstick"))
+    for key, label in (("a", "(a) handler"), ("g", None)):
+        section = scenarios.get(key) or {}
+        if key == "a" and section.get("median"):
+            relay.append((label or key, section["median"].get("delivered_per_s"), "handler"))
+            per_cpu.append(
+                (
+                    "(a) 1 worker SQLite",
+                    section["median"].get("delivered_per_server_cpu_s"),
+                    "handler",
+                )
+            )
+        if key == "g" and section.get("runs"):
+            for workers in (1, 2):
+                runs = [r for r in section["runs"] if r.get("workers") == workers]
+                if runs:
+                    rates = sorted(r["delivered_per_s"] for r in runs)
+                    effs = sorted(r["delivered_per_server_cpu_s"] or 0 for r in runs)
+                    relay.append((f"(g) {workers}w PG+Redis", rates[len(rates) // 2], "handler"))
+                    per_cpu.append((f"(g) {workers}w PG+Redis", effs[len(effs) // 2], "handler"))
+    if relay:
+        panels.append(("Relay: delivered msg/s", "msg/s", relay))
+    if per_cpu:
+        panels.append(("Relay: msg per server CPU-second", "msg / CPU-s", per_cpu))
+    connects: list[tuple[str, float | None, str]] = []
+    for runs in [(ceiling.get("series") or {}).get("connect", [])]:
+        if runs:
+            values = sorted(r["connects_per_s"] for r in runs)
+            connects.append(("generator ceiling", values[len(values) // 2], "yardstick"))
+    if (scenarios.get("d") or {}).get("median"):
+        connects.append(("(d) handler", scenarios["d"]["median"].get("connects_per_s"), "handler"))
+    if connects:
+        panels.append(("Connect + bind", "conn/s", connects))
+    other: list[tuple[str, float | None, str]] = []
+    if (scenarios.get("b") or {}).get("median"):
+        other.append(("(b) delivered", scenarios["b"]["median"].get("delivered_per_s"), "handler"))
+    if (scenarios.get("e") or {}).get("median"):
+        other.append(("(e) backlog", scenarios["e"]["median"].get("messages_per_s"), "handler"))
+    if (scenarios.get("f") or {}).get("median"):
+        median = scenarios["f"]["median"]
+        rate = (median.get("messages") or 0) / median["first_s"] if median.get("first_s") else None
+        other.append(("(f) fetch_chats", rate, "handler"))
+    if other:
+        panels.append(("Messages/s in (b), (e), (f)", "msg/s", other))
+    return panels
+
+
+def write(report: dict[str, Any], out: Path) -> None:
+    """Write results.json, the plots (if matplotlib is there) and results.md into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        report["plots"] = plots(report, out)
+    except ImportError as error:
+        report["plots"] = []
+        report["plots_skipped"] = f"matplotlib is not installed ({error})"
+    (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "results.md").write_text(markdown(report))

@@ -1,0 +1,350 @@
+"""Server processes under test: launch, pin, watch (CPU seconds, RSS) and stop.
+
+Every server runs as a subprocess in its own session, pinned to its cores before `exec` and
+with a raised open-file limit, so that CPU time and RSS read from `/proc` belong to it (and to
+its workers) alone. Readings come from `/proc` directly: Linux is the only target and the
+suite then needs no extra package to measure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import resource
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+REPO: Final = Path(__file__).resolve().parent.parent
+_TICKS: Final = os.sysconf("SC_CLK_TCK")
+_PAGE: Final = os.sysconf("SC_PAGE_SIZE")
+NOFILE: Final = 65536
+
+
+def raise_nofile(limit: int = NOFILE) -> int:
+    """Raise RLIMIT_NOFILE as far as allowed (10k connections need 10k descriptors)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for target in (limit, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, max(target, hard)))
+            return target
+        except (ValueError, OSError):
+            continue
+    return soft
+
+
+def usable_cpus(cpus: Sequence[int] | None) -> set[int] | None:
+    """The requested cores that exist here, or None to leave affinity alone."""
+    if cpus is None:
+        return None
+    available = os.sched_getaffinity(0)
+    chosen = {cpu for cpu in cpus if cpu in available}
+    return chosen or None
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (the server binds it next)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _stat_fields(pid: int) -> list[str]:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    # The command name may contain spaces and parentheses: split after its last ")".
+    return text[text.rindex(")") + 2 :].split()
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its living descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            ppid = int(_stat_fields(int(entry))[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, ()))
+    return tree
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds of these processes (all their threads)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = _stat_fields(pid)
+            total += (int(fields[11]) + int(fields[12])) / _TICKS
+    return total
+
+
+def rss_bytes(pids: Sequence[int]) -> int:
+    """Resident set size of these processes, in bytes."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
+    return total
+
+
+def pids_named(*names: str) -> list[int]:
+    """Processes whose command name is one of `names` (PostgreSQL, Redis backends)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                comm = Path(f"/proc/{entry}/comm").read_text().strip()
+                if comm in names or any(comm.startswith(n) for n in names):
+                    found.append(int(entry))
+    return found
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Whether something accepts TCP connections there."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _healthy(port: int) -> bool:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        connection.request("GET", "/healthz")
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        connection.close()
+
+
+class ServerProcess:
+    """A server subprocess: started pinned, polled until `/healthz` answers, stopped cleanly."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        port: int,
+        *,
+        cpus: Sequence[int] | None,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        stop_grace_s: float = 15.0,
+    ) -> None:
+        self.argv = list(argv)
+        self.stop_grace_s = stop_grace_s
+        self.killed = False
+        self.port = port
+        self.cpus = usable_cpus(cpus)
+        self.log_path = log_path
+        self.env = env
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    def _child_setup(self) -> None:
+        if self.cpus:
+            os.sched_setaffinity(0, self.cpus)
+        raise_nofile()
+
+    def start(self, timeout: float = 60.0) -> None:
+        env = dict(os.environ if self.env is None else self.env)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                self.argv,
+                cwd=REPO,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=self._child_setup,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"server exited with {self._proc.returncode}; log: {self.log_path}\n"
+                    + self.log_tail()
+                )
+            if _healthy(self.port):
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"server not healthy after {timeout:.0f} s; log: {self.log_path}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def pids(self) -> list[int]:
+        return process_tree(self.pid)
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pids())
+
+    def rss_bytes(self) -> int:
+        return rss_bytes(self.pids())
+
+    def stop(self) -> int | None:
+        """SIGTERM (graceful shutdown), then SIGKILL of its own process group after the grace
+        period; `killed` tells which."""
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(self.stop_grace_s)
+            except subprocess.TimeoutExpired:
+                self.killed = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        # Workers of a multi-process server must not outlive their parent.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        self._proc = None
+        return proc.returncode
+
+    def __enter__(self) -> ServerProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def handler_config(
+    port: int,
+    db_path: Path,
+    secret: str,
+    *,
+    postgres_dsn: str | None = None,
+    redis_url: str | None = None,
+    limits: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A config.json for benchmarking: rate limits out of the way, idle timeouts long."""
+    storage: dict[str, Any] = {"backend": "sqlite", "path": str(db_path), "synchronous": "normal"}
+    if postgres_dsn:
+        storage = {"backend": "postgres", "dsn": postgres_dsn}
+    bus: dict[str, Any] = {"backend": "local"}
+    if redis_url:
+        bus = {"backend": "redis", "url": redis_url}
+    return {
+        "handler_url": f"127.0.0.1:{port}",
+        "storage": storage,
+        "bus": bus,
+        "auth": {"jwt_secret": secret},
+        "limits": {
+            "rate_per_s": 1e6,
+            "rate_burst": 1_000_000,
+            "auth_timeout_s": 120.0,
+            "idle_timeout_s": 3600.0,
+            **(limits or {}),
+        },
+    }
+
+
+@contextlib.contextmanager
+def handler_server(
+    workdir: Path,
+    *,
+    db_path: Path | None = None,
+    cpus: Sequence[int] | None = (0,),
+    workers: int | None = None,
+    postgres_dsn: str | None = None,
+    redis_url: str | None = None,
+    limits: dict[str, Any] | None = None,
+    log_path: Path | None = None,
+    stop_grace_s: float = 15.0,
+) -> Iterator[tuple[ServerProcess, str]]:
+    """Run the handler with a fresh config; yields (process, jwt secret).
+
+    `workers=None` runs `python -m handler --config`; a number runs Hypercorn's trio worker
+    with that many processes and `CHAT_CONFIG`, the multi-process deployment.
+    """
+    port = free_port()
+    secret = secrets.token_hex(16)
+    db = db_path or workdir / "chat.db"
+    config = handler_config(
+        port, db, secret, postgres_dsn=postgres_dsn, redis_url=redis_url, limits=limits
+    )
+    config_path = workdir / f"config-{port}.json"
+    config_path.write_text(json.dumps(config, indent=2))
+    env = dict(os.environ)
+    env.pop("CHAT_JWT_SECRET", None)
+    env.pop("CHAT_DATABASE_URL", None)
+    env.pop("CHAT_REDIS_URL", None)
+    if workers is None:
+        argv = [sys.executable, "-m", "handler", "--config", str(config_path)]
+    else:
+        env["CHAT_CONFIG"] = str(config_path)
+        argv = [
+            sys.executable,
+            "-m",
+            "hypercorn",
+            "-k",
+            "trio",
+            "--workers",
+            str(workers),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--backlog",
+            "4096",
+            "handler.app:create_app()",
+        ]
+    server = ServerProcess(
+        argv,
+        port,
+        cpus=cpus,
+        log_path=log_path or workdir / "server.log",
+        env=env,
+        stop_grace_s=stop_grace_s,
+    )
+    with server:
+        yield server, secret
+
+
+@contextlib.contextmanager
+def echo_server(
+    log_path: Path, stack: str, *, cpus: Sequence[int] | None = (0,)
+) -> Iterator[ServerProcess]:
+    """Run one of the bare relays of `benchmarks.echo`."""
+    port = free_port()
+    argv = [sys.executable, "-m", "benchmarks.echo", "--stack", stack, "--port", str(port)]
+    server = ServerProcess(argv, port, cpus=cpus, log_path=log_path, stop_grace_s=5.0)
+    with server:
+        yield server
+
+
+def temp_workdir(base: Path | None = None) -> tempfile.TemporaryDirectory[str]:
+    """A scratch directory for configs, databases and logs of one scenario."""
+    if base is not None:
+        base.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix="bench-", dir=base)
