@@ -389,6 +389,11 @@ class Link:
             self._note("not connected: the frame was not sent")
             return False
         try:
+            text.encode()
+        except UnicodeEncodeError:
+            self._note("the text is not valid Unicode (a lone surrogate?): use a \\u escape")
+            return False
+        try:
             self._outgoing.send_nowait(text)
         except trio.WouldBlock:
             self._note("the send queue is full: the frame was not sent")
@@ -698,9 +703,10 @@ class App:
         if not user:
             self._add_entry(LogEntry(datetime.now(), "note", "type a user id first"))
             return
-        self._spawn(self._get_dev_token, user)
+        self._spawn(self.load_dev_token, user)
 
-    async def _get_dev_token(self, user: str) -> None:
+    async def load_dev_token(self, user: str) -> None:
+        """Ask the server for a dev token for `user` and put it in the token field."""
         http = resolve_endpoints(self.url_var.get()).http
         try:
             token = await fetch_dev_token(http, user)
@@ -749,13 +755,13 @@ class App:
         if problem is not None:
             # Sending invalid frames is part of testing a server: warn, then send anyway.
             self._add_entry(LogEntry(datetime.now(), "note", f"local check: {problem}"))
-        # Compact JSON on the wire, like any real client; the log shows it pretty.
+        # Sent exactly as typed: re-serializing would hide what was typed (escapes, key order,
+        # duplicate keys), and those are what a test of the server's decoder is about.
         frame = parse_frame(text)
-        wire = json.dumps(frame, ensure_ascii=False) if frame is not None else text
         self.history.add(text)
         if frame is not None:
             self.context.observe_sent(frame)
-        self._in_trio(self.link.send, wire)
+        self._in_trio(self.link.send, text)
 
     def _on_send_key(self, _event: tk.Event[tk.Text]) -> str:
         self.send_editor()
@@ -857,7 +863,7 @@ def main(argv: Iterable[str] | None = None) -> int:
 
     async def connect_at_start(app: App) -> None:
         if args.user and not args.token:
-            await app._get_dev_token(args.user)
+            await app.load_dev_token(args.user)
         app.connect()
 
     app.start(connect_at_start if args.connect else None)

@@ -269,7 +269,14 @@ async def test_link_binds_sends_and_receives(server_url: str) -> None:
         await recorder.wait_for(lambda: recorder.received("new_chats"))
         # The automatic pings go through the same writer as the person's frames.
         await recorder.wait_for(lambda: recorder.received("pong"))
+        # Text that cannot be UTF-8 is refused here instead of breaking the writer; the same
+        # surrogate as a JSON escape is sent as typed, and the server answers bad_request.
+        assert not link.send('{"type": "create_chat", "recipient_id": "\ud800"}')
+        assert "lone surrogate" in recorder.entries[-1].text
+        assert link.send('{"type": "create_chat", "recipient_id": "\\ud800"}')
+        await recorder.wait_for(lambda: recorder.received("error"))
         nursery.cancel_scope.cancel()
+    assert recorder.received("error")[0]["code"] == "bad_request"
     assert recorder.received("authenticated")[0]["user_id"] == "alice"
     assert recorder.received("new_chats")[0]["data"][0]["participants"] == ["alice", "bob"]
     assert recorder.states[:2] == ["connecting", "connected"]
