@@ -21,6 +21,8 @@ class Metrics:
     commit_latency: Histogram = attrs.field(init=False)
     deliver_latency: Histogram = attrs.field(init=False)
     slow_consumers: Counter = attrs.field(init=False)
+    _in_children: dict[str, Counter] = attrs.field(init=False, factory=dict)
+    _out_children: dict[str, Counter] = attrs.field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         registry = self.registry
@@ -60,6 +62,19 @@ class Metrics:
         self.slow_consumers = Counter(
             "chat_slow_consumers_dropped", "Connections dropped for not reading", registry=registry
         )
+
+    def count_in(self, frame_type: str) -> None:
+        """Hot path: the labelled child is looked up once per type, not once per frame."""
+        child = self._in_children.get(frame_type)
+        if child is None:
+            child = self._in_children[frame_type] = self.frames_in.labels(frame_type)
+        child.inc()
+
+    def count_out(self, frame_type: str) -> None:
+        child = self._out_children.get(frame_type)
+        if child is None:
+            child = self._out_children[frame_type] = self.frames_out.labels(frame_type)
+        child.inc()
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -17,6 +17,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from handler.app import SHUTDOWN_GRACE_S, ChatApp, create_app
 from handler.config import Config
+from handler.runtime import tune_gc
 
 # Hypercorn's defaults wait 3 s for stragglers; ours closes them itself first.
 _HYPERCORN_GRACE_S: Final = SHUTDOWN_GRACE_S + 1.0
@@ -44,6 +45,7 @@ async def serve(
 ) -> None:
     """Run until `shutdown_trigger` returns (or forever); reports the bound URLs when ready."""
     chat_app = app or create_app(config)
+    tune_gc()
 
     async def trigger() -> None:
         if shutdown_trigger is None:

@@ -148,7 +148,7 @@ class Session:
         except ProtocolError as error:
             frame, decode_error = None, error
         frame_type = frame.type if frame is not None else "invalid"
-        metrics.frames_in.labels(frame_type).inc()
+        metrics.count_in(frame_type)
         wait_s = self._bucket().take(trio.current_time())
         if wait_s > 0:
             await self._send_error(

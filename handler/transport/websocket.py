@@ -24,11 +24,12 @@ import trio
 from handler.connection import Connection
 from handler.errors import CloseCode
 from handler.session import Services, Session
-from handler.transport.hypercorn_guard import ACCEPT_OPTIONS_KEY, TransportOptions
+from handler.transport.hypercorn_guard import ACCEPT_OPTIONS_KEY, SEND_MANY, TransportOptions
 
 log = logging.getLogger("handler.ws")
 
 CLOSE_TIMEOUT_S: Final = 2.0
+WRITE_BATCH: Final = 64
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -136,12 +137,24 @@ async def _read(receive: Receive, session: Session, connection: Connection, max_
 
 
 async def _write(connection: Connection, send: Send, services: Services) -> None:
-    frames_out = services.metrics.frames_out
+    """Drain the outbox; frames queued together go out in one socket write."""
+    count_out = services.metrics.count_out
     hub = services.hub
-    async for item in connection.outbox:
-        await send({"type": "websocket.send", "text": item.text})
-        frames_out.labels(item.frame_type).inc()
-        hub.written(item)
+    outbox = connection.outbox
+    async for first in outbox:
+        batch = [first]
+        while len(batch) < WRITE_BATCH:
+            try:
+                batch.append(outbox.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        if len(batch) == 1:
+            await send({"type": "websocket.send", "text": first.text})
+        else:
+            await send({"type": SEND_MANY, "texts": [item.text for item in batch]})
+        for item in batch:
+            count_out(item.frame_type)
+            hub.written(item)
 
 
 async def _send_close(send: Send, connection: Connection, services: Services) -> None:
