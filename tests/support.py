@@ -1,0 +1,470 @@
+"""Helpers for the end-to-end tests: configs, tokens, a JSON WebSocket client, a tiny HTTP client.
+
+Everything here talks to a real server started by the fixtures in `conftest.py` on port 0; every
+wait is bounded (`trio.fail_after`), so a broken server fails a test instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+import h11
+import jwt
+import trio
+import wsproto
+import wsproto.events as ws_events
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from wsproto.extensions import Extension
+
+from handler.app import ChatApp
+from handler.config import Config, parse_config
+
+SECRET: Final = "test-secret-of-at-least-32-bytes-0123456789abcdef"
+"""HS256 key of the test configs (32+ bytes, so PyJWT does not warn about its length)."""
+
+RECV_TIMEOUT_S: Final = 5.0
+CONNECT_TIMEOUT_S: Final = 5.0
+
+Frame = dict[str, Any]
+
+_TEST_LIMITS: Final[Mapping[str, Any]] = {
+    # Generous enough that no test trips the rate limiter by accident; the rate-limit tests
+    # set their own values.
+    "rate_per_s": 10_000,
+    "rate_burst": 10_000,
+    # A closed connection's keep-alive ping task lingers until its next tick, and graceful
+    # shutdown waits for it: a short interval keeps every server stop fast.
+    "ping_interval_s": 0.1,
+}
+
+
+def make_config(tmp_path: Path, **overrides: Any) -> Config:
+    """A config for a server on a free port with its own SQLite file under `tmp_path`.
+
+    Keyword overrides replace top-level keys; a mapping given for a section (`auth`, `limits`,
+    `storage`, `bus`) is merged into that section's test defaults, e.g.
+    `make_config(tmp_path, limits={"auth_timeout_s": 0.3})`.
+    """
+    raw: dict[str, Any] = {
+        "handler_url": "127.0.0.1:0",
+        "storage": {"backend": "sqlite", "path": str(tmp_path / "chat.db")},
+        "bus": {"backend": "local"},
+        "auth": {"jwt_secret": SECRET, "dev_tokens": True},
+        "limits": dict(_TEST_LIMITS),
+    }
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return parse_config(raw, base_dir=tmp_path, environ={})
+
+
+def sign(claims: Mapping[str, Any], key: Any = SECRET, algorithm: str = "HS256") -> str:
+    """Sign arbitrary claims (a test may build any token, valid or not)."""
+    return jwt.encode(dict(claims), key, algorithm=algorithm)
+
+
+def make_token(user_id: str, ttl: float | None = 3600.0, **claims: Any) -> str:
+    """An HS256 token for `user_id` with the test secret; `ttl=None` means no `exp`.
+
+    `exp` is a whole number of seconds (PyJWT truncates fractions), rounded up: the token
+    lives at least `ttl` and less than `ttl + 1` seconds.
+    """
+    payload: dict[str, Any] = {"sub": user_id}
+    if ttl is not None:
+        payload["exp"] = math.ceil(time.time() + ttl)
+    payload.update(claims)
+    return sign(payload)
+
+
+# --------------------------------------------------------------------------- WebSocket client
+
+
+class Client:
+    """A JSON-speaking WebSocket client with bounded waits."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+        self.backlog: list[Frame] = []
+        """Frames between `authenticated` and the sync `pong` of `connect()`."""
+
+    async def send(self, obj: Mapping[str, Any]) -> None:
+        await self.ws.send_message(json.dumps(obj))
+
+    async def send_raw(self, message: str | bytes) -> None:
+        await self.ws.send_message(message)
+
+    async def recv(self, timeout: float = RECV_TIMEOUT_S) -> Frame:
+        with trio.fail_after(timeout):
+            message = await self.ws.get_message()
+        assert isinstance(message, str), f"server sent a binary message: {message!r}"
+        frame = json.loads(message)
+        assert isinstance(frame, dict), frame
+        return frame
+
+    async def recv_until(
+        self, frame_type: str, timeout: float = RECV_TIMEOUT_S, skipped: list[Frame] | None = None
+    ) -> Frame:
+        """Return the next frame of `frame_type`; earlier frames go to `skipped` if given."""
+        with trio.fail_after(timeout):
+            while True:
+                frame = await self.recv(timeout=timeout)
+                if frame.get("type") == frame_type:
+                    return frame
+                if skipped is not None:
+                    skipped.append(frame)
+
+    async def expect_no_frame(self, seconds: float = 0.2) -> None:
+        """Fail if any message arrives within `seconds`."""
+        with trio.move_on_after(seconds):
+            message = await self.ws.get_message()
+            raise AssertionError(f"unexpected frame: {message!r}")
+
+    async def request(self, obj: Mapping[str, Any], timeout: float = RECV_TIMEOUT_S) -> Frame:
+        """Send a frame and return the next frame received."""
+        await self.send(obj)
+        return await self.recv(timeout)
+
+    async def sync(self, timeout: float = RECV_TIMEOUT_S) -> list[Frame]:
+        """Send a `ping` and return every frame received before its `pong`."""
+        marker = f"sync-{time.monotonic_ns()}"
+        await self.send({"type": "ping", "request_id": marker})
+        before: list[Frame] = []
+        with trio.fail_after(timeout):
+            while True:
+                frame = await self.recv(timeout)
+                if frame.get("type") == "pong" and frame.get("request_id") == marker:
+                    return before
+                before.append(frame)
+
+    async def wait_closed(self, timeout: float = RECV_TIMEOUT_S) -> int | None:
+        """Read (and discard) until the server closes; return the close code."""
+        with trio.fail_after(timeout):
+            try:
+                while True:
+                    await self.ws.get_message()
+            except ConnectionClosed as closed:
+                return None if closed.reason is None else closed.reason.code
+
+    @property
+    def closed_code(self) -> int | None:
+        reason = self.ws.closed
+        return None if reason is None else reason.code
+
+    # -- protocol shortcuts -----------------------------------------------------------------
+
+    async def create_chat(self, recipient_id: str, **extra: Any) -> Frame:
+        """`create_chat` and its `new_chats` reply; returns the chat object."""
+        reply = await self.request({"type": "create_chat", "recipient_id": recipient_id, **extra})
+        assert reply["type"] == "new_chats", reply
+        assert len(reply["data"]) == 1, reply
+        chat: Frame = reply["data"][0]
+        return chat
+
+    async def send_message(
+        self, chat_id: str, recipient_id: str, content: str, **extra: Any
+    ) -> Frame:
+        """`send_message` and its acknowledgement (the sender's own `message` copy)."""
+        reply = await self.request(
+            {
+                "type": "send_message",
+                "chat_id": chat_id,
+                "recipient_id": recipient_id,
+                "content": content,
+                **extra,
+            }
+        )
+        assert reply["type"] == "message", reply
+        return reply
+
+    async def fetch_chats(self, **extra: Any) -> tuple[Frame, list[Frame]]:
+        """`fetch_chats`: the `all_chats` frame and the `all_messages` frames that follow."""
+        await self.send({"type": "fetch_chats", **extra})
+        all_chats = await self.recv()
+        assert all_chats["type"] == "all_chats", all_chats
+        pages = [await self.recv() for _ in all_chats["data"]]
+        assert all(page["type"] == "all_messages" for page in pages), pages
+        return all_chats, pages
+
+
+@attrs.define
+class RunningServer:
+    """A server started by the `start_server` fixture."""
+
+    config: Config
+    http_url: str  # "http://127.0.0.1:PORT"
+    app: ChatApp
+    stop_event: trio.Event
+    stopped: trio.Event
+
+    async def stop(self, timeout: float = 15.0) -> None:
+        """Trigger a graceful shutdown and wait for `serve` to return."""
+        self.stop_event.set()
+        with trio.fail_after(timeout):
+            await self.stopped.wait()
+
+    @property
+    def port(self) -> int:
+        return int(self.http_url.rpartition(":")[2])
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}/ws"
+
+    def token(self, user_id: str, ttl: float | None = 3600.0, **claims: Any) -> str:
+        return make_token(user_id, ttl, **claims)
+
+    @asynccontextmanager
+    async def open(
+        self,
+        *,
+        token: str | None = None,
+        query: str | None = None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        max_message_size: int = 2**20,
+    ) -> AsyncIterator[Client]:
+        """A raw connection to `/ws` (optionally with `?token=`); nothing is read for you."""
+        url = self.ws_url
+        if token is not None:
+            url += "?token=" + urllib.parse.quote(token, safe="")
+        elif query is not None:
+            url += "?" + query
+        async with open_websocket_url(
+            url,
+            extra_headers=list(headers),
+            max_message_size=max_message_size,
+            connect_timeout=CONNECT_TIMEOUT_S,
+            disconnect_timeout=CONNECT_TIMEOUT_S,
+        ) as ws:
+            yield Client(ws)
+
+    @asynccontextmanager
+    async def open_raw(
+        self,
+        *,
+        token: str | None = None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        extensions: Sequence[Extension] = (),
+    ) -> AsyncIterator[RawClient]:
+        """A connection driven by wsproto directly (see `RawClient`)."""
+        target = "/ws"
+        if token is not None:
+            target += "?token=" + urllib.parse.quote(token, safe="")
+        client = await RawClient.connect(self, target, headers, extensions)
+        try:
+            yield client
+        finally:
+            await client.stream.aclose()
+
+    @asynccontextmanager
+    async def connect(self, user_id: str, *, token: str | None = None) -> AsyncIterator[Client]:
+        """A connection bound with `?token=`: `authenticated` is consumed and the frames that
+        follow it up to a sync `pong` (the backlog, plus any live frame) are in `.backlog`."""
+        async with self.open(token=token or self.token(user_id)) as client:
+            first = await client.recv()
+            assert first == {"type": "authenticated", "user_id": user_id}, first
+            client.backlog = await client.sync()
+            yield client
+
+
+def backlog_messages(frames: Sequence[Frame]) -> list[Frame]:
+    """Every message carried by `new_messages` frames, in order."""
+    return [m for f in frames if f["type"] == "new_messages" for m in f["data"]]
+
+
+# --------------------------------------------------------------------------- raw client
+
+
+class RawClient:
+    """A WebSocket client on wsproto, for what trio-websocket cannot do or hides.
+
+    It can send fragmented messages and hand-made frames, offer extensions, and close
+    gracefully while still reading: `close_and_drain()` sends a close frame and returns every
+    message the server wrote before its own close frame (trio-websocket discards those), which
+    is exactly what the server has written to this connection.
+    """
+
+    def __init__(self, stream: trio.SocketStream, ws: wsproto.WSConnection) -> None:
+        self.stream = stream
+        self.ws = ws
+        self.accepted: ws_events.AcceptConnection | None = None
+        self.close_code: int | None = None
+        self._events: list[ws_events.Event] = []
+        self._text: list[str] = []
+
+    @classmethod
+    async def connect(
+        cls,
+        server: RunningServer,
+        target: str,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        extensions: Sequence[Extension] = (),
+    ) -> RawClient:
+        with trio.fail_after(CONNECT_TIMEOUT_S):
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            client = cls(stream, wsproto.WSConnection(wsproto.ConnectionType.CLIENT))
+            request = ws_events.Request(
+                host=server.host,
+                target=target,
+                extensions=list(extensions),
+                extra_headers=list(headers),
+            )
+            await stream.send_all(client.ws.send(request))
+            event = await client._next_event()
+            if not isinstance(event, ws_events.AcceptConnection):
+                await stream.aclose()
+                raise AssertionError(f"upgrade refused: {event!r}")
+            client.accepted = event
+        return client
+
+    async def _next_event(self) -> ws_events.Event:
+        while not self._events:
+            for event in self.ws.events():
+                if isinstance(event, ws_events.Ping):
+                    await self.stream.send_all(self.ws.send(event.response()))
+                elif isinstance(event, ws_events.CloseConnection):
+                    self.close_code = event.code
+                    if self.ws.state == wsproto.ConnectionState.REMOTE_CLOSING:
+                        await self.stream.send_all(self.ws.send(event.response()))
+                    self._events.append(event)
+                elif not isinstance(event, ws_events.Pong):
+                    self._events.append(event)
+            if self._events:
+                break
+            try:
+                data = await self.stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                data = b""
+            self.ws.receive_data(data or None)
+            if not data and not self._events:
+                raise ConnectionError("connection lost without a close frame")
+        return self._events.pop(0)
+
+    async def send_text(self, text: str, fragments: int = 1) -> None:
+        """Send one text message, split into `fragments` frames."""
+        size = max(1, -(-len(text) // fragments))
+        parts = [text[i : i + size] for i in range(0, len(text), size)] or [""]
+        for index, part in enumerate(parts):
+            last = index == len(parts) - 1
+            message = ws_events.TextMessage(data=part, message_finished=last)
+            await self.stream.send_all(self.ws.send(message))
+
+    async def send(self, obj: Mapping[str, Any]) -> None:
+        await self.send_text(json.dumps(obj))
+
+    async def send_frame(self, opcode: int, payload: bytes) -> None:
+        """Write one hand-made, masked, final frame (e.g. a text frame of invalid UTF-8)."""
+        header = bytes([0x80 | opcode])
+        length = len(payload)
+        if length < 126:
+            header += bytes([0x80 | length])
+        elif length < 65536:
+            header += bytes([0x80 | 126]) + length.to_bytes(2, "big")
+        else:
+            header += bytes([0x80 | 127]) + length.to_bytes(8, "big")
+        mask = b"\x01\x02\x03\x04"
+        masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+        await self.stream.send_all(header + mask + masked)
+
+    async def recv_event(self, timeout: float = RECV_TIMEOUT_S) -> Frame | int:
+        """The next JSON message, or the close code once the server closed."""
+        with trio.fail_after(timeout):
+            while True:
+                event = await self._next_event()
+                if isinstance(event, ws_events.CloseConnection):
+                    return event.code
+                if isinstance(event, ws_events.TextMessage):
+                    self._text.append(event.data)
+                    if event.message_finished:
+                        text, self._text = "".join(self._text), []
+                        frame = json.loads(text)
+                        assert isinstance(frame, dict), frame
+                        return frame
+
+    async def recv(self, timeout: float = RECV_TIMEOUT_S) -> Frame:
+        event = await self.recv_event(timeout)
+        assert not isinstance(event, int), f"closed with {event}"
+        return event
+
+    async def wait_closed(self, timeout: float = RECV_TIMEOUT_S) -> int:
+        """Read (and discard) until the server closes; return the close code."""
+        with trio.fail_after(timeout):
+            while True:
+                event = await self.recv_event(timeout)
+                if isinstance(event, int):
+                    return event
+
+    async def close_and_drain(self, timeout: float = RECV_TIMEOUT_S) -> list[Frame]:
+        """Close with 1000 and return every message received before the server's close."""
+        await self.stream.send_all(self.ws.send(ws_events.CloseConnection(code=1000)))
+        frames: list[Frame] = []
+        with trio.fail_after(timeout):
+            while True:
+                event = await self.recv_event(timeout)
+                if isinstance(event, int):
+                    return frames
+                frames.append(event)
+
+
+# --------------------------------------------------------------------------- HTTP client
+
+
+@attrs.frozen
+class HttpResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def http_request(
+    server: RunningServer,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: Sequence[tuple[str, str]] = (),
+    timeout: float = RECV_TIMEOUT_S,
+) -> HttpResponse:
+    """One HTTP/1.1 request on a fresh connection (`Connection: close`)."""
+    connection = h11.Connection(h11.CLIENT)
+    all_headers = [("Host", server.host), ("Connection", "close"), *headers]
+    if body is not None:
+        all_headers.append(("Content-Length", str(len(body))))
+    with trio.fail_after(timeout):
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with stream:
+            data = connection.send(h11.Request(method=method, target=path, headers=all_headers))
+            if body is not None:
+                data += connection.send(h11.Data(data=body))
+            data += connection.send(h11.EndOfMessage())
+            await stream.send_all(data)
+            status = 0
+            response_headers: dict[str, str] = {}
+            chunks: list[bytes] = []
+            while True:
+                event = connection.next_event()
+                if event is h11.NEED_DATA:
+                    connection.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                    response_headers = {k.decode(): v.decode() for k, v in event.headers}
+                elif isinstance(event, h11.Data):
+                    chunks.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    break
+    return HttpResponse(status, response_headers, b"".join(chunks))

@@ -1,0 +1,273 @@
+"""Token verification: every way a token can be invalid is `unauthorized`, and only that."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from handler.auth import TokenAuthority
+from handler.config import AuthConfig
+from handler.errors import ErrorCode, ProtocolError
+
+# 64+ bytes: PyJWT warns about shorter HMAC keys for HS512, and warnings are errors here.
+SECRET = "auth-test-secret-" + "0123456789abcdef" * 4
+OTHER_SECRET = "another-secret-" + "fedcba9876543210" * 4
+
+
+def hs256(claims: dict[str, Any], key: str = SECRET, algorithm: str = "HS256") -> str:
+    return jwt.encode(claims, key, algorithm=algorithm)
+
+
+def authority(**config: Any) -> TokenAuthority:
+    config.setdefault("jwt_secret", SECRET)
+    return TokenAuthority(AuthConfig(**config))
+
+
+def unauthorized(auth: TokenAuthority, token: str) -> ProtocolError:
+    with pytest.raises(ProtocolError) as info:
+        auth.verify(token)
+    assert info.value.code == ErrorCode.UNAUTHORIZED
+    return info.value
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unsigned(header: dict[str, Any], claims: dict[str, Any], signature: str = "") -> str:
+    return ".".join(
+        [_b64(json.dumps(header).encode()), _b64(json.dumps(claims).encode()), signature]
+    )
+
+
+def pem_public(private_key: Any) -> str:
+    pem: bytes = private_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return pem.decode()
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def other_rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def ec_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+# --------------------------------------------------------------------------- HS256
+
+
+def test_hs256_ok() -> None:
+    exp = int(time.time()) + 60
+    identity = authority().verify(hs256({"sub": "alice", "exp": exp}))
+    assert identity.user_id == "alice"
+    assert identity.expires_at == exp
+
+
+def test_no_exp_never_expires() -> None:
+    assert authority().verify(hs256({"sub": "alice"})).expires_at is None
+
+
+def test_unicode_subject() -> None:
+    assert authority().verify(hs256({"sub": "\u0411\u043e\u0431 \U0001f600"})).user_id == (
+        "\u0411\u043e\u0431 \U0001f600"
+    )
+
+
+def test_wrong_signature() -> None:
+    unauthorized(authority(), hs256({"sub": "alice"}, OTHER_SECRET))
+
+
+def test_tampered_payload() -> None:
+    header, _, signature = hs256({"sub": "alice"}).split(".")
+    forged = ".".join([header, _b64(json.dumps({"sub": "mallory"}).encode()), signature])
+    unauthorized(authority(), forged)
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["", "garbage", "a.b", "a.b.c", "a.b.c.d", "..", "\u00e9.\u00e9.\u00e9", "e30.e30.e30"],
+)
+def test_malformed(token: str) -> None:
+    unauthorized(authority(), token)
+
+
+@pytest.mark.parametrize("alg", ["none", "None", "NONE"])
+def test_alg_none_is_never_accepted(alg: str) -> None:
+    token = unsigned({"alg": alg, "typ": "JWT"}, {"sub": "alice"})
+    unauthorized(authority(), token)
+    unauthorized(authority(algorithms=("HS256", "HS512")), token)
+
+
+def test_missing_alg() -> None:
+    unauthorized(authority(), unsigned({"typ": "JWT"}, {"sub": "alice"}, "sig"))
+
+
+def test_algorithm_not_configured() -> None:
+    unauthorized(authority(), hs256({"sub": "alice"}, algorithm="HS512"))
+    assert (
+        authority(algorithms=("HS512",)).verify(hs256({"sub": "alice"}, algorithm="HS512")).user_id
+        == "alice"
+    )
+    unauthorized(authority(algorithms=("HS512",)), hs256({"sub": "alice"}))
+
+
+def test_expired() -> None:
+    error = unauthorized(authority(), hs256({"sub": "alice", "exp": int(time.time()) - 1}))
+    assert "expired" in error.message
+
+
+def test_nbf() -> None:
+    now = int(time.time())
+    unauthorized(authority(), hs256({"sub": "alice", "nbf": now + 60}))
+    assert authority().verify(hs256({"sub": "alice", "nbf": now - 1})).user_id == "alice"
+
+
+@pytest.mark.parametrize("exp", ["tomorrow", None, [1], {"t": 1}])
+def test_exp_of_the_wrong_type(exp: Any) -> None:
+    unauthorized(authority(), hs256({"sub": "alice", "exp": exp}))
+
+
+def test_issuer_when_configured() -> None:
+    auth = authority(issuer="chat-auth")
+    assert auth.verify(hs256({"sub": "alice", "iss": "chat-auth"})).user_id == "alice"
+    unauthorized(auth, hs256({"sub": "alice", "iss": "someone-else"}))
+    unauthorized(auth, hs256({"sub": "alice"}))
+
+
+def test_issuer_not_checked_when_not_configured() -> None:
+    assert authority().verify(hs256({"sub": "alice", "iss": "anyone"})).user_id == "alice"
+
+
+def test_audience_when_configured() -> None:
+    auth = authority(audience="chat")
+    assert auth.verify(hs256({"sub": "alice", "aud": "chat"})).user_id == "alice"
+    assert auth.verify(hs256({"sub": "alice", "aud": ["other", "chat"]})).user_id == "alice"
+    unauthorized(auth, hs256({"sub": "alice", "aud": "other"}))
+    unauthorized(auth, hs256({"sub": "alice"}))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="server: aud is checked even when auth.audience is not configured (PyJWT refuses "
+    "any token carrying aud when no audience is passed); PROTOCOL checks aud only when configured",
+)
+def test_audience_not_checked_when_not_configured() -> None:
+    assert authority().verify(hs256({"sub": "alice", "aud": "anything"})).user_id == "alice"
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {},
+        {"sub": None},
+        {"sub": 42},
+        {"sub": ["alice"]},
+        {"sub": ""},
+        {"sub": " alice"},
+        {"sub": "alice\n"},
+        {"sub": "al\u0000ice"},
+        {"sub": "x" * 129},
+        {"user_id": "alice"},
+    ],
+    ids=repr,
+)
+def test_missing_or_invalid_subject(claims: dict[str, Any]) -> None:
+    unauthorized(authority(), hs256(claims))
+
+
+def test_unauthorized_error_names_the_token_field() -> None:
+    error = unauthorized(authority(), "garbage")
+    assert error.field == "token"
+
+
+# --------------------------------------------------------------------------- RS256 / ES256
+
+
+def test_rs256_with_a_public_key(
+    rsa_key: rsa.RSAPrivateKey, other_rsa_key: rsa.RSAPrivateKey
+) -> None:
+    auth = authority(jwt_secret=None, algorithms=("RS256",), public_key=pem_public(rsa_key))
+    exp = int(time.time()) + 60
+    token = jwt.encode({"sub": "alice", "exp": exp}, rsa_key, algorithm="RS256")
+    identity = auth.verify(token)
+    assert (identity.user_id, identity.expires_at) == ("alice", exp)
+    unauthorized(auth, jwt.encode({"sub": "alice"}, other_rsa_key, algorithm="RS256"))
+    unauthorized(auth, jwt.encode({"sub": "alice", "exp": exp - 120}, rsa_key, algorithm="RS256"))
+
+
+def test_es256_with_a_public_key(ec_key: ec.EllipticCurvePrivateKey) -> None:
+    auth = authority(jwt_secret=None, algorithms=("ES256",), public_key=pem_public(ec_key))
+    assert auth.verify(jwt.encode({"sub": "alice"}, ec_key, algorithm="ES256")).user_id == "alice"
+    other = ec.generate_private_key(ec.SECP256R1())
+    unauthorized(auth, jwt.encode({"sub": "alice"}, other, algorithm="ES256"))
+
+
+def test_hs256_signed_with_the_public_key_is_refused(rsa_key: rsa.RSAPrivateKey) -> None:
+    """The classic algorithm-confusion attack: the public key used as an HMAC secret."""
+    public = pem_public(rsa_key)
+    auth = authority(jwt_secret=None, algorithms=("RS256",), public_key=public)
+    header = {"alg": "HS256", "typ": "JWT"}
+    claims = {"sub": "mallory"}
+    signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
+    mac = hmac.new(public.encode(), signing_input.encode(), hashlib.sha256).digest()
+    unauthorized(auth, f"{signing_input}.{_b64(mac)}")
+
+
+def test_rs256_token_refused_when_only_hs256_is_configured(rsa_key: rsa.RSAPrivateKey) -> None:
+    unauthorized(authority(), jwt.encode({"sub": "alice"}, rsa_key, algorithm="RS256"))
+
+
+def test_rs256_and_hs256_together(rsa_key: rsa.RSAPrivateKey) -> None:
+    auth = authority(algorithms=("HS256", "RS256"), public_key=pem_public(rsa_key))
+    assert auth.verify(hs256({"sub": "alice"})).user_id == "alice"
+    assert auth.verify(jwt.encode({"sub": "bob"}, rsa_key, algorithm="RS256")).user_id == "bob"
+
+
+# --------------------------------------------------------------------------- issuing
+
+
+def test_issued_tokens_verify() -> None:
+    auth = authority()
+    before = time.time()
+    identity = auth.verify(auth.issue("alice", ttl_s=60))
+    assert identity.user_id == "alice"
+    assert identity.expires_at is not None
+    assert before + 58 <= identity.expires_at <= time.time() + 60
+
+
+def test_issued_tokens_carry_configured_iss_and_aud() -> None:
+    auth = authority(issuer="i", audience="a")
+    claims = jwt.decode(auth.issue("alice"), SECRET, algorithms=["HS256"], audience="a")
+    assert (claims["iss"], claims["aud"], claims["sub"]) == ("i", "a", "alice")
+    assert auth.verify(auth.issue("alice")).user_id == "alice"
+
+
+def test_dev_tokens_without_a_secret_use_a_random_one() -> None:
+    first = TokenAuthority(AuthConfig(dev_tokens=True))
+    second = TokenAuthority(AuthConfig(dev_tokens=True))
+    token = first.issue("alice")
+    assert first.verify(token).user_id == "alice"
+    unauthorized(second, token)
+
+
+def test_issue_refuses_an_invalid_user_id() -> None:
+    with pytest.raises(ProtocolError):
+        authority().issue(" alice")

@@ -1,0 +1,926 @@
+"""The pure protocol core: decoding, validation and encoding tables, and decoder properties.
+
+Every rule of PROTOCOL.md that a single frame can break is a row here; the end-to-end suites
+check that the server applies the same rules on the wire.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from handler import protocol
+from handler.errors import ErrorCode, ProtocolError
+from handler.protocol import (
+    AllChats,
+    AllMessages,
+    Authenticated,
+    Chat,
+    CreateChat,
+    ErrorFrame,
+    FetchChats,
+    FetchMessages,
+    Limits,
+    Message,
+    MessageEvent,
+    NewChats,
+    NewMessages,
+    Ping,
+    Pong,
+    SendMessage,
+    decode,
+    encode,
+)
+
+EMOJI = "\U0001f600"  # astral: 1 code point, 2 UTF-16 units, 4 UTF-8 bytes
+E_ACUTE = "\u00e9"  # 2 UTF-8 bytes
+
+
+def dumps(obj: Any, *, ascii_only: bool = True) -> str:
+    return json.dumps(obj, ensure_ascii=ascii_only)
+
+
+def error_of(frame: Any, limits: Limits = protocol.DEFAULT_LIMITS) -> ProtocolError:
+    """The error `decode` raises for `frame` (a dict is serialized first)."""
+    text = frame if isinstance(frame, str | bytes | bytearray | memoryview) else dumps(frame)
+    with pytest.raises(ProtocolError) as info:
+        decode(text, limits)
+    return info.value
+
+
+def send(**fields: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "type": "send_message",
+        "chat_id": "1",
+        "recipient_id": "bob",
+        "content": "hi",
+    }
+    base.update(fields)
+    return {key: value for key, value in base.items() if value is not _MISSING}
+
+
+_MISSING: Any = object()
+
+
+# --------------------------------------------------------------------------- bad_json
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("not json", id="garbage"),
+        pytest.param('{"type": "ping"', id="truncated"),
+        pytest.param("{'type': 'ping'}", id="single-quotes"),
+        pytest.param('{"type": "ping",}', id="trailing-comma"),
+        pytest.param('[{"type": "ping"}]', id="array"),
+        pytest.param('"ping"', id="string"),
+        pytest.param("42", id="number"),
+        pytest.param("null", id="null"),
+        pytest.param("true", id="true"),
+        pytest.param('{"type": "ping", "x": NaN}', id="nan"),
+        pytest.param('{"type": "ping", "x": Infinity}', id="infinity"),
+        pytest.param('{"type": "ping", "x": -Infinity}', id="minus-infinity"),
+        pytest.param('{"type": "ping"} {"type": "ping"}', id="two-objects"),
+        pytest.param("\ufeff{}", id="bom"),
+        pytest.param("\ud800", id="only-a-lone-surrogate"),
+        pytest.param('{"type": "ping", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", id="deep"),
+        pytest.param("[" * 100_000, id="deep-unclosed"),
+        pytest.param('{"type": "ping", "x": ' + "9" * 5000 + "}", id="5000-digit-int"),
+    ],
+)
+def test_not_a_json_object_is_bad_json(text: str) -> None:
+    error = error_of(text)
+    assert error.code == ErrorCode.BAD_JSON
+    assert error.request_id is None
+    assert error.message
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b'{"type": "ping"}', bytearray(b'{"type": "ping"}'), memoryview(b'{"type":"ping"}'), b""],
+    ids=["bytes", "bytearray", "memoryview", "empty"],
+)
+def test_binary_is_bad_json_even_when_it_is_json(payload: bytes) -> None:
+    assert error_of(payload).code == ErrorCode.BAD_JSON
+
+
+def test_moderately_deep_extra_field_is_fine_or_bad_json() -> None:
+    """Nesting within the parser's depth is an ignored extra field; deeper is bad_json."""
+    assert decode('{"type":"ping","x":' + "[" * 100 + "]" * 100 + "}") == Ping()
+    assert error_of('{"type":"ping","x":' + "[" * 3000 + "]" * 3000 + "}").code == "bad_json"
+
+
+# --------------------------------------------------------------------------- type
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {},
+        {"request_id": "r"},
+        {"type": None},
+        {"type": 1},
+        {"type": ["ping"]},
+        {"type": {"name": "ping"}},
+        {"type": True},
+        {"type": ""},
+        {"type": "PING"},
+        {"type": " ping"},
+        {"type": "pong"},
+        {"type": "message"},
+        {"type": "authenticated"},
+        {"type": "error"},
+        {"type": "all_chats"},
+        {"type": "delete_chat"},
+    ],
+    ids=repr,
+)
+def test_missing_or_unknown_type(frame: dict[str, Any]) -> None:
+    error = error_of(frame)
+    assert error.code == ErrorCode.UNKNOWN_TYPE
+    assert error.request_id == frame.get("request_id")
+
+
+def test_client_frame_types() -> None:
+    assert protocol.CLIENT_FRAME_TYPES == (
+        "create_chat",
+        "fetch_chats",
+        "fetch_messages",
+        "ping",
+        "send_message",
+    )
+
+
+# --------------------------------------------------------------------------- request_id
+
+
+@pytest.mark.parametrize(
+    "request_id",
+    [
+        "r",
+        "x" * 64,
+        EMOJI * 64,
+        E_ACUTE * 64,
+        " spaces are fine ",
+        "\u0000",
+        0,
+        -1,
+        7,
+        2**63 - 1,
+        -(2**63 - 1),
+    ],
+    ids=[
+        "one-char",
+        "64-ascii",
+        "64-astral",
+        "64-two-byte",
+        "spaces",
+        "nul",
+        "0",
+        "-1",
+        "7",
+        "int64-max",
+        "int64-min+1",
+    ],
+)
+def test_valid_request_id_is_kept(request_id: str | int) -> None:
+    frame = decode(dumps({"type": "ping", "request_id": request_id}))
+    assert frame == Ping(request_id=request_id)
+    assert type(frame.request_id) is type(request_id)
+
+
+def test_null_request_id_is_absent() -> None:
+    assert decode('{"type": "ping", "request_id": null}') == Ping()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '""',
+        '"' + "x" * 65 + '"',
+        '"' + EMOJI * 65 + '"',
+        "true",
+        "false",
+        "1.5",
+        "1.0",
+        "[]",
+        '["r"]',
+        "{}",
+        '"\\ud800"',
+        str(2**63),
+        str(-(2**63)),
+        str(2**64),
+        "1" + "0" * 30,
+    ],
+    ids=[
+        "empty",
+        "65-ascii",
+        "65-astral",
+        "true",
+        "false",
+        "float",
+        "float-integral",
+        "list",
+        "list-of-str",
+        "object",
+        "lone-surrogate",
+        "2**63",
+        "-2**63",
+        "2**64",
+        "1e30-int",
+    ],
+)
+def test_invalid_request_id_is_bad_request(raw: str) -> None:
+    error = error_of('{"type": "ping", "request_id": ' + raw + "}")
+    assert (error.code, error.field, error.request_id) == ("bad_request", "request_id", None)
+
+
+def test_request_id_is_read_before_type_so_every_error_quotes_it() -> None:
+    assert error_of({"request_id": "q"}).request_id == "q"
+    assert error_of({"type": "nope", "request_id": 5}).request_id == 5
+    error = error_of(send(content="", request_id="abc"))
+    assert (error.code, error.field, error.request_id) == ("bad_request", "content", "abc")
+    error = error_of({"type": "ping", "token": 5, "request_id": "t"})
+    assert (error.field, error.request_id) == ("token", "t")
+
+
+# --------------------------------------------------------------------------- token
+
+
+@pytest.mark.parametrize(
+    "frame_type", ["ping", "create_chat", "send_message", "fetch_chats", "fetch_messages"]
+)
+def test_every_frame_type_carries_a_token(frame_type: str) -> None:
+    frame: dict[str, Any] = {
+        "type": frame_type,
+        "recipient_id": "bob",
+        "chat_id": "1",
+        "content": "x",
+        "token": "a.b.c",
+    }
+    assert decode(dumps(frame)).token == "a.b.c"
+
+
+@pytest.mark.parametrize(
+    "token",
+    [5, True, ["a"], {"a": 1}, "", "t" * (protocol.MAX_TOKEN_CHARS + 1)],
+    ids=["int", "bool", "list", "object", "empty", "too-long"],
+)
+def test_malformed_token_field_is_bad_request(token: Any) -> None:
+    error = error_of({"type": "ping", "token": token})
+    assert (error.code, error.field) == ("bad_request", "token")
+
+
+def test_null_token_is_absent() -> None:
+    assert decode('{"type": "ping", "token": null}') == Ping()
+
+
+# --------------------------------------------------------------------------- create_chat
+
+
+def test_create_chat() -> None:
+    assert decode(dumps({"type": "create_chat", "recipient_id": "bob"})) == CreateChat("bob")
+    assert decode(
+        dumps({"type": "create_chat", "recipient_id": "bob", "token": "t", "request_id": 3})
+    ) == CreateChat("bob", token="t", request_id=3)
+
+
+VALID_USER_IDS = [
+    "b",
+    "bob",
+    "x" * 128,
+    EMOJI * 128,
+    E_ACUTE * 128,
+    "bob smith",
+    "bob\u00a0smith",
+    "\u0411\u043e\u0431",
+    "bob@example.com",
+    "bob\u200b",  # a format character, not a control character
+]
+
+INVALID_USER_IDS = [
+    "",
+    "x" * 129,
+    EMOJI * 129,
+    " bob",
+    "bob ",
+    "\tbob",
+    "bob\n",
+    "\u00a0bob",
+    "bob\u3000",
+    "bo\u0000b",
+    "bo\u001fb",
+    "bo\u007fb",
+    "bo\u0085b",
+    "bo\u009fb",
+    "bo\ud800b",
+    " ",
+]
+
+
+@pytest.mark.parametrize("user_id", VALID_USER_IDS, ids=repr)
+def test_valid_recipient_id(user_id: str) -> None:
+    for ascii_only in (True, False):
+        text = dumps({"type": "create_chat", "recipient_id": user_id}, ascii_only=ascii_only)
+        assert decode(text) == CreateChat(user_id)
+
+
+@pytest.mark.parametrize("user_id", INVALID_USER_IDS, ids=repr)
+def test_invalid_recipient_id(user_id: str) -> None:
+    for frame in ({"type": "create_chat", "recipient_id": user_id}, send(recipient_id=user_id)):
+        error = error_of(frame)
+        assert (error.code, error.field) == ("bad_request", "recipient_id")
+
+
+@pytest.mark.parametrize("value", [_MISSING, None, 5, True, ["bob"], {"id": "bob"}])
+def test_recipient_id_missing_or_wrong_type(value: Any) -> None:
+    frame = (
+        {"type": "create_chat"}
+        if value is _MISSING
+        else {
+            "type": "create_chat",
+            "recipient_id": value,
+        }
+    )
+    error = error_of(frame)
+    assert (error.code, error.field) == ("bad_request", "recipient_id")
+
+
+@pytest.mark.parametrize("user_id", VALID_USER_IDS + INVALID_USER_IDS, ids=repr)
+def test_validate_user_id_agrees_with_the_decoder(user_id: str) -> None:
+    if user_id in VALID_USER_IDS:
+        assert protocol.validate_user_id(user_id, "sub") == user_id
+    else:
+        with pytest.raises(ProtocolError) as info:
+            protocol.validate_user_id(user_id, "sub")
+        assert (info.value.code, info.value.field) == ("bad_request", "sub")
+
+
+# --------------------------------------------------------------------------- send_message
+
+
+def test_send_message() -> None:
+    assert decode(dumps(send())) == SendMessage("1", "bob", "hi")
+    assert decode(
+        dumps(send(client_message_id="c1", request_id="r", token="t", extra={"x": 1}))
+    ) == SendMessage("1", "bob", "hi", client_message_id="c1", token="t", request_id="r")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "code"),
+    [
+        ("chat_id", _MISSING, "bad_request"),
+        ("chat_id", None, "bad_request"),
+        ("chat_id", "", "bad_request"),
+        ("chat_id", 1, "bad_request"),
+        ("chat_id", ["1"], "bad_request"),
+        ("chat_id", "c" * 129, "bad_request"),
+        ("chat_id", "\ud800", "bad_request"),
+        ("recipient_id", _MISSING, "bad_request"),
+        ("recipient_id", None, "bad_request"),
+        ("recipient_id", "", "bad_request"),
+        ("recipient_id", 7, "bad_request"),
+        ("content", _MISSING, "bad_request"),
+        ("content", None, "bad_request"),
+        ("content", "", "bad_request"),
+        ("content", 5, "bad_request"),
+        ("content", ["hi"], "bad_request"),
+        ("content", {"text": "hi"}, "bad_request"),
+        ("content", True, "bad_request"),
+        ("content", "\ud800", "bad_request"),
+        ("content", "ok \udfff ok", "bad_request"),
+        ("content", "x" * 4097, "too_large"),
+        ("content", EMOJI * 4097, "too_large"),
+        ("content", E_ACUTE * 4097, "too_large"),
+        ("client_message_id", "", "bad_request"),
+        ("client_message_id", 5, "bad_request"),
+        ("client_message_id", ["c"], "bad_request"),
+        ("client_message_id", "c" * 129, "bad_request"),
+        ("client_message_id", "\ud800", "bad_request"),
+    ],
+    ids=lambda value: repr(value)[:20],
+)
+def test_send_message_field_rules(field: str, value: Any, code: str) -> None:
+    error = error_of(send(**{field: value}, request_id="rq"))
+    assert (error.code, error.field, error.request_id) == (code, field, "rq")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "x",
+        " ",
+        "\u0000",
+        "\u0000" * 4096,
+        "x" * 4096,
+        EMOJI * 4096,
+        E_ACUTE * 4096,
+        "\u20ac" * 4096,  # 3 UTF-8 bytes each
+        "a" + EMOJI * 4095,
+        "line\nbreak\ttab\r\n",
+        "\ufeffbom",
+        "\U0010ffff",
+        "e\u0301",  # combining: 2 code points, 1 grapheme
+        "\U0001f468\u200d\U0001f469\u200d\U0001f467",  # ZWJ family: 5 code points
+    ],
+    ids=lambda c: f"{len(c)}:{c[:3]!r}",
+)
+def test_content_limits_count_code_points(content: str) -> None:
+    for ascii_only in (True, False):  # \ud83d\ude00 escapes and raw characters alike
+        frame = decode(dumps(send(content=content), ascii_only=ascii_only))
+        assert isinstance(frame, SendMessage)
+        assert frame.content == content
+
+
+def test_content_boundary_follows_the_configured_limit() -> None:
+    limits = Limits(max_message_chars=10)
+    assert decode(dumps(send(content=EMOJI * 10)), limits) == SendMessage("1", "bob", EMOJI * 10)
+    error = error_of(send(content=EMOJI * 11), limits)
+    assert (error.code, error.field) == ("too_large", "content")
+
+
+def test_chat_id_is_opaque_up_to_128_characters() -> None:
+    for chat_id in ("0", "abc", "c" * 128, EMOJI * 128, " padded "):
+        frame = decode(dumps(send(chat_id=chat_id)))
+        assert isinstance(frame, SendMessage)
+        assert frame.chat_id == chat_id
+
+
+def test_fields_are_validated_in_declaration_order() -> None:
+    assert error_of({"type": "send_message"}).field == "chat_id"
+    assert error_of({"type": "send_message", "chat_id": "1"}).field == "recipient_id"
+    error = error_of({"type": "send_message", "chat_id": "1", "recipient_id": "b"})
+    assert error.field == "content"
+
+
+# --------------------------------------------------------------------------- fetch_chats
+
+
+@pytest.mark.parametrize(
+    ("limit", "expected"),
+    [
+        (_MISSING, 1000),
+        (None, 1000),
+        (1, 1),
+        (999, 999),
+        (1000, 1000),
+        (1001, 1000),
+        (10**9, 1000),
+        (2**63 - 1, 1000),
+    ],
+)
+def test_fetch_chats_limit_is_capped_at_the_history_limit(limit: Any, expected: int) -> None:
+    frame: dict[str, Any] = {"type": "fetch_chats"}
+    if limit is not _MISSING:
+        frame["limit"] = limit
+    assert decode(dumps(frame)) == FetchChats(limit=expected)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="server: orjson parses integers beyond 64 bits as floats, so an integer limit >= "
+    "2**64 is refused as 'must be an integer' instead of being capped at history_limit",
+)
+def test_fetch_chats_limit_beyond_64_bits_is_still_an_integer() -> None:
+    assert decode(dumps({"type": "fetch_chats", "limit": 2**64})) == FetchChats(limit=1000)
+
+
+def test_fetch_chats_limit_follows_the_configured_history_limit() -> None:
+    limits = Limits(history_limit=5)
+    assert decode('{"type": "fetch_chats"}', limits) == FetchChats(limit=5)
+    assert decode('{"type": "fetch_chats", "limit": 50}', limits) == FetchChats(limit=5)
+    assert decode('{"type": "fetch_chats", "limit": 3}', limits) == FetchChats(limit=3)
+
+
+BAD_LIMITS = [0, -1, -(2**63), 1.0, 2.5, "10", True, False, [], {}]
+
+
+@pytest.mark.parametrize("limit", BAD_LIMITS, ids=repr)
+def test_fetch_chats_bad_limit(limit: Any) -> None:
+    error = error_of({"type": "fetch_chats", "limit": limit, "request_id": 1})
+    assert (error.code, error.field, error.request_id) == ("bad_request", "limit", 1)
+
+
+# --------------------------------------------------------------------------- fetch_messages
+
+
+def test_fetch_messages() -> None:
+    assert decode('{"type": "fetch_messages", "chat_id": "7"}') == FetchMessages("7", limit=100)
+    assert decode(
+        dumps({"type": "fetch_messages", "chat_id": "7", "before": "42", "limit": 1000})
+    ) == FetchMessages("7", before="42", limit=1000)
+    assert decode(
+        dumps({"type": "fetch_messages", "chat_id": "7", "before": None, "limit": 1})
+    ) == FetchMessages("7", limit=1)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("chat_id", _MISSING),
+        ("chat_id", None),
+        ("chat_id", ""),
+        ("chat_id", 7),
+        ("before", ""),
+        ("before", 42),
+        ("before", ["42"]),
+        ("before", "b" * 129),
+        ("limit", 0),
+        ("limit", 1001),
+        ("limit", 2**63 - 1),
+        ("limit", -5),
+        ("limit", 10.0),
+        ("limit", "10"),
+        ("limit", True),
+    ],
+    ids=repr,
+)
+def test_fetch_messages_field_rules(field: str, value: Any) -> None:
+    frame: dict[str, Any] = {"type": "fetch_messages", "chat_id": "7", "request_id": "f"}
+    if value is _MISSING:
+        del frame[field]
+    else:
+        frame[field] = value
+    error = error_of(frame)
+    assert (error.code, error.field, error.request_id) == ("bad_request", field, "f")
+
+
+# --------------------------------------------------------------------------- ping, extras
+
+
+def test_ping() -> None:
+    assert decode('{"type": "ping"}') == Ping()
+    assert decode('{"type": "ping", "request_id": "p", "token": "t"}') == Ping("t", "p")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"type": "ping", "x": 1}',
+        '{"type": "ping", "data": {"deep": [1, 2, {"a": null}]}}',
+        '{"type": "ping", "recipient_id": 5, "content": ""}',
+        '{"type": "ping", "x": 1e400}',
+        '{"type": "ping", "x": "\\ud800"}',
+        '{"type": "ping", "x": "\ud800"}',
+        '{"type": "ping", "x": ' + "9" * 100 + "}",
+        '{"type": "ping", "TYPE": "nope", "Type": 1}',
+    ],
+)
+def test_extra_fields_are_ignored(text: str) -> None:
+    assert decode(text) == Ping()
+
+
+def test_extra_fields_are_ignored_on_every_type() -> None:
+    frame = decode(dumps(send(flags=["x"], version=2, **{"": 1})))
+    assert frame == SendMessage("1", "bob", "hi")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"type": "nope", "type": "ping"}', Ping()),
+        ('{"type": "ping", "request_id": "a", "request_id": "b"}', Ping(request_id="b")),
+        (
+            '{"type": "create_chat", "recipient_id": "a", "recipient_id": "b"}',
+            CreateChat("b"),
+        ),
+    ],
+)
+def test_duplicate_keys_last_one_wins(text: str, expected: protocol.ClientFrame) -> None:
+    assert decode(text) == expected
+
+
+def test_duplicate_key_can_make_a_frame_invalid() -> None:
+    error = error_of('{"type": "ping", "type": "nope"}')
+    assert error.code == ErrorCode.UNKNOWN_TYPE
+
+
+def test_escaped_surrogate_pair_is_one_astral_character() -> None:
+    frame = decode(
+        '{"type": "send_message", "chat_id": "1", "recipient_id": "b", "content": "\\ud83d\\ude00"}'
+    )
+    assert isinstance(frame, SendMessage)
+    assert frame.content == EMOJI
+
+
+def test_frames_are_immutable() -> None:
+    frame = decode('{"type": "ping"}')
+    with pytest.raises(AttributeError):
+        frame.token = "x"  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- encode
+
+CHAT = Chat("c1", ("alice", "bob"), "alice", "2023-10-01T12:34:56.789Z")
+CHAT_WIRE = {
+    "chat_id": "c1",
+    "participants": ["alice", "bob"],
+    "created_by": "alice",
+    "created_at": "2023-10-01T12:34:56.789Z",
+}
+MESSAGE = Message("m1", "c1", "alice", "bob", "hi \u0000 " + EMOJI, "2023-10-01T12:34:57.000Z")
+MESSAGE_WIRE = {
+    "message_id": "m1",
+    "chat_id": "c1",
+    "sender_id": "alice",
+    "recipient_id": "bob",
+    "content": "hi \u0000 " + EMOJI,
+    "timestamp": "2023-10-01T12:34:57.000Z",
+}
+MESSAGE_WITH_ID = Message("m2", "c1", "bob", "alice", "yo", "2023-10-01T12:34:58.000Z", "cm")
+
+
+@pytest.mark.parametrize(
+    ("frame", "wire"),
+    [
+        (Authenticated("alice"), {"type": "authenticated", "user_id": "alice"}),
+        (AllChats(()), {"type": "all_chats", "data": []}),
+        (AllChats((CHAT,), 1), {"type": "all_chats", "data": [CHAT_WIRE], "request_id": 1}),
+        (NewChats((CHAT,)), {"type": "new_chats", "data": [CHAT_WIRE]}),
+        (NewChats((CHAT,), "r"), {"type": "new_chats", "data": [CHAT_WIRE], "request_id": "r"}),
+        (
+            AllMessages("c1", (MESSAGE,), False),
+            {"type": "all_messages", "chat_id": "c1", "data": [MESSAGE_WIRE], "has_more": False},
+        ),
+        (
+            AllMessages("c1", (), True, "r"),
+            {
+                "type": "all_messages",
+                "chat_id": "c1",
+                "data": [],
+                "has_more": True,
+                "request_id": "r",
+            },
+        ),
+        (
+            NewMessages("c1", (MESSAGE,)),
+            {"type": "new_messages", "chat_id": "c1", "data": [MESSAGE_WIRE]},
+        ),
+        (MessageEvent(MESSAGE), {"type": "message", **MESSAGE_WIRE}),
+        (MessageEvent(MESSAGE, 9), {"type": "message", **MESSAGE_WIRE, "request_id": 9}),
+        (
+            MessageEvent(MESSAGE_WITH_ID, "r"),
+            {
+                "type": "message",
+                "message_id": "m2",
+                "chat_id": "c1",
+                "sender_id": "bob",
+                "recipient_id": "alice",
+                "content": "yo",
+                "timestamp": "2023-10-01T12:34:58.000Z",
+                "client_message_id": "cm",
+                "request_id": "r",
+            },
+        ),
+        (Pong(), {"type": "pong"}),
+        (Pong("p"), {"type": "pong", "request_id": "p"}),
+        (Pong(0), {"type": "pong", "request_id": 0}),
+        (
+            ErrorFrame(ErrorCode.BAD_JSON, "bad"),
+            {"type": "error", "code": "bad_json", "message": "bad"},
+        ),
+        (
+            ErrorFrame(ErrorCode.BAD_REQUEST, "m", field="content", request_id="r"),
+            {
+                "type": "error",
+                "code": "bad_request",
+                "message": "m",
+                "field": "content",
+                "request_id": "r",
+            },
+        ),
+        (
+            ErrorFrame(ErrorCode.RATE_LIMITED, "slow", request_id=4, retry_after_ms=250),
+            {
+                "type": "error",
+                "code": "rate_limited",
+                "message": "slow",
+                "retry_after_ms": 250,
+                "request_id": 4,
+            },
+        ),
+    ],
+    ids=lambda value: type(value).__name__,
+)
+def test_encode(frame: protocol.ServerFrame, wire: dict[str, Any]) -> None:
+    text = encode(frame)
+    assert isinstance(text, str)
+    assert json.loads(text) == wire
+
+
+def test_encode_error_from_protocol_error() -> None:
+    error = ProtocolError(
+        ErrorCode.TOO_LARGE, "too long", field="content", request_id="x", retry_after_ms=None
+    )
+    assert json.loads(encode(ErrorFrame.from_error(error))) == {
+        "type": "error",
+        "code": "too_large",
+        "message": "too long",
+        "field": "content",
+        "request_id": "x",
+    }
+
+
+def test_every_error_code_encodes_as_its_wire_name() -> None:
+    assert sorted(code.value for code in ErrorCode) == sorted(
+        [
+            "bad_json",
+            "bad_request",
+            "unknown_type",
+            "unauthorized",
+            "forbidden",
+            "not_found",
+            "too_large",
+            "rate_limited",
+            "internal",
+        ]
+    )
+    for code in ErrorCode:
+        assert json.loads(encode(ErrorFrame(code, "m")))["code"] == code.value
+
+
+def test_encode_keeps_content_exactly() -> None:
+    content = "\u0000\u0001\u001f\u007f\u2028\u2029" + EMOJI + '"\\/' + "\U0010ffff"
+    message = Message("m", "c", "a", "b", content, "2023-10-01T12:34:56.789Z")
+    assert json.loads(encode(MessageEvent(message)))["content"] == content
+
+
+def test_chat_helpers() -> None:
+    assert CHAT.other_participant("alice") == "bob"
+    assert CHAT.other_participant("bob") == "alice"
+
+
+# --------------------------------------------------------------------------- properties
+
+_TYPES = [*protocol.CLIENT_FRAME_TYPES, "nope", ""]
+_FIELDS = [
+    "type",
+    "request_id",
+    "token",
+    "recipient_id",
+    "chat_id",
+    "content",
+    "client_message_id",
+    "limit",
+    "before",
+]
+
+any_text = st.text(st.characters(exclude_categories=()))
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | any_text
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.sampled_from(_FIELDS) | any_text, children, max_size=4)
+    ),
+    max_leaves=20,
+)
+frame_like = st.fixed_dictionaries(
+    {"type": st.sampled_from(_TYPES) | json_values},
+    optional={name: json_values for name in _FIELDS[1:]},
+)
+
+
+def _check(text: str | bytes) -> None:
+    """`decode` returns a valid frame or raises a clean `ProtocolError`, nothing else."""
+    failure: ProtocolError | None = None
+    try:
+        frame = decode(text)
+    except ProtocolError as error:
+        failure = error
+    if failure is not None:
+        assert isinstance(failure.code, ErrorCode)
+        assert isinstance(failure.message, str)
+        assert failure.message
+        assert failure.field is None or isinstance(failure.field, str)
+        assert failure.request_id is None or isinstance(failure.request_id, str | int)
+        # The error must be encodable: it is what the client gets.
+        json.loads(encode(ErrorFrame.from_error(failure)))
+        return
+    assert isinstance(frame, CreateChat | SendMessage | FetchChats | FetchMessages | Ping)
+    if isinstance(frame, SendMessage):
+        assert 1 <= len(frame.content) <= protocol.MAX_MESSAGE_CHARS
+        frame.content.encode()
+    if isinstance(frame, CreateChat | SendMessage):
+        protocol.validate_user_id(frame.recipient_id, "recipient_id")
+    if isinstance(frame, FetchChats | FetchMessages):
+        assert 1 <= frame.limit <= protocol.HISTORY_LIMIT
+    if isinstance(frame.request_id, str):
+        assert 1 <= len(frame.request_id) <= 64
+
+
+@settings(max_examples=400, deadline=None)
+@given(any_text)
+def test_any_text_decodes_or_fails_cleanly(text: str) -> None:
+    _check(text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary())
+def test_any_bytes_are_bad_json(payload: bytes) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode(payload)
+    assert info.value.code == ErrorCode.BAD_JSON
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary())
+def test_any_bytes_as_text_decode_or_fail_cleanly(payload: bytes) -> None:
+    _check(payload.decode("utf-8", "surrogateescape"))
+    _check(payload.decode("latin-1"))
+
+
+@settings(max_examples=600, deadline=None)
+@given(frame_like, st.booleans())
+def test_any_json_object_decodes_or_fails_cleanly(frame: dict[str, Any], ascii_only: bool) -> None:
+    _check(json.dumps(frame, ensure_ascii=ascii_only))
+
+
+@settings(max_examples=200, deadline=None)
+@given(json_values, st.booleans())
+def test_any_json_value_decodes_or_fails_cleanly(value: Any, ascii_only: bool) -> None:
+    _check(json.dumps(value, ensure_ascii=ascii_only))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(min_value=1, max_value=5000), st.sampled_from(["[", '{"a":', '[{"b":']))
+def test_any_nesting_depth_decodes_or_fails_cleanly(depth: int, opener: str) -> None:
+    closer = {"[": "]", '{"a":': "}", '[{"b":': "}]"}[opener]
+    _check('{"type": "ping", "x": ' + opener * depth + "1" + closer * depth + "}")
+    _check(opener * depth)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_FIELDS), json_values), max_size=8))
+def test_duplicate_keys_decode_or_fail_cleanly(pairs: list[tuple[str, Any]]) -> None:
+    body = ", ".join(f"{json.dumps(key)}: {json.dumps(value)}" for key, value in pairs)
+    _check("{" + body + "}")
+
+
+user_ids = st.text(
+    st.characters(exclude_categories=("Cs", "Cc", "Zs", "Zl", "Zp")), min_size=1, max_size=128
+).filter(lambda s: s == s.strip())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    chat_id=st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=128),
+    recipient_id=user_ids,
+    content=st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=4096),
+    client_message_id=st.none()
+    | st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=128),
+    request_id=st.none()
+    | st.integers(-(2**63 - 1), 2**63 - 1)
+    | st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=64),
+    ascii_only=st.booleans(),
+)
+def test_valid_send_message_round_trips(
+    chat_id: str,
+    recipient_id: str,
+    content: str,
+    client_message_id: str | None,
+    request_id: str | int | None,
+    ascii_only: bool,
+) -> None:
+    frame = {
+        "type": "send_message",
+        "chat_id": chat_id,
+        "recipient_id": recipient_id,
+        "content": content,
+        "client_message_id": client_message_id,
+        "request_id": request_id,
+    }
+    assert decode(json.dumps(frame, ensure_ascii=ascii_only)) == SendMessage(
+        chat_id, recipient_id, content, client_message_id, request_id=request_id
+    )
+
+
+# --------------------------------------------------------------------------- layering
+
+
+def test_the_pure_core_imports_no_io_framework() -> None:
+    """Style rule 1: `handler.protocol` and `handler.errors` pull in no trio, web or database."""
+    script = (
+        "import sys, handler.protocol, handler.errors\n"
+        "banned = ('trio', 'quart', 'quart_trio', 'hypercorn', 'wsproto', 'h11', 'sqlite3',\n"
+        "          '_sqlite3', 'psycopg', 'psycopg_pool', 'coredis', 'redis', 'jwt',\n"
+        "          'trio_websocket', 'asyncio')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in banned))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]", result.stdout
