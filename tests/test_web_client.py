@@ -314,3 +314,31 @@ def test_chat_client_module_stands_alone(open_page: Callable[..., Page]) -> None
     assert result["garbage"] == {}
     assert result["url"] == "wss://chat.example/ws?token=a%2Bb"
     assert result["ids"] == 100
+
+
+CONTRACT_JS = (Path(__file__).parent / "chat_client_contract.js").read_text(encoding="utf-8")
+
+
+def test_chat_client_outbox_contract(open_page: Callable[..., Page]) -> None:
+    result = open_page().evaluate(CONTRACT_JS)
+    assert result["sentBeforeBind"] == 0  # nothing but pings before `authenticated`
+    assert result["firstSocketSends"] == [True]
+    assert result["url"].endswith("/ws?token=t0")
+    assert result["resentSameId"]  # same client_message_id: the server stores it once
+    assert result["afterAck"] == 0
+    assert result["tooBig"] == ["failed", "too_large", 0]
+    assert result["limitedState"] == "queued"
+    assert result["limitedResent"] == 2  # the first try, then once after retry_after_ms
+    assert result["states"] == [
+        "typed offline:queued",
+        "typed offline:sending",
+        "typed offline:queued",
+        "typed offline:sending",
+        "typed offline:sent",
+        "too big:sending",
+        "too big:failed",
+        "limited:sending",
+        "limited:queued",
+        "limited:sending",
+    ]
+    assert result["refused"] == ["invalid token", "stopped"]

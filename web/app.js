@@ -37,7 +37,8 @@ async function signInWithDevToken(userId) {
 function signInWithJwt(token) {
   const { sub, exp } = jwtClaims(token);
   if (typeof sub !== "string") throw new Error("That does not look like a JWT with a sub claim.");
-  if (typeof exp === "number" && exp * 1000 < Date.now()) throw new Error("That token has expired.");
+  if (typeof exp === "number" && exp * 1000 < Date.now())
+    throw new Error("That token has expired.");
   startSession({ token, userId: sub, dev: false });
 }
 
@@ -122,11 +123,14 @@ function wireClient(client) {
       chat.hasMore = Boolean(frame.has_more);
     }
   });
-  on("new_messages", (frame) => frame.data.forEach((message) => upsertMessage(message, "received")));
+  on("new_messages", (frame) =>
+    frame.data.forEach((message) => upsertMessage(message, "received")),
+  );
   on("message", (frame) => upsertMessage(frame, "received"));
   on("outbox", ({ entry }) => updatePending(entry));
   on("error", (frame) => {
-    if (frame.request_id !== undefined && frame.request_id === model.pendingOpen) model.pendingOpen = null;
+    if (frame.request_id !== undefined && frame.request_id === model.pendingOpen)
+      model.pendingOpen = null;
     showError(frame);
   });
   on("auth-failed", ({ message }) => signOut(message));
@@ -291,7 +295,9 @@ function render({ scrollToEnd = false } = {}) {
 }
 
 function renderChatList() {
-  const entries = [...model.chats.values()].sort((a, b) => (lastActivity(a) < lastActivity(b) ? 1 : -1));
+  const entries = [...model.chats.values()].sort((a, b) =>
+    lastActivity(a) < lastActivity(b) ? 1 : -1,
+  );
   const items = entries.map((entry) => {
     const chatId = entry.chat.chat_id;
     const last = sortedMessages(entry).at(-1);
@@ -304,7 +310,9 @@ function renderChatList() {
       el("span", { class: "chat-preview" }, last ? last.content : "No messages yet"),
     );
     if (unread > 0) {
-      button.append(el("span", { class: "badge", "aria-label": `${unread} unread` }, String(unread)));
+      button.append(
+        el("span", { class: "badge", "aria-label": `${unread} unread` }, String(unread)),
+      );
     }
     button.addEventListener("click", () => openChat(chatId));
     return el("li", {}, button);
@@ -340,7 +348,13 @@ function renderConversation() {
 const bubbleCache = new Map();
 
 function messageNode(record) {
-  const signature = JSON.stringify([record.state, record.messageId, record.timestamp, record.content, record.error?.code]);
+  const signature = JSON.stringify([
+    record.state,
+    record.messageId,
+    record.timestamp,
+    record.content,
+    record.error?.code,
+  ]);
   const cached = bubbleCache.get(record.key);
   if (cached?.signature === signature) return cached.node;
   const node = renderMessage(record);
@@ -378,12 +392,19 @@ function renderMessage(record) {
     "data-message-id": record.messageId ?? "",
     "data-client-message-id": record.clientMessageId ?? "",
   });
-  const meta = el("div", { class: "meta" }, el("span", { class: "sender" }, own ? "You" : record.senderId));
+  const meta = el(
+    "div",
+    { class: "meta" },
+    el("span", { class: "sender" }, own ? "You" : record.senderId),
+  );
   const at = record.timestamp ?? record.createdAt?.toISOString();
-  if (at) meta.append(el("time", { datetime: at, title: new Date(at).toLocaleString() }, formatTime(at)));
+  if (at)
+    meta.append(el("time", { datetime: at, title: new Date(at).toLocaleString() }, formatTime(at)));
   if (own) {
     const label = STATE_LABELS[record.state] ?? record.state;
-    meta.append(el("span", { class: "delivery" }, record.state === "sent" ? `\u2713 ${label}` : label));
+    meta.append(
+      el("span", { class: "delivery" }, record.state === "sent" ? `\u2713 ${label}` : label),
+    );
   }
   item.append(meta, el("div", { class: "content" }, record.content));
   if (record.state === "failed") {
@@ -410,7 +431,8 @@ function setConnectionPill(state) {
   };
   if (state === "waiting") {
     const seconds = Math.max(0, Math.ceil((model.retryAt - Date.now()) / 1000));
-    pill.textContent = seconds > 0 ? `Offline, retrying in ${seconds} s` : "Offline, retrying\u2026";
+    pill.textContent =
+      seconds > 0 ? `Offline, retrying in ${seconds} s` : "Offline, retrying\u2026";
   } else {
     pill.textContent = labels[state] ?? state;
   }
@@ -426,7 +448,11 @@ function showError(frame) {
     el("strong", {}, frame.code ?? "error"),
     ` ${parts.join(" ")}`,
   );
-  const close = el("button", { type: "button", class: "icon-button", "aria-label": "Dismiss" }, "\u00d7");
+  const close = el(
+    "button",
+    { type: "button", class: "icon-button", "aria-label": "Dismiss" },
+    "\u00d7",
+  );
   close.addEventListener("click", () => toast.remove());
   toast.append(close);
   const errors = $("errors");
@@ -487,7 +513,8 @@ function formatTime(iso) {
 }
 
 function formatClock(date) {
-  return `${date.toLocaleTimeString([], { hour12: false })}.${String(date.getMilliseconds()).padStart(3, "0")}`;
+  const milliseconds = String(date.getMilliseconds()).padStart(3, "0");
+  return `${date.toLocaleTimeString([], { hour12: false })}.${milliseconds}`;
 }
 
 function autoResize(textarea) {
@@ -545,7 +572,11 @@ function setUp() {
   $("load-older").addEventListener("click", () => {
     const entry = model.chats.get(model.openChatId);
     const oldest = entry && oldestMessage(entry);
-    if (oldest) model.client.fetchMessages(entry.chat.chat_id, { before: oldest.messageId, limit: HISTORY_PAGE });
+    if (oldest)
+      model.client.fetchMessages(entry.chat.chat_id, {
+        before: oldest.messageId,
+        limit: HISTORY_PAGE,
+      });
   });
   $("clear-log").addEventListener("click", () => {
     $("frame-list").replaceChildren();

@@ -94,13 +94,15 @@ export function newId() {
 
 /**
  * The claims of a JWT, decoded but NOT verified (only the server can verify). The client reads
- * `sub` to know who it is and `exp` to know when to refresh; it never trusts them for anything else.
+ * `sub` to know who it is and `exp` to know when to refresh, and trusts them for nothing else.
  */
 export function jwtClaims(token) {
   try {
     const base64 = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
     const binary = atob(base64.padEnd(base64.length + ((4 - (base64.length % 4)) % 4), "="));
-    const claims = JSON.parse(new TextDecoder().decode(Uint8Array.from(binary, (c) => c.charCodeAt(0))));
+    const claims = JSON.parse(
+      new TextDecoder().decode(Uint8Array.from(binary, (c) => c.charCodeAt(0))),
+    );
     return claims && typeof claims === "object" ? claims : {};
   } catch {
     return {};
@@ -127,7 +129,9 @@ export async function fetchDevToken(userId, base = globalThis.location?.href) {
     body: JSON.stringify({ user_id: userId }),
   });
   if (response.status === 404) {
-    throw new Error("This server does not hand out dev tokens (auth.dev_tokens is off). Paste a JWT.");
+    throw new Error(
+      "This server does not hand out dev tokens (auth.dev_tokens is off). Paste a JWT.",
+    );
   }
   const body = await response.json().catch(() => ({}));
   if (!response.ok || typeof body.token !== "string") {
@@ -159,7 +163,13 @@ export class ChatClient extends EventTarget {
    * @param {() => Promise<string>} [options.getToken]  returns a fresh token; enables refresh
    * @param {typeof WebSocket} [options.WebSocket]  for tests or non-browser runtimes
    */
-  constructor({ url = "/ws", token, getToken = null, WebSocket: Socket = globalThis.WebSocket, ...rest }) {
+  constructor({
+    url = "/ws",
+    token,
+    getToken = null,
+    WebSocket: Socket = globalThis.WebSocket,
+    ...rest
+  }) {
     super();
     this.#path = url;
     this.#token = token;
@@ -302,7 +312,11 @@ export class ChatClient extends EventTarget {
   }
 
   #scheduleReconnect() {
-    const delayMs = backoffDelay(this.#attempt, this.#options.backoffBaseMs, this.#options.backoffMaxMs);
+    const delayMs = backoffDelay(
+      this.#attempt,
+      this.#options.backoffBaseMs,
+      this.#options.backoffMaxMs,
+    );
     this.#attempt += 1;
     this.#setState("waiting", { delayMs });
     this.#timers.reconnect = setTimeout(() => this.#connect(), delayMs);
@@ -364,11 +378,21 @@ export class ChatClient extends EventTarget {
       await this.#retryBinding(frame);
     } else if (entry && frame.code === "rate_limited") {
       this.#changeEntry(entry, "queued");
-      setTimeout(() => this.#state === "online" && this.#transmit(entry), frame.retry_after_ms ?? 1000);
-    } else if (entry && frame.code === "internal" && entry.internalRetries < this.#options.maxInternalRetries) {
+      setTimeout(
+        () => this.#state === "online" && this.#transmit(entry),
+        frame.retry_after_ms ?? 1000,
+      );
+    } else if (
+      entry &&
+      frame.code === "internal" &&
+      entry.internalRetries < this.#options.maxInternalRetries
+    ) {
       entry.internalRetries += 1;
       this.#changeEntry(entry, "queued");
-      setTimeout(() => this.#state === "online" && this.#transmit(entry), 1000 * entry.internalRetries);
+      setTimeout(
+        () => this.#state === "online" && this.#transmit(entry),
+        1000 * entry.internalRetries,
+      );
     } else if (entry && (FINAL_ERROR_CODES.has(frame.code) || frame.code === "internal")) {
       this.#outbox.delete(entry.clientMessageId);
       entry.error = frame;
@@ -436,7 +460,10 @@ export class ChatClient extends EventTarget {
     this.#timers.ping = setInterval(() => {
       if (!this.#write({ type: "ping" })) return;
       if (this.#timers.pongDeadline === null) {
-        this.#timers.pongDeadline = setTimeout(() => this.#replaceDeadSocket(), this.#options.pongTimeoutMs);
+        this.#timers.pongDeadline = setTimeout(
+          () => this.#replaceDeadSocket(),
+          this.#options.pongTimeoutMs,
+        );
       }
     }, this.#options.pingIntervalMs);
   }
