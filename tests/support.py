@@ -280,6 +280,48 @@ class RunningServer:
             yield client
 
 
+async def wait_marked(
+    server: RunningServer,
+    user_id: str,
+    chat_ids: Sequence[str] = (),
+    message_ids: Sequence[str] = (),
+    timeout: float = 2.0,
+) -> None:
+    """Wait until the store no longer offers these items to `user_id`.
+
+    The server records deliveries asynchronously (batched after the write). Tests whose subject
+    is not that timing wait here before the next binding; the tests of an immediate rebind do
+    not wait, on purpose.
+    """
+    services = server.app.services
+    assert services is not None
+    with trio.fail_after(timeout):
+        while True:
+            backlog = await services.store.backlog(user_id)
+            if not (set(chat_ids) & backlog.chat_ids or set(message_ids) & backlog.message_ids):
+                return
+            await trio.sleep(0.005)
+
+
+async def wait_nothing_pending(server: RunningServer, user_id: str, timeout: float = 2.0) -> None:
+    """Wait until the store has nothing undelivered for `user_id` (see `wait_marked`)."""
+    services = server.app.services
+    assert services is not None
+    with trio.fail_after(timeout):
+        while True:
+            backlog = await services.store.backlog(user_id)
+            if not backlog.chats and not backlog.messages:
+                return
+            await trio.sleep(0.005)
+
+
+async def expect_silence(*clients: Client, seconds: float = 0.15) -> None:
+    """Fail if any of the clients receives a frame within `seconds` (checked concurrently)."""
+    async with trio.open_nursery() as nursery:
+        for client in clients:
+            nursery.start_soon(client.expect_no_frame, seconds)
+
+
 def backlog_messages(frames: Sequence[Frame]) -> list[Frame]:
     """Every message carried by `new_messages` frames, in order."""
     return [m for f in frames if f["type"] == "new_messages" for m in f["data"]]
