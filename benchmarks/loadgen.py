@@ -100,7 +100,7 @@ def percentiles(samples: array[float] | list[float]) -> dict[str, float | int]:
     }
 
 
-def histogram(samples: array[float], bins: int = 60) -> dict[str, list[float]]:
+def histogram(samples: array[float], bins: int = 120) -> dict[str, list[float]]:
     """Log-spaced histogram of latencies (ms) for the plots, small enough to keep in JSON."""
     if not samples:
         return {"edges_ms": [], "counts": []}

@@ -88,16 +88,29 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _histograms(report: dict[str, Any]) -> list[tuple[str, dict[str, list[float]]]]:
+def _histograms(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(scenario, label, run) for every run that kept a latency histogram."""
     found = []
-    for key in ("a", "b", "g"):
+    for key in ("b", "a", "g"):
         section = report["scenarios"].get(key) or {}
-        for index, run in enumerate(section.get("runs", [])):
+        counters: dict[Any, int] = {}
+        for run in section.get("runs", []):
             hist = run.get("histogram")
+            group = run.get("workers")
+            counters[group] = counters.get(group, 0) + 1
             if hist and hist.get("counts"):
-                name = f"({key})" + (f" {run['workers']} worker(s)" if "workers" in run else "")
-                found.append((f"{name} run {index + 1}", hist))
+                name = f"({key})" + (f" {group} worker(s)" if group else "")
+                found.append((key, f"{name} run {counters[group]}", run))
     return found
+
+
+def _cdf(counts: list[float]) -> list[float]:
+    total = sum(counts) or 1.0
+    out, acc = [], 0.0
+    for count in counts:
+        acc += count
+        out.append(acc / total)
+    return out
 
 
 def plots(report: dict[str, Any], out: Path) -> list[str]:
@@ -110,23 +123,30 @@ def plots(report: dict[str, Any], out: Path) -> list[str]:
     written = []
     histograms = _histograms(report)
     if histograms:
-        fig, ax = plt.subplots(figsize=(9, 5))
-        for label, hist in histograms:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+        for key, label, run in histograms:
+            hist = run["histogram"]
             edges, counts = hist["edges_ms"], hist["counts"]
-            total = sum(counts) or 1
-            cumulative, acc = [], 0.0
-            for count in counts:
-                acc += count
-                cumulative.append(acc / total)
-            ax.step(edges[1:], cumulative, where="post", label=label)
-        ax.set_xscale("log")
-        ax.set_xlabel("delivery latency (ms, log scale)")
-        ax.set_ylabel("fraction of messages delivered within")
-        ax.axhline(0.99, color="grey", linewidth=0.8, linestyle=":")
-        ax.axvline(10, color="red", linewidth=0.8, linestyle="--", label="(b) p99 target 10 ms")
-        ax.set_title("Delivery latency distribution (CDF)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+            right.step(edges[1:], _cdf(counts), where="post", label=label)
+            if key == "b":
+                left.stairs(counts, edges, label=label, fill=False)
+                for name, style in (("p50_ms", ":"), ("p99_ms", "--")):
+                    if run.get(name):
+                        left.axvline(run[name], linestyle=style, linewidth=0.8, color="black")
+        left.axvline(10, color="red", linewidth=0.8, linestyle="--", label="p99 target 10 ms")
+        left.set_xscale("log")
+        left.set_xlabel("delivery latency (ms, log scale); dotted p50, dashed p99")
+        left.set_ylabel("messages per bin")
+        left.set_title("(b) fixed offered load: latency histogram")
+        left.legend(fontsize=8)
+        left.grid(True, which="both", alpha=0.3)
+        right.set_xscale("log")
+        right.set_xlabel("delivery latency (ms, log scale)")
+        right.set_ylabel("fraction delivered within")
+        right.axhline(0.99, color="grey", linewidth=0.8, linestyle=":")
+        right.set_title("CDF: (b) open loop; (a), (g) closed loop (queueing by design)")
+        right.grid(True, which="both", alpha=0.3)
+        right.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "latency.png", dpi=110)
         plt.close(fig)
@@ -225,7 +245,9 @@ def _throughput_bars(
     for runs in [(ceiling.get("series") or {}).get("connect", [])]:
         if runs:
             values = sorted(r["connects_per_s"] for r in runs)
-            connects.append(("generator ceiling", values[len(values) // 2], "yardstick"))
+            connects.append(
+                ("generator ceiling (raw relay)", values[len(values) // 2], "yardstick")
+            )
     if (scenarios.get("d") or {}).get("median"):
         connects.append(("(d) handler", scenarios["d"]["median"].get("connects_per_s"), "handler"))
     if connects:
