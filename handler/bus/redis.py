@@ -80,6 +80,21 @@ class _Outgoing:
     payload: bytes
 
 
+def _reraise_cancellation(error: BaseException) -> None:
+    """Re-raise a cancellation (or interrupt) alone; let the caller handle a Redis failure.
+
+    coredis runs anyio task groups, so a cancellation can arrive grouped with the cleanup errors
+    it caused (e.g. UNSUBSCRIBE on a connection being torn down); only the cancellation matters.
+    """
+    if isinstance(error, BaseExceptionGroup):
+        # (The condition also sees the groups themselves: answer False so split recurses.)
+        fatal, _ = error.split(lambda e: not isinstance(e, Exception | BaseExceptionGroup))
+        if fatal is not None:
+            raise fatal
+    elif not isinstance(error, Exception):
+        raise error
+
+
 class _Stale(Exception):
     """The subscriber connection stopped delivering (no heartbeat came back)."""
 
@@ -148,6 +163,7 @@ class RedisBus:
         self._send, self._receive = trio.open_memory_channel[_Outgoing](queue_size)
         self._lost: set[str] = set()
         self._lost_everyone = False
+        self._losses = 0
         self._stats = RedisBusStatistics()
 
     def statistics(self) -> RedisBusStatistics:
@@ -212,7 +228,8 @@ class RedisBus:
         try:
             with trio.fail_after(_COMMAND_TIMEOUT_S):
                 await pubsub.subscribe(self._user_channel(user_id))
-        except Exception as error:
+        except BaseException as error:
+            _reraise_cancellation(error)
             self._users.discard(user_id)
             raise BusUnavailable(f"redis subscribe failed: {error!r}") from None
 
@@ -226,7 +243,8 @@ class RedisBus:
         try:
             with trio.fail_after(_COMMAND_TIMEOUT_S):
                 await pubsub.unsubscribe(self._user_channel(user_id))
-        except Exception as error:
+        except BaseException as error:
+            _reraise_cancellation(error)
             # Harmless: the channel is dropped on the next reconnect and ignored until then.
             log.info("redis unsubscribe failed: %r", error)
 
@@ -257,7 +275,8 @@ class RedisBus:
                         task_status.started()
                         started = True
                     await self._consume(pubsub)
-            except Exception as error:
+            except BaseException as error:
+                _reraise_cancellation(error)
                 log.warning("redis subscriber connection lost: %r", error)
             finally:
                 if self._pubsub is not None:
@@ -284,22 +303,24 @@ class RedisBus:
 
     async def _consume(self, pubsub: PubSub[bytes]) -> None:
         silence = self._heartbeat_s * 3
-        while True:
-            with trio.move_on_after(silence) as waiting:
+        # One watchdog scope whose deadline every message pushes back (cheaper than a scope
+        # per message): if even our own heartbeat stops arriving, the connection is dead.
+        with trio.CancelScope(deadline=trio.current_time() + silence) as watchdog:
+            while True:
                 message = await pubsub.get_message()
-            if waiting.cancelled_caught:
-                raise _Stale(f"no heartbeat for {silence:.1f}s")
-            if message is None or message["type"] != "message":
-                continue
-            channel = message["channel"]
-            data = message["data"]
-            if not isinstance(channel, bytes) or not isinstance(data, bytes):
-                continue
-            if channel.startswith(self._user_prefix):
-                user_id = channel[len(self._user_prefix) :].decode("utf-8", "surrogatepass")
-                self._receive_for_user(user_id, data)
-            elif channel == self._all_channel and orjson.loads(data).get("o") != self.node_id:
-                self._resync(tuple(self._users))
+                watchdog.deadline = trio.current_time() + silence
+                if message is None or message["type"] != "message":
+                    continue
+                channel = message["channel"]
+                data = message["data"]
+                if not isinstance(channel, bytes) or not isinstance(data, bytes):
+                    continue
+                if channel.startswith(self._user_prefix):
+                    user_id = channel[len(self._user_prefix) :].decode("utf-8", "surrogatepass")
+                    self._receive_for_user(user_id, data)
+                elif channel == self._all_channel and orjson.loads(data).get("o") != self.node_id:
+                    self._resync(tuple(self._users))
+        raise _Stale(f"no heartbeat for {silence:.1f}s")
 
     def _receive_for_user(self, user_id: str, data: bytes) -> None:
         if user_id not in self._users:
@@ -361,6 +382,7 @@ class RedisBus:
             self._lose(event.recipients)
 
     def _lose(self, users: Iterable[str]) -> None:
+        self._losses += 1
         if self._lost_everyone:
             return
         self._lost.update(users)
@@ -369,7 +391,8 @@ class RedisBus:
             self._lost_everyone = True
 
     def _notices(self) -> list[_Outgoing]:
-        """Resync notices owed for earlier losses, sent ahead of the next batch."""
+        """Resync notices owed for losses so far; they follow the events queued before the
+        loss, so a resynchronized user has already been sent those."""
         notice = orjson.dumps({"o": self.node_id, "r": 1})
         if self._lost_everyone:
             return [_Outgoing((self._all_channel,), notice)]
@@ -377,37 +400,36 @@ class RedisBus:
 
     async def _publisher(self, client: coredis.Redis[bytes]) -> None:
         delay = 0.0
-        pending: list[_Outgoing] = []
         while True:
-            if not pending:
-                pending.append(await self._receive.receive())
-            while len(pending) < _MAX_PIPELINE:
+            batch = [await self._receive.receive()]
+            while len(batch) < _MAX_PIPELINE:
                 try:
-                    pending.append(self._receive.receive_nowait())
+                    batch.append(self._receive.receive_nowait())
                 except trio.WouldBlock:
                     break
+            losses = self._losses
+            owed_users, owed_everyone = set(self._lost), self._lost_everyone
             notices = self._notices()
             try:
                 with trio.fail_after(_COMMAND_TIMEOUT_S):
-                    await self._publish_batch(client, [*notices, *pending])
-            except Exception as error:
+                    await self._publish_batch(client, [*batch, *notices])
+            except BaseException as error:
+                _reraise_cancellation(error)
                 # Possibly partly sent: treat the whole batch as lost and owe its recipients
                 # a resync rather than risk sending anything twice.
-                log.warning("redis publish failed (%d events): %r", len(pending), error)
+                log.warning("redis publish failed (%d events): %r", len(batch), error)
                 self._stats.lost_batches += 1
-                for outgoing in pending:
-                    if outgoing.channels[0] != self._all_channel:
-                        self._lose(self._users_of(outgoing.channels))
-                pending = []
+                for outgoing in batch:
+                    self._lose(self._users_of(outgoing.channels))
                 delay = min(max(delay * 2, _BACKOFF_MIN_S), _BACKOFF_MAX_S)
                 await trio.sleep(delay)
                 continue
             delay = 0.0
-            if notices:
-                self._lost.clear()
+            self._stats.published += len(batch)
+            # Settle only what was sent: losses during the send are still owed.
+            self._lost -= owed_users
+            if owed_everyone and self._losses == losses:
                 self._lost_everyone = False
-            self._stats.published += len(pending)
-            pending = []
 
     async def _publish_batch(
         self, client: coredis.Redis[bytes], batch: Sequence[_Outgoing]
@@ -435,7 +457,8 @@ class RedisBus:
             try:
                 with trio.fail_after(_COMMAND_TIMEOUT_S):
                     await client.publish(self._node_channel, beat)
-            except Exception as error:
+            except BaseException as error:
+                _reraise_cancellation(error)
                 log.info("redis heartbeat failed: %r", error)
 
     # ------------------------------------------------------------------ health
@@ -449,7 +472,8 @@ class RedisBus:
         try:
             with trio.fail_after(2):
                 await client.ping()
-        except Exception as error:
+        except BaseException as error:
+            _reraise_cancellation(error)
             raise BusUnavailable(f"redis does not answer: {error!r}") from None
 
 

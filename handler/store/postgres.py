@@ -39,6 +39,7 @@ import attrs
 import psycopg
 import psycopg.errors
 import trio
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 
 from handler.config import StorageConfig
@@ -68,6 +69,7 @@ _MESSAGE_COLUMNS: Final = (
 _SESSION_OPTIONS: Final = (
     "-c statement_timeout=30000 -c idle_in_transaction_session_timeout=60000 -c lock_timeout=20000"
 )
+_PIPELINE: Final = psycopg.Pipeline.is_supported()
 # Retried whole: nothing was committed and the same batch can succeed on a second try.
 _TRANSIENT: Final = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 # Likely caused by one operation's data: the batch is replayed one operation per transaction.
@@ -128,6 +130,10 @@ class _Connector:
 
     def __init__(self, dsn: str) -> None:
         self._dsn = dsn
+        # Our session settings first, so `options` in the DSN (e.g. a search_path) add to them
+        # and can override them instead of being replaced.
+        extra = conninfo_to_dict(dsn).get("options")
+        self._options = f"{_SESSION_OPTIONS} {extra}" if extra else _SESSION_OPTIONS
         self._lock = threading.Lock()
         self._delay = 0.0
         self._retry_at = 0.0
@@ -143,7 +149,7 @@ class _Connector:
                 autocommit=True,
                 connect_timeout=_CONNECT_TIMEOUT_S,
                 application_name="chat-handler",
-                options=_SESSION_OPTIONS,
+                options=self._options,
                 keepalives=1,
                 keepalives_idle=10,
                 keepalives_interval=5,
@@ -315,7 +321,9 @@ def _apply_batch(connection: Connection, batch: Sequence[_Op]) -> None:
             ],
             returning=True,
         )
-        message_rows = [_returned_id(result) for result in cursor.results()]
+        message_rows = [_returned_id(cursor)]
+        while cursor.nextset():  # one result set per inserted row (psycopg >= 3.1)
+            message_rows.append(_returned_id(cursor))
         touched: dict[int, int] = {}
         for (add, created), message_row in zip(new, message_rows, strict=True):
             message = Message(
@@ -423,10 +431,13 @@ class _Writer:
             commit_sent = False
             try:
                 connection = self._connect()
-                connection.execute("BEGIN")
-                _apply_batch(connection, batch)
-                commit_sent = True
-                connection.execute("COMMIT")
+                with connection.pipeline() if _PIPELINE else contextlib.nullcontext():
+                    # Pipeline mode: statements whose results are not needed yet (BEGIN, the
+                    # UPDATEs, COMMIT) travel together instead of one round trip each.
+                    connection.execute("BEGIN")
+                    _apply_batch(connection, batch)
+                    commit_sent = True
+                    connection.execute("COMMIT")
                 return
             except StoreUnavailable as error:
                 self._fail(batch, error)
@@ -555,13 +566,12 @@ class PostgresStore:
         await trio.to_thread.run_sync(close_all)
 
     async def check(self) -> None:
-        await self._read(lambda db: db.execute("SELECT 1").fetchone(), snapshot=False, force=True)
+        # Within a backoff window this fails at once: /healthz must not wait on a dead server.
+        await self._read(lambda db: db.execute("SELECT 1").fetchone(), snapshot=False)
 
     # ------------------------------------------------------------------ helpers
 
-    async def _read(
-        self, query: Callable[[Connection], T], *, snapshot: bool = True, force: bool = False
-    ) -> T:
+    async def _read(self, query: Callable[[Connection], T], *, snapshot: bool = True) -> T:
         """Run `query` on a pooled connection in a worker thread.
 
         `snapshot` wraps it in one REPEATABLE READ READ ONLY transaction, for reads of several
@@ -572,7 +582,7 @@ class PostgresStore:
         async with self._reader_limiter:
             connection = self._readers.pop() if self._readers else None
             connection, result = await trio.to_thread.run_sync(
-                self._read_sync, connection, query, snapshot, force, limiter=self._reader_threads
+                self._read_sync, connection, query, snapshot, limiter=self._reader_threads
             )
             if connection is not None:
                 self._readers.append(connection)
@@ -585,7 +595,6 @@ class PostgresStore:
         connection: Connection | None,
         query: Callable[[Connection], T],
         snapshot: bool,
-        force: bool,
     ) -> tuple[Connection | None, T | StoreUnavailable]:
         """Returns the connection to keep (None when it broke) with the result or the error.
 
@@ -597,7 +606,7 @@ class PostgresStore:
                 if connection is None or not _usable(connection):
                     _close_quietly(connection)
                     connection = None
-                    connection = self._connector.connect(force=force)
+                    connection = self._connector.connect()
                     connection.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
                     connection.read_only = True
                 live = connection

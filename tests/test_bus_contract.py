@@ -1,0 +1,445 @@
+"""The bus contract (`handler.bus.base`), checked on every backend.
+
+A "node" is one bus instance with a sink that records what it receives, as one handler process
+would have. Contract tests run on the local bus and on Redis (marked `scale`; skipped unless
+`CHAT_TEST_REDIS_URL` is set; each test uses its own channel prefix). Redis-only tests cover
+what only a shared bus has: several nodes, and repairing lost events after an outage, a stalled
+server, or a full publisher queue, using a throwaway redis-server they can stop.
+
+Hub-side view: an event reaches user U on a node when U is among `event.recipients` and U is
+subscribed there; `received()` expands events that way, since the local bus hands the whole
+event to the sink while Redis narrows each copy to its channel's user.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
+
+import pytest
+import trio
+import trio.lowlevel
+from scale_support import ThrowawayRedis, free_port, redis_url, unique_prefix
+
+from handler.bus.base import Bus, Delivery
+from handler.bus.local import LocalBus
+from handler.bus.redis import RedisBus
+from handler.config import BusConfig
+from handler.errors import BusUnavailable
+from handler.protocol import Chat, Message
+
+TIMEOUT_S = 10.0
+
+
+class Node:
+    """One bus plus what its sink saw, in order."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.events: list[Delivery] = []
+        self.resyncs: list[tuple[str, ...]] = []
+        self.subscribed: set[str] = set()
+        self._changed = trio.Event()
+
+    def sink(self, event: Delivery) -> None:
+        self.events.append(event)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def on_resync(self, users: tuple[str, ...]) -> None:
+        self.resyncs.append(users)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def subscribe(self, *users: str) -> None:
+        for user in users:
+            await self.bus.subscribe(user)
+            self.subscribed.add(user)
+
+    async def unsubscribe(self, user: str) -> None:
+        await self.bus.unsubscribe(user)
+        self.subscribed.discard(user)
+
+    def received(self, user: str | None = None) -> list[tuple[str, str]]:
+        """(user, message id or chat id) for every copy that reached a subscribed user."""
+        pairs = []
+        for event in self.events:
+            if event.message is not None:
+                key = event.message.message_id
+            else:
+                assert event.chat is not None
+                key = event.chat.chat_id
+            for recipient in event.recipients:
+                if recipient in self.subscribed and (user is None or recipient == user):
+                    pairs.append((recipient, key))
+        return pairs
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = TIMEOUT_S) -> None:
+        with trio.fail_after(timeout):
+            while not predicate():
+                await self._changed.wait()
+
+
+class StartNode:
+    """Starts nodes of one backend in the test's nursery, sharing one channel namespace."""
+
+    def __init__(self, nursery: trio.Nursery, backend: str, url: str | None) -> None:
+        self.nursery = nursery
+        self.backend = backend
+        self.url = url
+        self.prefix = unique_prefix()
+
+    async def __call__(self, **options: Any) -> Node:
+        return await _start(self.nursery, self.backend, self.url, self.prefix, **options)
+
+
+def message_event(
+    key: str,
+    sender: str,
+    recipient: str,
+    content: str = "hi",
+    *,
+    origin: str | None = None,
+    request_id: str | None = None,
+) -> Delivery:
+    message = Message(key, "7", sender, recipient, content, "2026-01-01T00:00:00.000Z")
+    return Delivery(
+        "message",
+        (recipient, sender),
+        message=message,
+        origin_connection=origin,
+        origin_request_id=request_id,
+    )
+
+
+def chat_event(chat_id: str, creator: str, recipient: str) -> Delivery:
+    users = sorted((creator, recipient))
+    chat = Chat(chat_id, (users[0], users[1]), creator, "2026-01-01T00:00:00.000Z")
+    return Delivery("chat", (recipient, creator), chat=chat)
+
+
+async def _start(
+    nursery: trio.Nursery, backend: str, url: str | None, prefix: str, **options: Any
+) -> Node:
+    if backend == "local":
+        node = Node(LocalBus())
+        await nursery.start(node.bus.run, node.sink)
+        return node
+    assert url is not None
+    bus = RedisBus(BusConfig(backend="redis", url=url), prefix=prefix, **options)
+    node = Node(bus)
+    await nursery.start(functools.partial(bus.run, node.sink, on_resync=node.on_resync))
+    return node
+
+
+@pytest.fixture(params=["local", pytest.param("redis", marks=pytest.mark.scale)])
+async def start_node(
+    request: pytest.FixtureRequest, nursery: trio.Nursery
+) -> AsyncIterator[StartNode]:
+    """Nodes of the backend under test; the buses stop with the test's nursery."""
+    backend: str = request.param
+    yield StartNode(nursery, backend, redis_url() if backend == "redis" else None)
+    nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def start_redis_node(nursery: trio.Nursery) -> AsyncIterator[StartNode]:
+    """Nodes on the shared Redis (for the multi-node tests)."""
+    yield StartNode(nursery, "redis", redis_url())
+    nursery.cancel_scope.cancel()
+
+
+async def publisher_and_subscriber(start_node: StartNode) -> tuple[Node, Node]:
+    """Two nodes where the backend has several; the same node twice for the local bus."""
+    subscriber = await start_node()
+    if start_node.backend == "local":
+        return subscriber, subscriber
+    return await start_node(), subscriber
+
+
+# --------------------------------------------------------------------------- the contract
+
+
+async def test_delivers_only_to_subscribed_users(start_node: StartNode) -> None:
+    publisher, node = await publisher_and_subscriber(start_node)
+    await node.subscribe("alice")
+    publisher.bus.publish_nowait(message_event("1", "carol", "dave"))  # nobody here
+    publisher.bus.publish_nowait(message_event("2", "bob", "alice"))
+    publisher.bus.publish_nowait(message_event("3", "erin", "frank"))
+    publisher.bus.publish_nowait(message_event("4", "alice", "gina"))  # alice is the sender
+    await node.wait_for(lambda: len(node.received()) >= 2)
+    assert node.received() == [("alice", "2"), ("alice", "4")]
+
+
+async def test_keeps_publish_order_per_user(start_node: StartNode) -> None:
+    publisher, node = await publisher_and_subscriber(start_node)
+    await node.subscribe("alice", "bob")
+    expected_alice = []
+    for index in range(300):
+        key = str(index)
+        if index % 3:
+            publisher.bus.publish_nowait(message_event(key, "zed", "alice"))
+            expected_alice.append(("alice", key))
+        else:
+            publisher.bus.publish_nowait(message_event(key, "zed", "bob"))
+        if index % 50 == 0:
+            await trio.lowlevel.checkpoint()  # let the publisher interleave batches with new events
+    await node.wait_for(lambda: len(node.received()) == 300)
+    assert node.received("alice") == expected_alice
+    bob_keys = [int(key) for _, key in node.received("bob")]
+    assert bob_keys == sorted(bob_keys)
+
+
+async def test_subscribe_then_publish_is_never_missed(start_node: StartNode) -> None:
+    publisher, node = await publisher_and_subscriber(start_node)
+    users = [f"late-{index}" for index in range(40)]
+    for index, user in enumerate(users):
+        await node.subscribe(user)
+        publisher.bus.publish_nowait(message_event(str(index), "zed", user))
+    await node.wait_for(lambda: len(node.received()) == len(users))
+    assert node.received() == [(user, str(index)) for index, user in enumerate(users)]
+
+
+async def test_unsubscribe_stops_delivery(start_node: StartNode) -> None:
+    publisher, node = await publisher_and_subscriber(start_node)
+    await node.subscribe("alice", "bob")
+    publisher.bus.publish_nowait(message_event("1", "zed", "alice"))
+    await node.wait_for(lambda: len(node.received()) == 1)
+    await node.unsubscribe("alice")
+    publisher.bus.publish_nowait(message_event("2", "zed", "alice"))
+    publisher.bus.publish_nowait(message_event("3", "zed", "bob"))  # a marker after it
+    await node.wait_for(lambda: ("bob", "3") in node.received())
+    assert [event.message.message_id for event in node.events if event.message] == ["1", "3"]
+
+
+async def test_publisher_node_receives_its_own_event_once(start_node: StartNode) -> None:
+    other, node = await publisher_and_subscriber(start_node)
+    await node.subscribe("alice")
+    node.bus.publish_nowait(message_event("own", "bob", "alice", origin="conn-1", request_id="r"))
+    other.bus.publish_nowait(message_event("marker", "bob", "alice"))
+    await node.wait_for(lambda: ("alice", "marker") in node.received())
+    own = [event for event in node.events if event.message and event.message.message_id == "own"]
+    assert len(own) == 1
+    # The origin connection lives on the publishing node, which gets it back intact.
+    assert own[0].origin_connection == "conn-1"
+    assert own[0].origin_request_id == "r"
+
+
+async def test_chat_events_and_odd_text_survive_the_bus(start_node: StartNode) -> None:
+    publisher, node = await publisher_and_subscriber(start_node)
+    user = "ünïcødé: {user} \u05d0 😀"
+    await node.subscribe(user)
+    content = 'a\x00b 😀 \ufeff \U0010ffff \r\n \\u0000 "quoted"'
+    publisher.bus.publish_nowait(message_event("m", "bob", user, content))
+    publisher.bus.publish_nowait(chat_event("c", "bob", user))
+    await node.wait_for(lambda: len(node.received()) == 2)
+    message_copy, chat_copy = node.events
+    assert message_copy.kind == "message"
+    assert message_copy.message == message_event("m", "bob", user, content).message
+    assert chat_copy.kind == "chat"
+    assert chat_copy.chat == chat_event("c", "bob", user).chat
+
+
+async def test_check_answers_while_running(start_node: StartNode) -> None:
+    node = await start_node()
+    await node.bus.check()
+
+
+# --------------------------------------------------------------------------- Redis: several nodes
+
+
+@pytest.mark.scale
+async def test_redis_routes_by_user_across_nodes(start_redis_node: StartNode) -> None:
+    nodes = [await start_redis_node() for _ in range(3)]
+    homes = {f"user{index}": nodes[index % 3] for index in range(6)}
+    for user, node in homes.items():
+        await node.subscribe(user)
+    users = sorted(homes)
+    sent: list[tuple[str, str, str]] = []
+    for index in range(60):
+        sender, recipient = users[index % 6], users[(index * 5 + 1) % 6]
+        if sender == recipient:
+            continue
+        key = f"k{index}"
+        nodes[index % 3].bus.publish_nowait(
+            message_event(key, sender, recipient, origin=f"origin-{index}")
+        )
+        sent.append((key, sender, recipient))
+    for node in nodes:
+        mine = {user for user, home in homes.items() if home is node}
+        expected = [
+            (user, key)
+            for key, sender, recipient in sent
+            for user in (recipient, sender)
+            if user in mine
+        ]
+        count = len(expected)
+        await node.wait_for(lambda node=node, count=count: len(node.received()) >= count)
+        assert sorted(node.received()) == sorted(expected)
+        for user in mine:  # per user, each publisher's order is kept
+            keys = [int(key[1:]) for _, key in node.received(user)]
+            for publisher_index in range(3):
+                from_one = [k for k in keys if k % 3 == publisher_index]
+                assert from_one == sorted(from_one)
+        for event in node.events:
+            publisher_node = nodes[int(event.message.message_id[1:]) % 3] if event.message else None
+            if publisher_node is node:
+                # The local copy is the published event itself, as with the local bus.
+                assert set(event.recipients) & mine
+            else:
+                # A remote copy names only the user whose channel carried it, and never claims
+                # a connection of the publishing node.
+                assert len(event.recipients) == 1
+                assert event.recipients[0] in mine
+                assert event.origin_connection is None
+
+
+@pytest.mark.scale
+async def test_redis_full_publisher_queue_resyncs_the_recipients(
+    start_redis_node: StartNode,
+) -> None:
+    publisher = await start_redis_node(queue_size=4)
+    node = await start_redis_node()
+    await node.subscribe("alice")
+    for index in range(50):  # no checkpoint: the queue overflows
+        publisher.bus.publish_nowait(message_event(str(index), "zed", "alice"))
+    await node.wait_for(lambda: len(node.received()) >= 4)
+    publisher.bus.publish_nowait(message_event("next", "zed", "alice"))
+    await node.wait_for(lambda: ("alice",) in node.resyncs)
+    assert isinstance(publisher.bus, RedisBus)
+    # Every event either went through (before the resync notice) or was dropped and repaired.
+    delivered = [key for _, key in node.received() if key != "next"]
+    assert delivered == [str(index) for index in range(len(delivered))]
+    assert len(delivered) + publisher.bus.statistics().dropped == 50
+
+
+async def test_redis_unreachable_subscribe_raises(nursery: trio.Nursery) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    node = await _start(nursery, "redis", url, unique_prefix())
+    with pytest.raises(BusUnavailable):
+        await node.bus.subscribe("alice")
+    with pytest.raises(BusUnavailable):
+        await node.bus.check()
+    node.bus.publish_nowait(message_event("1", "bob", "alice"))  # never raises
+    nursery.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------------- Redis: outages
+
+
+@pytest.fixture
+def throwaway_redis() -> Iterator[ThrowawayRedis]:
+    server = ThrowawayRedis()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+async def _until_ready(node: Node, users: Sequence[str]) -> None:
+    """After a restart: retry subscribing (bounded) until the bus has reconnected."""
+    with trio.fail_after(TIMEOUT_S):
+        while True:
+            try:
+                await node.bus.check()
+                for user in users:
+                    await node.subscribe(user)
+                return
+            except BusUnavailable:
+                await trio.sleep(0.05)
+
+
+@pytest.mark.scale
+@pytest.mark.slow
+async def test_redis_outage_then_restart_resyncs_and_recovers(
+    throwaway_redis: ThrowawayRedis, nursery: trio.Nursery
+) -> None:
+    await throwaway_redis.start()
+    prefix = unique_prefix()
+    publisher = await _start(nursery, "redis", throwaway_redis.url, prefix)
+    node = await _start(nursery, "redis", throwaway_redis.url, prefix)
+    await node.subscribe("alice")
+    publisher.bus.publish_nowait(message_event("before", "bob", "alice"))
+    await node.wait_for(lambda: ("alice", "before") in node.received())
+
+    await throwaway_redis.stop()
+    publisher.bus.publish_nowait(message_event("during", "bob", "alice"))  # queued or lost
+    with trio.fail_after(TIMEOUT_S):
+        while True:  # the bus notices the outage on its own
+            try:
+                await node.bus.check()
+            except BusUnavailable:
+                break
+            await trio.sleep(0.05)
+    with pytest.raises(BusUnavailable):
+        await node.bus.subscribe("carol")
+
+    await throwaway_redis.start()
+    # Everyone bound on the node is resynchronized once it has resubscribed...
+    await node.wait_for(lambda: ("alice",) in node.resyncs)
+    await _until_ready(node, ["carol"])
+    # ...and live delivery works again without restarting anything.
+    publisher.bus.publish_nowait(message_event("after", "bob", "carol"))
+    await node.wait_for(lambda: ("carol", "after") in node.received())
+    nursery.cancel_scope.cancel()
+
+
+@pytest.mark.scale
+@pytest.mark.slow
+async def test_redis_stalled_server_is_detected_by_the_heartbeat(
+    throwaway_redis: ThrowawayRedis, nursery: trio.Nursery
+) -> None:
+    """A stopped (SIGSTOP) server keeps TCP open but answers nothing, like a half-open link."""
+    await throwaway_redis.start()
+    prefix = unique_prefix()
+    node = await _start(nursery, "redis", throwaway_redis.url, prefix, heartbeat_s=0.2)
+    await node.subscribe("alice")
+    pid = throwaway_redis.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with trio.fail_after(TIMEOUT_S):
+            while True:
+                try:
+                    await node.bus.check()
+                except BusUnavailable:
+                    break
+                await trio.sleep(0.05)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await node.wait_for(lambda: ("alice",) in node.resyncs, timeout=30)
+    other = await _start(nursery, "redis", throwaway_redis.url, prefix)
+    other.bus.publish_nowait(message_event("after", "bob", "alice"))
+    await node.wait_for(lambda: ("alice", "after") in node.received())
+    nursery.cancel_scope.cancel()
+
+
+@pytest.mark.scale
+@pytest.mark.slow
+async def test_redis_bus_throughput(
+    start_redis_node: StartNode, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """End-to-end events/s from one node's publisher to another node's sink, under trio.run;
+    prints the number for docs/design.md (only delivery and order are asserted)."""
+    publisher = await start_redis_node()
+    node = await start_redis_node()
+    await node.subscribe("alice")
+    total = 20_000
+    started = trio.current_time()
+    assert isinstance(publisher.bus, RedisBus)
+    for index in range(total):
+        publisher.bus.publish_nowait(message_event(str(index), "bob", "alice", "x" * 100))
+        # Stay under the queue's capacity; no event announces its length, so poll it.
+        while publisher.bus.statistics().queued > 1000:  # noqa: ASYNC110
+            await trio.sleep(0.001)
+    await node.wait_for(lambda: len(node.events) == total, timeout=60)
+    elapsed = trio.current_time() - started
+    assert [event.message.message_id for event in node.events if event.message] == [
+        str(index) for index in range(total)
+    ]
+    with capsys.disabled():
+        print(f"\nredis bus: {total / elapsed:.0f} events/s end to end ({total} events)")
+    assert publisher.bus.statistics().dropped == 0

@@ -1,0 +1,645 @@
+"""The store contract (`handler.store.base`), checked on every backend.
+
+Each test runs on SQLite and on PostgreSQL (the latter marked `scale`; it skips unless
+`CHAT_TEST_DATABASE_URL` is set, and gets a fresh schema). PostgreSQL-only tests at the end
+cover what only a shared store has: several writers on one chat, concurrent migrations, and an
+outage of a throwaway cluster.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import trio
+from scale_support import ThrowawayPostgres, database_url, free_port, fresh_schema
+
+from handler.config import StorageConfig
+from handler.errors import StoreUnavailable
+from handler.protocol import Chat, Message
+from handler.store import Store, open_store
+
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+TIMEOUT_S = 20.0
+
+OpenStore = Callable[[], Awaitable[Store]]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.scale)])
+def storage_config(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StorageConfig]:
+    if request.param == "sqlite":
+        yield StorageConfig(backend="sqlite", path=tmp_path / "chat.db")
+        return
+    with fresh_schema(database_url()) as dsn:
+        yield StorageConfig(backend="postgres", dsn=dsn, pool_size=4)
+
+
+@pytest.fixture
+async def opener(storage_config: StorageConfig, nursery: trio.Nursery) -> AsyncIterator[OpenStore]:
+    """Opens stores on the test's database; several stores stand for several processes."""
+    stores: list[Store] = []
+
+    async def open_one() -> Store:
+        store = open_store(storage_config)
+        await store.open(nursery)
+        stores.append(store)
+        return store
+
+    yield open_one
+    for store in stores:
+        await store.aclose()
+
+
+@pytest.fixture
+async def store(opener: OpenStore) -> Store:
+    return await opener()
+
+
+def as_int(identifier: str) -> int:
+    return int(identifier)
+
+
+async def send(
+    store: Store,
+    chat: Chat,
+    sender: str,
+    content: str = "hi",
+    client_message_id: str | None = None,
+) -> Message:
+    message, created = await store.add_message(chat, sender, content, client_message_id)
+    assert created
+    return message
+
+
+async def pending_marks(
+    store: Store, user_id: str, expect_chats: int, expect_messages: int
+) -> None:
+    """Delivery marks are fire-and-forget: wait (bounded) until the backlog reflects them."""
+    with trio.fail_after(TIMEOUT_S):
+        while True:
+            backlog = await store.backlog(user_id)
+            if (len(backlog.chats), len(backlog.message_ids)) == (expect_chats, expect_messages):
+                return
+            await trio.sleep(0.01)
+
+
+# --------------------------------------------------------------------------- chats
+
+
+async def test_create_chat_is_idempotent_and_tracks_delivery(store: Store) -> None:
+    chat, created = await store.create_chat("bob", "alice")
+    assert created
+    assert chat.participants == ("alice", "bob")
+    assert chat.created_by == "bob"
+    assert TIMESTAMP.match(chat.created_at)
+
+    again, created_again = await store.create_chat("alice", "bob")
+    assert not created_again
+    assert again == chat
+    assert await store.get_chat(chat.chat_id) == chat
+
+    # The creator's copy counts as delivered, the recipient's does not.
+    assert (await store.backlog("bob")).chats == ()
+    assert (await store.backlog("alice")).chats == (chat,)
+
+    await store.mark_delivered("alice", [chat.chat_id], [])
+    await pending_marks(store, "alice", 0, 0)
+
+
+async def test_concurrent_create_chat_makes_one_chat(store: Store) -> None:
+    results: list[tuple[Chat, bool]] = []
+
+    async def create(creator: str, recipient: str) -> None:
+        results.append(await store.create_chat(creator, recipient))
+
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            for index in range(20):
+                pair = ("carol", "dave") if index % 2 else ("dave", "carol")
+                nursery.start_soon(create, *pair)
+    assert len({chat.chat_id for chat, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+
+
+@pytest.mark.parametrize("chat_id", ["999999", "abc", "", "-1", "1" * 40, "٣"])
+async def test_get_chat_of_unknown_or_malformed_id_is_none(store: Store, chat_id: str) -> None:
+    await store.create_chat("alice", "bob")
+    assert await store.get_chat(chat_id) is None
+
+
+# --------------------------------------------------------------------------- messages
+
+
+async def test_add_message_is_acknowledged_after_commit(store: Store, opener: OpenStore) -> None:
+    chat, _ = await store.create_chat("alice", "bob")
+    committed: list[Message] = []
+    message, created = await store.add_message(chat, "alice", "hello", None, committed.append)
+    assert created
+    # on_commit ran before the writer resumed, and a separate store (other connections, as
+    # another process would have) already sees the row.
+    assert committed == [message]
+    other = await opener()
+    page = await other.messages_before(chat.chat_id, None, 10)
+    assert page == ((message,), False)
+    assert message.sender_id == "alice"
+    assert message.recipient_id == "bob"
+    assert message.chat_id == chat.chat_id
+    assert TIMESTAMP.match(message.timestamp)
+
+
+async def test_on_commit_order_is_commit_order_under_concurrency(store: Store) -> None:
+    chats = [(await store.create_chat("alice", f"peer{i}"))[0] for i in range(5)]
+    committed: list[Message] = []
+    returned: list[Message] = []
+
+    async def sender(task: int) -> None:
+        for index in range(20):
+            chat = chats[(task + index) % len(chats)]
+
+            def record(message: Message) -> None:
+                committed.append(message)
+
+            message, created = await store.add_message(
+                chat, "alice", f"{task}:{index}", None, record
+            )
+            assert created
+            # The callback ran before this task resumed.
+            assert message in committed
+            returned.append(message)
+
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            for task in range(10):
+                nursery.start_soon(sender, task)
+    assert len(committed) == 200
+    assert sorted(committed, key=lambda m: m.message_id) == sorted(
+        returned, key=lambda m: m.message_id
+    )
+    # One writer per store: commit order is id order, and on_commit followed it exactly.
+    ids = [as_int(m.message_id) for m in committed]
+    assert ids == sorted(ids)
+
+
+async def test_resend_with_client_message_id_is_idempotent(store: Store) -> None:
+    chat, _ = await store.create_chat("alice", "bob")
+    committed: list[Message] = []
+    first, created = await store.add_message(chat, "alice", "one", "c-1", committed.append)
+    assert created
+    assert first.client_message_id == "c-1"
+    again, created_again = await store.add_message(
+        chat, "alice", "changed", "c-1", committed.append
+    )
+    assert not created_again
+    assert again == first
+    assert committed == [first]  # no on_commit (so no fan-out) for a resend
+    # The key is (sender, chat, client_message_id): another sender may use the same id.
+    other, other_created = await store.add_message(chat, "bob", "two", "c-1")
+    assert other_created
+    assert other.message_id != first.message_id
+    page, _ = await store.messages_before(chat.chat_id, None, 10) or ((), False)
+    assert [m.content for m in page] == ["one", "two"]
+
+
+async def test_concurrent_resends_store_one_message(store: Store) -> None:
+    chat, _ = await store.create_chat("alice", "bob")
+    results: list[tuple[Message, bool]] = []
+
+    async def resend() -> None:
+        results.append(await store.add_message(chat, "alice", "same", "dup"))
+
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            for _ in range(25):
+                nursery.start_soon(resend)
+    assert sum(created for _, created in results) == 1
+    assert len({message for message, _ in results}) == 1
+    page, _ = await store.messages_before(chat.chat_id, None, 100) or ((), False)
+    assert len(page) == 1
+
+
+async def test_ids_and_timestamps_never_go_backwards_in_a_chat(store: Store) -> None:
+    chat, _ = await store.create_chat("alice", "bob")
+    sent = [await send(store, chat, ("alice", "bob")[i % 2], f"m{i}") for i in range(60)]
+    page, has_more = await store.messages_before(chat.chat_id, None, 1000) or ((), True)
+    assert not has_more
+    assert page == tuple(sent)
+    ids = [as_int(m.message_id) for m in page]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    stamps = [m.timestamp for m in page]
+    assert stamps == sorted(stamps)  # ISO-8601 with fixed width sorts as time
+    assert all(TIMESTAMP.match(stamp) for stamp in stamps)
+
+
+async def test_group_commit_under_concurrency_loses_nothing(store: Store) -> None:
+    chats = [(await store.create_chat(f"u{i}", f"v{i}"))[0] for i in range(8)]
+    results: list[Message] = []
+
+    async def sender(task: int) -> None:
+        chat = chats[task % len(chats)]
+        for index in range(10):
+            sender_id = chat.participants[index % 2]
+            message, created = await store.add_message(
+                chat, sender_id, f"{task}/{index}", f"k{task}-{index}"
+            )
+            assert created
+            results.append(message)
+
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            for task in range(50):
+                nursery.start_soon(sender, task)
+    assert len(results) == 500
+    assert len({m.message_id for m in results}) == 500
+    stored = 0
+    for chat in chats:
+        page, has_more = await store.messages_before(chat.chat_id, None, 1000) or ((), True)
+        assert not has_more
+        stored += len(page)
+        ids = [as_int(m.message_id) for m in page]
+        assert ids == sorted(ids)
+    assert stored == 500
+    statistics = getattr(store, "writer_statistics", None)
+    if statistics is not None:
+        batches, operations = statistics
+        assert batches < operations  # writes really were grouped
+
+
+ODD_CONTENT = [
+    "\x00",
+    "a\x00b\x00",
+    "\x00" * 10,
+    "emoji 😀👩‍👩‍👧‍👦🏳️‍🌈",
+    "e\u0301 combining, \u200d zwj, \u200b zwsp",
+    "\ufeffBOM first",
+    "עברית mixed with العربية",
+    "\uffff\ufffe\U0010ffff\U0001f600",
+    "\r\n\t\x1b[31m\x7f\x85\u2028\u2029",
+    "'; DROP TABLE messages; --",
+    "\\x00 \\u0000 %s %(name)s {} $1 ?",
+    " leading and trailing spaces ",
+    "x" * 4096,
+    "😀" * 4096,
+]
+
+
+@pytest.mark.parametrize("content", ODD_CONTENT, ids=range(len(ODD_CONTENT)))
+async def test_content_round_trips_exactly(store: Store, content: str) -> None:
+    chat, _ = await store.create_chat("alice", "bob")
+    client_message_id = "id\x00" + content[:20]
+    message = await send(store, chat, "alice", content, client_message_id)
+    assert message.content == content
+    page, _ = await store.messages_before(chat.chat_id, None, 10) or ((), False)
+    assert [m.content for m in page] == [content]
+    assert [m.client_message_id for m in page] == [client_message_id]
+    (history,) = await store.chat_histories("bob", 10)
+    assert [m.content for m in history.messages] == [content]
+    backlog = await store.backlog("bob")
+    assert [m.content for _, batch in backlog.messages for m in batch] == [content]
+    again, created = await store.add_message(chat, "alice", content, client_message_id)
+    assert not created
+    assert again == message
+
+
+# --------------------------------------------------------------------------- history
+
+
+async def test_messages_before_pages_backwards(store: Store) -> None:
+    chat, _ = await store.create_chat("alice", "bob")
+    other, _ = await store.create_chat("alice", "carol")
+    sent = [await send(store, chat, "alice", f"m{i}") for i in range(25)]
+    foreign = await send(store, other, "alice", "elsewhere")
+
+    page, has_more = await store.messages_before(chat.chat_id, None, 10) or ((), False)
+    assert page == tuple(sent[15:])
+    assert has_more
+    page, has_more = await store.messages_before(chat.chat_id, page[0].message_id, 10) or (
+        (),
+        False,
+    )
+    assert page == tuple(sent[5:15])
+    assert has_more
+    page, has_more = await store.messages_before(chat.chat_id, page[0].message_id, 10) or (
+        (),
+        True,
+    )
+    assert page == tuple(sent[:5])
+    assert not has_more
+    assert await store.messages_before(chat.chat_id, sent[0].message_id, 10) == ((), False)
+    # A `before` that is not a message of this chat is refused (the hub answers bad_request).
+    assert await store.messages_before(chat.chat_id, foreign.message_id, 10) is None
+    assert await store.messages_before(chat.chat_id, "nope", 10) is None
+    assert await store.messages_before("nope", None, 10) is None
+    empty, _ = await store.create_chat("alice", "dave")
+    assert await store.messages_before(empty.chat_id, None, 10) == ((), False)
+
+
+async def test_chat_histories_most_recent_first_with_newest_messages(store: Store) -> None:
+    # Activity times are milliseconds: let each step happen in a later one.
+    quiet, _ = await store.create_chat("alice", "bob")
+    await trio.sleep(0.005)
+    busy, _ = await store.create_chat("carol", "alice")
+    await trio.sleep(0.005)
+    lonely, _ = await store.create_chat("alice", "dave")
+    await trio.sleep(0.005)
+    busy_sent = [await send(store, busy, "carol", f"b{i}") for i in range(5)]
+    await trio.sleep(0.005)
+    quiet_sent = [await send(store, quiet, "bob", "q0")]
+    await store.create_chat("erin", "frank")  # not alice's
+
+    histories = await store.chat_histories("alice", 3)
+    # quiet had the latest message, then busy; lonely (no message) ranks by its creation.
+    assert [h.chat for h in histories] == [quiet, busy, lonely]
+    assert histories[0].messages == tuple(quiet_sent)
+    assert not histories[0].has_more
+    assert histories[1].messages == tuple(busy_sent[2:])
+    assert histories[1].has_more
+    assert histories[2].messages == ()
+    assert not histories[2].has_more
+    assert await store.chat_histories("nobody", 3) == []
+
+
+# --------------------------------------------------------------------------- backlog
+
+
+async def test_backlog_groups_by_chat_in_order_of_oldest_undelivered(store: Store) -> None:
+    first, _ = await store.create_chat("alice", "bob")
+    second, _ = await store.create_chat("carol", "bob")
+    a1 = await send(store, second, "carol", "c1")
+    b1 = await send(store, first, "alice", "a1")
+    a2 = await send(store, second, "carol", "c2")
+    await send(store, first, "bob", "own message")  # never in one's own backlog
+    b2 = await send(store, first, "alice", "a2")
+
+    backlog = await store.backlog("bob")
+    assert backlog.chats == (first, second)  # oldest first
+    assert backlog.messages == (
+        (second.chat_id, (a1, a2)),
+        (first.chat_id, (b1, b2)),
+    )
+    assert backlog.message_ids == {a1.message_id, a2.message_id, b1.message_id, b2.message_id}
+    assert backlog.chat_ids == {first.chat_id, second.chat_id}
+
+    await store.mark_delivered("bob", [second.chat_id], [a1.message_id, b1.message_id])
+    await pending_marks(store, "bob", 1, 2)
+    backlog = await store.backlog("bob")
+    assert backlog.chats == (first,)
+    assert backlog.messages == ((second.chat_id, (a2,)), (first.chat_id, (b2,)))
+
+
+async def test_mark_delivered_is_per_user_and_idempotent(store: Store) -> None:
+    chat, _ = await store.create_chat("alice", "bob")
+    to_bob = await send(store, chat, "alice", "for bob")
+    to_alice = await send(store, chat, "bob", "for alice")
+    # Marking someone else's message, unknown or malformed ids: no effect, no error.
+    await store.mark_delivered("alice", [], [to_bob.message_id, "424242", "x", ""])
+    await store.mark_delivered("bob", [chat.chat_id], [to_bob.message_id])
+    await store.mark_delivered("bob", [chat.chat_id], [to_bob.message_id])
+    await pending_marks(store, "bob", 0, 0)
+    backlog = await store.backlog("alice")
+    assert backlog.messages == ((chat.chat_id, (to_alice,)),)
+    await store.mark_delivered("alice", [], [])
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+async def test_check_answers_while_open(store: Store) -> None:
+    await store.check()
+
+
+async def test_reopen_keeps_data_and_schema(store: Store, opener: OpenStore) -> None:
+    chat, _ = await store.create_chat("alice", "bob")
+    message = await send(store, chat, "alice", "kept")
+    await store.aclose()
+    reopened = await opener()
+    assert await reopened.get_chat(chat.chat_id) == chat
+    assert await reopened.messages_before(chat.chat_id, None, 5) == ((message,), False)
+
+
+# --------------------------------------------------------------------------- PostgreSQL only
+
+
+@pytest.fixture
+def postgres_config() -> Iterator[StorageConfig]:
+    with fresh_schema(database_url()) as dsn:
+        yield StorageConfig(backend="postgres", dsn=dsn, pool_size=4)
+
+
+@pytest.mark.scale
+async def test_postgres_writers_in_several_processes_keep_chat_order(
+    postgres_config: StorageConfig, nursery: trio.Nursery
+) -> None:
+    """Three stores = three processes' writers, all on one chat, interleaving batches."""
+    stores = [open_store(postgres_config) for _ in range(3)]
+    for store in stores:
+        await store.open(nursery)
+    try:
+        chat, _ = await stores[0].create_chat("alice", "bob")
+        committed: list[list[Message]] = [[] for _ in stores]
+
+        async def writer(index: int, task: int) -> None:
+            store = stores[index]
+            for n in range(15):
+                sender = ("alice", "bob")[(task + n) % 2]
+                await store.add_message(
+                    chat, sender, f"{index}.{task}.{n}", None, committed[index].append
+                )
+
+        with trio.fail_after(TIMEOUT_S * 2):
+            async with trio.open_nursery() as writers:
+                for index in range(len(stores)):
+                    for task in range(8):
+                        writers.start_soon(writer, index, task)
+        page, _ = await stores[1].messages_before(chat.chat_id, None, 1000) or ((), False)
+        assert len(page) == 3 * 8 * 15
+        ids = [as_int(m.message_id) for m in page]
+        assert ids == sorted(ids)
+        stamps = [m.timestamp for m in page]
+        assert stamps == sorted(stamps)
+        for per_store in committed:  # each process published in commit (= id) order
+            ids = [as_int(m.message_id) for m in per_store]
+            assert ids == sorted(ids)
+    finally:
+        for store in stores:
+            await store.aclose()
+
+
+@pytest.mark.scale
+async def test_postgres_resend_across_processes_stores_once(
+    postgres_config: StorageConfig, nursery: trio.Nursery
+) -> None:
+    stores = [open_store(postgres_config) for _ in range(2)]
+    for store in stores:
+        await store.open(nursery)
+    try:
+        chat, _ = await stores[0].create_chat("alice", "bob")
+        results: list[tuple[Message, bool]] = []
+
+        async def resend(store: Store) -> None:
+            results.append(await store.add_message(chat, "alice", "once", "same-key"))
+
+        with trio.fail_after(TIMEOUT_S):
+            async with trio.open_nursery() as senders:
+                for index in range(20):
+                    senders.start_soon(resend, stores[index % 2])
+        assert sum(created for _, created in results) == 1
+        assert len({message for message, _ in results}) == 1
+    finally:
+        for store in stores:
+            await store.aclose()
+
+
+@pytest.mark.scale
+async def test_postgres_migrations_are_versioned_and_race_free(
+    postgres_config: StorageConfig, nursery: trio.Nursery
+) -> None:
+    stores = [open_store(postgres_config) for _ in range(4)]
+    async with trio.open_nursery() as openers:  # four processes starting at once
+        for store in stores:
+            openers.start_soon(store.open, nursery)
+    for store in stores:
+        await store.aclose()
+    with psycopg.connect(postgres_config.dsn, autocommit=True) as connection:
+        rows = connection.execute("SELECT version FROM schema_version").fetchall()
+    assert rows == [(1,)]
+
+
+@pytest.mark.scale
+async def test_postgres_one_bad_write_does_not_fail_its_batch(
+    postgres_config: StorageConfig, nursery: trio.Nursery
+) -> None:
+    store = open_store(postgres_config)
+    await store.open(nursery)
+    try:
+        chat, _ = await store.create_chat("alice", "bob")
+        good: list[Message] = []
+        failures: list[BaseException] = []
+
+        async def good_write(index: int) -> None:
+            good.append(await send(store, chat, "alice", f"ok {index}"))
+
+        async def bad_write() -> None:
+            try:
+                await store.create_chat("nul\x00user", "bob")  # text cannot hold U+0000
+            except StoreUnavailable as error:
+                failures.append(error)
+
+        with trio.fail_after(TIMEOUT_S):
+            async with trio.open_nursery() as writers:  # all queued into one batch
+                for index in range(10):
+                    writers.start_soon(good_write, index)
+                writers.start_soon(bad_write)
+        assert len(failures) == 1
+        assert len(good) == 10
+        page, _ = await store.messages_before(chat.chat_id, None, 100) or ((), False)
+        assert sorted(m.message_id for m in page) == sorted(m.message_id for m in good)
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.scale
+@pytest.mark.slow
+async def test_postgres_outage_fails_fast_then_recovers_without_losing_acks(
+    nursery: trio.Nursery,
+) -> None:
+    server = ThrowawayPostgres()
+    try:
+        with trio.fail_after(60):
+            await server.start()
+            store = open_store(StorageConfig(backend="postgres", dsn=server.dsn, pool_size=2))
+            await store.open(nursery)
+            chat, _ = await store.create_chat("alice", "bob")
+            acked = [await send(store, chat, "alice", f"before {i}") for i in range(20)]
+
+            await server.stop()  # like a crash
+            with pytest.raises(StoreUnavailable):
+                await store.add_message(chat, "alice", "during", None)
+            with pytest.raises(StoreUnavailable):
+                await store.messages_before(chat.chat_id, None, 10)
+            with pytest.raises(StoreUnavailable):
+                await store.check()
+            with pytest.raises(StoreUnavailable):
+                await store.create_chat("alice", "carol")
+            await store.mark_delivered("bob", [chat.chat_id], [])  # dropped, never raises
+
+            await server.start()
+            # The same store reconnects by itself once its backoff window has passed.
+            with trio.fail_after(15):
+                while True:
+                    try:
+                        await store.check()
+                        after = await store.add_message(chat, "alice", "after", None)
+                        break
+                    except StoreUnavailable:
+                        await trio.sleep(0.1)
+            page, _ = await store.messages_before(chat.chat_id, None, 100) or ((), False)
+            assert page == (*acked, after[0])
+            await store.aclose()
+    finally:
+        server.close()
+
+
+async def test_postgres_unreachable_at_open_raises_store_unavailable(
+    nursery: trio.Nursery,
+) -> None:
+    dsn = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    store = open_store(StorageConfig(backend="postgres", dsn=dsn))
+    with pytest.raises(StoreUnavailable):
+        await store.open(nursery)
+
+
+@pytest.mark.scale
+@pytest.mark.slow
+@pytest.mark.parametrize("senders", [1, 16, 64])
+async def test_postgres_group_commit_throughput(
+    postgres_config: StorageConfig,
+    nursery: trio.Nursery,
+    senders: int,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Measures rows/s of group commit against one commit per message, on one writer and on
+    eight (as a per-request connection pool would); prints the numbers for docs/design.md.
+
+    Only the structure is asserted (batches form under concurrency), not the timings.
+    """
+    from handler.store.postgres import PostgresStore
+
+    total = 1000 if senders == 1 else 3200
+    results: dict[str, float] = {}
+    for name, writers, max_batch in (
+        ("one commit per message, 1 writer", 1, 1),
+        ("one commit per message, 8 writers", 8, 1),
+        ("group commit, 1 writer", 1, 512),
+    ):
+        stores = [PostgresStore(postgres_config, max_batch=max_batch) for _ in range(writers)]
+        for store in stores:
+            await store.open(nursery)
+        chats = [(await stores[0].create_chat("bench", f"peer{i}"))[0] for i in range(16)]
+
+        async def sender(
+            task: int, stores: list[PostgresStore] = stores, chats: list[Chat] = chats
+        ) -> None:
+            for index in range(total // senders):
+                store = stores[(task + index) % len(stores)]
+                chat = chats[(task + index) % len(chats)]
+                await store.add_message(chat, "bench", f"message {task}/{index} " * 4, None)
+
+        started = trio.current_time()
+        async with trio.open_nursery() as load:
+            for task in range(senders):
+                load.start_soon(sender, task)
+        elapsed = trio.current_time() - started
+        results[name] = total / elapsed
+        batches, operations = stores[0].writer_statistics
+        if max_batch > 1 and senders >= 16:
+            assert operations / batches >= 4
+        for store in stores:
+            await store.aclose()
+    with capsys.disabled():
+        for name, rate in results.items():
+            print(f"\n{senders:3d} senders  {name:36s} {rate:8.0f} messages/s", end="")
+        print()
