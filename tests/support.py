@@ -315,6 +315,17 @@ async def wait_nothing_pending(server: RunningServer, user_id: str, timeout: flo
             await trio.sleep(0.005)
 
 
+async def wait_committed(server: RunningServer, user_id: str, timeout: float = 2.0) -> None:
+    """Wait until the store offers `user_id` at least one undelivered message."""
+    services = server.app.services
+    assert services is not None
+    with trio.fail_after(timeout):
+        while True:
+            if (await services.store.backlog(user_id)).messages:
+                return
+            await trio.sleep(0.005)
+
+
 async def expect_silence(*clients: Client, seconds: float = 0.15) -> None:
     """Fail if any of the clients receives a frame within `seconds` (checked concurrently)."""
     async with trio.open_nursery() as nursery:
@@ -376,11 +387,11 @@ class RawClient:
         while not self._events:
             for event in self.ws.events():
                 if isinstance(event, ws_events.Ping):
-                    await self.stream.send_all(self.ws.send(event.response()))
+                    await self._write(self.ws.send(event.response()))
                 elif isinstance(event, ws_events.CloseConnection):
                     self.close_code = event.code
                     if self.ws.state == wsproto.ConnectionState.REMOTE_CLOSING:
-                        await self.stream.send_all(self.ws.send(event.response()))
+                        await self._write(self.ws.send(event.response()))
                     self._events.append(event)
                 elif not isinstance(event, ws_events.Pong):
                     self._events.append(event)
@@ -394,6 +405,11 @@ class RawClient:
             if not data and not self._events:
                 raise ConnectionError("connection lost without a close frame")
         return self._events.pop(0)
+
+    async def _write(self, data: bytes) -> None:
+        # Shielded: a frame cut in half by a cancelled read would corrupt the stream.
+        with trio.CancelScope(shield=True):
+            await self.stream.send_all(data)
 
     async def send_text(self, text: str, fragments: int = 1) -> None:
         """Send one text message, split into `fragments` frames."""
@@ -441,6 +457,18 @@ class RawClient:
         assert not isinstance(event, int), f"closed with {event}"
         return event
 
+    async def sync(self, timeout: float = RECV_TIMEOUT_S) -> list[Frame]:
+        """Send a `ping` and return every frame received before its `pong`."""
+        marker = f"sync-{time.monotonic_ns()}"
+        await self.send({"type": "ping", "request_id": marker})
+        before: list[Frame] = []
+        with trio.fail_after(timeout):
+            while True:
+                frame = await self.recv(timeout)
+                if frame.get("type") == "pong" and frame.get("request_id") == marker:
+                    return before
+                before.append(frame)
+
     async def wait_closed(self, timeout: float = RECV_TIMEOUT_S) -> int:
         """Read (and discard) until the server closes; return the close code."""
         with trio.fail_after(timeout):
@@ -451,7 +479,7 @@ class RawClient:
 
     async def close_and_drain(self, timeout: float = RECV_TIMEOUT_S) -> list[Frame]:
         """Close with 1000 and return every message received before the server's close."""
-        await self.stream.send_all(self.ws.send(ws_events.CloseConnection(code=1000)))
+        await self._write(self.ws.send(ws_events.CloseConnection(code=1000)))
         frames: list[Frame] = []
         with trio.fail_after(timeout):
             while True:
