@@ -33,6 +33,7 @@ def hypercorn_config(config: Config) -> HypercornConfig:
     hyper.websocket_max_message_size = config.limits.max_frame_bytes
     hyper.websocket_ping_interval = None  # sent per connection by the transport guard
     hyper.keep_alive_timeout = 75
+    hyper.backlog = 4096  # bursts of reconnecting clients must not overflow the SYN queue
     return hyper
 
 

@@ -13,7 +13,9 @@ Hypercorn 0.18 (checked against its source) has four behaviours a chat gateway c
 The fixes live where the faults are, in the transport, and are driven per connection by the
 application through private keys of the ASGI `websocket.accept` message (servers ignore
 unknown keys, so the app stays a plain ASGI app): no compression unless asked for, and then
-inflation capped at the message limit; the byte limit and ping interval of our config; a
+inflation capped at the message limit; the byte limit of our config; pings and batched writes
+from the application's single writer task (Hypercorn's own pinger is a task per connection
+that also outlives its connection, holding shutdown up until it wakes); a
 close frame with the right code for protocol errors; and cancellable socket writes that abort
 the TCP connection when cancelled mid-write (a half-written frame leaves nothing to save).
 
@@ -49,9 +51,11 @@ from wsproto.handshake import server_extensions_handshake
 from wsproto.utilities import LocalProtocolError, generate_accept_token
 
 ACCEPT_OPTIONS_KEY: Final = "handler.transport"
-# An ASGI send event of our own: several text frames written with one socket write. A server
-# without this guard rejects the unknown type loudly instead of silently dropping frames.
+# ASGI send events of our own: several text frames written with one socket write, and a
+# WebSocket ping. A server without this guard rejects unknown types loudly instead of silently
+# dropping frames.
 SEND_MANY: Final = "handler.websocket.send_many"
+SEND_PING: Final = "handler.websocket.ping"
 
 _installed = False
 
@@ -61,7 +65,6 @@ class TransportOptions(TypedDict):
 
     max_message_bytes: int
     compression: bool
-    ping_interval_s: float | None
 
 
 class CappedPerMessageDeflate(PerMessageDeflate):
@@ -132,7 +135,6 @@ def _accept_handshake(
 
 _original_accept = WSStream._accept
 _original_app_send = WSStream.app_send
-_original_handle = WSStream.handle
 _original_protocol_send = TCPServer.protocol_send
 
 
@@ -156,42 +158,23 @@ async def _guarded_accept(self: Any, message: dict[str, Any]) -> None:
     await self.config.log.access(
         self.scope, {"status": status_code, "headers": []}, time.time() - self.start_time
     )
-    interval = options["ping_interval_s"]
-    if interval:
-        self.handler_ping_scope = trio.CancelScope()
-        self.task_group.spawn(_send_pings, self, interval, self.handler_ping_scope)
-
-
-async def _send_pings(stream: Any, interval: float, scope: trio.CancelScope) -> None:
-    """Keep intermediaries from dropping quiet connections; ends with the stream."""
-    with scope:
-        while not stream.closed:
-            await trio.sleep(interval)
-            await stream._send_wsproto_event(Ping())
 
 
 async def _guarded_app_send(self: Any, message: Any) -> None:
-    """Hypercorn's `app_send`, plus `SEND_MANY`: one syscall for a burst of frames."""
-    if message is None or message.get("type") != SEND_MANY:
+    """Hypercorn's `app_send`, plus `SEND_MANY` (one syscall for a burst of frames) and
+    `SEND_PING` (sent by the connection's writer, so pings cost no task of their own)."""
+    kind = None if message is None else message.get("type")
+    if kind != SEND_MANY and kind != SEND_PING:
         await _original_app_send(self, message)
         return
     if self.closed or self.state != ASGIWebsocketState.CONNECTED:
         return
+    events = [Ping()] if kind == SEND_PING else [TextMessage(data=t) for t in message["texts"]]
     try:
-        data = b"".join(self.connection.send(TextMessage(data=text)) for text in message["texts"])
+        data = b"".join(self.connection.send(event) for event in events)
     except LocalProtocolError:
         return  # the WebSocket is closing; like Hypercorn, drop late frames
     await self.send(Data(stream_id=self.stream_id, data=data))
-
-
-async def _guarded_handle(self: Any, event: Any) -> None:
-    await _original_handle(self, event)
-    if self.closed:
-        # The pinger lives in the TCP connection's task group, which cannot finish (and
-        # shutdown cannot complete) while it sleeps.
-        scope = getattr(self, "handler_ping_scope", None)
-        if scope is not None:
-            scope.cancel()
 
 
 async def _guarded_handle_events(self: Any) -> None:
@@ -258,7 +241,6 @@ def install() -> None:
     # setattr: these are deliberate replacements of methods, documented above.
     setattr(WSStream, "_accept", _guarded_accept)  # noqa: B010
     setattr(WSStream, "_handle_events", _guarded_handle_events)  # noqa: B010
-    setattr(WSStream, "handle", _guarded_handle)  # noqa: B010
     setattr(WSStream, "app_send", _guarded_app_send)  # noqa: B010
     setattr(TCPServer, "protocol_send", _cancellable_protocol_send)  # noqa: B010
     _installed = True

@@ -24,7 +24,12 @@ import trio
 from handler.connection import Connection
 from handler.errors import CloseCode
 from handler.session import Services, Session
-from handler.transport.hypercorn_guard import ACCEPT_OPTIONS_KEY, SEND_MANY, TransportOptions
+from handler.transport.hypercorn_guard import (
+    ACCEPT_OPTIONS_KEY,
+    SEND_MANY,
+    SEND_PING,
+    TransportOptions,
+)
 
 log = logging.getLogger("handler.ws")
 
@@ -77,7 +82,6 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, services: 
     options: TransportOptions = {
         "max_message_bytes": limits.max_frame_bytes,
         "compression": limits.compression,
-        "ping_interval_s": limits.ping_interval_s,
     }
     await send({"type": "websocket.accept", ACCEPT_OPTIONS_KEY: options})
 
@@ -137,11 +141,21 @@ async def _read(receive: Receive, session: Session, connection: Connection, max_
 
 
 async def _write(connection: Connection, send: Send, services: Services) -> None:
-    """Drain the outbox; frames queued together go out in one socket write."""
+    """Drain the outbox; frames queued together go out in one socket write. A connection with
+    nothing to send for `ping_interval_s` gets a WebSocket ping, for intermediaries."""
     count_out = services.metrics.count_out
     hub = services.hub
     outbox = connection.outbox
-    async for first in outbox:
+    ping_interval = services.limits.ping_interval_s
+    while True:
+        with trio.move_on_after(ping_interval) as quiet:
+            try:
+                first = await outbox.receive()
+            except trio.EndOfChannel:
+                return
+        if quiet.cancelled_caught:
+            await send({"type": SEND_PING})
+            continue
         batch = [first]
         while len(batch) < WRITE_BATCH:
             try:
