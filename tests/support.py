@@ -355,6 +355,7 @@ class RawClient:
         self.ws = ws
         self.accepted: ws_events.AcceptConnection | None = None
         self.close_code: int | None = None
+        self.pings_received = 0
         self._events: list[ws_events.Event] = []
         self._text: list[str] = []
 
@@ -387,6 +388,7 @@ class RawClient:
         while not self._events:
             for event in self.ws.events():
                 if isinstance(event, ws_events.Ping):
+                    self.pings_received += 1
                     await self._write(self.ws.send(event.response()))
                 elif isinstance(event, ws_events.CloseConnection):
                     self.close_code = event.code
