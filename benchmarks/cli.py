@@ -49,6 +49,7 @@ def _meta(profile: str, runs: int, client: str) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "cpu_model": model,
         "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "nice": -int(os.environ.get("BENCH_NICE", "0") or 0),
     }
 
 
@@ -93,7 +94,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--client", choices=["raw", "trio-websocket"], default="raw", help="generator client"
     )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="run the server and generator this much above normal priority (needs root); "
+        "on a shared machine it keeps other work from preempting them",
+    )
     args = parser.parse_args(argv)
+    if args.nice:
+        os.environ["BENCH_NICE"] = str(args.nice)
     wanted = [name.strip() for name in args.scenarios.split(",") if name.strip()]
     unknown = [name for name in wanted if name not in SCENARIOS]
     if unknown:

@@ -40,7 +40,7 @@ import orjson
 import trio
 
 from benchmarks import wire
-from benchmarks.servers import raise_nofile, usable_cpus
+from benchmarks.servers import apply_priority, raise_nofile, usable_cpus
 
 _TS_LEN: Final = 17
 _SETUP_TIMEOUT: Final = 120.0
@@ -389,7 +389,13 @@ async def job_open_loop(gen: Generator) -> dict[str, Any]:
                 tally.sent += 1
                 outstanding["acks"] += 1
                 outstanding["deliveries"] += 1
+                send_lag.append(trio.current_time() - due)
             due += rng.expovariate(per_user)
+
+    timeline: dict[int, list[float]] = {}  # second of the window -> [count, max latency]
+    # How late the generator itself wrote each frame: if this grows, the generator (or its
+    # core) is the bottleneck, not the server.
+    send_lag: array[float] = array("d")
 
     async def reader(user: User) -> None:
         me = user.user_id
@@ -415,6 +421,9 @@ async def job_open_loop(gen: Generator) -> dict[str, Any]:
                         tally.delivered += 1
                         outstanding["deliveries"] -= 1
                         tally.delivery_latency.append(now - due)
+                        second = timeline.setdefault(int(due - window[0]), [0, 0.0])
+                        second[0] += 1
+                        second[1] = max(second[1], now - due)
                     check_settled()
                 elif kind == "error":
                     tally.errors[str(message.get("code"))] += 1
@@ -454,6 +463,11 @@ async def job_open_loop(gen: Generator) -> dict[str, Any]:
         "ack_latency": percentiles(tally.ack_latency),
         "delivery_latency": percentiles(tally.delivery_latency),
         "delivery_histogram": histogram(tally.delivery_latency),
+        "send_lag": percentiles(send_lag),
+        "timeline": [
+            {"second": second, "delivered": count, "max_ms": worst * 1000}
+            for second, (count, worst) in sorted(timeline.items())
+        ],
         "errors": dict(tally.errors),
         "other_frames": dict(tally.other),
     }
@@ -713,6 +727,7 @@ def main() -> None:
     if cpus:
         os.sched_setaffinity(0, cpus)
     raise_nofile()
+    apply_priority()
     job = json.loads(sys.stdin.readline())
     started = time.process_time()
     result = trio.run(run_job, job)

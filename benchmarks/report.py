@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
+
+NOISY_CORES: Final = 0.2  # other processes' CPU during a window above which figures are suspect
 
 
 def _fmt(value: Any) -> str:
@@ -46,7 +48,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"- commit: `{meta.get('commit', '?')}`, {meta.get('date', '')}",
         f"- machine: {meta.get('cpus', '?')} cores ({meta.get('cpu_model', '?')}), load "
         f"average before the run {meta.get('loadavg', '?')}; server pinned to core 0, "
-        "generator to core 1",
+        f"generator to core 1, nice {meta.get('nice', 0)}",
         '- "per CPU-s": the figure divided by the server\'s CPU seconds in the same window '
         "(stable on a noisy machine, unlike wall-clock rates)",
         "",
@@ -75,6 +77,12 @@ def markdown(report: dict[str, Any]) -> str:
         )
         for note in section.get("notes", []):
             lines.append(f"  - {note}")
+        noise = (section.get("median") or {}).get("other_cpu_frac")
+        if noise is not None and noise > NOISY_CORES:
+            lines.append(
+                f"  - **noisy**: other processes used {noise:.2f} cores during the measured "
+                "windows (median); wall-clock figures suffer, per CPU-s figures much less"
+            )
         seeding = section.get("seeding")
         if seeding:
             lines.append(

@@ -430,12 +430,14 @@ def scenario_b(ctx: Context) -> Outcome:
                     "max_ms": latency.get("max_ms"),
                     "ack_p50_ms": result["ack_latency"].get("p50_ms"),
                     "ack_p99_ms": result["ack_latency"].get("p99_ms"),
+                    "send_lag_p99_ms": result["send_lag"].get("p99_ms"),
                     "server_cpu_frac": cpu / win["wall_s"],
                     "delivered_per_server_cpu_s": _per(result["delivered"], cpu),
                     "generator_cpu_frac": win["generator_cpu_s"] / win["wall_s"],
                     "other_cpu_frac": win["other_cpu_frac"],
                     "errors": result["errors"],
                     "histogram": result["delivery_histogram"],
+                    "timeline": result["timeline"],
                 }
             )
     p99 = out.median("p99_ms")
@@ -453,6 +455,11 @@ def scenario_b(ctx: Context) -> Outcome:
         Row("delivery latency max", out.median("max_ms"), "ms"),
         Row("ack latency p99", out.median("ack_p99_ms"), "ms"),
         Row(
+            "generator's own send lag p99 (its share of the latency)",
+            out.median("send_lag_p99_ms"),
+            "ms",
+        ),
+        Row(
             "server CPU (fraction of one core)",
             cpu_frac,
             "core",
@@ -460,6 +467,7 @@ def scenario_b(ctx: Context) -> Outcome:
             ok=at_most(cpu_frac, 0.5),
         ),
         Row("messages not delivered by the end", out.median("lost"), "msg"),
+        Row("generator CPU (fraction of one core)", out.median("generator_cpu_frac"), "core"),
         Row("other processes on the machine (noise)", out.median("other_cpu_frac"), "core"),
     ]
     return out
