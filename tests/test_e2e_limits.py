@@ -9,7 +9,14 @@ from typing import Any
 import pytest
 import trio
 from conftest import StartServer
-from support import Client, RunningServer, make_token
+from support import (
+    Client,
+    RunningServer,
+    backlog_messages,
+    http_request,
+    make_token,
+    wait_marked,
+)
 from trio_websocket import ConnectionRejected
 from wsproto.extensions import PerMessageDeflate
 
@@ -342,3 +349,64 @@ async def test_token_in_the_query_is_not_required_for_a_raw_client(
         await raw.send({"type": "ping", "token": make_token("alice")})
         assert await raw.recv() == {"type": "authenticated", "user_id": "alice"}
         assert await raw.recv() == {"type": "pong"}
+
+
+# --------------------------------------------------------------------------- slow consumers
+
+
+async def _slow_consumers_dropped(server: RunningServer) -> float:
+    response = await http_request(server, "GET", "/metrics")
+    for line in response.body.decode().splitlines():
+        if line.startswith("chat_slow_consumers_dropped_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
+async def test_a_client_that_stops_reading_is_dropped(start_server: StartServer) -> None:
+    server = await start_server(limits={"send_queue": 8})
+    big = EMOJI * 4096  # 16 KiB of UTF-8 per message: socket buffers fill quickly
+    async with server.connect("alice") as alice, server.connect("carol") as carol:
+        chat = await alice.create_chat("bob")
+        carols = await alice.create_chat("carol")
+        assert (await carol.recv())["type"] == "new_chats"
+        sent: list[str] = []
+        async with server.open_raw(token=server.token("bob")) as bob:
+            assert (await bob.recv())["type"] == "authenticated"
+            assert (await bob.recv())["type"] == "new_chats"
+            # bob stops reading. Other users keep their latency while his queue fills.
+            with trio.fail_after(10):
+                while await _slow_consumers_dropped(server) < 1:
+                    for _ in range(10):
+                        ack = await alice.send_message(chat["chat_id"], "bob", big)
+                        sent.append(ack["message_id"])
+                    start = trio.current_time()
+                    await alice.send_message(carols["chat_id"], "carol", "still fast?")
+                    assert (await carol.recv())["content"] == "still fast?"
+                    assert trio.current_time() - start < 0.5
+                    assert len(sent) < 1000, "never dropped"
+            # bob now reads what reached him: a close with 1013, or an aborted connection.
+            read: list[str] = []
+            with trio.fail_after(5):
+                try:
+                    while True:
+                        event = await bob.recv_event()
+                        if isinstance(event, int):
+                            assert event == 1013
+                            break
+                        assert event["type"] == "message"
+                        read.append(event["message_id"])
+                except ConnectionError:
+                    pass  # aborted: written but unread frames are gone with the socket
+        for i in range(3):  # bob is offline now
+            ack = await alice.send_message(chat["chat_id"], "bob", f"after {i}")
+            sent.append(ack["message_id"])
+    await wait_marked(server, "bob", message_ids=read)
+    async with server.connect("bob") as bob_again:
+        backlog = [m["message_id"] for m in backlog_messages(bob_again.backlog)]
+    # What bob read is the start of the stream; what he missed comes back in the backlog, in
+    # order and without anything he read; between the two lie at most the frames the server
+    # wrote to the socket that the abort discarded.
+    assert read == sent[: len(read)]
+    assert backlog == sent[len(sent) - len(backlog) :]
+    assert len(read) + len(backlog) <= len(sent)
+    assert len(backlog) >= 4  # at least the message that overflowed, and the 3 sent offline
