@@ -146,6 +146,16 @@ class Client:
                     return before
                 before.append(frame)
 
+    async def recv_event_or_close(self, timeout: float = RECV_TIMEOUT_S) -> Frame | int | None:
+        """The next frame, reduced to `type` and `code` for errors, or the close code."""
+        try:
+            frame = await self.recv(timeout)
+        except ConnectionClosed as closed:
+            return None if closed.reason is None else closed.reason.code
+        if frame.get("type") == "error":
+            return {"type": "error", "code": frame.get("code")}
+        return frame
+
     async def wait_closed(self, timeout: float = RECV_TIMEOUT_S) -> int | None:
         """Read (and discard) until the server closes; return the close code."""
         with trio.fail_after(timeout):

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import trio
 from conftest import StartServer
 from support import RunningServer, backlog_messages, http_request
+
+from handler.errors import StoreUnavailable
 
 
 async def test_healthz(server: RunningServer) -> None:
@@ -104,3 +107,20 @@ async def test_no_new_connections_during_shutdown(start_server: StartServer) -> 
             return  # refused: not accepting any more
         await stream.aclose()
         raise AssertionError("the server still accepts connections after shutdown")
+
+
+async def test_healthz_is_503_when_the_store_does_not_answer(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    services = server.app.services
+    assert services is not None
+
+    async def broken() -> None:
+        raise StoreUnavailable("database is gone")
+
+    monkeypatch.setattr(services.store, "check", broken)
+    response = await http_request(server, "GET", "/healthz")
+    assert response.status == 503
+    body = response.json()
+    assert body["status"] != "ok"
+    assert "store" in body

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from typing import Any
 
+import pytest
 import trio
 from support import Client, Frame, RunningServer, expect_silence, wait_nothing_pending
 
@@ -428,3 +430,39 @@ async def test_resend_after_delivery_does_not_push_again(server: RunningServer) 
     await wait_nothing_pending(server, "bob")
     async with server.connect("bob") as bob:
         assert bob.backlog == []
+
+
+async def test_unexpected_fault_is_internal_with_a_correlation_id(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    services = server.app.services
+    assert services is not None
+
+    async def explode(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("simulated fault")
+
+    async with server.connect("alice") as alice:
+        chat = await alice.create_chat("bob")
+        monkeypatch.setattr(services.store, "add_message", explode)
+        error = await alice.request(
+            {
+                "type": "send_message",
+                "chat_id": chat["chat_id"],
+                "recipient_id": "bob",
+                "content": "boom",
+                "request_id": "i",
+            }
+        )
+        assert (error["type"], error["code"], error["request_id"]) == ("error", "internal", "i")
+        assert "simulated fault" not in error["message"]
+        assert "Traceback" not in error["message"]
+        logged = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert logged
+        correlation = re.search(r"correlation[ _]?(?:id)?[ =]*([0-9a-f]{6,})", error["message"])
+        assert correlation, error["message"]
+        assert any(correlation.group(1) in r.getMessage() for r in logged)
+        # One client's fault does not take anything down.
+        monkeypatch.undo()
+        assert await alice.request({"type": "ping"}) == {"type": "pong"}
+        ack = await alice.send_message(chat["chat_id"], "bob", "fine again")
+        assert ack["content"] == "fine again"
