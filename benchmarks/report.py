@@ -215,7 +215,7 @@ def _throughput_bars(
     per_cpu: list[tuple[str, float | None, str]] = []
     ceiling = scenarios.get("ceiling") or {}
     for label, runs in (ceiling.get("series") or {}).items():
-        if label == "connect":
+        if label in ("connect", "latency floor"):
             continue
         values = [r["delivered_per_s"] for r in runs]
         short = label.split(",")[0].replace("generator ceiling", "generator ceiling")

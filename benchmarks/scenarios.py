@@ -271,6 +271,26 @@ def scenario_ceiling(ctx: Context) -> Outcome:
             metrics.update(variant=label, stack=stack, client=client)
             series.setdefault(label, []).append(metrics)
             out.runs.append(metrics)
+    fixed = ctx.params("b")
+    for run in range(ctx.runs):
+        ctx.say(f"  latency floor at (b)'s load vs raw relay: run {run + 1}/{ctx.runs}")
+        with echo_server(ctx.log("echo-raw.log"), "raw", cpus=SERVER_CPUS) as server:
+            job = {"kind": "open_loop", "port": server.port, "client": ctx.client, **fixed}
+            result, readings = run_loadgen(
+                job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log("ceiling.log")
+            )
+        win = window(readings, "measure_start", "measure_end")
+        series.setdefault("latency floor", []).append(
+            {
+                "variant": "latency floor",
+                "p50_ms": result["delivery_latency"].get("p50_ms"),
+                "p99_ms": result["delivery_latency"].get("p99_ms"),
+                "send_lag_p99_ms": result["send_lag"].get("p99_ms"),
+                "generator_cpu_frac": win["generator_cpu_s"] / win["wall_s"],
+                "other_cpu_frac": win["other_cpu_frac"],
+            }
+        )
+        out.runs.append(series["latency floor"][-1])
     for run in range(ctx.runs):
         ctx.say(f"  connect ceiling vs raw relay: run {run + 1}/{ctx.runs}")
         with echo_server(ctx.log("echo-raw.log"), "raw", cpus=SERVER_CPUS) as server:
@@ -320,6 +340,15 @@ def scenario_ceiling(ctx: Context) -> Outcome:
                     "msg per server CPU-s",
                 )
             )
+    floor = series["latency floor"]
+    out.rows.append(
+        Row(
+            f"latency floor: (b)'s {fixed['rate']:,} msg/s vs raw relay, p99",
+            median_of(floor, "p99_ms"),
+            "ms",
+        )
+    )
+    out.rows.append(Row("latency floor: p50", median_of(floor, "p50_ms"), "ms"))
     connects = series["connect"]
     out.rows.append(
         Row(

@@ -59,10 +59,13 @@ def test_every_scenario_ran_and_wrote_the_report(smoke: tuple[dict[str, Any], Pa
 def test_ceiling(smoke: tuple[dict[str, Any], Path]) -> None:
     data = section(smoke, "ceiling")
     series = data["series"]
-    assert len(series) == 4
-    for runs in series.values():
+    assert len(series) == 5
+    for label, runs in series.items():
         for run_ in runs:
-            assert run_.get("delivered_per_s", run_.get("connects_per_s", 0)) > 0
+            if label == "latency floor":
+                assert 0 < run_["p50_ms"] <= run_["p99_ms"]
+            else:
+                assert run_.get("delivered_per_s", run_.get("connects_per_s", 0)) > 0
 
 
 def test_a_saturated_relay(smoke: tuple[dict[str, Any], Path]) -> None:
