@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import MutableMapping
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -120,7 +121,7 @@ async def start_services(config: Config, nursery: trio.Nursery) -> Services:
         rate_per_s=config.limits.rate_per_s,
         rate_burst=config.limits.rate_burst,
     )
-    await nursery.start(bus.run, hub.deliver)
+    await nursery.start(partial(bus.run, hub.deliver, on_resync=hub.resync))
     await nursery.start(hub.run_marks)
     return Services(
         store=store,

@@ -70,7 +70,12 @@ class TokenAuthority:
                 algorithms=[algorithm],
                 issuer=self._config.issuer,
                 audience=self._config.audience,
-                options={"require": ["sub"]},
+                options={
+                    "require": ["sub"],
+                    # PyJWT refuses any token with `aud` when no audience is given; the
+                    # protocol checks `aud` only when one is configured.
+                    "verify_aud": self._config.audience is not None,
+                },
                 leeway=0,
             )
         except jwt.ExpiredSignatureError:

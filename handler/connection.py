@@ -26,6 +26,9 @@ import trio
 from handler.errors import CloseCode
 
 REPLY_ROOM_TIMEOUT_S: Final = 5.0
+# How long a binding remembers its backlog's ids to drop late fan-out of the same items: far
+# longer than a commit-to-publish delay, even across nodes.
+BACKLOG_MEMORY_S: Final = 60.0
 
 
 @attrs.frozen
@@ -67,6 +70,10 @@ class Connection:
         self._send, self.outbox = trio.open_memory_channel[Outgoing](send_queue)
         self._pending: collections.deque[Outgoing] | None = None
         self._on_drop = on_drop
+        # What the last backlog contained, for a while: a message can be committed (and so be
+        # in the backlog) a moment before its fan-out is published, even from another node.
+        self._backlog_ids: frozenset[str] = frozenset()
+        self._backlog_ids_until = 0.0
 
     @property
     def binding(self) -> bool:
@@ -83,7 +90,7 @@ class Connection:
 
     def push_nowait(self, item: Outgoing) -> None:
         """Fan-out path: never blocks; a full outbox drops the connection."""
-        if self.close_code is not None:
+        if self.close_code is not None or self._in_backlog(item):
             return
         if self._pending is not None:
             if len(self._pending) >= self._capacity:
@@ -97,6 +104,15 @@ class Connection:
             self._drop()
         except trio.ClosedResourceError:
             pass
+
+    def _in_backlog(self, item: Outgoing) -> bool:
+        if not self._backlog_ids:
+            return False
+        if trio.current_time() > self._backlog_ids_until:
+            self._backlog_ids = frozenset()
+            return False
+        key = item.message_id if item.message_id is not None else item.chat_id
+        return key is not None and key in self._backlog_ids
 
     async def reply(self, item: Outgoing) -> None:
         """Direct-reply path: waits for room, but a client that does not read is dropped."""
@@ -130,6 +146,9 @@ class Connection:
             await self.reply(item)
         # No await between the empty check above and this line: nothing can slip in between.
         self._pending = None
+        if delivered_message_ids or delivered_chat_ids:
+            self._backlog_ids = delivered_message_ids | delivered_chat_ids
+            self._backlog_ids_until = trio.current_time() + BACKLOG_MEMORY_S
 
     def abort_binding(self) -> None:
         self._pending = None

@@ -15,9 +15,9 @@ Theory of operation:
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
-import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import trio
 
@@ -32,6 +32,7 @@ from handler.store.base import Store
 log = logging.getLogger("handler.hub")
 
 MARK_FLUSH_INTERVAL_S = 0.02
+IN_FLIGHT_WAIT_S = 2.0
 
 
 class _UserEntry:
@@ -53,10 +54,18 @@ class Hub:
         self._burst = rate_burst
         self.users: dict[str, _UserEntry] = {}
         self.connections: dict[str, Connection] = {}
-        self._marks_send, self._marks_receive = trio.open_memory_channel[Receipt](math.inf)
+        # Receipts of written frames, waiting to be recorded. A plain list rather than a
+        # channel: a binding must be able to take *all* of them, including those the periodic
+        # writer is about to take.
+        self._receipts: list[Receipt] = []
+        self._receipts_queued = trio.Event()
+        self._marks_stopping = False
         self.closing = False
         self._all_detached = trio.Event()
         self._marks_done = trio.Event()
+        self._marks_lock = trio.Lock()
+        self._writes_in_flight: collections.Counter[str] = collections.Counter()
+        self._writes_landed = trio.Event()
 
     # ------------------------------------------------------------------ registry
 
@@ -174,6 +183,18 @@ class Hub:
                     Outgoing(text, "new_chats", receipt, now, chat_id=chat.chat_id)
                 )
 
+    def resync(self, user_ids: tuple[str, ...]) -> None:
+        """The bus may have lost events for these users: make their connections rebind.
+
+        Rebinding is the one path that is already exactly-once (subscribe, then read the
+        backlog, then replay), so repair reuses it: each connection is closed with 1013 and
+        its client reconnects and receives what it missed as backlog.
+        """
+        for user_id in user_ids:
+            for connection in list(self.user_connections(user_id)):
+                log.warning("resync conn=%s user=%s: closing so it rebinds", connection.id, user_id)
+                connection.close(CloseCode.TRY_AGAIN_LATER, "missed events; reconnect")
+
     def drop_slow(self, connection: Connection) -> None:
         """Slow-consumer policy: count it; the connection closes itself with 1013."""
         self.metrics.slow_consumers.inc()
@@ -186,7 +207,8 @@ class Hub:
         if item.published_at is not None:
             self.metrics.deliver_latency.observe(trio.current_time() - item.published_at)
         if item.receipt is not None:
-            self._marks_send.send_nowait(item.receipt)
+            self._receipts.append(item.receipt)
+            self._receipts_queued.set()
 
     async def run_marks(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -199,16 +221,44 @@ class Hub:
             self._marks_done.set()
 
     async def _write_marks(self) -> None:
-        async with self._marks_receive:
-            async for first in self._marks_receive:
-                await trio.sleep(MARK_FLUSH_INTERVAL_S)
-                batch = [first]
-                while True:
-                    try:
-                        batch.append(self._marks_receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                await self._flush_marks(batch)
+        while True:
+            await self._receipts_queued.wait()
+            self._receipts_queued = trio.Event()  # only this loop replaces it
+            if not self._marks_stopping:
+                await trio.sleep(MARK_FLUSH_INTERVAL_S)  # coalesce a burst into one write
+            await self._record_queued_receipts()
+            if self._marks_stopping:
+                return
+
+    async def _record_queued_receipts(self) -> None:
+        async with self._marks_lock:  # one batch at a time, in the order they were taken
+            receipts, self._receipts = self._receipts, []
+            if receipts:
+                await self._flush_marks(receipts)
+
+    @contextlib.contextmanager
+    def writing(self, user_id: str) -> Iterator[None]:
+        """Mark a socket write carrying receipts for `user_id` as under way."""
+        self._writes_in_flight[user_id] += 1
+        try:
+            yield
+        finally:
+            self._writes_in_flight[user_id] -= 1
+            if not self._writes_in_flight[user_id]:
+                del self._writes_in_flight[user_id]
+                self._writes_landed.set()
+                self._writes_landed = trio.Event()
+
+    async def sync_marks(self, user_id: str) -> None:
+        """Commit every receipt of the user's finished writes; a binding calls this before
+        its backlog read, so items just written to another connection of the user are not
+        offered twice. Writes under way are waited for (bounded: a stuck one is dropped by the
+        slow-consumer policy, and its items simply stay undelivered)."""
+        with trio.move_on_after(IN_FLIGHT_WAIT_S):
+            while self._writes_in_flight.get(user_id):
+                await self._writes_landed.wait()
+        await self._record_queued_receipts()  # also waits for a batch being recorded now
+        await self.store.flush()
 
     async def _flush_marks(self, batch: list[Receipt]) -> None:
         chats: dict[str, list[str]] = collections.defaultdict(list)
@@ -225,7 +275,8 @@ class Hub:
 
     async def stop_marks(self) -> None:
         """Write the receipts still queued, then stop the mark writer."""
-        self._marks_send.close()
+        self._marks_stopping = True
+        self._receipts_queued.set()
         await self._marks_done.wait()
 
     # ------------------------------------------------------------------ shutdown

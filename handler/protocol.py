@@ -460,6 +460,10 @@ class _Fields:
         value = self._obj.get("limit")
         if value is None:
             return default
+        if isinstance(value, float) and value.is_integer() and abs(value) > _INT64_MAX:
+            # The JSON parser turns integers past 64 bits into floats; they are still
+            # integers, just larger than any limit.
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "limit must be an integer", field="limit")
         if value < 1 or (maximum is not None and value > maximum):

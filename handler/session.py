@@ -220,6 +220,7 @@ class Session:
         self._expiry_deadline = _trio_deadline(identity)
         try:
             await hub.register(connection, identity.user_id)
+            await hub.sync_marks(identity.user_id)
             backlog = await self.services.store.backlog(identity.user_id)
         except BaseException:
             connection.abort_binding()
@@ -323,7 +324,7 @@ class Session:
         bus = self.services.hub.bus
         origin = self.connection.id
 
-        def publish(message: protocol.Message) -> None:
+        def publish(message: protocol.Message, previous_id: str | None) -> None:
             bus.publish_nowait(
                 Delivery(
                     "message",
@@ -331,6 +332,7 @@ class Session:
                     message=message,
                     origin_connection=origin,
                     origin_request_id=frame.request_id,
+                    prev_message_id=previous_id,
                 )
             )
 

@@ -9,6 +9,10 @@ The bus carries *notifications*; the store stays the source of truth. A backend 
   binding race depends on it: subscribe, then read the backlog);
 - never block the publisher: `publish_nowait` queues or delivers synchronously.
 
+A copy delivered from another node may be narrowed: `recipients` is then just the user whose
+channel carried it, and `origin_connection` is None (the origin lives on the publishing node,
+which delivered to it directly).
+
 A backend that can lose events (Redis pub/sub is at-most-once) must repair the loss, e.g. with
 a gap check against the store, since the protocol promises exactly-once delivery per binding.
 """
@@ -38,16 +42,27 @@ class Delivery:
     chat: Chat | None = None
     origin_connection: str | None = None
     origin_request_id: RequestId | None = None
+    # The id of the chat's message committed just before this one (None for the first): lets
+    # a receiving node put events from several publishers back in commit order per chat.
+    prev_message_id: str | None = None
 
 
 DeliverySink = Callable[[Delivery], None]
+# Called with users whose events this node may have missed (e.g. after a reconnect to the
+# pub/sub server); the hub repairs it through the store.
+ResyncHook = Callable[[tuple[str, ...]], None]
 
 
 class Bus(Protocol):
     async def run(
-        self, sink: DeliverySink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        sink: DeliverySink,
+        *,
+        on_resync: ResyncHook | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Run until cancelled, calling `sink` (synchronously) for every event for this node."""
+        """Run until cancelled, calling `sink` (synchronously) for every event for this node,
+        and `on_resync` for users whose events may have been lost."""
 
     async def subscribe(self, user_id: str) -> None:
         """Start routing the user's events to this node; returns once that is in effect."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from handler.bus.base import Delivery, DeliverySink
+from handler.bus.base import Delivery, DeliverySink, ResyncHook
 
 
 class LocalBus:
@@ -15,7 +15,11 @@ class LocalBus:
         self._subscribed: set[str] = set()
 
     async def run(
-        self, sink: DeliverySink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        sink: DeliverySink,
+        *,
+        on_resync: ResyncHook | None = None,  # nothing is ever lost in-process
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         self._sink = sink
         task_status.started()

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 import attrs
@@ -39,15 +39,13 @@ import trio
 from coredis.patterns.pubsub import PubSub
 from coredis.retry import NoRetryPolicy
 
-from handler.bus.base import Delivery, DeliverySink
+from handler.bus.base import Delivery, DeliverySink, ResyncHook
 from handler.config import BusConfig
 from handler.errors import BusUnavailable
 from handler.protocol import Chat, Message
 
 log = logging.getLogger("handler.bus.redis")
 
-ResyncHook = Callable[[tuple[str, ...]], None]
-"""Called with the users bound here whose events may have been lost; re-read their backlog."""
 
 _QUEUE_SIZE: Final = 10_000
 _MAX_PIPELINE: Final = 512

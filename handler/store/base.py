@@ -23,7 +23,8 @@ import trio
 
 from handler.protocol import Chat, Message
 
-OnCommit = Callable[[Message], None]
+# Called after COMMIT with the new message and the id of the chat's previous message.
+OnCommit = Callable[[Message, str | None], None]
 
 
 @attrs.frozen
@@ -67,6 +68,13 @@ class Store(Protocol):
     async def aclose(self) -> None:
         """Flush pending writes, stop the background tasks, release every connection."""
 
+    async def flush(self) -> None:
+        """Return once every write queued before this call is committed (delivery marks too).
+
+        A binding calls it before reading the backlog, so what was just delivered to another
+        connection of the user is not offered again.
+        """
+
     async def check(self) -> None:
         """Raise `StoreUnavailable` when the backend does not answer (health check)."""
 
@@ -108,4 +116,7 @@ class Store(Protocol):
     async def mark_delivered(
         self, user_id: str, chat_ids: Sequence[str], message_ids: Sequence[str]
     ) -> None:
-        """Record that these chats and messages reached the user (idempotent)."""
+        """Record that these chats and messages reached the user (idempotent).
+
+        Takes effect before any later acknowledged write of this store returns.
+        """

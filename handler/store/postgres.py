@@ -414,7 +414,7 @@ class _Writer:
                         ):
                             message, created = op.result
                             if created:
-                                op.on_commit(message)
+                                op.on_commit(message, None)
                         op.done.set()
 
     def close_connection(self) -> None:
@@ -761,6 +761,10 @@ class PostgresStore:
             return Backlog(chats, tuple((cid, tuple(ms)) for cid, ms in grouped.items()))
 
         return await self._read(query)
+
+    async def flush(self) -> None:
+        # A bare operation is applied as nothing, but commits (and wakes) in queue order.
+        await self._writer.submit(_Op())
 
     async def mark_delivered(
         self, user_id: str, chat_ids: Sequence[str], message_ids: Sequence[str]

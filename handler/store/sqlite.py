@@ -198,6 +198,9 @@ class SQLiteStore:
         self._readers = []
         self._writer_connection = None
 
+    async def flush(self) -> None:
+        await self._require_writer().submit(_nothing)
+
     async def check(self) -> None:
         await self._read(lambda db: db.execute("SELECT 1").fetchone())
 
@@ -273,7 +276,7 @@ class SQLiteStore:
         chat_row_id = int(chat.chat_id)
         recipient_id = chat.other_participant(sender_id)
 
-        def run(db: sqlite3.Connection) -> tuple[Message, bool]:
+        def run(db: sqlite3.Connection) -> tuple[Message, bool, str | None]:
             if client_message_id is not None:
                 row = db.execute(
                     f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE sender_id = ? AND chat_id = ?"
@@ -281,9 +284,12 @@ class SQLiteStore:
                     (sender_id, chat_row_id, client_message_id),
                 ).fetchone()
                 if row is not None:
-                    return _message(row), False
+                    return _message(row), False, None
             (last_ms,) = db.execute(
                 "SELECT last_message_ms FROM chats WHERE id = ?", (chat_row_id,)
+            ).fetchone()
+            (previous_id,) = db.execute(
+                "SELECT MAX(id) FROM messages WHERE chat_id = ?", (chat_row_id,)
             ).fetchone()
             created = max(now_ms(), last_ms)
             cursor = db.execute(
@@ -304,14 +310,15 @@ class SQLiteStore:
                 format_ms(created),
                 client_message_id,
             )
-            return message, True
+            return message, True, None if previous_id is None else str(previous_id)
 
-        def after_commit(result: tuple[Message, bool]) -> None:
-            message, created = result
+        def after_commit(result: tuple[Message, bool, str | None]) -> None:
+            message, created, previous = result
             if created and on_commit is not None:
-                on_commit(message)
+                on_commit(message, previous)
 
-        return await self._require_writer().submit(run, after_commit)
+        message, created, _ = await self._require_writer().submit(run, after_commit)
+        return message, created
 
     async def chat_histories(self, user_id: str, limit: int) -> list[ChatHistory]:
         def query(db: sqlite3.Connection) -> list[ChatHistory]:
@@ -416,6 +423,10 @@ class SQLiteStore:
         # Delivery marks are not acknowledgements: nobody waits for them, and losing one in a
         # crash only means the item is offered again on the next binding.
         self._require_writer().submit_nowait(run)
+
+
+def _nothing(db: sqlite3.Connection) -> None:
+    """A write that writes nothing: queued behind everything before it (see `flush`)."""
 
 
 def _read_in_transaction(

@@ -160,14 +160,32 @@ async def _guarded_accept(self: Any, message: dict[str, Any]) -> None:
     )
 
 
+class ClientGone(OSError):
+    """A frame was sent after the WebSocket closed (ASGI: an OSError subclass).
+
+    Hypercorn drops such frames silently; the application must know, or it would count a
+    frame that never left as delivered.
+    """
+
+
 async def _guarded_app_send(self: Any, message: Any) -> None:
-    """Hypercorn's `app_send`, plus `SEND_MANY` (one syscall for a burst of frames) and
-    `SEND_PING` (sent by the connection's writer, so pings cost no task of their own)."""
+    """Hypercorn's `app_send`, plus `SEND_MANY` (one syscall for a burst of frames),
+    `SEND_PING` (sent by the connection's writer, so pings cost no task of their own), and
+    `ClientGone` instead of silence for data frames sent after the close."""
     kind = None if message is None else message.get("type")
-    if kind != SEND_MANY and kind != SEND_PING:
+    if kind != SEND_MANY and kind != SEND_PING and kind != "websocket.send":
         await _original_app_send(self, message)
         return
-    if self.closed or self.state != ASGIWebsocketState.CONNECTED:
+    if (
+        self.closed
+        or self.state != ASGIWebsocketState.CONNECTED
+        or self.connection.state is not ConnectionState.OPEN
+    ):
+        if kind == SEND_PING:
+            return
+        raise ClientGone("the WebSocket is closed")
+    if kind == "websocket.send":
+        await _original_app_send(self, message)
         return
     events = [Ping()] if kind == SEND_PING else [TextMessage(data=t) for t in message["texts"]]
     try:

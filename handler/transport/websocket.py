@@ -14,6 +14,7 @@ ASGI directly, which is all a JSON-over-WebSocket protocol needs. Per connection
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import urllib.parse
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -28,6 +29,7 @@ from handler.transport.hypercorn_guard import (
     ACCEPT_OPTIONS_KEY,
     SEND_MANY,
     SEND_PING,
+    ClientGone,
     TransportOptions,
 )
 
@@ -162,13 +164,19 @@ async def _write(connection: Connection, send: Send, services: Services) -> None
                 batch.append(outbox.receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
-        if len(batch) == 1:
-            await send({"type": "websocket.send", "text": first.text})
-        else:
-            await send({"type": SEND_MANY, "texts": [item.text for item in batch]})
+        receipts_for = next((i.receipt.user_id for i in batch if i.receipt is not None), None)
+        try:
+            with hub.writing(receipts_for) if receipts_for else contextlib.nullcontext():
+                if len(batch) == 1:
+                    await send({"type": "websocket.send", "text": first.text})
+                else:
+                    await send({"type": SEND_MANY, "texts": [item.text for item in batch]})
+                for item in batch:
+                    hub.written(item)
+        except ClientGone:
+            return  # never written: not counted, not marked delivered
         for item in batch:
             count_out(item.frame_type)
-            hub.written(item)
 
 
 async def _send_close(send: Send, connection: Connection, services: Services) -> None:
