@@ -72,7 +72,8 @@ class Connection:
         self._on_drop = on_drop
         # What the last backlog contained, for a while: a message can be committed (and so be
         # in the backlog) a moment before its fan-out is published, even from another node.
-        self._backlog_ids: frozenset[str] = frozenset()
+        self._backlog_message_ids: frozenset[str] = frozenset()
+        self._backlog_chat_ids: frozenset[str] = frozenset()
         self._backlog_ids_until = 0.0
 
     @property
@@ -106,13 +107,15 @@ class Connection:
             pass
 
     def _in_backlog(self, item: Outgoing) -> bool:
-        if not self._backlog_ids:
+        if not self._backlog_ids_until:
             return False
         if trio.current_time() > self._backlog_ids_until:
-            self._backlog_ids = frozenset()
+            self._backlog_message_ids = self._backlog_chat_ids = frozenset()
+            self._backlog_ids_until = 0.0
             return False
-        key = item.message_id if item.message_id is not None else item.chat_id
-        return key is not None and key in self._backlog_ids
+        if item.message_id is not None:
+            return item.message_id in self._backlog_message_ids
+        return item.chat_id is not None and item.chat_id in self._backlog_chat_ids
 
     async def reply(self, item: Outgoing) -> None:
         """Direct-reply path: waits for room, but a client that does not read is dropped."""
@@ -147,7 +150,8 @@ class Connection:
         # No await between the empty check above and this line: nothing can slip in between.
         self._pending = None
         if delivered_message_ids or delivered_chat_ids:
-            self._backlog_ids = delivered_message_ids | delivered_chat_ids
+            self._backlog_message_ids = delivered_message_ids
+            self._backlog_chat_ids = delivered_chat_ids
             self._backlog_ids_until = trio.current_time() + BACKLOG_MEMORY_S
 
     def abort_binding(self) -> None:

@@ -136,7 +136,9 @@ async def test_get_chat_of_unknown_or_malformed_id_is_none(store: Store, chat_id
 async def test_add_message_is_acknowledged_after_commit(store: Store, opener: OpenStore) -> None:
     chat, _ = await store.create_chat("alice", "bob")
     committed: list[Message] = []
-    message, created = await store.add_message(chat, "alice", "hello", None, committed.append)
+    message, created = await store.add_message(
+        chat, "alice", "hello", None, lambda m, _: committed.append(m)
+    )
     assert created
     # on_commit ran before the writer resumed, and a separate store (other connections, as
     # another process would have) already sees the row.
@@ -159,7 +161,7 @@ async def test_on_commit_order_is_commit_order_under_concurrency(store: Store) -
         for index in range(20):
             chat = chats[(task + index) % len(chats)]
 
-            def record(message: Message) -> None:
+            def record(message: Message, previous_id: str | None) -> None:
                 committed.append(message)
 
             message, created = await store.add_message(
@@ -186,11 +188,13 @@ async def test_on_commit_order_is_commit_order_under_concurrency(store: Store) -
 async def test_resend_with_client_message_id_is_idempotent(store: Store) -> None:
     chat, _ = await store.create_chat("alice", "bob")
     committed: list[Message] = []
-    first, created = await store.add_message(chat, "alice", "one", "c-1", committed.append)
+    first, created = await store.add_message(
+        chat, "alice", "one", "c-1", lambda m, _: committed.append(m)
+    )
     assert created
     assert first.client_message_id == "c-1"
     again, created_again = await store.add_message(
-        chat, "alice", "changed", "c-1", committed.append
+        chat, "alice", "changed", "c-1", lambda m, _: committed.append(m)
     )
     assert not created_again
     assert again == first
@@ -446,7 +450,11 @@ async def test_postgres_writers_in_several_processes_keep_chat_order(
             for n in range(15):
                 sender = ("alice", "bob")[(task + n) % 2]
                 await store.add_message(
-                    chat, sender, f"{index}.{task}.{n}", None, committed[index].append
+                    chat,
+                    sender,
+                    f"{index}.{task}.{n}",
+                    None,
+                    lambda m, _, i=index: committed[i].append(m),
                 )
 
         with trio.fail_after(TIMEOUT_S * 2):
