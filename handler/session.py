@@ -136,7 +136,7 @@ class Session:
             await self._bind(identity, query_token)
         except ProtocolError as error:
             await self._send_error(error)
-        except HandlerError as error:
+        except Exception as error:  # one client must never take the server down
             await self._internal(error)
 
     async def handle_text(self, text: str | bytes) -> None:
