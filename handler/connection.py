@@ -52,6 +52,10 @@ class Outgoing:
     chat_id: str | None = None  # same, for new chats
 
 
+PING: Final = "ping"  # frame_type of the keep-alive item: a WebSocket ping, not a text frame
+_PING_ITEM: Final = Outgoing("", PING)
+
+
 def new_connection_id() -> str:
     return secrets.token_hex(8)
 
@@ -66,6 +70,7 @@ class Connection:
         self.close_code: CloseCode | None = None
         self.close_reason = ""
         self.cancel_scope = trio.CancelScope()
+        self.last_sent = trio.current_time()  # by the writer; the reader schedules pings
         self._capacity = send_queue
         self._send, self.outbox = trio.open_memory_channel[Outgoing](send_queue)
         self._pending: collections.deque[Outgoing] | None = None
@@ -116,6 +121,12 @@ class Connection:
         if item.message_id is not None:
             return item.message_id in self._backlog_message_ids
         return item.chat_id is not None and item.chat_id in self._backlog_chat_ids
+
+    def push_ping(self) -> None:
+        """Queue a keep-alive ping for the writer (pings go through the one writer)."""
+        self.last_sent = trio.current_time()  # one ping per quiet interval
+        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+            self._send.send_nowait(_PING_ITEM)
 
     async def reply(self, item: Outgoing) -> None:
         """Direct-reply path: waits for room, but a client that does not read is dropped."""

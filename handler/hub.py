@@ -15,9 +15,8 @@ Theory of operation:
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import trio
 
@@ -236,18 +235,16 @@ class Hub:
             if receipts:
                 await self._flush_marks(receipts)
 
-    @contextlib.contextmanager
-    def writing(self, user_id: str) -> Iterator[None]:
-        """Mark a socket write carrying receipts for `user_id` as under way."""
+    def begin_write(self, user_id: str) -> None:
+        """A socket write carrying receipts for `user_id` is under way (see `sync_marks`)."""
         self._writes_in_flight[user_id] += 1
-        try:
-            yield
-        finally:
-            self._writes_in_flight[user_id] -= 1
-            if not self._writes_in_flight[user_id]:
-                del self._writes_in_flight[user_id]
-                self._writes_landed.set()
-                self._writes_landed = trio.Event()
+
+    def end_write(self, user_id: str) -> None:
+        self._writes_in_flight[user_id] -= 1
+        if not self._writes_in_flight[user_id]:
+            del self._writes_in_flight[user_id]
+            self._writes_landed.set()
+            self._writes_landed = trio.Event()
 
     async def sync_marks(self, user_id: str) -> None:
         """Commit every receipt of the user's finished writes; a binding calls this before

@@ -14,7 +14,6 @@ ASGI directly, which is all a JSON-over-WebSocket protocol needs. Per connection
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import urllib.parse
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -22,7 +21,8 @@ from typing import Any, Final
 
 import trio
 
-from handler.connection import Connection
+from handler.config import LimitsConfig
+from handler.connection import PING, Connection
 from handler.errors import CloseCode
 from handler.session import Services, Session
 from handler.transport.hypercorn_guard import (
@@ -98,7 +98,7 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, services: 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_write, connection, send, services)
                 await session.start(_query_token(scope))
-                disconnected = await _read(receive, session, connection, limits.max_frame_bytes)
+                disconnected = await _read(receive, session, connection, limits)
                 nursery.cancel_scope.cancel()
     finally:
         user_id = connection.user_id
@@ -117,10 +117,19 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, services: 
         )
 
 
-async def _read(receive: Receive, session: Session, connection: Connection, max_bytes: int) -> bool:
-    """Feed client messages to the session; True when the client disconnected."""
+async def _read(
+    receive: Receive, session: Session, connection: Connection, limits: LimitsConfig
+) -> bool:
+    """Feed client messages to the session; True when the client disconnected.
+
+    The receive waits under the next deadline: the session's timers (idle, authentication,
+    token expiry) and the keep-alive ping, which is queued for the writer when the connection
+    has sent nothing for `ping_interval_s`.
+    """
+    max_bytes = limits.max_frame_bytes
+    ping_interval = limits.ping_interval_s
     while True:
-        with trio.move_on_at(session.next_deadline()):
+        with trio.move_on_at(min(session.next_deadline(), connection.last_sent + ping_interval)):
             event = await receive()
             kind = event["type"]
             if kind == "websocket.disconnect":
@@ -136,45 +145,51 @@ async def _read(receive: Receive, session: Session, connection: Connection, max_
                 return False
             await session.handle_text(payload)
             continue
-        expired = session.deadline_close(trio.current_time())
+        now = trio.current_time()
+        expired = session.deadline_close(now)
         if expired is not None:
             connection.close(*expired)
             return False
+        if now >= connection.last_sent + ping_interval:
+            connection.push_ping()
 
 
 async def _write(connection: Connection, send: Send, services: Services) -> None:
-    """Drain the outbox; frames queued together go out in one socket write. A connection with
-    nothing to send for `ping_interval_s` gets a WebSocket ping, for intermediaries."""
+    """Drain the outbox; frames queued together go out in one socket write."""
     count_out = services.metrics.count_out
     hub = services.hub
     outbox = connection.outbox
-    ping_interval = services.limits.ping_interval_s
-    while True:
-        with trio.move_on_after(ping_interval) as quiet:
-            try:
-                first = await outbox.receive()
-            except trio.EndOfChannel:
-                return
-        if quiet.cancelled_caught:
-            await send({"type": SEND_PING})
-            continue
+    async for first in outbox:
         batch = [first]
         while len(batch) < WRITE_BATCH:
             try:
                 batch.append(outbox.receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
-        receipts_for = next((i.receipt.user_id for i in batch if i.receipt is not None), None)
+        receipts_for = None
+        texts = []
+        for item in batch:
+            if item.receipt is not None:
+                receipts_for = item.receipt.user_id
+            if item.frame_type != PING:
+                texts.append(item.text)
+        if receipts_for is not None:
+            hub.begin_write(receipts_for)
         try:
-            with hub.writing(receipts_for) if receipts_for else contextlib.nullcontext():
-                if len(batch) == 1:
-                    await send({"type": "websocket.send", "text": first.text})
-                else:
-                    await send({"type": SEND_MANY, "texts": [item.text for item in batch]})
-                for item in batch:
-                    hub.written(item)
+            if len(texts) == 1:
+                await send({"type": "websocket.send", "text": texts[0]})
+            elif texts:
+                await send({"type": SEND_MANY, "texts": texts})
+            if len(texts) < len(batch):
+                await send({"type": SEND_PING})
+            for item in batch:
+                hub.written(item)
         except ClientGone:
             return  # never written: not counted, not marked delivered
+        finally:
+            if receipts_for is not None:
+                hub.end_write(receipts_for)
+        connection.last_sent = trio.current_time()
         for item in batch:
             count_out(item.frame_type)
 
