@@ -6,6 +6,7 @@ import argparse
 import datetime
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -31,6 +32,17 @@ def _meta(profile: str, runs: int, client: str) -> dict[str, Any]:
         ).stdout.strip()
     except OSError:
         commit = "?"
+    try:
+        # The tree under test may differ from its commit: say so, file by file.
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "handler"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.split("\n")
+    except OSError:
+        dirty = []
     model = "?"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -44,6 +56,7 @@ def _meta(profile: str, runs: int, client: str) -> dict[str, Any]:
         "runs": runs,
         "client": client,
         "commit": commit,
+        "uncommitted": [line[3:] for line in dirty if line.strip()],
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
@@ -64,6 +77,7 @@ def run(
 ) -> dict[str, Any]:
     """Run the chosen scenarios and write the report into `out`; returns the report."""
     raise_nofile()
+    shutil.rmtree(out / "logs", ignore_errors=True)  # logs of this invocation only
     chosen = [name for name in ORDER if scenarios is None or name in scenarios]
     sizes = PROFILES[profile]
     count = runs or sizes.runs

@@ -45,7 +45,13 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"- profile: `{meta['profile']}`, runs per figure: {meta['runs']} (medians quoted), "
         f"client: `{meta['client']}`",
-        f"- commit: `{meta.get('commit', '?')}`, {meta.get('date', '')}",
+        f"- commit: `{meta.get('commit', '?')}`"
+        + (
+            f" plus uncommitted changes to {', '.join(meta['uncommitted'])}"
+            if meta.get("uncommitted")
+            else ""
+        )
+        + f", {meta.get('date', '')}",
         f"- machine: {meta.get('cpus', '?')} cores ({meta.get('cpu_model', '?')}), load "
         f"average before the run {meta.get('loadavg', '?')}; server pinned to core 0, "
         f"generator to core 1, nice {meta.get('nice', 0)}",

@@ -913,6 +913,13 @@ def scenario_g(ctx: Context) -> Outcome:
             ok=at_least(projected, 1.6),
         ),
     ]
+    busy = median_of(one, "server_cpu_frac")
+    if busy is not None and busy < 0.9:
+        out.notes.append(
+            f"One worker used only {busy:.2f} of its core: it waited on something else "
+            "(PostgreSQL commits, Redis, the pool), so its msg per CPU-second is not that of a "
+            "busy worker (less batching) and the projection is only indicative."
+        )
     out.notes.append(
         "One worker is pinned to core 0; two workers may use both cores, which they share "
         "with the generator, PostgreSQL and Redis, so the wall-clock ratio understates them. "
