@@ -8,6 +8,7 @@ outage of a throwaway cluster.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from handler.config import StorageConfig
 from handler.errors import StoreUnavailable
 from handler.protocol import Chat, Message
 from handler.store import Store, open_store
+from handler.store.schema import POSTGRES_MIGRATIONS
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 TIMEOUT_S = 20.0
@@ -183,6 +185,64 @@ async def test_on_commit_order_is_commit_order_under_concurrency(store: Store) -
     # One writer per store: commit order is id order, and on_commit followed it exactly.
     ids = [as_int(m.message_id) for m in committed]
     assert ids == sorted(ids)
+
+
+def assert_one_chain(links: list[tuple[Message, str | None]]) -> None:
+    """Per chat, `on_commit` named as previous exactly the message committed before (commit
+    order is id order within a chat), and None for the first."""
+    by_chat: dict[str, list[tuple[Message, str | None]]] = {}
+    for message, previous in links:
+        by_chat.setdefault(message.chat_id, []).append((message, previous))
+    for chain in by_chat.values():
+        chain.sort(key=lambda link: as_int(link[0].message_id))
+        expected = [None, *(message.message_id for message, _ in chain[:-1])]
+        assert [previous for _, previous in chain] == expected
+
+
+async def test_on_commit_names_the_previous_message_of_the_chat(store: Store) -> None:
+    first, _ = await store.create_chat("alice", "bob")
+    second, _ = await store.create_chat("alice", "carol")
+    links: list[tuple[Message, str | None]] = []
+
+    def record(message: Message, previous: str | None) -> None:
+        links.append((message, previous))
+
+    a1, _ = await store.add_message(first, "alice", "a1", "k1", record)
+    b1, _ = await store.add_message(second, "carol", "b1", None, record)
+    a2, _ = await store.add_message(first, "bob", "a2", None, record)
+    await store.add_message(first, "alice", "a1 again", "k1", record)  # a resend: no callback
+    a3, _ = await store.add_message(first, "alice", "a3", None, record)
+    b2, _ = await store.add_message(second, "alice", "b2", None, record)
+    assert links == [
+        (a1, None),
+        (b1, None),
+        (a2, a1.message_id),
+        (a3, a2.message_id),
+        (b2, b1.message_id),
+    ]
+
+
+async def test_previous_ids_chain_under_concurrency_across_two_stores(opener: OpenStore) -> None:
+    """Two stores stand for two processes writing the same chats at once."""
+    stores = [await opener(), await opener()]
+    chats = [(await stores[0].create_chat("alice", f"peer{i}"))[0] for i in range(3)]
+    links: list[tuple[Message, str | None]] = []
+
+    async def sender(task: int) -> None:
+        store = stores[task % 2]
+        for index in range(12):
+            chat = chats[(task + index) % len(chats)]
+            sender_id = chat.participants[index % 2]
+            await store.add_message(
+                chat, sender_id, f"{task}:{index}", None, lambda m, p: links.append((m, p))
+            )
+
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            for task in range(8):
+                nursery.start_soon(sender, task)
+    assert len(links) == 8 * 12
+    assert_one_chain(links)
 
 
 async def test_resend_with_client_message_id_is_idempotent(store: Store) -> None:
@@ -444,6 +504,11 @@ async def test_postgres_writers_in_several_processes_keep_chat_order(
     try:
         chat, _ = await stores[0].create_chat("alice", "bob")
         committed: list[list[Message]] = [[] for _ in stores]
+        links: list[tuple[Message, str | None]] = []
+
+        def record(index: int, message: Message, previous: str | None) -> None:
+            committed[index].append(message)
+            links.append((message, previous))
 
         async def writer(index: int, task: int) -> None:
             store = stores[index]
@@ -454,7 +519,7 @@ async def test_postgres_writers_in_several_processes_keep_chat_order(
                     sender,
                     f"{index}.{task}.{n}",
                     None,
-                    lambda m, _, i=index: committed[i].append(m),
+                    functools.partial(record, index),
                 )
 
         with trio.fail_after(TIMEOUT_S * 2):
@@ -471,6 +536,8 @@ async def test_postgres_writers_in_several_processes_keep_chat_order(
         for per_store in committed:  # each process published in commit (= id) order
             ids = [as_int(m.message_id) for m in per_store]
             assert ids == sorted(ids)
+        # ...and each message named the one committed before it, by whichever process.
+        assert_one_chain(links)
     finally:
         for store in stores:
             await store.aclose()
@@ -513,7 +580,43 @@ async def test_postgres_migrations_are_versioned_and_race_free(
         await store.aclose()
     with psycopg.connect(postgres_config.dsn, autocommit=True) as connection:
         rows = connection.execute("SELECT version FROM schema_version").fetchall()
-    assert rows == [(1,)]
+    assert rows == [(version,) for version in range(1, len(POSTGRES_MIGRATIONS) + 1)]
+
+
+@pytest.mark.scale
+async def test_postgres_upgrade_backfills_the_last_message_of_existing_chats(
+    postgres_config: StorageConfig, nursery: trio.Nursery
+) -> None:
+    """A database written by the first schema version: after the upgrade, the next message of
+    an existing chat names the newest old one as its predecessor."""
+    with psycopg.connect(postgres_config.dsn, autocommit=True) as connection:
+        connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for statement in POSTGRES_MIGRATIONS[0]:
+            connection.execute(statement)
+        connection.execute("INSERT INTO schema_version (version) VALUES (1)")
+        chat_row = connection.execute(
+            "INSERT INTO chats (user_a, user_b, created_by, created_at_ms, last_activity_ms)"
+            " VALUES ('alice', 'bob', 'alice', 1, 1) RETURNING id"
+        ).fetchone()
+        assert chat_row is not None
+        old_ids = [
+            row[0]
+            for row in connection.execute(
+                "INSERT INTO messages (chat_id, sender_id, recipient_id, content, created_at_ms)"
+                " SELECT %s, 'alice', 'bob', 'old', 2 FROM generate_series(1, 3) RETURNING id",
+                (chat_row[0],),
+            ).fetchall()
+        ]
+    store = open_store(postgres_config)
+    await store.open(nursery)
+    try:
+        chat = await store.get_chat(str(chat_row[0]))
+        assert chat is not None
+        links: list[tuple[Message, str | None]] = []
+        await store.add_message(chat, "bob", "new", None, lambda m, p: links.append((m, p)))
+        assert [previous for _, previous in links] == [str(max(old_ids))]
+    finally:
+        await store.aclose()
 
 
 @pytest.mark.scale

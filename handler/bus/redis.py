@@ -12,6 +12,10 @@ Theory of operation:
   pipelines, so order per user is publish order. Copies that come back from Redis to the node
   that published them are skipped. Remote copies carry no origin connection (it lives on the
   publishing node) and name only the channel's user as recipient.
+- Per-chat order across publishers: both the local and the remote copies pass through a
+  `ChatOrder` gate, which holds a message event for a user until the chat's previous message
+  (`prev_message_id`) has been passed on to that user here. An event whose predecessor does
+  not come within `order_hold_s` is released and its user resynchronized (below).
 - Redis pub/sub is at-most-once, so every way an event can be lost is turned into a *resync*:
   the bus calls `on_resync(users)` and the hub re-reads those users' backlogs from the store.
   - the subscriber connection broke (or went silent: a heartbeat published to the node channel
@@ -40,6 +44,7 @@ from coredis.patterns.pubsub import PubSub
 from coredis.retry import NoRetryPolicy
 
 from handler.bus.base import Delivery, DeliverySink, ResyncHook
+from handler.bus.order import HOLD_S, ChatOrder
 from handler.config import BusConfig
 from handler.errors import BusUnavailable
 from handler.protocol import Chat, Message
@@ -68,7 +73,9 @@ class RedisBusStatistics:
     lost_batches: int = 0
     reconnects: int = 0
     resyncs: int = 0
+    order_timeouts: int = 0
     queued: int = 0
+    held: int = 0
     connected: bool = False
 
 
@@ -113,6 +120,7 @@ def _encode_event(node: str, event: Delivery) -> bytes:
                     message.content,
                     message.timestamp,
                     message.client_message_id,
+                    event.prev_message_id,
                 ],
             }
         )
@@ -127,7 +135,8 @@ def _decode_event(data: dict[str, Any], user_id: str) -> Delivery | None:
     if "m" in data:
         m = data["m"]
         message = Message(m[0], m[1], m[2], m[3], m[4], m[5], m[6])
-        return Delivery("message", (user_id,), message=message)
+        previous = m[7] if len(m) > 7 else None  # absent from older nodes' payloads
+        return Delivery("message", (user_id,), message=message, prev_message_id=previous)
     if "c" in data:
         c = data["c"]
         return Delivery("chat", (user_id,), chat=Chat(c[0], (c[1][0], c[1][1]), c[2], c[3]))
@@ -144,6 +153,7 @@ class RedisBus:
         prefix: str = "chat:",
         queue_size: int = _QUEUE_SIZE,
         heartbeat_s: float = _HEARTBEAT_S,
+        order_hold_s: float = HOLD_S,
     ) -> None:
         self._url = config.url
         self._prefix = prefix
@@ -162,12 +172,15 @@ class RedisBus:
         self._lost: set[str] = set()
         self._lost_everyone = False
         self._losses = 0
+        self._order = ChatOrder(hold_s=order_hold_s)
+        self._order_changed = trio.Event()
         self._stats = RedisBusStatistics()
 
     def statistics(self) -> RedisBusStatistics:
         stats = attrs.evolve(self._stats)
         stats.queued = self._send.statistics().current_buffer_used
         stats.connected = self._pubsub is not None
+        stats.held = self._order.held_count
         return stats
 
     def _user_channel(self, user_id: str) -> bytes:
@@ -201,6 +214,7 @@ class RedisBus:
                 nursery.start_soon(self._publisher, client)
                 await nursery.start(self._subscriber, client)
                 nursery.start_soon(self._heartbeat, client)
+                nursery.start_soon(self._expire_held)
                 task_status.started()
         finally:
             self._sink = None
@@ -235,6 +249,7 @@ class RedisBus:
         # Local first: from here on the user's events are ignored even before Redis confirms,
         # and a reconnect will not subscribe it again.
         self._users.discard(user_id)
+        self._order.forget(user_id)
         pubsub = self._pubsub
         if pubsub is None:
             return
@@ -336,7 +351,44 @@ class RedisBus:
             return
         if event is not None and self._sink is not None:
             self._stats.received += 1
+            self._deliver(event, (user_id,))
+
+    def _deliver(self, event: Delivery, users: Sequence[str]) -> None:
+        """Pass an event on to the sink for `users` (bound here), in commit order per chat."""
+        if event.message is None:
             self._call_sink(event)
+            return
+        now = trio.current_time()
+        admitted = [user for user in users if self._order.admit(user, event, now)]
+        if len(admitted) == len(users):
+            self._call_sink(event)
+        else:
+            for user in admitted:
+                self._call_sink(attrs.evolve(event, recipients=(user,)))
+            self._order_changed.set()  # something is held: the expiry task sets its timer
+        for user in admitted:
+            for follower in self._order.followers(user, event):
+                self._call_sink(follower)
+
+    async def _expire_held(self) -> None:
+        """Release events whose predecessor did not come in time, and resync their users."""
+        while True:
+            self._order_changed = trio.Event()
+            if self._order.next_deadline() > trio.current_time():
+                with trio.move_on_at(self._order.next_deadline()):
+                    await self._order_changed.wait()
+                continue
+            released, users = self._order.expire(trio.current_time())
+            for event in released:
+                self._call_sink(event)
+            if users:
+                self._stats.order_timeouts += 1
+                log.warning(
+                    "%d users waited over %.0f ms for a chat's previous message; resyncing",
+                    len(users),
+                    self._order.hold_s * 1000,
+                )
+                self._resync(users)
 
     def _call_sink(self, event: Delivery) -> None:
         assert self._sink is not None
@@ -350,6 +402,9 @@ class RedisBus:
         if not users:
             return
         self._stats.resyncs += 1
+        # What waits for a lost predecessor goes out now: the resync covers the gap.
+        for event in self._order.release_users(users):
+            self._call_sink(event)
         if self._on_resync is None:
             log.warning(
                 "events for %d users may have been lost and no resync hook is set", len(users)
@@ -363,8 +418,10 @@ class RedisBus:
     # ------------------------------------------------------------------ publishing
 
     def publish_nowait(self, event: Delivery) -> None:
-        if self._sink is not None and any(user in self._users for user in event.recipients):
-            self._call_sink(event)
+        if self._sink is not None:
+            local = [user for user in event.recipients if user in self._users]
+            if local:
+                self._deliver(event, local)
         try:
             payload = _encode_event(self.node_id, event)
         except (TypeError, orjson.JSONEncodeError) as error:

@@ -11,7 +11,9 @@ Theory of operation:
   acknowledgement therefore always follows COMMIT; throughput comes from sharing the commit.
 - Several processes may write to the same chat. Each batch locks its chat rows (`SELECT ... FOR
   UPDATE`) before inserting, so per chat the identity ids and the timestamps (the database
-  clock, clamped to the chat's last message) follow commit order across processes. Every batch
+  clock, clamped to the chat's last message) follow commit order across processes, and each new
+  message learns the id of the chat's previous one (`chats.last_message_id`, read under that
+  lock), which `on_commit` passes on so receiving nodes can restore that order. Every batch
   takes its locks in one global order (new chat pairs sorted, then chat rows by id, then message
   rows by id), so two processes' batches cannot deadlock; a deadlock or serialization failure
   is still retried, as is a batch whose connection broke before COMMIT was sent.
@@ -205,6 +207,8 @@ class _AddMessage(_Op):
     content: str = ""
     client_message_id: str | None = None
     on_commit: OnCommit | None = None
+    # The chat's message committed just before this one, for `on_commit` (None: the first).
+    previous_id: str | None = attrs.field(default=None, init=False)
 
 
 @attrs.define(eq=False)
@@ -222,6 +226,8 @@ def _apply_batch(connection: Connection, batch: Sequence[_Op]) -> None:
     for op in batch:
         op.result = None
         op.error = None
+        if isinstance(op, _AddMessage):
+            op.previous_id = None
     cursor = connection.cursor()
     creates = sorted(
         (op for op in batch if isinstance(op, _CreateChat)), key=lambda op: (op.user_a, op.user_b)
@@ -256,17 +262,20 @@ def _apply_batch(connection: Connection, batch: Sequence[_Op]) -> None:
         create.result = (_chat(row), False)
 
     # 2. Chat rows, ascending (the second lock class): serializes writers of a chat across
-    #    processes, and gives each chat's last message time to clamp the new timestamps to.
+    #    processes, and gives each chat's last message (time, to clamp the new timestamps to;
+    #    id, for each new message to name its predecessor).
     lock_rows = sorted({op.chat_row for op in adds} | {row for op in marks for row in op.chat_rows})
     last_ms: dict[int, int] = {}
+    last_id: dict[int, int | None] = {}
     now = 0
     if lock_rows:
-        for chat_row, last, clock in cursor.execute(
-            f"SELECT id, last_message_ms, {_NOW_MS} FROM chats WHERE id = ANY(%s)"
-            " ORDER BY id FOR UPDATE",
+        for chat_row, last, last_message, clock in cursor.execute(
+            f"SELECT id, last_message_ms, last_message_id, {_NOW_MS} FROM chats"
+            " WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
             (lock_rows,),
         ):
             last_ms[chat_row] = last
+            last_id[chat_row] = last_message
             now = max(now, clock)
 
     # 3. Messages: idempotent resends first (read after the lock, so a concurrent process's
@@ -324,8 +333,13 @@ def _apply_batch(connection: Connection, batch: Sequence[_Op]) -> None:
         message_rows = [_returned_id(cursor)]
         while cursor.nextset():  # one result set per inserted row (psycopg >= 3.1)
             message_rows.append(_returned_id(cursor))
-        touched: dict[int, int] = {}
+        touched: dict[int, tuple[int, int]] = {}
         for (add, created), message_row in zip(new, message_rows, strict=True):
+            # Rows were inserted in list order under the chat lock: per chat, that is commit
+            # order, whichever process wrote the previous message.
+            previous = last_id[add.chat_row]
+            add.previous_id = None if previous is None else str(previous)
+            last_id[add.chat_row] = message_row
             message = Message(
                 str(message_row),
                 add.chat_id,
@@ -336,11 +350,14 @@ def _apply_batch(connection: Connection, batch: Sequence[_Op]) -> None:
                 add.client_message_id,
             )
             add.result = (message, True)
-            touched[add.chat_row] = created
+            touched[add.chat_row] = (created, message_row)
         cursor.executemany(
-            "UPDATE chats SET last_message_ms = %s,"
+            "UPDATE chats SET last_message_ms = %s, last_message_id = %s,"
             " last_activity_ms = GREATEST(last_activity_ms, %s) WHERE id = %s",
-            [(created, created, chat_row) for chat_row, created in sorted(touched.items())],
+            [
+                (created, message_row, created, chat_row)
+                for chat_row, (created, message_row) in sorted(touched.items())
+            ],
         )
     for resend, original in resends:
         resend.result = (original.result[0], False)
@@ -414,7 +431,7 @@ class _Writer:
                         ):
                             message, created = op.result
                             if created:
-                                op.on_commit(message, None)
+                                op.on_commit(message, op.previous_id)
                         op.done.set()
 
     def close_connection(self) -> None:

@@ -87,4 +87,12 @@ POSTGRES_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             WHERE client_message_id IS NOT NULL
         """,
     ),
+    # 2: the id of each chat's newest message, read under the chat row lock so a new message
+    # can name its predecessor (receiving nodes put events from several writers back in
+    # order); existing chats get it from their messages.
+    (
+        "ALTER TABLE chats ADD COLUMN last_message_id BIGINT",
+        "UPDATE chats SET last_message_id = m.id FROM (SELECT chat_id, MAX(id) AS id"
+        " FROM messages GROUP BY chat_id) m WHERE m.chat_id = chats.id",
+    ),
 )

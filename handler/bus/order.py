@@ -1,0 +1,191 @@
+"""Per-chat order for events that reach a node from several publishers.
+
+Pure bookkeeping (no I/O, no clock of its own: callers pass `now`), used by the Redis bus.
+
+Why: each node publishes its own commits, and Redis keeps order per publisher only. Two
+messages of one chat committed one after the other by two processes can reach a third node in
+the opposite order. Every message event names the chat's previous message
+(`Delivery.prev_message_id`, from the store, read under the chat lock), so a node can put them
+back in commit order for each of its users.
+
+Theory of operation, per (user, chat):
+- `last` is the id of the newest message passed on to the user on this node. With no `last`
+  yet (the first event since the user was subscribed here, or after the state was evicted),
+  an event is passed on at once: whatever came before it was delivered or is in the backlog
+  the binding read.
+- An event whose predecessor is `last` (or that has none) is passed on, and so is every held
+  event that was waiting for it, in chain order.
+- Any other event is *held*. If its predecessor has not come within `hold_s`, that user's held
+  events of the chat are released in chain order and the user is reported for a resync: the
+  predecessor was lost (or never published, e.g. its commit outcome was unknown), and only
+  the store can supply it.
+- Bounded: at most `chats_per_user` chats are remembered per user (least recently used go),
+  and a user with more than `held_per_user` held events is released and resynchronized at
+  once. `forget(user)` drops everything of a user (on unsubscribe).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Iterable
+from typing import Final
+
+import attrs
+
+from handler.bus.base import Delivery
+
+HOLD_S: Final = 0.25
+CHATS_PER_USER: Final = 1024
+HELD_PER_USER: Final = 256
+
+
+@attrs.define
+class _UserOrder:
+    # chat id -> id of the newest message passed on (least recently used first)
+    last: collections.OrderedDict[str, str] = attrs.field(factory=collections.OrderedDict)
+    # (chat id, previous message id) -> the held event, narrowed to this user
+    held: dict[tuple[str, str], Delivery] = attrs.field(factory=dict)
+
+
+class ChatOrder:
+    """Restores commit order per (user, chat); see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        hold_s: float = HOLD_S,
+        chats_per_user: int = CHATS_PER_USER,
+        held_per_user: int = HELD_PER_USER,
+    ) -> None:
+        self.hold_s = hold_s
+        self._chats_per_user = chats_per_user
+        self._held_per_user = held_per_user
+        self._users: dict[str, _UserOrder] = {}
+        # (deadline, user, chat, previous id, message id) in arrival order; the hold is the
+        # same for all, so deadlines never decrease. Entries of released events go stale and
+        # are skipped.
+        self._deadlines: collections.deque[tuple[float, str, str, str, str]] = collections.deque()
+        self._overflowing: set[str] = set()
+
+    @property
+    def held_count(self) -> int:
+        return sum(len(state.held) for state in self._users.values())
+
+    def admit(self, user: str, event: Delivery, now: float) -> bool:
+        """True: pass `event` on to `user` now (then call `followers`). False: it is held."""
+        message = event.message
+        previous = event.prev_message_id
+        if message is None:
+            return True
+        state = self._users.get(user)
+        if state is None:
+            state = self._users[user] = _UserOrder()
+        chat = message.chat_id
+        last = state.last.get(chat)
+        if last is None or last == previous:
+            self._remember(state, chat, message.message_id)
+            return True
+        if previous is None:
+            # The chat's first message, arriving after later ones: nothing to wait for, and
+            # `last` stays the newest.
+            return True
+        state.held[(chat, previous)] = attrs.evolve(event, recipients=(user,))
+        self._deadlines.append((now + self.hold_s, user, chat, previous, message.message_id))
+        if len(state.held) > self._held_per_user:
+            self._overflowing.add(user)
+        return False
+
+    def followers(self, user: str, event: Delivery) -> list[Delivery]:
+        """Held events of `user` that `event` (just passed on) unblocks, in chain order."""
+        state = self._users.get(user)
+        message = event.message
+        if state is None or not state.held or message is None:
+            return []
+        released: list[Delivery] = []
+        chat, current = message.chat_id, message.message_id
+        while (follower := state.held.pop((chat, current), None)) is not None:
+            assert follower.message is not None
+            current = follower.message.message_id
+            released.append(follower)
+        if released:
+            self._remember(state, chat, current)
+        return released
+
+    def next_deadline(self) -> float:
+        """When `expire` may have something to release (inf: nothing held)."""
+        if self._overflowing:
+            return -math.inf
+        return self._deadlines[0][0] if self._deadlines else math.inf
+
+    def expire(self, now: float) -> tuple[list[Delivery], tuple[str, ...]]:
+        """Release what waited too long: the events to pass on (in order) and the users to
+        resynchronize."""
+        released: list[Delivery] = []
+        users: list[str] = []
+        for user in sorted(self._overflowing):
+            released += self._release_user(user)
+            users.append(user)
+        self._overflowing.clear()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, user, chat, previous, message_id = self._deadlines.popleft()
+            state = self._users.get(user)
+            if state is None:
+                continue
+            waiting = state.held.get((chat, previous))
+            if waiting is None or waiting.message is None:
+                continue
+            if waiting.message.message_id != message_id:
+                continue  # stale: that slot was released and taken by a newer event
+            released += self._release_chat(state, chat)
+            if user not in users:
+                users.append(user)
+        return released, tuple(users)
+
+    def release_users(self, users: Iterable[str]) -> list[Delivery]:
+        """Release everything held for `users` (they are being resynchronized anyway)."""
+        released: list[Delivery] = []
+        for user in users:
+            self._overflowing.discard(user)
+            released += self._release_user(user)
+        return released
+
+    def forget(self, user: str) -> None:
+        """Drop a user's state (unsubscribed); stale deadline entries are skipped later."""
+        self._users.pop(user, None)
+        self._overflowing.discard(user)
+
+    # ------------------------------------------------------------------ internals
+
+    def _remember(self, state: _UserOrder, chat: str, message_id: str) -> None:
+        state.last[chat] = message_id
+        state.last.move_to_end(chat)
+        if len(state.last) > self._chats_per_user:
+            state.last.popitem(last=False)
+
+    def _release_user(self, user: str) -> list[Delivery]:
+        state = self._users.get(user)
+        if state is None:
+            return []
+        released: list[Delivery] = []
+        for chat in dict.fromkeys(chat for chat, _ in state.held):
+            released += self._release_chat(state, chat)
+        return released
+
+    def _release_chat(self, state: _UserOrder, chat: str) -> list[Delivery]:
+        """Every held event of the chat, chain by chain; chains start in arrival order."""
+        group = {prev: event for (c, prev), event in state.held.items() if c == chat}
+        for prev in group:
+            del state.held[(chat, prev)]
+        ids = {event.message.message_id for event in group.values() if event.message}
+        released: list[Delivery] = []
+        for prev, head in group.items():
+            if prev in ids:
+                continue  # not a chain head: released after its predecessor below
+            event: Delivery | None = head
+            while event is not None and event.message is not None:
+                released.append(event)
+                event = group.get(event.message.message_id)
+        if released and released[-1].message is not None:
+            self._remember(state, chat, released[-1].message.message_id)
+        return released
