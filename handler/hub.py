@@ -64,6 +64,8 @@ class Hub:
         self._marks_done = trio.Event()
         self._marks_lock = trio.Lock()
         self._writes_in_flight: collections.Counter[str] = collections.Counter()
+        # Receipts per user taken for recording but not yet known to be committed.
+        self._unsettled: collections.Counter[str] = collections.Counter()
         self._writes_landed = trio.Event()
 
     # ------------------------------------------------------------------ registry
@@ -207,6 +209,7 @@ class Hub:
             self.metrics.deliver_latency.observe(trio.current_time() - item.published_at)
         if item.receipt is not None:
             self._receipts.append(item.receipt)
+            self._unsettled[item.receipt.user_id] += 1
             self._receipts_queued.set()
 
     async def run_marks(
@@ -254,8 +257,8 @@ class Hub:
         with trio.move_on_after(IN_FLIGHT_WAIT_S):
             while self._writes_in_flight.get(user_id):
                 await self._writes_landed.wait()
-        await self._record_queued_receipts()  # also waits for a batch being recorded now
-        await self.store.flush()
+        if self._unsettled.get(user_id):  # else nothing of this user awaits recording
+            await self._record_queued_receipts()  # also waits for a batch being recorded now
 
     async def _flush_marks(self, batch: list[Receipt]) -> None:
         chats: dict[str, list[str]] = collections.defaultdict(list)
@@ -263,12 +266,18 @@ class Hub:
         for receipt in batch:
             chats[receipt.user_id].extend(receipt.chat_ids)
             messages[receipt.user_id].extend(receipt.message_ids)
-        for user_id in chats.keys() | messages.keys():
-            try:
+        users = chats.keys() | messages.keys()
+        try:
+            for user_id in users:
                 await self.store.mark_delivered(user_id, chats[user_id], messages[user_id])
-            except HandlerError as error:
-                # Not fatal: an unmarked item is offered again on the next binding.
-                log.warning("could not record deliveries: %s", error)
+            await self.store.flush()
+        except HandlerError as error:
+            # Not fatal: an unmarked item is offered again on the next binding.
+            log.warning("could not record deliveries: %s", error)
+        for receipt in batch:
+            self._unsettled[receipt.user_id] -= 1
+            if not self._unsettled[receipt.user_id]:
+                del self._unsettled[receipt.user_id]
 
     async def stop_marks(self) -> None:
         """Write the receipts still queued, then stop the mark writer."""
