@@ -115,24 +115,39 @@ class _Writer:
                         operation.done.set()
 
     def _apply(self, batch: list[_Operation]) -> None:
+        """One transaction for the whole batch; if any operation fails, the batch is rolled
+        back and replayed one operation per transaction, so only the faulty one fails.
+        (Failures are rare; a SAVEPOINT per operation would cost two statements each.)"""
         connection = self._connection
         try:
             connection.execute("BEGIN IMMEDIATE")
             for operation in batch:
-                connection.execute("SAVEPOINT op")
-                try:
-                    operation.result = operation.run(connection)
-                except Exception as error:
-                    connection.execute("ROLLBACK TO op")
-                    operation.error = error
-                connection.execute("RELEASE op")
+                operation.result = operation.run(connection)
             connection.execute("COMMIT")
-        except sqlite3.Error as error:
+            return
+        except Exception:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
-            failure = StoreUnavailable(f"sqlite commit failed: {error}")
-            for operation in batch:
-                operation.error = failure
+            if len(batch) == 1:
+                self._apply_alone(batch[0])
+                return
+        for operation in batch:
+            self._apply_alone(operation)
+
+    def _apply_alone(self, operation: _Operation) -> None:
+        connection = self._connection
+        operation.result = None
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            operation.result = operation.run(connection)
+            connection.execute("COMMIT")
+        except sqlite3.OperationalError as error:  # I/O, disk full, locked: the store's fault
+            operation.error = StoreUnavailable(f"sqlite commit failed: {error}")
+        except Exception as error:
+            operation.error = error
+        finally:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
 
 
 class SQLiteStore:
@@ -285,11 +300,10 @@ class SQLiteStore:
                 ).fetchone()
                 if row is not None:
                     return _message(row), False, None
-            (last_ms,) = db.execute(
-                "SELECT last_message_ms FROM chats WHERE id = ?", (chat_row_id,)
-            ).fetchone()
-            (previous_id,) = db.execute(
-                "SELECT MAX(id) FROM messages WHERE chat_id = ?", (chat_row_id,)
+            last_ms, previous_id = db.execute(
+                "SELECT last_message_ms, (SELECT MAX(id) FROM messages WHERE chat_id = chats.id)"
+                " FROM chats WHERE id = ?",
+                (chat_row_id,),
             ).fetchone()
             created = max(now_ms(), last_ms)
             cursor = db.execute(
