@@ -129,8 +129,12 @@ async def _read(
     max_bytes = limits.max_frame_bytes
     ping_interval = limits.ping_interval_s
     while True:
+        event: MutableMapping[str, Any] | None = None
+        # Only the wait runs under the deadline: a frame that came just before a ping was due
+        # must not have its handling (reply and all) cancelled when that time passes.
         with trio.move_on_at(min(session.next_deadline(), connection.last_sent + ping_interval)):
             event = await receive()
+        if event is not None:
             kind = event["type"]
             if kind == "websocket.disconnect":
                 return True
