@@ -35,6 +35,8 @@ class StorageConfig:
 class BusConfig:
     backend: Literal["local", "redis"] = "local"
     url: str = "redis://127.0.0.1:6379/0"
+    # Starts every Redis channel name, so deployments (or test runs) can share one Redis.
+    prefix: str = "chat:"
 
 
 @attrs.frozen
@@ -198,12 +200,15 @@ def _parse_storage(raw: Any, base_dir: Path, environ: Mapping[str, str]) -> Stor
 
 
 def _parse_bus(raw: Any, environ: Mapping[str, str]) -> BusConfig:
-    section = _Section(raw, "bus", frozenset({"backend", "url"}))
+    section = _Section(raw, "bus", frozenset({"backend", "url", "prefix"}))
     backend = section.get("backend", str, "local")
     if backend not in ("local", "redis"):
         raise ConfigError(section.key("backend"), 'must be "local" or "redis"')
     url = environ.get("CHAT_REDIS_URL") or section.get("url", str, _BUS_DEFAULTS.url)
-    return BusConfig(backend=backend, url=url)
+    prefix = section.get("prefix", str, _BUS_DEFAULTS.prefix)
+    if not prefix:
+        raise ConfigError(section.key("prefix"), "must not be empty")
+    return BusConfig(backend=backend, url=url, prefix=prefix)
 
 
 def _parse_auth(raw: Any, environ: Mapping[str, str]) -> AuthConfig:

@@ -119,6 +119,8 @@ def test_a_full_config_is_read() -> None:
         (minimal(bus={"backend": "kafka"}), "bus.backend"),
         (minimal(bus={"url": 6379}), "bus.url"),
         (minimal(bus={"host": "x"}), "bus.host"),
+        (minimal(bus={"prefix": ""}), "bus.prefix"),
+        (minimal(bus={"prefix": 1}), "bus.prefix"),
         (minimal(auth={"jwt_secret": 5}), "auth.jwt_secret"),
         (minimal(auth={"jwt_secret": SECRET, "algorithms": "HS256"}), "auth.algorithms"),
         (minimal(auth={"jwt_secret": SECRET, "algorithms": []}), "auth.algorithms"),
@@ -205,6 +207,11 @@ def test_environment_urls_override_the_file() -> None:
     )
     assert config.storage.dsn == "postgresql://env"
     assert config.bus.url == "redis://env"
+
+
+def test_bus_prefix() -> None:
+    assert parse(minimal()).bus.prefix == "chat:"
+    assert parse(minimal(bus={"backend": "redis", "prefix": "staging:"})).bus.prefix == "staging:"
 
 
 def test_relative_sqlite_path_is_relative_to_the_config_file(

@@ -13,7 +13,7 @@ def open_bus(config: BusConfig) -> Bus:
     if config.backend == "redis":
         from handler.bus.redis import RedisBus
 
-        return RedisBus(config)
+        return RedisBus(config, prefix=config.prefix)
     from handler.bus.local import LocalBus
 
     return LocalBus()
