@@ -128,7 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print()
     print((args.out / "results.md").read_text())
-    failed = [name for name, section in report["scenarios"].items() if section.get("error")]
+    failed = [
+        name
+        for name, section in report["scenarios"].items()
+        if section.get("error") or section.get("failed_runs")
+    ]
     if failed:
         print(f"scenarios that failed to run: {', '.join(failed)}", file=sys.stderr)
         return 1

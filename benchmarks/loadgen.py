@@ -287,7 +287,11 @@ async def job_relay(gen: Generator) -> dict[str, Any]:
             if sending and inflight < window:
                 now = trio.current_time()
                 batch = [frame(user, now)] * (window - inflight)
-                await conn.send_texts(batch)
+                try:
+                    await conn.send_texts(batch)
+                except wire.ConnectionClosed as closed:
+                    tally.errors[f"closed:{closed.code}"] += 1
+                    return
                 if tally.measuring:
                     tally.sent += len(batch)
                 inflight = window
@@ -393,7 +397,7 @@ async def job_open_loop(gen: Generator) -> dict[str, Any]:
                 frame = orjson.dumps({**bases[index], "content": content, "request_id": 1})
                 try:
                     await users[index].conn.send_texts([frame])
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                except wire.ConnectionClosed:
                     tally.errors["send_failed"] += 1
                     continue
                 if window[0] <= due < window[1]:
@@ -484,9 +488,7 @@ async def job_open_loop(gen: Generator) -> dict[str, Any]:
 
 async def _drain(user: User) -> None:
     """Keep reading (answers server pings) until the connection ends."""
-    with contextlib.suppress(
-        wire.ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError
-    ):
+    with contextlib.suppress(wire.ConnectionClosed):
         while True:
             await user.conn.receive_batch()
 
@@ -540,7 +542,12 @@ async def job_connect(gen: Generator) -> dict[str, Any]:
                 start = trio.current_time()
                 try:
                     user = await gen.connect(user_id)
-                except (OSError, wire.HandshakeError, wire.ConnectionClosed) as error:
+                except (
+                    OSError,
+                    trio.BrokenResourceError,
+                    wire.HandshakeError,
+                    wire.ConnectionClosed,
+                ) as error:
                     errors[type(error).__name__] += 1
                     return
                 latencies.append(trio.current_time() - start)

@@ -64,7 +64,8 @@ def markdown(report: dict[str, Any]) -> str:
     for key, section in report["scenarios"].items():
         label = key if key == "ceiling" else f"({key})"
         if section.get("error"):
-            lines.append(f"| {label} | error: {section['error']} | | | | **FAIL** |")
+            first = section["error"].splitlines()[0].replace("|", "/")
+            lines.append(f"| {label} | error: {first} (see results.json) | | | | **FAIL** |")
             continue
         if section.get("skipped"):
             lines.append(f"| {label} | skipped: {section['skipped']} | | | | |")
@@ -83,6 +84,8 @@ def markdown(report: dict[str, Any]) -> str:
         )
         for note in section.get("notes", []):
             lines.append(f"  - {note}")
+        for failure in section.get("failed_runs", []):
+            lines.append(f"  - **a run failed** and is left out: {failure.splitlines()[0]}")
         noise = (section.get("median") or {}).get("other_cpu_frac")
         if noise is not None and noise > NOISY_CORES:
             lines.append(

@@ -121,6 +121,15 @@ class Context:
         return self.logs / name
 
     @contextlib.contextmanager
+    def attempt(self, out: Outcome, label: str) -> Iterator[None]:
+        """Run one repetition; a failure is recorded and the other runs still count."""
+        try:
+            yield
+        except Exception as error:
+            self.say(f"  {label} failed: {str(error).splitlines()[0]}")
+            out.failed_runs.append(f"{label}: {type(error).__name__}: {error}")
+
+    @contextlib.contextmanager
     def handler(
         self,
         workdir: Path,
@@ -172,6 +181,7 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
     skipped: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    failed_runs: list[str] = field(default_factory=list)
 
     def median(self, key: str) -> float | None:
         return median_of(self.runs, key)
@@ -188,6 +198,7 @@ class Outcome:
             "rows": [row.as_dict() for row in self.rows],
             "runs": self.runs,
             "notes": self.notes,
+            "failed_runs": self.failed_runs,
             **self.extra,
         }
 
@@ -261,62 +272,65 @@ def scenario_ceiling(ctx: Context) -> Outcome:
     series: dict[str, list[dict[str, Any]]] = {}
     for stack, client, label in variants:
         for run in range(ctx.runs):
-            ctx.say(f"  {label}: run {run + 1}/{ctx.runs}")
-            with echo_server(ctx.log(f"echo-{stack}.log"), stack, cpus=SERVER_CPUS) as server:
-                job = _relay_job(params, server.port, "x" * 32, client)
+            with ctx.attempt(out, f"{label} run {run + 1}"):
+                ctx.say(f"  {label}: run {run + 1}/{ctx.runs}")
+                with echo_server(ctx.log(f"echo-{stack}.log"), stack, cpus=SERVER_CPUS) as server:
+                    job = _relay_job(params, server.port, "x" * 32, client)
+                    result, readings = run_loadgen(
+                        job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log("ceiling.log")
+                    )
+                metrics = _relay_metrics(result, window(readings, "measure_start", "measure_end"))
+                metrics.update(variant=label, stack=stack, client=client)
+                series.setdefault(label, []).append(metrics)
+                out.runs.append(metrics)
+    fixed = ctx.params("b")
+    for run in range(ctx.runs):
+        with ctx.attempt(out, f"run {run + 1}"):
+            ctx.say(f"  latency floor at (b)'s load vs raw relay: run {run + 1}/{ctx.runs}")
+            with echo_server(ctx.log("echo-raw.log"), "raw", cpus=SERVER_CPUS) as server:
+                job = {"kind": "open_loop", "port": server.port, "client": ctx.client, **fixed}
                 result, readings = run_loadgen(
                     job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log("ceiling.log")
                 )
-            metrics = _relay_metrics(result, window(readings, "measure_start", "measure_end"))
-            metrics.update(variant=label, stack=stack, client=client)
-            series.setdefault(label, []).append(metrics)
-            out.runs.append(metrics)
-    fixed = ctx.params("b")
-    for run in range(ctx.runs):
-        ctx.say(f"  latency floor at (b)'s load vs raw relay: run {run + 1}/{ctx.runs}")
-        with echo_server(ctx.log("echo-raw.log"), "raw", cpus=SERVER_CPUS) as server:
-            job = {"kind": "open_loop", "port": server.port, "client": ctx.client, **fixed}
-            result, readings = run_loadgen(
-                job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log("ceiling.log")
+            win = window(readings, "measure_start", "measure_end")
+            series.setdefault("latency floor", []).append(
+                {
+                    "variant": "latency floor",
+                    "p50_ms": result["delivery_latency"].get("p50_ms"),
+                    "p99_ms": result["delivery_latency"].get("p99_ms"),
+                    "send_lag_p99_ms": result["send_lag"].get("p99_ms"),
+                    "generator_cpu_frac": win["generator_cpu_s"] / win["wall_s"],
+                    "other_cpu_frac": win["other_cpu_frac"],
+                }
             )
-        win = window(readings, "measure_start", "measure_end")
-        series.setdefault("latency floor", []).append(
-            {
-                "variant": "latency floor",
-                "p50_ms": result["delivery_latency"].get("p50_ms"),
-                "p99_ms": result["delivery_latency"].get("p99_ms"),
-                "send_lag_p99_ms": result["send_lag"].get("p99_ms"),
-                "generator_cpu_frac": win["generator_cpu_s"] / win["wall_s"],
-                "other_cpu_frac": win["other_cpu_frac"],
-            }
-        )
-        out.runs.append(series["latency floor"][-1])
+            out.runs.append(series["latency floor"][-1])
     for run in range(ctx.runs):
-        ctx.say(f"  connect ceiling vs raw relay: run {run + 1}/{ctx.runs}")
-        with echo_server(ctx.log("echo-raw.log"), "raw", cpus=SERVER_CPUS) as server:
-            job = {
-                "kind": "connect",
-                "port": server.port,
-                "client": ctx.client,
-                "count": params["count"],
-                "concurrency": params["concurrency"],
-                "sources": 16,
-            }
-            result, readings = run_loadgen(
-                job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log("ceiling.log")
+        with ctx.attempt(out, f"run {run + 1}"):
+            ctx.say(f"  connect ceiling vs raw relay: run {run + 1}/{ctx.runs}")
+            with echo_server(ctx.log("echo-raw.log"), "raw", cpus=SERVER_CPUS) as server:
+                job = {
+                    "kind": "connect",
+                    "port": server.port,
+                    "client": ctx.client,
+                    "count": params["count"],
+                    "concurrency": params["concurrency"],
+                    "sources": 16,
+                }
+                result, readings = run_loadgen(
+                    job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log("ceiling.log")
+                )
+            win = window(readings, "measure_start", "measure_end")
+            series.setdefault("connect", []).append(
+                {
+                    "variant": "connect ceiling",
+                    "connects_per_s": result["connects_per_s"],
+                    "generator_cpu_frac": win["generator_cpu_s"] / win["wall_s"],
+                    "connects_per_generator_cpu_s": _per(result["bound"], win["generator_cpu_s"]),
+                }
             )
-        win = window(readings, "measure_start", "measure_end")
-        series.setdefault("connect", []).append(
-            {
-                "variant": "connect ceiling",
-                "connects_per_s": result["connects_per_s"],
-                "generator_cpu_frac": win["generator_cpu_s"] / win["wall_s"],
-                "connects_per_generator_cpu_s": _per(result["bound"], win["generator_cpu_s"]),
-            }
-        )
-        out.runs.append(series["connect"][-1])
+            out.runs.append(series["connect"][-1])
     for stack, _client, label in variants:
-        runs = series[label]
+        runs = series.get(label, [])
         rate = median_of(runs, "delivered_per_s")
         gen_frac = median_of(runs, "generator_cpu_frac")
         note = f" (generator core {gen_frac:.0%} busy)" if gen_frac is not None else ""
@@ -340,7 +354,7 @@ def scenario_ceiling(ctx: Context) -> Outcome:
                     "msg per server CPU-s",
                 )
             )
-    floor = series["latency floor"]
+    floor = series.get("latency floor", [])
     out.rows.append(
         Row(
             f"latency floor: (b)'s {fixed['rate']:,} msg/s vs raw relay, p99",
@@ -349,7 +363,7 @@ def scenario_ceiling(ctx: Context) -> Outcome:
         )
     )
     out.rows.append(Row("latency floor: p50", median_of(floor, "p50_ms"), "ms"))
-    connects = series["connect"]
+    connects = series.get("connect", [])
     out.rows.append(
         Row(
             "generator ceiling: connect+bind/s vs raw relay",
@@ -385,18 +399,19 @@ def scenario_a(ctx: Context) -> Outcome:
     )
     with temp_workdir(ctx.scratch) as tmp:
         for run in range(ctx.runs):
-            ctx.say(f"  run {run + 1}/{ctx.runs}")
-            with ctx.handler(Path(tmp), f"a-{run}") as (
-                server,
-                secret,
-            ):
-                job = _relay_job(params, server.port, secret, ctx.client)
-                result, readings = run_loadgen(
-                    job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log("a.log")
+            with ctx.attempt(out, f"run {run + 1}"):
+                ctx.say(f"  run {run + 1}/{ctx.runs}")
+                with ctx.handler(Path(tmp), f"a-{run}") as (
+                    server,
+                    secret,
+                ):
+                    job = _relay_job(params, server.port, secret, ctx.client)
+                    result, readings = run_loadgen(
+                        job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log("a.log")
+                    )
+                out.runs.append(
+                    _relay_metrics(result, window(readings, "measure_start", "measure_end"))
                 )
-            out.runs.append(
-                _relay_metrics(result, window(readings, "measure_start", "measure_end"))
-            )
     rate = out.median("delivered_per_s")
     out.rows += [
         Row(
@@ -430,45 +445,46 @@ def scenario_b(ctx: Context) -> Outcome:
     )
     with temp_workdir(ctx.scratch) as tmp:
         for run in range(ctx.runs):
-            ctx.say(f"  run {run + 1}/{ctx.runs}")
-            with ctx.handler(Path(tmp), f"b-{run}") as (
-                server,
-                secret,
-            ):
-                job = {
-                    "kind": "open_loop",
-                    "port": server.port,
-                    "secret": secret,
-                    "client": ctx.client,
-                    **params,
-                }
-                result, readings = run_loadgen(
-                    job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log("b.log")
+            with ctx.attempt(out, f"run {run + 1}"):
+                ctx.say(f"  run {run + 1}/{ctx.runs}")
+                with ctx.handler(Path(tmp), f"b-{run}") as (
+                    server,
+                    secret,
+                ):
+                    job = {
+                        "kind": "open_loop",
+                        "port": server.port,
+                        "secret": secret,
+                        "client": ctx.client,
+                        **params,
+                    }
+                    result, readings = run_loadgen(
+                        job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log("b.log")
+                    )
+                win = window(readings, "measure_start", "measure_end")
+                cpu = win["server_cpu_s"]
+                latency = result["delivery_latency"]
+                out.runs.append(
+                    {
+                        "delivered_per_s": result["delivered_per_s"],
+                        "sent_per_s": result["sent_per_s"],
+                        "lost": result["lost"],
+                        "p50_ms": latency.get("p50_ms"),
+                        "p99_ms": latency.get("p99_ms"),
+                        "p999_ms": latency.get("p999_ms"),
+                        "max_ms": latency.get("max_ms"),
+                        "ack_p50_ms": result["ack_latency"].get("p50_ms"),
+                        "ack_p99_ms": result["ack_latency"].get("p99_ms"),
+                        "send_lag_p99_ms": result["send_lag"].get("p99_ms"),
+                        "server_cpu_frac": cpu / win["wall_s"],
+                        "delivered_per_server_cpu_s": _per(result["delivered"], cpu),
+                        "generator_cpu_frac": win["generator_cpu_s"] / win["wall_s"],
+                        "other_cpu_frac": win["other_cpu_frac"],
+                        "errors": result["errors"],
+                        "histogram": result["delivery_histogram"],
+                        "timeline": result["timeline"],
+                    }
                 )
-            win = window(readings, "measure_start", "measure_end")
-            cpu = win["server_cpu_s"]
-            latency = result["delivery_latency"]
-            out.runs.append(
-                {
-                    "delivered_per_s": result["delivered_per_s"],
-                    "sent_per_s": result["sent_per_s"],
-                    "lost": result["lost"],
-                    "p50_ms": latency.get("p50_ms"),
-                    "p99_ms": latency.get("p99_ms"),
-                    "p999_ms": latency.get("p999_ms"),
-                    "max_ms": latency.get("max_ms"),
-                    "ack_p50_ms": result["ack_latency"].get("p50_ms"),
-                    "ack_p99_ms": result["ack_latency"].get("p99_ms"),
-                    "send_lag_p99_ms": result["send_lag"].get("p99_ms"),
-                    "server_cpu_frac": cpu / win["wall_s"],
-                    "delivered_per_server_cpu_s": _per(result["delivered"], cpu),
-                    "generator_cpu_frac": win["generator_cpu_s"] / win["wall_s"],
-                    "other_cpu_frac": win["other_cpu_frac"],
-                    "errors": result["errors"],
-                    "histogram": result["delivery_histogram"],
-                    "timeline": result["timeline"],
-                }
-            )
     p99 = out.median("p99_ms")
     cpu_frac = out.median("server_cpu_frac")
     out.rows += [
@@ -516,38 +532,39 @@ def scenario_c(ctx: Context) -> Outcome:
     )
     with temp_workdir(ctx.scratch) as tmp:
         for run in range(ctx.runs):
-            ctx.say(f"  run {run + 1}/{ctx.runs}")
-            with ctx.handler(Path(tmp), f"c-{run}") as (
-                server,
-                secret,
-            ):
-                job = {
-                    "kind": "idle",
-                    "port": server.port,
-                    "secret": secret,
-                    "client": ctx.client,
-                    "sources": 16,
-                    **params,
-                }
-                result, readings = run_loadgen(
-                    job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log("c.log")
-                )
-            base = readings["held_0"]["server_rss"]
-            metrics: dict[str, Any] = {"base_rss_mib": base / 2**20}
-            previous = (0, base)
-            for step in result["steps"]:
-                held = readings[f"held_{step['target']}"]
-                count = int(held["connections"])
-                rss = held["server_rss"]
-                metrics[f"held_{step['target']}"] = count
-                metrics[f"rss_mib_{step['target']}"] = rss / 2**20
-                metrics[f"per_conn_kib_{step['target']}"] = (rss - base) / max(count, 1) / KIB
-                metrics[f"marginal_kib_{step['target']}"] = (
-                    (rss - previous[1]) / max(count - previous[0], 1) / KIB
-                )
-                metrics[f"connect_s_{step['target']}"] = step["connect_s"]
-                previous = (count, rss)
-            out.runs.append(metrics)
+            with ctx.attempt(out, f"run {run + 1}"):
+                ctx.say(f"  run {run + 1}/{ctx.runs}")
+                with ctx.handler(Path(tmp), f"c-{run}") as (
+                    server,
+                    secret,
+                ):
+                    job = {
+                        "kind": "idle",
+                        "port": server.port,
+                        "secret": secret,
+                        "client": ctx.client,
+                        "sources": 16,
+                        **params,
+                    }
+                    result, readings = run_loadgen(
+                        job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log("c.log")
+                    )
+                base = readings["held_0"]["server_rss"]
+                metrics: dict[str, Any] = {"base_rss_mib": base / 2**20}
+                previous = (0, base)
+                for step in result["steps"]:
+                    held = readings[f"held_{step['target']}"]
+                    count = int(held["connections"])
+                    rss = held["server_rss"]
+                    metrics[f"held_{step['target']}"] = count
+                    metrics[f"rss_mib_{step['target']}"] = rss / 2**20
+                    metrics[f"per_conn_kib_{step['target']}"] = (rss - base) / max(count, 1) / KIB
+                    metrics[f"marginal_kib_{step['target']}"] = (
+                        (rss - previous[1]) / max(count - previous[0], 1) / KIB
+                    )
+                    metrics[f"connect_s_{step['target']}"] = step["connect_s"]
+                    previous = (count, rss)
+                out.runs.append(metrics)
     for step in steps:
         per = out.median(f"per_conn_kib_{step}")
         last = step == steps[-1]
@@ -587,36 +604,37 @@ def scenario_d(ctx: Context) -> Outcome:
     )
     with temp_workdir(ctx.scratch) as tmp:
         for run in range(ctx.runs):
-            ctx.say(f"  run {run + 1}/{ctx.runs}")
-            with ctx.handler(Path(tmp), f"d-{run}") as (
-                server,
-                secret,
-            ):
-                job = {
-                    "kind": "connect",
-                    "port": server.port,
-                    "secret": secret,
-                    "client": ctx.client,
-                    "sources": 16,
-                    **params,
-                }
-                result, readings = run_loadgen(
-                    job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log("d.log")
+            with ctx.attempt(out, f"run {run + 1}"):
+                ctx.say(f"  run {run + 1}/{ctx.runs}")
+                with ctx.handler(Path(tmp), f"d-{run}") as (
+                    server,
+                    secret,
+                ):
+                    job = {
+                        "kind": "connect",
+                        "port": server.port,
+                        "secret": secret,
+                        "client": ctx.client,
+                        "sources": 16,
+                        **params,
+                    }
+                    result, readings = run_loadgen(
+                        job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log("d.log")
+                    )
+                win = window(readings, "measure_start", "measure_end")
+                out.runs.append(
+                    {
+                        "connects_per_s": result["connects_per_s"],
+                        "bound": result["bound"],
+                        "connects_per_server_cpu_s": _per(result["bound"], win["server_cpu_s"]),
+                        "server_cpu_frac": win["server_cpu_s"] / win["wall_s"],
+                        "generator_cpu_frac": win["generator_cpu_s"] / win["wall_s"],
+                        "other_cpu_frac": win["other_cpu_frac"],
+                        "p50_ms": result["latency"].get("p50_ms"),
+                        "p99_ms": result["latency"].get("p99_ms"),
+                        "errors": result["errors"],
+                    }
                 )
-            win = window(readings, "measure_start", "measure_end")
-            out.runs.append(
-                {
-                    "connects_per_s": result["connects_per_s"],
-                    "bound": result["bound"],
-                    "connects_per_server_cpu_s": _per(result["bound"], win["server_cpu_s"]),
-                    "server_cpu_frac": win["server_cpu_s"] / win["wall_s"],
-                    "generator_cpu_frac": win["generator_cpu_s"] / win["wall_s"],
-                    "other_cpu_frac": win["other_cpu_frac"],
-                    "p50_ms": result["latency"].get("p50_ms"),
-                    "p99_ms": result["latency"].get("p99_ms"),
-                    "errors": result["errors"],
-                }
-            )
     rate = out.median("connects_per_s")
     out.rows += [
         Row(
@@ -661,39 +679,40 @@ def scenario_e(ctx: Context) -> Outcome:
             workdir=tmp,
         )
         for run in range(ctx.runs):
-            ctx.say(f"  run {run + 1}/{ctx.runs}")
-            db = tmp / f"run-{run}.db"
-            seeding.copy_database(template, db)
-            with ctx.handler(tmp, f"e-{run}", db_path=db) as (
-                server,
-                secret,
-            ):
-                job = {
-                    "kind": "backlog",
-                    "port": server.port,
-                    "secret": secret,
-                    "client": ctx.client,
-                    "user_id": "target",
-                    "expect_messages": total,
-                }
-                result, readings = run_loadgen(
-                    job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log("e.log")
+            with ctx.attempt(out, f"run {run + 1}"):
+                ctx.say(f"  run {run + 1}/{ctx.runs}")
+                db = tmp / f"run-{run}.db"
+                seeding.copy_database(template, db)
+                with ctx.handler(tmp, f"e-{run}", db_path=db) as (
+                    server,
+                    secret,
+                ):
+                    job = {
+                        "kind": "backlog",
+                        "port": server.port,
+                        "secret": secret,
+                        "client": ctx.client,
+                        "user_id": "target",
+                        "expect_messages": total,
+                    }
+                    result, readings = run_loadgen(
+                        job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log("e.log")
+                    )
+                win = window(readings, "measure_start", "measure_end")
+                out.runs.append(
+                    {
+                        "elapsed_s": result["elapsed_s"],
+                        "bind_s": result["bind_s"],
+                        "messages": result["messages"],
+                        "chats": result["chats"],
+                        "frames": result["frames"],
+                        "bytes": result["bytes"],
+                        "messages_per_s": result["messages_per_s"],
+                        "server_cpu_s": win["server_cpu_s"],
+                        "other_cpu_frac": win["other_cpu_frac"],
+                        "messages_per_server_cpu_s": _per(result["messages"], win["server_cpu_s"]),
+                    }
                 )
-            win = window(readings, "measure_start", "measure_end")
-            out.runs.append(
-                {
-                    "elapsed_s": result["elapsed_s"],
-                    "bind_s": result["bind_s"],
-                    "messages": result["messages"],
-                    "chats": result["chats"],
-                    "frames": result["frames"],
-                    "bytes": result["bytes"],
-                    "messages_per_s": result["messages_per_s"],
-                    "server_cpu_s": win["server_cpu_s"],
-                    "other_cpu_frac": win["other_cpu_frac"],
-                    "messages_per_server_cpu_s": _per(result["messages"], win["server_cpu_s"]),
-                }
-            )
     out.rows += [
         Row(
             "time to receive the whole backlog",
@@ -740,42 +759,43 @@ def scenario_f(ctx: Context) -> Outcome:
             workdir=tmp,
         )
         for run in range(ctx.runs):
-            ctx.say(f"  run {run + 1}/{ctx.runs}")
-            db = tmp / f"run-{run}.db"
-            seeding.copy_database(template, db)
-            with ctx.handler(tmp, f"f-{run}", db_path=db) as (
-                server,
-                secret,
-            ):
-                job = {
-                    "kind": "fetch",
-                    "port": server.port,
-                    "secret": secret,
-                    "client": ctx.client,
-                    "user_id": "reader",
-                    "repeats": params.get("repeats", 2),
-                }
-                result, readings = run_loadgen(
-                    job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log("f.log")
+            with ctx.attempt(out, f"run {run + 1}"):
+                ctx.say(f"  run {run + 1}/{ctx.runs}")
+                db = tmp / f"run-{run}.db"
+                seeding.copy_database(template, db)
+                with ctx.handler(tmp, f"f-{run}", db_path=db) as (
+                    server,
+                    secret,
+                ):
+                    job = {
+                        "kind": "fetch",
+                        "port": server.port,
+                        "secret": secret,
+                        "client": ctx.client,
+                        "user_id": "reader",
+                        "repeats": params.get("repeats", 2),
+                    }
+                    result, readings = run_loadgen(
+                        job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log("f.log")
+                    )
+                first = result["rounds"][0]
+                last = result["rounds"][-1]
+                cpu_first = window(readings, "fetch_0_start", "fetch_0_end")["server_cpu_s"]
+                n = len(result["rounds"]) - 1
+                cpu_last = window(readings, f"fetch_{n}_start", f"fetch_{n}_end")["server_cpu_s"]
+                out.runs.append(
+                    {
+                        "first_s": first["elapsed_s"],
+                        "repeat_s": last["elapsed_s"],
+                        "bytes": first["bytes"],
+                        "chats": first["chats"],
+                        "messages": first["messages"],
+                        "mib_per_s": first["bytes"] / 2**20 / first["elapsed_s"],
+                        "server_cpu_s_first": cpu_first,
+                        "server_cpu_s_repeat": cpu_last,
+                        "messages_per_server_cpu_s": _per(first["messages"], cpu_first),
+                    }
                 )
-            first = result["rounds"][0]
-            last = result["rounds"][-1]
-            cpu_first = window(readings, "fetch_0_start", "fetch_0_end")["server_cpu_s"]
-            n = len(result["rounds"]) - 1
-            cpu_last = window(readings, f"fetch_{n}_start", f"fetch_{n}_end")["server_cpu_s"]
-            out.runs.append(
-                {
-                    "first_s": first["elapsed_s"],
-                    "repeat_s": last["elapsed_s"],
-                    "bytes": first["bytes"],
-                    "chats": first["chats"],
-                    "messages": first["messages"],
-                    "mib_per_s": first["bytes"] / 2**20 / first["elapsed_s"],
-                    "server_cpu_s_first": cpu_first,
-                    "server_cpu_s_repeat": cpu_last,
-                    "messages_per_server_cpu_s": _per(first["messages"], cpu_first),
-                }
-            )
     messages = out.median("messages")
     out.rows += [
         Row(
@@ -843,33 +863,34 @@ def scenario_g(ctx: Context) -> Outcome:
         for workers in (1, 2):
             cpus = SERVER_CPUS if workers == 1 else None
             for run in range(ctx.runs):
-                ctx.say(f"  {workers} worker(s): run {run + 1}/{ctx.runs}")
-                with ctx.handler(
-                    Path(tmp),
-                    f"g-{workers}-{run}",
-                    cpus=cpus,
-                    workers=workers,
-                    postgres_dsn=POSTGRES_DSN,
-                    redis_url=REDIS_URL,
-                ) as (server, secret):
-                    job = _relay_job(params, server.port, secret, ctx.client)
-                    result, readings = run_loadgen(
-                        job,
-                        server=server,
-                        cpus=GENERATOR_CPUS,
-                        log_path=ctx.log("g.log"),
-                        backends=backends,
+                with ctx.attempt(out, f"{workers} worker(s) run {run + 1}"):
+                    ctx.say(f"  {workers} worker(s): run {run + 1}/{ctx.runs}")
+                    with ctx.handler(
+                        Path(tmp),
+                        f"g-{workers}-{run}",
+                        cpus=cpus,
+                        workers=workers,
+                        postgres_dsn=POSTGRES_DSN,
+                        redis_url=REDIS_URL,
+                    ) as (server, secret):
+                        job = _relay_job(params, server.port, secret, ctx.client)
+                        result, readings = run_loadgen(
+                            job,
+                            server=server,
+                            cpus=GENERATOR_CPUS,
+                            log_path=ctx.log("g.log"),
+                            backends=backends,
+                        )
+                    win = window(readings, "measure_start", "measure_end")
+                    metrics = _relay_metrics(result, win)
+                    metrics["workers"] = workers
+                    metrics["backend_cpu_frac"] = win.get("backend_cpu_s", 0.0) / win["wall_s"]
+                    metrics["delivered_per_total_cpu_s"] = _per(
+                        result["delivered_per_s"] * win["wall_s"],
+                        (win.get("server_cpu_s") or 0.0) + win.get("backend_cpu_s", 0.0),
                     )
-                win = window(readings, "measure_start", "measure_end")
-                metrics = _relay_metrics(result, win)
-                metrics["workers"] = workers
-                metrics["backend_cpu_frac"] = win.get("backend_cpu_s", 0.0) / win["wall_s"]
-                metrics["delivered_per_total_cpu_s"] = _per(
-                    result["delivered_per_s"] * win["wall_s"],
-                    (win.get("server_cpu_s") or 0.0) + win.get("backend_cpu_s", 0.0),
-                )
-                series[workers].append(metrics)
-                out.runs.append(metrics)
+                    series[workers].append(metrics)
+                    out.runs.append(metrics)
     one, two = series[1], series[2]
     rate1, rate2 = median_of(one, "delivered_per_s"), median_of(two, "delivered_per_s")
     eff1 = median_of(one, "delivered_per_server_cpu_s")

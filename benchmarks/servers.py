@@ -49,6 +49,10 @@ def apply_priority() -> None:
     if boost:
         with contextlib.suppress(OSError):
             os.nice(-boost)
+        # With autogroup scheduling, nice only ranks tasks within one session: the group's
+        # own nice is what ranks it against other sessions' work.
+        with contextlib.suppress(OSError):
+            Path("/proc/self/autogroup").write_text(str(-boost))
 
 
 def usable_cpus(cpus: Sequence[int] | None) -> set[int] | None:

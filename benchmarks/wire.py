@@ -189,20 +189,24 @@ class RawConnection:
         self.close_code: int | None = None
 
     async def send_texts(self, texts: Sequence[bytes]) -> None:
-        data = b"".join([encode_frame(OP_TEXT, text, mask=True) for text in texts])
-        async with self._send_lock:
-            await self._stream.send_all(data)
+        await self._send_raw(b"".join([encode_frame(OP_TEXT, text, mask=True) for text in texts]))
 
     async def _send_raw(self, data: bytes) -> None:
-        async with self._send_lock:
-            await self._stream.send_all(data)
+        try:
+            async with self._send_lock:
+                await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+            raise ConnectionClosed(self.close_code, f"send failed: {error}") from None
 
     async def receive_batch(self) -> list[bytes]:
         while True:
             if self._leftover:
                 data, self._leftover = self._leftover, b""
             else:
-                data = await self._stream.receive_some(_RECEIVE_SIZE)
+                try:
+                    data = await self._stream.receive_some(_RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+                    raise ConnectionClosed(self.close_code, f"reset: {error}") from None
                 if not data:
                     raise ConnectionClosed(self.close_code, "EOF")
                 self.bytes_received += len(data)
@@ -213,7 +217,7 @@ class RawConnection:
                 elif opcode == OP_CLOSE:
                     code, reason = close_payload(payload)
                     self.close_code = code
-                    with trio.move_on_after(1):
+                    with trio.move_on_after(1), contextlib.suppress(ConnectionClosed):
                         await self._send_raw(encode_frame(OP_CLOSE, payload[:2], mask=True))
                     await self._stream.aclose()
                     raise ConnectionClosed(code, reason)
@@ -227,7 +231,7 @@ class RawConnection:
                 # Wait for the server's close (or EOF) so the server, not us, ends TCP first.
                 while await self._stream.receive_some(_RECEIVE_SIZE):
                     pass
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
         await self._stream.aclose()
 
@@ -296,8 +300,13 @@ class TrioWebsocketConnection:
         self.bytes_received = 0
 
     async def send_texts(self, texts: Sequence[bytes]) -> None:
-        for text in texts:
-            await self._ws.send_message(text.decode())
+        import trio_websocket
+
+        try:
+            for text in texts:
+                await self._ws.send_message(text.decode())
+        except trio_websocket.ConnectionClosed as error:
+            raise ConnectionClosed(getattr(error.reason, "code", None), "closed") from None
 
     async def receive_batch(self) -> list[bytes]:
         import trio_websocket

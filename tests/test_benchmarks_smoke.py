@@ -32,6 +32,7 @@ def section(smoke: tuple[dict[str, Any], Path], name: str) -> dict[str, Any]:
     report, _ = smoke
     data: dict[str, Any] = report["scenarios"][name]
     assert "error" not in data, data.get("error")
+    assert not data["failed_runs"], data["failed_runs"]
     return data
 
 
