@@ -164,11 +164,6 @@ def test_audience_when_configured() -> None:
     unauthorized(auth, hs256({"sub": "alice"}))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server: aud is checked even when auth.audience is not configured (PyJWT refuses "
-    "any token carrying aud when no audience is passed); PROTOCOL checks aud only when configured",
-)
 def test_audience_not_checked_when_not_configured() -> None:
     assert authority().verify(hs256({"sub": "alice", "aud": "anything"})).user_id == "alice"
 

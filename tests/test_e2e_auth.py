@@ -333,12 +333,6 @@ async def test_only_configured_algorithms(start_server: StartServer) -> None:
         assert await client.recv() == {"type": "authenticated", "user_id": "alice"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server: an unexpected exception while binding with ?token= escapes the session "
-    "(Session.start catches only HandlerError) to Hypercorn, and the client sees close 1001 "
-    "'server shutting down' instead of an internal error or 1011",
-)
 async def test_unexpected_fault_while_binding_by_query_is_internal(
     server: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

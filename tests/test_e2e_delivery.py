@@ -30,26 +30,6 @@ from support import (
 
 from handler.store.sqlite import SQLiteStore
 
-MARKS_ARE_LATE = pytest.mark.xfail(
-    strict=True,
-    reason="server: deliveries are recorded asynchronously (receipts batched 20 ms after the "
-    "write, then queued to the store writer) and a new binding reads its backlog without "
-    "waiting for them, so a quick rebind gets already delivered items again",
-)
-WRITES_AFTER_CLOSE_ARE_LOST = pytest.mark.xfail(
-    strict=True,
-    reason="server: frames handed to Hypercorn after the client's close frame are dropped "
-    "silently (app_send after StreamClosed) but still recorded as delivered, so they are lost",
-)
-
-
-COMMIT_BEFORE_PUBLISH = pytest.mark.xfail(
-    strict=True,
-    reason="server: a message committed (visible to the backlog read) but not yet published "
-    "when a binding reads its backlog arrives twice, in new_messages and again as a live "
-    "message: the handover only de-duplicates fan-out parked during the binding",
-)
-
 
 @contextmanager
 def slow_commits(server: RunningServer, delay: Callable[[], float]) -> Iterator[None]:
@@ -184,7 +164,6 @@ async def test_live_delivery_counts_even_if_the_client_closes(server: RunningSer
             assert sorted(written + again) == [ack["message_id"]]
 
 
-@MARKS_ARE_LATE
 async def test_immediate_rebind_gets_no_backlog_twice(server: RunningServer) -> None:
     """A second binding right after the first must not get the same backlog again."""
     async with server.connect("alice") as alice:
@@ -198,7 +177,6 @@ async def test_immediate_rebind_gets_no_backlog_twice(server: RunningServer) -> 
                 assert backlog_messages(bob.backlog) == [], f"round {round_}: delivered twice"
 
 
-@MARKS_ARE_LATE
 async def test_immediate_rebind_after_a_live_message(server: RunningServer) -> None:
     async with server.connect("alice") as alice:
         chat = await alice.create_chat("bob")
@@ -345,14 +323,12 @@ async def _reconnect_race(server: RunningServer, *, quiet_close: bool, seed: int
         assert kinds == sorted(kinds), f"binding {index}: live before backlog"
 
 
-@COMMIT_BEFORE_PUBLISH
 async def test_exactly_once_while_binding(server: RunningServer) -> None:
     rng = random.Random(4)
     with slow_commits(server, lambda: rng.uniform(0, 0.004)):
         await _reconnect_race(server, quiet_close=True, seed=1)
 
 
-@COMMIT_BEFORE_PUBLISH
 async def test_message_committed_while_the_recipient_binds_arrives_once(
     server: RunningServer,
 ) -> None:
@@ -378,17 +354,11 @@ async def test_message_committed_while_the_recipient_binds_arrives_once(
                 await bob.expect_no_frame(0.2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server: both faults above (late delivery records: duplicates on a quick rebind; "
-    "frames dropped after the client's close but recorded as delivered: losses)",
-)
 @pytest.mark.parametrize("seed", [2, 3])
 async def test_exactly_once_across_abrupt_reconnects(server: RunningServer, seed: int) -> None:
     await _reconnect_race(server, quiet_close=False, seed=seed)
 
 
-@WRITES_AFTER_CLOSE_ARE_LOST
 async def test_frames_not_written_before_the_client_closed_stay_undelivered(
     server: RunningServer,
 ) -> None:

@@ -3,6 +3,7 @@ compression."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -410,3 +411,42 @@ async def test_a_client_that_stops_reading_is_dropped(start_server: StartServer)
     assert backlog == sent[len(sent) - len(backlog) :]
     assert len(read) + len(backlog) <= len(sent)
     assert len(backlog) >= 4  # at least the message that overflowed, and the 3 sent offline
+
+
+@pytest.mark.slow
+async def test_a_client_that_sends_but_never_reads_is_dropped(start_server: StartServer) -> None:
+    server = await start_server(limits={"send_queue": 4})
+    async with server.connect("carol") as carol, server.connect("bob") as setup:
+        chat = await setup.create_chat("carol")
+        assert (await carol.recv())["type"] == "new_chats"
+        for _ in range(20):  # each fetch_messages reply is then ~330 KB
+            await setup.send_message(chat["chat_id"], "carol", EMOJI * 4096)
+            await carol.recv()
+    async with server.connect("carol") as carol, server.open_raw(token=server.token("bob")) as bob:
+        request = json.dumps({"type": "fetch_messages", "chat_id": chat["chat_id"]})
+
+        async def flood() -> None:
+            # Never reads: the replies fill the socket, then the outbox, then reply() waits.
+            with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                while True:
+                    await bob.send_text(request)
+
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flood)
+            with trio.fail_after(15):
+                while await _slow_consumers_dropped(server) < 1:
+                    before = trio.current_time()
+                    assert await carol.request({"type": "ping"}) == {"type": "pong"}
+                    assert trio.current_time() - before < 0.5
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        assert trio.current_time() - start < 10  # "within a few seconds"
+        assert await carol.request({"type": "ping"}) == {"type": "pong"}
+        # bob's side ends too: a close frame, or a reset of the TCP connection.
+        with trio.fail_after(5):
+            try:
+                while not isinstance(await bob.recv_event(), int):
+                    pass
+            except ConnectionError:
+                pass
