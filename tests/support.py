@@ -22,6 +22,7 @@ import trio
 import wsproto
 import wsproto.events as ws_events
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from wsproto.connection import ConnectionState
 from wsproto.extensions import Extension
 
 from handler.app import ChatApp
@@ -402,7 +403,7 @@ class RawClient:
                     await self._write(self.ws.send(event.response()))
                 elif isinstance(event, ws_events.CloseConnection):
                     self.close_code = event.code
-                    if self.ws.state == wsproto.ConnectionState.REMOTE_CLOSING:
+                    if self.ws.state == ConnectionState.REMOTE_CLOSING:
                         await self._write(self.ws.send(event.response()))
                     self._events.append(event)
                 elif not isinstance(event, ws_events.Pong):

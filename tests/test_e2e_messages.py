@@ -254,7 +254,7 @@ async def test_request_id_is_echoed_on_replies_and_errors(server: RunningServer)
         assert [p["request_id"] for p in pages] == [3]
         reply = await alice.request({"type": "fetch_messages", "chat_id": chat_id, "request_id": 4})
         assert (reply["type"], reply["request_id"]) == ("all_messages", 4)
-        errors = [
+        errors: list[tuple[dict[str, Any], str]] = [
             ({"type": "nope", "request_id": 5}, "unknown_type"),
             ({"request_id": 6}, "unknown_type"),
             ({"type": "create_chat", "request_id": 7}, "bad_request"),
