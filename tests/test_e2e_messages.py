@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from typing import Any
 
 import pytest
 import trio
 from support import Client, Frame, RunningServer, expect_silence, wait_nothing_pending
+
+from handler.store import sqlite as sqlite_store
 
 TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 EMOJI = "\U0001f600"
@@ -466,3 +469,26 @@ async def test_unexpected_fault_is_internal_with_a_correlation_id(
         assert await alice.request({"type": "ping"}) == {"type": "pong"}
         ack = await alice.send_message(chat["chat_id"], "bob", "fine again")
         assert ack["content"] == "fine again"
+
+
+async def test_timestamps_never_go_backwards_even_if_the_clock_does(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    start = time.time_ns() // 1_000_000
+    steps = iter(range(0, 10_000_000, 1000))
+
+    def clock_going_backwards() -> int:
+        return start - next(steps)  # a second earlier at every call
+
+    async with server.connect("alice") as alice, server.connect("bob") as bob:
+        chat = await chat_between(alice, bob)
+        first = await alice.send_message(chat["chat_id"], "bob", "before")
+        monkeypatch.setattr(sqlite_store, "now_ms", clock_going_backwards)
+        acks = [first] + [
+            await alice.send_message(chat["chat_id"], "bob", f"m{i}") for i in range(5)
+        ]
+        stamps = [a["timestamp"] for a in acks]
+        assert stamps == sorted(stamps)
+        ids = [a["message_id"] for a in acks]
+        assert ids == sorted(ids, key=id_key)
+        assert all(TIMESTAMP.match(stamp) for stamp in stamps)
