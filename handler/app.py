@@ -121,7 +121,9 @@ async def start_services(config: Config, nursery: trio.Nursery) -> Services:
         rate_per_s=config.limits.rate_per_s,
         rate_burst=config.limits.rate_burst,
     )
-    await nursery.start(partial(bus.run, hub.deliver, on_resync=hub.resync))
+    await nursery.start(
+        partial(bus.run, hub.deliver, on_resync=hub.resync, on_settle=hub.sync_marks)
+    )
     await nursery.start(hub.run_marks)
     return Services(
         store=store,

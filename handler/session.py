@@ -221,6 +221,7 @@ class Session:
         try:
             await hub.register(connection, identity.user_id)
             await hub.sync_marks(identity.user_id)
+            await hub.bus.settle(identity.user_id)  # and the other nodes' marks for the user
             backlog = await self.services.store.backlog(identity.user_id)
         except BaseException:
             connection.abort_binding()

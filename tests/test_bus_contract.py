@@ -49,6 +49,10 @@ class Node:
         self.events: list[Delivery] = []
         self.resyncs: list[tuple[str, ...]] = []
         self.subscribed: set[str] = set()
+        # What `on_settle` (the hub committing its delivery marks for a user) was asked, and
+        # when it finished; it takes `settle_s`, as a commit would.
+        self.settled: list[tuple[str, float]] = []
+        self.settle_s = 0.0
         self._changed = trio.Event()
 
     def sink(self, event: Delivery) -> None:
@@ -60,6 +64,10 @@ class Node:
         self.resyncs.append(users)
         self._changed.set()
         self._changed = trio.Event()
+
+    async def on_settle(self, user: str) -> None:
+        await trio.sleep(self.settle_s)
+        self.settled.append((user, trio.current_time()))
 
     async def subscribe(self, *users: str) -> None:
         for user in users:
@@ -135,12 +143,14 @@ async def _start(
 ) -> Node:
     if backend == "local":
         node = Node(LocalBus())
-        await nursery.start(node.bus.run, node.sink)
+        await nursery.start(functools.partial(node.bus.run, node.sink, on_settle=node.on_settle))
         return node
     assert url is not None
     bus = RedisBus(BusConfig(backend="redis", url=url), prefix=prefix, **options)
     node = Node(bus)
-    await nursery.start(functools.partial(bus.run, node.sink, on_resync=node.on_resync))
+    await nursery.start(
+        functools.partial(bus.run, node.sink, on_resync=node.on_resync, on_settle=node.on_settle)
+    )
     return node
 
 
@@ -261,6 +271,14 @@ async def test_previous_message_id_survives_the_bus(start_node: StartNode) -> No
     assert [event.prev_message_id for event in node.events] == [None, "1"]
 
 
+async def test_settle_with_no_other_node_returns_at_once(start_node: StartNode) -> None:
+    node = await start_node()
+    await node.subscribe("alice")
+    with trio.fail_after(0.5):
+        await node.bus.settle("alice")
+    assert node.settled == []  # nothing to ask of itself: the hub commits its own marks
+
+
 async def test_check_answers_while_running(start_node: StartNode) -> None:
     node = await start_node()
     await node.bus.check()
@@ -343,6 +361,73 @@ async def test_redis_unreachable_subscribe_raises(nursery: trio.Nursery) -> None
         await node.bus.check()
     node.bus.publish_nowait(message_event("1", "bob", "alice"))  # never raises
     nursery.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------------- Redis: delivery marks
+
+
+@pytest.mark.scale
+async def test_redis_settle_waits_for_every_node_serving_the_user(
+    start_redis_node: StartNode,
+) -> None:
+    binding = await start_redis_node()
+    others = [await start_redis_node() for _ in range(2)]
+    bystander = await start_redis_node()
+    for index, node in enumerate(others):
+        node.settle_s = 0.05 * (index + 1)
+        await node.subscribe("alice")
+    await bystander.subscribe("bob")
+    await binding.subscribe("alice")
+    started = trio.current_time()
+    await binding.bus.settle("alice")
+    returned = trio.current_time()
+    for node in others:  # each committed its marks for alice before settle returned
+        [(user, finished)] = node.settled
+        assert user == "alice"
+        assert started <= finished <= returned
+    assert bystander.settled == []
+    assert binding.settled == []
+    assert isinstance(binding.bus, RedisBus)
+    assert binding.bus.statistics().settle_timeouts == 0
+
+
+@pytest.mark.scale
+async def test_redis_unsubscribe_commits_the_marks_first(start_redis_node: StartNode) -> None:
+    """A node leaving a user commits its marks before leaving the channel, and still answers
+    a settle request that reaches it meanwhile."""
+    binding = await start_redis_node()
+    leaving = await start_redis_node()
+    leaving.settle_s = 0.2
+    await leaving.subscribe("alice")
+    await binding.subscribe("alice")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(leaving.unsubscribe, "alice")
+        await trio.sleep(0.05)  # leaving is committing
+        with trio.fail_after(1.5):
+            await binding.bus.settle("alice")
+    assert [user for user, _ in leaving.settled] == ["alice", "alice"]
+    assert isinstance(binding.bus, RedisBus)
+    assert binding.bus.statistics().settle_timeouts == 0
+    # Gone from the channel now: nothing to wait for.
+    with trio.fail_after(0.5):
+        await binding.bus.settle("alice")
+    assert len(leaving.settled) == 2
+
+
+@pytest.mark.scale
+async def test_redis_resubscribe_while_leaving_keeps_the_subscription(
+    start_redis_node: StartNode,
+) -> None:
+    publisher = await start_redis_node()
+    node = await start_redis_node()
+    node.settle_s = 0.1
+    await node.subscribe("alice")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(node.bus.unsubscribe, "alice")
+        await trio.sleep(0.02)
+        await node.bus.subscribe("alice")  # the user came back while the node was leaving
+    publisher.bus.publish_nowait(message_event("1", "bob", "alice"))
+    await node.wait_for(lambda: len(node.received()) == 1)
 
 
 # --------------------------------------------------------------------------- Redis: chat order

@@ -7,6 +7,10 @@ The bus carries *notifications*; the store stays the source of truth. A backend 
 - preserve publish order per recipient user;
 - make `subscribe` return only once events published afterwards will reach this node (the
   binding race depends on it: subscribe, then read the backlog);
+- make `settle(user)` return only once every other node serving the user has committed the
+  delivery marks it holds for that user (`on_settle`), and leave a user (`unsubscribe`) only
+  after committing its own: a binding settles before reading the backlog, so what another
+  node has just written to the user is not offered again;
 - never block the publisher: `publish_nowait` queues or delivers synchronously.
 
 A copy delivered from another node may be narrowed: `recipients` is then just the user whose
@@ -19,7 +23,7 @@ a gap check against the store, since the protocol promises exactly-once delivery
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Literal, Protocol
 
 import attrs
@@ -51,6 +55,9 @@ DeliverySink = Callable[[Delivery], None]
 # Called with users whose events this node may have missed (e.g. after a reconnect to the
 # pub/sub server); the hub repairs it through the store.
 ResyncHook = Callable[[tuple[str, ...]], None]
+# Commits the delivery marks this node holds for a user (the hub's `sync_marks`); awaited when
+# another node binds the user, and before this node leaves the user.
+SettleHook = Callable[[str], Awaitable[None]]
 
 
 class Bus(Protocol):
@@ -59,16 +66,22 @@ class Bus(Protocol):
         sink: DeliverySink,
         *,
         on_resync: ResyncHook | None = None,
+        on_settle: SettleHook | None = None,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Run until cancelled, calling `sink` (synchronously) for every event for this node,
-        and `on_resync` for users whose events may have been lost."""
+        `on_resync` for users whose events may have been lost, and `on_settle` when another
+        node binds one of this node's users."""
 
     async def subscribe(self, user_id: str) -> None:
         """Start routing the user's events to this node; returns once that is in effect."""
 
     async def unsubscribe(self, user_id: str) -> None:
-        """Stop routing the user's events to this node."""
+        """Stop routing the user's events to this node (after `on_settle(user_id)`)."""
+
+    async def settle(self, user_id: str) -> None:
+        """Return once the other nodes serving the user have committed their delivery marks
+        for it (bounded wait: a node that does not answer is not waited for forever)."""
 
     def publish_nowait(self, event: Delivery) -> None:
         """Send an event to its recipients' nodes without blocking; order kept per user."""

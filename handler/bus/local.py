@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from handler.bus.base import Delivery, DeliverySink, ResyncHook
+from handler.bus.base import Delivery, DeliverySink, ResyncHook, SettleHook
 
 
 class LocalBus:
@@ -19,6 +19,7 @@ class LocalBus:
         sink: DeliverySink,
         *,
         on_resync: ResyncHook | None = None,  # nothing is ever lost in-process
+        on_settle: SettleHook | None = None,  # there is no other node
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         self._sink = sink
@@ -33,6 +34,9 @@ class LocalBus:
 
     async def unsubscribe(self, user_id: str) -> None:
         self._subscribed.discard(user_id)
+
+    async def settle(self, user_id: str) -> None:
+        return None
 
     def publish_nowait(self, event: Delivery) -> None:
         if self._sink is not None and any(u in self._subscribed for u in event.recipients):

@@ -24,6 +24,12 @@ Theory of operation:
   - the publisher could not send a batch, or its queue was full: the recipients are remembered
     and, once Redis answers again, sent a resync notice on their channels (or on `{prefix}all`
     when too many were lost), so the nodes serving them resync them.
+- Delivery marks across nodes: `settle(user)` publishes a request on the user's channel;
+  PUBLISH answers how many subscribers got it, i.e. how many nodes serve the user. Each other
+  node commits the marks it holds for the user (`on_settle`) and acknowledges on the
+  requester's node channel; `settle` returns once all have (or after `_SETTLE_WAIT_S`). A node
+  commits its marks for a user before leaving the user's channel, so a node that no longer
+  gets the request has nothing left to commit.
 - Outage: `subscribe` raises `BusUnavailable` (after waiting briefly for a reconnect);
   `publish_nowait` never raises (events queue, then turn into resync notices); `check` fails;
   the bus reconnects with backoff (0.1 s doubling to 5 s) and never stops on a Redis error.
@@ -31,6 +37,7 @@ Theory of operation:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 from collections.abc import Iterable, Sequence
@@ -43,7 +50,7 @@ import trio
 from coredis.patterns.pubsub import PubSub
 from coredis.retry import NoRetryPolicy
 
-from handler.bus.base import Delivery, DeliverySink, ResyncHook
+from handler.bus.base import Delivery, DeliverySink, ResyncHook, SettleHook
 from handler.bus.order import HOLD_S, ChatOrder
 from handler.config import BusConfig
 from handler.errors import BusUnavailable
@@ -61,6 +68,7 @@ _COMMAND_TIMEOUT_S: Final = 5.0
 _BACKOFF_MIN_S: Final = 0.1
 _BACKOFF_MAX_S: Final = 5.0
 _HEARTBEAT_S: Final = 2.0
+_SETTLE_WAIT_S: Final = 2.0
 
 
 @attrs.define
@@ -74,6 +82,7 @@ class RedisBusStatistics:
     reconnects: int = 0
     resyncs: int = 0
     order_timeouts: int = 0
+    settle_timeouts: int = 0
     queued: int = 0
     held: int = 0
     connected: bool = False
@@ -98,6 +107,14 @@ def _reraise_cancellation(error: BaseException) -> None:
             raise fatal
     elif not isinstance(error, Exception):
         raise error
+
+
+@attrs.define(eq=False)
+class _Settle:
+    """One `settle` call waiting for the other nodes' acknowledgements."""
+
+    acks: int = 0
+    changed: trio.Event = attrs.field(factory=trio.Event)
 
 
 class _Stale(Exception):
@@ -163,8 +180,14 @@ class RedisBus:
         self._all_channel = f"{prefix}all".encode()
         self._heartbeat_s = heartbeat_s
         self._users: set[str] = set()
+        # Bumped by every subscribe: an unsubscribe that waited (for the marks) must not undo
+        # a subscribe of the same user that happened meanwhile.
+        self._subscriptions: dict[str, int] = {}
         self._sink: DeliverySink | None = None
         self._on_resync: ResyncHook | None = None
+        self._on_settle: SettleHook | None = None
+        self._nursery: trio.Nursery | None = None
+        self._settles: dict[str, _Settle] = {}
         self._client: coredis.Redis[bytes] | None = None
         self._pubsub: PubSub[bytes] | None = None
         self._ready = trio.Event()
@@ -193,6 +216,7 @@ class RedisBus:
         sink: DeliverySink,
         *,
         on_resync: ResyncHook | None = None,
+        on_settle: SettleHook | None = None,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Connect, then publish and receive until cancelled.
@@ -202,6 +226,7 @@ class RedisBus:
         """
         self._sink = sink
         self._on_resync = on_resync
+        self._on_settle = on_settle
         try:
             client: coredis.Redis[bytes] = coredis.Redis.from_url(
                 self._url,
@@ -211,6 +236,7 @@ class RedisBus:
             )
             async with client, trio.open_nursery() as nursery:
                 self._client = client
+                self._nursery = nursery
                 nursery.start_soon(self._publisher, client)
                 await nursery.start(self._subscriber, client)
                 nursery.start_soon(self._heartbeat, client)
@@ -219,6 +245,8 @@ class RedisBus:
         finally:
             self._sink = None
             self._on_resync = None
+            self._on_settle = None
+            self._nursery = None
             self._client = None
             self._pubsub = None
 
@@ -237,6 +265,7 @@ class RedisBus:
     async def subscribe(self, user_id: str) -> None:
         pubsub = await self._wait_ready()
         self._users.add(user_id)
+        self._subscriptions[user_id] = self._subscriptions.get(user_id, 0) + 1
         try:
             with trio.fail_after(_COMMAND_TIMEOUT_S):
                 await pubsub.subscribe(self._user_channel(user_id))
@@ -246,6 +275,13 @@ class RedisBus:
             raise BusUnavailable(f"redis subscribe failed: {error!r}") from None
 
     async def unsubscribe(self, user_id: str) -> None:
+        # Marks first: once off the channel, this node no longer hears `settle` requests, so
+        # what it wrote to the user must be committed before it leaves.
+        subscription = self._subscriptions.get(user_id)
+        await self._commit_marks(user_id)
+        if self._subscriptions.get(user_id) != subscription:
+            return  # subscribed again meanwhile: that subscription stands
+        self._subscriptions.pop(user_id, None)
         # Local first: from here on the user's events are ignored even before Redis confirms,
         # and a reconnect will not subscribe it again.
         self._users.discard(user_id)
@@ -260,6 +296,58 @@ class RedisBus:
             _reraise_cancellation(error)
             # Harmless: the channel is dropped on the next reconnect and ignored until then.
             log.info("redis unsubscribe failed: %r", error)
+
+    # ------------------------------------------------------------------ delivery marks
+
+    async def settle(self, user_id: str) -> None:
+        client = self._client
+        if client is None:
+            return
+        token = secrets.token_hex(8)
+        waiter = self._settles[token] = _Settle()
+        request = orjson.dumps({"o": self.node_id, "s": token})
+        try:
+            with trio.move_on_after(_SETTLE_WAIT_S) as waited:
+                receivers = await client.publish(self._user_channel(user_id), request)
+                # Our own subscriber is one of them (the binding subscribed first).
+                others = receivers - (1 if user_id in self._users else 0)
+                while waiter.acks < others:
+                    await waiter.changed.wait()
+            if waited.cancelled_caught:
+                self._stats.settle_timeouts += 1
+                log.warning("settle user=%s: not every node answered in time", user_id)
+        except BaseException as error:
+            _reraise_cancellation(error)
+            # No worse than a node that does not answer: an item may be offered once more.
+            log.warning("settle user=%s failed: %r", user_id, error)
+        finally:
+            del self._settles[token]
+
+    def _acknowledged(self, token: str) -> None:
+        waiter = self._settles.get(token)
+        if waiter is not None:
+            waiter.acks += 1
+            waiter.changed.set()
+            waiter.changed = trio.Event()
+
+    async def _commit_marks(self, user_id: str) -> None:
+        if self._on_settle is None:
+            return
+        try:
+            with trio.move_on_after(_SETTLE_WAIT_S):
+                await self._on_settle(user_id)
+        except Exception:
+            log.exception("committing the delivery marks of a user failed")
+
+    async def _answer_settle(self, user_id: str, node: str, token: str) -> None:
+        """Commit our marks for the user, then tell the node that asked (always: it waits)."""
+        try:
+            await self._commit_marks(user_id)
+        finally:
+            answer = orjson.dumps({"o": self.node_id, "a": token})
+            channel = f"{self._prefix}n:{node}".encode("utf-8", "surrogatepass")
+            with contextlib.suppress(trio.WouldBlock):
+                self._send.send_nowait(_Outgoing((channel,), answer))
 
     async def _subscriber(
         self, client: coredis.Redis[bytes], task_status: trio.TaskStatus[None]
@@ -331,17 +419,27 @@ class RedisBus:
                 if channel.startswith(self._user_prefix):
                     user_id = channel[len(self._user_prefix) :].decode("utf-8", "surrogatepass")
                     self._receive_for_user(user_id, data)
+                elif channel == self._node_channel:
+                    self._receive_for_node(data)
                 elif channel == self._all_channel and orjson.loads(data).get("o") != self.node_id:
                     self._resync(tuple(self._users))
         raise _Stale(f"no heartbeat for {silence:.1f}s")
 
     def _receive_for_user(self, user_id: str, data: bytes) -> None:
-        if user_id not in self._users:
-            return
         try:
             decoded = orjson.loads(data)
             if decoded.get("o") == self.node_id:
                 return  # delivered locally when it was published
+            if "s" in decoded:
+                # Redis counted us among the receivers, so the requester waits for our answer,
+                # even while we are leaving the user's channel.
+                if self._nursery is not None:
+                    self._nursery.start_soon(
+                        self._answer_settle, user_id, str(decoded["o"]), str(decoded["s"])
+                    )
+                return
+            if user_id not in self._users:
+                return
             if decoded.get("r"):
                 self._resync((user_id,))
                 return
@@ -352,6 +450,17 @@ class RedisBus:
         if event is not None and self._sink is not None:
             self._stats.received += 1
             self._deliver(event, (user_id,))
+
+    def _receive_for_node(self, data: bytes) -> None:
+        """Our heartbeat, or another node's acknowledgement of one of our `settle` calls."""
+        try:
+            decoded = orjson.loads(data)
+            token = decoded.get("a")
+        except (orjson.JSONDecodeError, AttributeError) as error:
+            log.warning("ignoring a malformed bus payload: %r", error)
+            return
+        if isinstance(token, str):
+            self._acknowledged(token)
 
     def _deliver(self, event: Delivery, users: Sequence[str]) -> None:
         """Pass an event on to the sink for `users` (bound here), in commit order per chat."""
