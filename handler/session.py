@@ -248,7 +248,7 @@ class Session:
                 )
             )
         await connection.finish_binding(backlog.message_ids, backlog.chat_ids)
-        log.info(
+        log.debug(  # the close line names the user; INFO stays at one line per open/close
             "bound conn=%s user=%s backlog_chats=%d backlog_messages=%d",
             connection.id,
             user_id,
