@@ -20,6 +20,7 @@ from support import SECRET, Client, RunningServer, backlog_messages, make_config
 pytestmark = pytest.mark.slow
 
 STARTUP_TIMEOUT_S = 20.0
+TEST_DEADLINE_S = 60.0
 _RUNNING = re.compile(r"Running on (http://127\.0\.0\.1:\d+)")
 
 
@@ -91,6 +92,11 @@ async def handler_process(config_path: Path) -> AsyncIterator[HandlerProcess]:
 
 async def test_sigterm_closes_connections_with_1001_and_exits(tmp_path: Path) -> None:
     config_path = write_config(tmp_path)
+    with trio.fail_after(TEST_DEADLINE_S):
+        await _sigterm(config_path)
+
+
+async def _sigterm(config_path: Path) -> None:
     async with handler_process(config_path) as handler:
         async with handler.server.connect("alice") as alice:
             handler.process.send_signal(signal.SIGTERM)
@@ -103,6 +109,14 @@ async def test_sigterm_closes_connections_with_1001_and_exits(tmp_path: Path) ->
 async def test_acknowledged_messages_survive_sigkill(tmp_path: Path) -> None:
     config_path = write_config(tmp_path)
     acked: list[str] = []
+    with trio.fail_after(TEST_DEADLINE_S):
+        await _ack_then_kill(config_path, acked)
+        async with handler_process(config_path) as handler, handler.server.connect("bob") as bob:
+            received = [m["message_id"] for m in backlog_messages(bob.backlog)]
+    assert received[: len(acked)] == acked
+
+
+async def _ack_then_kill(config_path: Path, acked: list[str]) -> None:
     async with handler_process(config_path) as handler:
         server = handler.server
         async with server.connect("alice") as alice:
@@ -127,6 +141,3 @@ async def test_acknowledged_messages_survive_sigkill(tmp_path: Path) -> None:
                     acked.append(frame["message_id"])
                 handler.process.kill()  # right after an acknowledgement, mid-stream
                 nursery.cancel_scope.cancel()
-    async with handler_process(config_path) as handler, handler.server.connect("bob") as bob:
-        received = [m["message_id"] for m in backlog_messages(bob.backlog)]
-    assert received[: len(acked)] == acked
