@@ -30,6 +30,13 @@ from support import (
 
 from handler.store.sqlite import SQLiteStore
 
+LATE_FAN_OUT_AFTER_REBIND = pytest.mark.xfail(
+    strict=True,
+    reason="server: a message delivered in one binding's backlog but published (fan-out) only "
+    "after the user's next binding started is pushed live to that next binding: the memory of "
+    "backlog ids that drops late fan-out is kept per connection, not per user",
+)
+
 
 @contextmanager
 def slow_commits(server: RunningServer, delay: Callable[[], float]) -> Iterator[None]:
@@ -314,7 +321,11 @@ async def _reconnect_race(server: RunningServer, *, quiet_close: bool, seed: int
     every = [message_id for binding in bindings for _, message_id in binding]
     duplicates = {m: n for m, n in Counter(every).items() if n > 1}
     missing = set(stored) - set(every)
-    assert not duplicates, f"delivered more than once: {sorted(duplicates, key=id_key)[:10]}"
+    where = {
+        m: [(index, how) for index, binding in enumerate(bindings) for how, n in binding if n == m]
+        for m in sorted(duplicates, key=id_key)[:5]
+    }
+    assert not duplicates, f"delivered more than once (binding, how): {where}"
     assert not missing, f"never delivered: {sorted(missing, key=id_key)[:10]}"
     for index, binding in enumerate(bindings):  # backlog then live, oldest first
         order = [message_id for _, message_id in binding]
@@ -354,9 +365,42 @@ async def test_message_committed_while_the_recipient_binds_arrives_once(
                 await bob.expect_no_frame(0.2)
 
 
+@LATE_FAN_OUT_AFTER_REBIND
+async def test_late_fan_out_after_a_quick_rebind_arrives_once(server: RunningServer) -> None:
+    """The message is committed, delivered in one binding's backlog, and only published once
+    the next binding is under way: that binding must not get it again."""
+    async with server.connect("alice") as alice:
+        chat = await alice.create_chat("bob")
+        async with server.connect("bob"):
+            pass
+        await wait_nothing_pending(server, "bob")
+        with slow_commits(server, lambda: 0.4):
+            await alice.send(
+                {
+                    "type": "send_message",
+                    "chat_id": chat["chat_id"],
+                    "recipient_id": "bob",
+                    "content": "in the window",
+                }
+            )
+            await wait_committed(server, "bob")  # visible to a backlog read, not published
+            async with server.open_raw(token=server.token("bob")) as first:
+                frames = [await first.recv() for _ in range(2)]
+                frames += await first.close_and_drain()
+            [message] = backlog_messages(frames)
+            async with server.connect("bob") as second:
+                ack = await alice.recv()  # published by now
+                assert ack["message_id"] == message["message_id"]
+                again = [*second.backlog, *await second.sync()]
+                assert again == [], "delivered twice"
+
+
+@LATE_FAN_OUT_AFTER_REBIND
 @pytest.mark.parametrize("seed", [2, 3])
 async def test_exactly_once_across_abrupt_reconnects(server: RunningServer, seed: int) -> None:
-    await _reconnect_race(server, quiet_close=False, seed=seed)
+    rng = random.Random(seed + 100)
+    with slow_commits(server, lambda: rng.uniform(0, 0.004)):
+        await _reconnect_race(server, quiet_close=False, seed=seed)
 
 
 async def test_frames_not_written_before_the_client_closed_stay_undelivered(
