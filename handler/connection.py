@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final
 
 import attrs
@@ -75,10 +75,11 @@ class Connection:
         self._send, self.outbox = trio.open_memory_channel[Outgoing](send_queue)
         self._pending: collections.deque[Outgoing] | None = None
         self._on_drop = on_drop
-        # What the last backlog contained, for a while: a message can be committed (and so be
-        # in the backlog) a moment before its fan-out is published, even from another node.
-        self._backlog_message_ids: frozenset[str] = frozenset()
-        self._backlog_chat_ids: frozenset[str] = frozenset()
+        # What the binding's snapshot covered, for a while: a message can be committed (and so
+        # be in the backlog, or already delivered to another connection of the user) a moment
+        # before its fan-out is published, even from another node. Such late fan-out is
+        # dropped: per chat, any message id up to the snapshot's newest one.
+        self._high_water: Mapping[str, int] = {}
         self._backlog_ids_until = 0.0
 
     @property
@@ -115,12 +116,13 @@ class Connection:
         if not self._backlog_ids_until:
             return False
         if trio.current_time() > self._backlog_ids_until:
-            self._backlog_message_ids = self._backlog_chat_ids = frozenset()
+            self._high_water = {}
             self._backlog_ids_until = 0.0
             return False
-        if item.message_id is not None:
-            return item.message_id in self._backlog_message_ids
-        return item.chat_id is not None and item.chat_id in self._backlog_chat_ids
+        newest = self._high_water.get(item.chat_id or "")
+        if newest is None:
+            return False  # a chat created after the snapshot
+        return item.message_id is None or int(item.message_id) <= newest
 
     def push_ping(self) -> None:
         """Queue a keep-alive ping for the writer (pings go through the one writer)."""
@@ -145,25 +147,18 @@ class Connection:
     def start_binding(self) -> None:
         self._pending = collections.deque()
 
-    async def finish_binding(
-        self, delivered_message_ids: frozenset[str], delivered_chat_ids: frozenset[str]
-    ) -> None:
-        """Replay parked fan-out the backlog did not contain, then go live."""
+    async def finish_binding(self, high_water: Mapping[str, str]) -> None:
+        """Replay parked fan-out the binding's snapshot did not cover, then go live."""
         pending = self._pending
         assert pending is not None
+        self._high_water = {chat_id: int(newest) for chat_id, newest in high_water.items()}
+        self._backlog_ids_until = trio.current_time() + BACKLOG_MEMORY_S
         while pending:
             item = pending.popleft()
-            if item.message_id is not None and item.message_id in delivered_message_ids:
-                continue
-            if item.chat_id is not None and item.chat_id in delivered_chat_ids:
-                continue
-            await self.reply(item)
+            if not self._in_backlog(item):
+                await self.reply(item)
         # No await between the empty check above and this line: nothing can slip in between.
         self._pending = None
-        if delivered_message_ids or delivered_chat_ids:
-            self._backlog_message_ids = delivered_message_ids
-            self._backlog_chat_ids = delivered_chat_ids
-            self._backlog_ids_until = trio.current_time() + BACKLOG_MEMORY_S
 
     def abort_binding(self) -> None:
         self._pending = None

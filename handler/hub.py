@@ -163,7 +163,14 @@ class Hub:
                     plain = plain or protocol.encode(protocol.MessageEvent(message))
                     text = plain
                 connection.push_nowait(
-                    Outgoing(text, "message", receipt, now, message_id=message.message_id)
+                    Outgoing(
+                        text,
+                        "message",
+                        receipt,
+                        now,
+                        message_id=message.message_id,
+                        chat_id=message.chat_id,
+                    )
                 )
 
     def _deliver_chat(self, event: Delivery) -> None:

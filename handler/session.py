@@ -247,7 +247,7 @@ class Session:
                     Receipt(user_id, message_ids=tuple(m.message_id for m in messages)),
                 )
             )
-        await connection.finish_binding(backlog.message_ids, backlog.chat_ids)
+        await connection.finish_binding(backlog.high_water)
         log.debug(  # the close line names the user; INFO stays at one line per open/close
             "bound conn=%s user=%s backlog_chats=%d backlog_messages=%d",
             connection.id,

@@ -30,13 +30,6 @@ from support import (
 
 from handler.store.sqlite import SQLiteStore
 
-LATE_FAN_OUT_AFTER_REBIND = pytest.mark.xfail(
-    strict=True,
-    reason="server: a message delivered in one binding's backlog but published (fan-out) only "
-    "after the user's next binding started is pushed live to that next binding: the memory of "
-    "backlog ids that drops late fan-out is kept per connection, not per user",
-)
-
 
 @contextmanager
 def slow_commits(server: RunningServer, delay: Callable[[], float]) -> Iterator[None]:
@@ -365,7 +358,6 @@ async def test_message_committed_while_the_recipient_binds_arrives_once(
                 await bob.expect_no_frame(0.2)
 
 
-@LATE_FAN_OUT_AFTER_REBIND
 async def test_late_fan_out_after_a_quick_rebind_arrives_once(server: RunningServer) -> None:
     """The message is committed, delivered in one binding's backlog, and only published once
     the next binding is under way: that binding must not get it again."""
@@ -395,7 +387,6 @@ async def test_late_fan_out_after_a_quick_rebind_arrives_once(server: RunningSer
                 assert again == [], "delivered twice"
 
 
-@LATE_FAN_OUT_AFTER_REBIND
 @pytest.mark.parametrize("seed", [2, 3])
 async def test_exactly_once_across_abrupt_reconnects(server: RunningServer, seed: int) -> None:
     rng = random.Random(seed + 100)

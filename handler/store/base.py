@@ -7,7 +7,8 @@ guarantees, which the hub relies on and the contract tests check on every backen
   (group commit), never made faster by skipping durability.
 - `on_commit` callbacks run in the caller's Trio thread, in commit order, before the writing
   task resumes; the hub publishes from there, so fan-out order equals commit order.
-- Within a chat, message ids and timestamps never go backwards.
+- Within a chat, message ids and timestamps never go backwards; ids are decimal integers
+  that grow in commit order per chat.
 - `(sender_id, chat_id, client_message_id)` is unique: a resend returns the stored message
   with `created=False`.
 - Delivery state is per user: a chat or message is undelivered until `mark_delivered`.
@@ -15,7 +16,7 @@ guarantees, which the hub relies on and the contract tests check on every backen
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import attrs
@@ -45,6 +46,10 @@ class Backlog:
 
     chats: tuple[Chat, ...]
     messages: tuple[tuple[str, tuple[Message, ...]], ...]
+    # Every chat of the user in the same snapshot, with its newest message id ("0" if none).
+    # Fan-out of such a chat, or of a message at or below that id, is either in this backlog
+    # or was delivered to the user before this binding, so a binding drops it (Connection).
+    high_water: Mapping[str, str] = attrs.field(factory=dict)
 
     @property
     def message_ids(self) -> frozenset[str]:

@@ -775,7 +775,17 @@ class PostgresStore:
             ):
                 message = _message(row)
                 grouped.setdefault(message.chat_id, []).append(message)
-            return Backlog(chats, tuple((cid, tuple(ms)) for cid, ms in grouped.items()))
+            high_water = {
+                str(chat_id): str(newest)
+                for chat_id, newest in db.execute(
+                    "SELECT id, COALESCE(last_message_id, 0) FROM chats"
+                    " WHERE user_a = %s OR user_b = %s",
+                    (user_id, user_id),
+                )
+            }
+            return Backlog(
+                chats, tuple((cid, tuple(ms)) for cid, ms in grouped.items()), high_water
+            )
 
         return await self._read(query)
 

@@ -408,7 +408,17 @@ class SQLiteStore:
             ):
                 message = _message(row)
                 grouped.setdefault(message.chat_id, []).append(message)
-            return Backlog(chats, tuple((cid, tuple(ms)) for cid, ms in grouped.items()))
+            high_water = {
+                str(chat_id): str(newest)
+                for chat_id, newest in db.execute(
+                    "SELECT id, COALESCE((SELECT MAX(id) FROM messages WHERE chat_id = chats.id),"
+                    " 0) FROM chats WHERE user_a = ? OR user_b = ?",
+                    (user_id, user_id),
+                )
+            }
+            return Backlog(
+                chats, tuple((cid, tuple(ms)) for cid, ms in grouped.items()), high_water
+            )
 
         return await self._read(query)
 
