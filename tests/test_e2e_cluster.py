@@ -10,10 +10,11 @@ between the nodes, so a user's second device, and the recipient of the first use
 land on the other node. HTTP helpers and `server.app` (used to read the store) address the
 first node.
 
-The single-node modules mark known server faults `xfail`; the copies here carry no such mark,
-so the cluster is held to the protocol as written. A few tests cannot mean the same thing on
-two nodes; `_SINGLE_NODE` lists them with the reason, and the tests after the imported ones
-cover the same ground for the cluster.
+The copies keep their marks, `xfail` included: a known fault is expected on the cluster too,
+and once it is fixed (and the mark removed) the cluster copy must pass as well. The helpers a
+test reaches through its module's globals can be swapped for cluster versions (`_SWAPPED`:
+the SQLite writer pause becomes a pause of every node's PostgreSQL writer). A few tests cannot
+mean the same thing on two nodes; `_SINGLE_NODE` lists them with the reason.
 
 Skipped, naming the variables, unless `CHAT_TEST_DATABASE_URL` and `CHAT_TEST_REDIS_URL` are set.
 """
@@ -22,38 +23,23 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import itertools
-import random
 import time
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Final
 
-import attrs
 import pytest
 import trio
+from cluster_support import Cluster, ClusterServer
 from scale_support import database_url, fresh_schema, redis_url, unique_prefix
-from support import (
-    Client,
-    RawClient,
-    RunningServer,
-    make_config,
-    wait_committed,
-    wait_nothing_pending,
-)
-from test_e2e_delivery import _reconnect_race
+from support import Client, RunningServer
 
-from handler.app import create_app
-from handler.server import serve
 from handler.store.postgres import PostgresStore
 
 pytestmark = pytest.mark.scale
 
 TEST_DEADLINE_S: Final = 45.0
-SHUTDOWN_TIMEOUT_S: Final = 15.0
-NODES: Final = 2
 
 StartServer = Callable[..., Awaitable[RunningServer]]
 
@@ -66,12 +52,8 @@ _MODULES: Final = (
     "test_e2e_messages",
 )
 
-# Tests whose subject only exists on one node, with the cluster test that covers it instead.
+# Tests whose subject only exists on one node.
 _SINGLE_NODE: Final = {
-    # Widens the commit-to-publish window by patching the SQLite store's writer: the cluster
-    # versions below do the same to the PostgreSQL writers.
-    "test_exactly_once_while_binding": "SQLite writer internals",
-    "test_message_committed_while_the_recipient_binds_arrives_once": "SQLite writer internals",
     # Builds the expected same-host Origin from the first node's port while the connections
     # alternate between two ports; behind a load balancer every node sees the same Host. The
     # rule itself is per request and checked on both nodes by the other origin tests.
@@ -89,34 +71,6 @@ _SINGLE_NODE: Final = {
 # --------------------------------------------------------------------------- the cluster
 
 
-@attrs.define
-class ClusterServer(RunningServer):
-    """Two nodes behind one `RunningServer` face; connections alternate between them."""
-
-    nodes: list[RunningServer] = attrs.field(factory=list)
-    turns: Iterator[int] = attrs.field(factory=itertools.count)
-
-    def next_node(self) -> RunningServer:
-        return self.nodes[next(self.turns) % len(self.nodes)]
-
-    @asynccontextmanager
-    async def open(self, **options: Any) -> AsyncIterator[Client]:
-        async with self.next_node().open(**options) as client:
-            yield client
-
-    @asynccontextmanager
-    async def open_raw(self, **options: Any) -> AsyncIterator[RawClient]:
-        async with self.next_node().open_raw(**options) as client:
-            yield client
-
-    async def stop(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
-        for node in self.nodes:
-            node.stop_event.set()
-        with trio.fail_after(timeout):
-            for node in self.nodes:
-                await node.stopped.wait()
-
-
 async def _deadline(seconds: float) -> None:
     with trio.fail_after(seconds):
         await trio.sleep_forever()
@@ -130,52 +84,11 @@ async def start_server(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[S
     again (e.g. after a shutdown) finds the data of the one before, like a restart.
     """
     database, redis = database_url(), redis_url()
-    prefix = unique_prefix()
-    nodes: list[RunningServer] = []
-    counter = itertools.count()
     with fresh_schema(database) as dsn:
         nursery.start_soon(_deadline, TEST_DEADLINE_S)
-
-        async def start_node(**overrides: Any) -> RunningServer:
-            directory = tmp_path / f"node{next(counter)}"
-            directory.mkdir()
-            shared = {
-                "storage": {"backend": "postgres", "dsn": dsn, "pool_size": 4},
-                "bus": {"backend": "redis", "url": redis, "prefix": prefix},
-            }
-            for key, value in shared.items():
-                overrides[key] = {**overrides.get(key, {}), **value}
-            config = make_config(directory, **overrides)
-            app = create_app(config)
-            stop, stopped = trio.Event(), trio.Event()
-
-            async def run(task_status: trio.TaskStatus[list[str]]) -> None:
-                try:
-                    await serve(
-                        config, shutdown_trigger=stop.wait, app=app, task_status=task_status
-                    )
-                finally:
-                    stopped.set()
-
-            urls: list[str] = await nursery.start(run)
-            node = RunningServer(config, urls[0], app, stop, stopped)
-            nodes.append(node)
-            return node
-
-        async def start(**overrides: Any) -> ClusterServer:
-            members = [await start_node(**overrides) for _ in range(NODES)]
-            first = members[0]
-            return ClusterServer(
-                first.config, first.http_url, first.app, first.stop_event, first.stopped, members
-            )
-
-        yield start
-
-        for node in nodes:
-            node.stop_event.set()
-        with trio.fail_after(SHUTDOWN_TIMEOUT_S):
-            for node in nodes:
-                await node.stopped.wait()
+        cluster = Cluster(nursery, tmp_path, dsn, redis, unique_prefix())
+        yield cluster.start
+        await cluster.stop_all()
         nursery.cancel_scope.cancel()  # the deadline task
 
 
@@ -187,22 +100,25 @@ async def server(start_server: StartServer) -> RunningServer:
 # --------------------------------------------------------------------------- the imported suite
 
 
-def _cluster_copy(test: types.FunctionType) -> types.FunctionType:
-    """The same test function under a new identity, without the single-node xfail marks."""
+def _cluster_copy(test: types.FunctionType, swapped: dict[str, Any]) -> types.FunctionType:
+    """The same test (code, marks) with some of its module's globals swapped."""
     copy = types.FunctionType(
-        test.__code__, test.__globals__, test.__name__, test.__defaults__, test.__closure__
+        test.__code__,
+        {**test.__globals__, **swapped},
+        test.__name__,
+        test.__defaults__,
+        test.__closure__,
     )
     copy.__kwdefaults__ = test.__kwdefaults__
     copy.__annotations__ = dict(test.__annotations__)
     copy.__doc__ = test.__doc__
     copy.__module__ = __name__
     copy.__qualname__ = test.__qualname__
-    marks = [mark for mark in getattr(test, "pytestmark", []) if mark.name != "xfail"]
-    copy.pytestmark = marks  # type: ignore[attr-defined]
+    copy.pytestmark = list(getattr(test, "pytestmark", []))  # type: ignore[attr-defined]
     return copy
 
 
-def _import_suite() -> dict[str, types.FunctionType]:
+def _import_suite(swapped: dict[str, Any]) -> dict[str, types.FunctionType]:
     tests: dict[str, types.FunctionType] = {}
     for module_name in _MODULES:
         module = importlib.import_module(module_name)
@@ -212,7 +128,7 @@ def _import_suite() -> dict[str, types.FunctionType]:
             if value.__module__ != module_name or name in _SINGLE_NODE:
                 continue
             assert name not in tests, f"two end-to-end tests are named {name}"
-            tests[name] = _cluster_copy(value)
+            tests[name] = _cluster_copy(value, swapped)
     missing = set(_SINGLE_NODE) - {
         name for module in _MODULES for name in vars(importlib.import_module(module))
     }
@@ -220,10 +136,7 @@ def _import_suite() -> dict[str, types.FunctionType]:
     return tests
 
 
-globals().update(_import_suite())
-
-
-# --------------------------------------------------------------------------- cluster-only tests
+# --------------------------------------------------------------------------- swapped helpers
 
 
 def _stores(server: RunningServer) -> list[PostgresStore]:
@@ -239,8 +152,9 @@ def _stores(server: RunningServer) -> list[PostgresStore]:
 
 @contextlib.contextmanager
 def slow_commits(server: RunningServer, delay: Callable[[], float]) -> Iterator[None]:
-    """Widen the window between COMMIT and the `on_commit` fan-out of every node's writer
-    (a pause in the worker thread after each committed batch keeps the store contract)."""
+    """`test_e2e_delivery.slow_commits` for the cluster: widen the window between COMMIT and
+    the `on_commit` fan-out of every node's writer (a pause in the worker thread after each
+    committed batch keeps the store contract)."""
     writers = [store._writer for store in _stores(server)]
     originals = [writer._commit for writer in writers]
 
@@ -260,6 +174,14 @@ def slow_commits(server: RunningServer, delay: Callable[[], float]) -> Iterator[
             writer._commit = original  # type: ignore[method-assign]
 
 
+_SWAPPED: Final[dict[str, Any]] = {"slow_commits": slow_commits}
+
+globals().update(_import_suite(_SWAPPED))
+
+
+# --------------------------------------------------------------------------- cluster-only tests
+
+
 def _users_on(server: RunningServer) -> list[set[str]]:
     assert isinstance(server, ClusterServer)
     users = []
@@ -277,44 +199,6 @@ async def test_connections_alternate_between_the_nodes(server: RunningServer) ->
         assert (await bob.recv())["type"] == "new_chats"
         ack = await alice.send_message(chat["chat_id"], "bob", "across")
         assert (await bob.recv())["message_id"] == ack["message_id"]
-
-
-async def test_cluster_exactly_once_while_binding(server: RunningServer) -> None:
-    """The sender stays on one node while the recipient rebinds on alternating nodes, with
-    commits slowed so that bindings fall between a COMMIT and its fan-out."""
-    rng = random.Random(4)
-    with slow_commits(server, lambda: rng.uniform(0, 0.004)):
-        await _reconnect_race(server, quiet_close=True, seed=1)
-
-
-async def test_cluster_message_committed_while_the_recipient_binds_arrives_once(
-    server: RunningServer,
-) -> None:
-    async with server.connect("alice") as alice:  # node 0
-        chat = await alice.create_chat("bob")
-        async with server.connect("bob"):  # node 1
-            pass
-        await wait_nothing_pending(server, "bob")
-        with slow_commits(server, lambda: 0.3):
-            await alice.send(
-                {
-                    "type": "send_message",
-                    "chat_id": chat["chat_id"],
-                    "recipient_id": "bob",
-                    "content": "in the window",
-                }
-            )
-            await wait_committed(server, "bob")  # visible to a backlog read, not published
-            async with server.connect("bob") as bob:  # node 0 again: the sender's node
-                [message] = [
-                    m for f in bob.backlog if f["type"] == "new_messages" for m in f["data"]
-                ]
-                ack = await alice.recv()
-                assert ack["message_id"] == message["message_id"]
-                await bob.expect_no_frame(0.2)
-            async with server.connect("bob") as bob:  # node 1: no late copy either
-                assert bob.backlog == []
-                await bob.expect_no_frame(0.2)
 
 
 async def test_every_connection_sees_a_chat_in_one_order(server: RunningServer) -> None:
