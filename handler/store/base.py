@@ -16,7 +16,7 @@ guarantees, which the hub relies on and the contract tests check on every backen
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 import attrs
@@ -58,6 +58,22 @@ class Backlog:
     @property
     def chat_ids(self) -> frozenset[str]:
         return frozenset(chat.chat_id for chat in self.chats)
+
+
+def assemble_backlog(
+    chats: Iterable[Chat],
+    undelivered_oldest_first: Iterable[Message],
+    newest_per_chat: Iterable[tuple[object, object]],
+) -> Backlog:
+    """Build a `Backlog` from a backend's three snapshot queries (shared by every backend)."""
+    grouped: dict[str, list[Message]] = {}
+    for message in undelivered_oldest_first:
+        grouped.setdefault(message.chat_id, []).append(message)
+    return Backlog(
+        tuple(chats),
+        tuple((chat_id, tuple(messages)) for chat_id, messages in grouped.items()),
+        {str(chat_id): str(newest) for chat_id, newest in newest_per_chat},
+    )
 
 
 class Store(Protocol):

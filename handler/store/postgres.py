@@ -47,7 +47,7 @@ from psycopg.rows import TupleRow
 from handler.config import StorageConfig
 from handler.errors import StoreUnavailable
 from handler.protocol import Chat, Message
-from handler.store.base import Backlog, ChatHistory, OnCommit
+from handler.store.base import Backlog, ChatHistory, OnCommit, assemble_backlog
 from handler.store.schema import POSTGRES_MIGRATIONS
 from handler.timefmt import format_ms
 
@@ -758,33 +758,29 @@ class PostgresStore:
 
     async def backlog(self, user_id: str) -> Backlog:
         def query(db: Connection) -> Backlog:
-            chats = tuple(
-                _chat(row)
-                for row in db.execute(
-                    f"SELECT {_CHAT_COLUMNS} FROM chats WHERE user_a = %s AND NOT a_delivered"
-                    f" UNION ALL SELECT {_CHAT_COLUMNS} FROM chats WHERE user_b = %s"
-                    " AND NOT b_delivered AND user_a <> %s ORDER BY id",
-                    (user_id, user_id, user_id),
-                )
-            )
-            grouped: dict[str, list[Message]] = {}
-            for row in db.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE recipient_id = %s"
-                " AND NOT delivered ORDER BY id",
-                (user_id,),
-            ):
-                message = _message(row)
-                grouped.setdefault(message.chat_id, []).append(message)
-            high_water = {
-                str(chat_id): str(newest)
-                for chat_id, newest in db.execute(
+            return assemble_backlog(
+                [
+                    _chat(row)
+                    for row in db.execute(
+                        f"SELECT {_CHAT_COLUMNS} FROM chats WHERE user_a = %s AND NOT a_delivered"
+                        f" UNION ALL SELECT {_CHAT_COLUMNS} FROM chats WHERE user_b = %s"
+                        " AND NOT b_delivered AND user_a <> %s ORDER BY id",
+                        (user_id, user_id, user_id),
+                    )
+                ],
+                [
+                    _message(row)
+                    for row in db.execute(
+                        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE recipient_id = %s"
+                        " AND NOT delivered ORDER BY id",
+                        (user_id,),
+                    )
+                ],
+                db.execute(
                     "SELECT id, COALESCE(last_message_id, 0) FROM chats"
                     " WHERE user_a = %s OR user_b = %s",
                     (user_id, user_id),
-                )
-            }
-            return Backlog(
-                chats, tuple((cid, tuple(ms)) for cid, ms in grouped.items()), high_water
+                ),
             )
 
         return await self._read(query)

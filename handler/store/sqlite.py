@@ -27,7 +27,7 @@ import trio
 from handler.config import StorageConfig
 from handler.errors import StoreUnavailable
 from handler.protocol import Chat, Message
-from handler.store.base import Backlog, ChatHistory, OnCommit
+from handler.store.base import Backlog, ChatHistory, OnCommit, assemble_backlog
 from handler.store.schema import SQLITE_MIGRATIONS
 from handler.timefmt import format_ms, now_ms
 
@@ -392,32 +392,28 @@ class SQLiteStore:
 
     async def backlog(self, user_id: str) -> Backlog:
         def query(db: sqlite3.Connection) -> Backlog:
-            chats = tuple(
-                _chat(row)
-                for row in db.execute(
-                    f"SELECT {_CHAT_COLUMNS} FROM chats WHERE (user_a = ? AND a_delivered = 0)"
-                    " OR (user_b = ? AND b_delivered = 0) ORDER BY id",
-                    (user_id, user_id),
-                )
-            )
-            grouped: dict[str, list[Message]] = {}
-            for row in db.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE recipient_id = ?"
-                " AND delivered = 0 ORDER BY id",
-                (user_id,),
-            ):
-                message = _message(row)
-                grouped.setdefault(message.chat_id, []).append(message)
-            high_water = {
-                str(chat_id): str(newest)
-                for chat_id, newest in db.execute(
+            return assemble_backlog(
+                [
+                    _chat(row)
+                    for row in db.execute(
+                        f"SELECT {_CHAT_COLUMNS} FROM chats WHERE (user_a = ? AND a_delivered = 0)"
+                        " OR (user_b = ? AND b_delivered = 0) ORDER BY id",
+                        (user_id, user_id),
+                    )
+                ],
+                [
+                    _message(row)
+                    for row in db.execute(
+                        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE recipient_id = ?"
+                        " AND delivered = 0 ORDER BY id",
+                        (user_id,),
+                    )
+                ],
+                db.execute(
                     "SELECT id, COALESCE((SELECT MAX(id) FROM messages WHERE chat_id = chats.id),"
                     " 0) FROM chats WHERE user_a = ? OR user_b = ?",
                     (user_id, user_id),
-                )
-            }
-            return Backlog(
-                chats, tuple((cid, tuple(ms)) for cid, ms in grouped.items()), high_water
+                ),
             )
 
         return await self._read(query)
