@@ -32,6 +32,10 @@ log = logging.getLogger("handler.hub")
 
 MARK_FLUSH_INTERVAL_S = 0.02
 IN_FLIGHT_WAIT_S = 2.0
+# Receipts the store could not record (e.g. during a database outage) are kept, up to this
+# many, and retried this often: a dropped one would offer a delivered item again.
+MARK_RETRY_S = 0.5
+MAX_KEPT_RECEIPTS = 100_000
 
 
 class _UserEntry:
@@ -235,15 +239,18 @@ class Hub:
             self._receipts_queued = trio.Event()  # only this loop replaces it
             if not self._marks_stopping:
                 await trio.sleep(MARK_FLUSH_INTERVAL_S)  # coalesce a burst into one write
-            await self._record_queued_receipts()
+            if not await self._record_queued_receipts():
+                await trio.sleep(MARK_RETRY_S)  # the store is failing: try again in a while
+                self._receipts_queued.set()
+                continue
             if self._marks_stopping:
                 return
 
-    async def _record_queued_receipts(self) -> None:
+    async def _record_queued_receipts(self) -> bool:
+        """False when the store failed and the receipts were kept for a retry."""
         async with self._marks_lock:  # one batch at a time, in the order they were taken
             receipts, self._receipts = self._receipts, []
-            if receipts:
-                await self._flush_marks(receipts)
+            return not receipts or await self._flush_marks(receipts)
 
     def begin_write(self, user_id: str) -> None:
         """A socket write carrying receipts for `user_id` is under way (see `sync_marks`)."""
@@ -267,7 +274,7 @@ class Hub:
         if self._unsettled.get(user_id):  # else nothing of this user awaits recording
             await self._record_queued_receipts()  # also waits for a batch being recorded now
 
-    async def _flush_marks(self, batch: list[Receipt]) -> None:
+    async def _flush_marks(self, batch: list[Receipt]) -> bool:
         chats: dict[str, list[str]] = collections.defaultdict(list)
         messages: dict[str, list[str]] = collections.defaultdict(list)
         for receipt in batch:
@@ -279,12 +286,18 @@ class Hub:
                 await self.store.mark_delivered(user_id, chats[user_id], messages[user_id])
             await self.store.flush()
         except HandlerError as error:
+            if not self._marks_stopping and len(batch) + len(self._receipts) <= MAX_KEPT_RECEIPTS:
+                # Marks are idempotent: keep them (still unsettled) and try again.
+                log.warning("could not record deliveries yet (%d kept): %s", len(batch), error)
+                self._receipts[:0] = batch
+                return False
             # Not fatal: an unmarked item is offered again on the next binding.
             log.warning("could not record deliveries: %s", error)
         for receipt in batch:
             self._unsettled[receipt.user_id] -= 1
             if not self._unsettled[receipt.user_id]:
                 del self._unsettled[receipt.user_id]
+        return True
 
     async def stop_marks(self) -> None:
         """Write the receipts still queued, then stop the mark writer."""
