@@ -653,6 +653,26 @@ async def test_postgres_one_bad_write_does_not_fail_its_batch(
 
 
 @pytest.mark.scale
+async def test_postgres_flush_reports_a_delivery_mark_that_failed(
+    postgres_config: StorageConfig, nursery: trio.Nursery
+) -> None:
+    """Marks are queued without a waiter; the hub learns from `flush` whether they were
+    committed, and keeps them for a retry if not."""
+    store = open_store(postgres_config)
+    await store.open(nursery)
+    try:
+        chat, _ = await store.create_chat("alice", "bob")
+        await store.mark_delivered("nul\x00user", [chat.chat_id], [])  # text cannot hold NUL
+        with pytest.raises(StoreUnavailable):
+            await store.flush()
+        await store.mark_delivered("bob", [chat.chat_id], [])
+        await store.flush()  # nothing failed since
+        assert (await store.backlog("bob")).chats == ()
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.scale
 @pytest.mark.slow
 async def test_postgres_outage_fails_fast_then_recovers_without_losing_acks(
     nursery: trio.Nursery,

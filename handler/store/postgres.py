@@ -389,6 +389,8 @@ class _Writer:
         self._limiter = trio.CapacityLimiter(1)
         self.batches = 0
         self.operations = 0
+        # Delivery marks (queued without a waiter) that failed: `flush` reports them.
+        self.lost_marks = 0
 
     async def submit(self, op: _Op) -> Any:
         try:
@@ -432,6 +434,8 @@ class _Writer:
                             message, created = op.result
                             if created:
                                 op.on_commit(message, op.previous_id)
+                        elif op.error is not None and isinstance(op, _MarkDelivered):
+                            self.lost_marks += 1
                         op.done.set()
 
     def close_connection(self) -> None:
@@ -786,8 +790,13 @@ class PostgresStore:
         return await self._read(query)
 
     async def flush(self) -> None:
-        # A bare operation is applied as nothing, but commits (and wakes) in queue order.
+        # A bare operation is applied as nothing, but commits (and wakes) in queue order. The
+        # delivery marks queued before it may have failed in an earlier batch (the outage
+        # ended in between): then they are not committed, and the caller must hear of it.
+        lost = self._writer.lost_marks
         await self._writer.submit(_Op())
+        if self._writer.lost_marks != lost:
+            raise StoreUnavailable("delivery marks queued before could not be recorded")
 
     async def mark_delivered(
         self, user_id: str, chat_ids: Sequence[str], message_ids: Sequence[str]
