@@ -303,7 +303,16 @@ async def _reconnect_race(server: RunningServer, *, quiet_close: bool, seed: int
             nursery.start_soon(send_all)
             nursery.start_soon(read_acks)
             nursery.start_soon(reconnect_until_done)
-        bindings.append(await one_binding())  # whatever is still pending
+        # A last, complete binding: whatever is still pending. (A random one could close
+        # before the server wrote anything, legitimately leaving messages undelivered.)
+        async with server.connect("bob") as bob:
+            final: list[tuple[str, str]] = []
+            for frame in bob.backlog:
+                if frame["type"] == "new_messages":
+                    final += [("backlog", m["message_id"]) for m in frame["data"]]
+                elif frame["type"] == "message":
+                    final.append(("live", frame["message_id"]))
+            bindings.append(final)
 
         page = await alice.request({"type": "fetch_messages", "chat_id": chat_id, "limit": 1000})
         stored = [m["message_id"] for m in page["data"]]
