@@ -224,6 +224,18 @@ def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
 
 
 @pytest.fixture
+def shared_schema() -> Iterator[str]:
+    """A fresh schema on the shared PostgreSQL (or skip, naming the variable)."""
+    with fresh_schema(database_url()) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def shared_redis() -> str:
+    return redis_url()
+
+
+@pytest.fixture
 async def deadline(nursery: trio.Nursery) -> AsyncIterator[None]:
     async def expire() -> None:
         with trio.fail_after(TEST_TIMEOUT_S):
@@ -238,41 +250,48 @@ async def deadline(nursery: trio.Nursery) -> AsyncIterator[None]:
 
 
 async def test_redis_restart_during_a_conversation(
-    throwaway_redis: ThrowawayRedis, nursery: trio.Nursery, tmp_path: Path, deadline: None
+    throwaway_redis: ThrowawayRedis,
+    shared_schema: str,
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    deadline: None,
 ) -> None:
     await throwaway_redis.start()
-    with fresh_schema(database_url()) as dsn:
-        cluster = Cluster(nursery, tmp_path, dsn, throwaway_redis.url, unique_prefix())
-        server = await cluster.start(limits=LIMITS)
-        conversation = Conversation(server, await _chat(server), total=200)
-        done = trio.Event()
-        async with trio.open_nursery() as clients:
-            clients.start_soon(conversation.read_all, done)
+    cluster = Cluster(nursery, tmp_path, shared_schema, throwaway_redis.url, unique_prefix())
+    server = await cluster.start(limits=LIMITS)
+    conversation = Conversation(server, await _chat(server), total=200)
+    done = trio.Event()
+    async with trio.open_nursery() as clients:
+        clients.start_soon(conversation.read_all, done)
 
-            async def send_then_finish() -> None:
-                await conversation.send_all()
-                done.set()
+        async def send_then_finish() -> None:
+            await conversation.send_all()
+            done.set()
 
-            clients.start_soon(send_then_finish)
-            await conversation.wait_acked(50)
-            await throwaway_redis.stop()
-            await _wait_health(server, 503)
-            during = len(conversation.acked)
-            await trio.sleep(1.0)  # the store is up: alice's messages are still acknowledged
-            assert len(conversation.acked) > during
-            await throwaway_redis.start()
-            recovered_s = await _wait_health(server, 200)
-        conversation.check()
-        assert len(conversation.bindings) >= 2  # bob was resynchronized and rebound
-        await cluster.stop_all()
+        clients.start_soon(send_then_finish)
+        await conversation.wait_acked(50)
+        await throwaway_redis.stop()
+        await _wait_health(server, 503)
+        during = len(conversation.acked)
+        await trio.sleep(1.0)  # the store is up: alice's messages are still acknowledged
+        assert len(conversation.acked) > during
+        await throwaway_redis.start()
+        recovered_s = await _wait_health(server, 200)
+    conversation.check()
+    assert len(conversation.bindings) >= 2  # bob was resynchronized and rebound
+    await cluster.stop_all()
     print(f"\nredis restart: healthy again {recovered_s:.2f}s after it came back")
 
 
 async def test_postgres_restart_during_a_conversation(
-    throwaway_postgres: ThrowawayPostgres, nursery: trio.Nursery, tmp_path: Path, deadline: None
+    throwaway_postgres: ThrowawayPostgres,
+    shared_redis: str,
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    deadline: None,
 ) -> None:
     await throwaway_postgres.start()
-    cluster = Cluster(nursery, tmp_path, throwaway_postgres.dsn, redis_url(), unique_prefix())
+    cluster = Cluster(nursery, tmp_path, throwaway_postgres.dsn, shared_redis, unique_prefix())
     server = await cluster.start(limits=LIMITS)
     conversation = Conversation(server, await _chat(server), total=200)
     done = trio.Event()

@@ -77,19 +77,29 @@ async def _deadline(seconds: float) -> None:
 
 
 @pytest.fixture
-async def start_server(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[StartServer]:
+def backends() -> Iterator[tuple[str, str]]:
+    """A fresh schema on the shared PostgreSQL, and the shared Redis; or skip, naming the
+    variable to set (from a plain fixture, so the reason is reported)."""
+    database, redis = database_url(), redis_url()
+    with fresh_schema(database) as dsn:
+        yield dsn, redis
+
+
+@pytest.fixture
+async def start_server(
+    nursery: trio.Nursery, tmp_path: Path, backends: tuple[str, str]
+) -> AsyncIterator[StartServer]:
     """Factory: `await start_server(limits={...})` -> a `ClusterServer` of two fresh nodes.
 
     Every cluster of one test shares the test's schema and Redis prefix, so a cluster started
     again (e.g. after a shutdown) finds the data of the one before, like a restart.
     """
-    database, redis = database_url(), redis_url()
-    with fresh_schema(database) as dsn:
-        nursery.start_soon(_deadline, TEST_DEADLINE_S)
-        cluster = Cluster(nursery, tmp_path, dsn, redis, unique_prefix())
-        yield cluster.start
-        await cluster.stop_all()
-        nursery.cancel_scope.cancel()  # the deadline task
+    dsn, redis = backends
+    nursery.start_soon(_deadline, TEST_DEADLINE_S)
+    cluster = Cluster(nursery, tmp_path, dsn, redis, unique_prefix())
+    yield cluster.start
+    await cluster.stop_all()
+    nursery.cancel_scope.cancel()  # the deadline task
 
 
 @pytest.fixture
