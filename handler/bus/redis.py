@@ -17,7 +17,8 @@ Theory of operation:
   (`prev_message_id`) has been passed on to that user here. An event whose predecessor does
   not come within `order_hold_s` is released and its user resynchronized (below).
 - Redis pub/sub is at-most-once, so every way an event can be lost is turned into a *resync*:
-  the bus calls `on_resync(users)` and the hub re-reads those users' backlogs from the store.
+  the bus calls `on_resync(users)` and the hub closes those users' connections here with 1013,
+  so they rebind and get what they missed from the store as backlog.
   - the subscriber connection broke (or went silent: a heartbeat published to the node channel
     every `heartbeat_s` must come back within three periods): after reconnecting and
     resubscribing, resync every user bound here;
