@@ -400,7 +400,8 @@ class RawClient:
             for event in self.ws.events():
                 if isinstance(event, ws_events.Ping):
                     self.pings_received += 1
-                    await self._write(self.ws.send(event.response()))
+                    if self.ws.state == ConnectionState.OPEN:  # not after our own close frame
+                        await self._write(self.ws.send(event.response()))
                 elif isinstance(event, ws_events.CloseConnection):
                     self.close_code = event.code
                     if self.ws.state == ConnectionState.REMOTE_CLOSING:
