@@ -81,6 +81,10 @@ class Services:
     chats: ChatCache
     allowed_origins: tuple[str, ...] = ()
     process_lock: ProcessLock | None = None
+    protocol_limits: protocol.Limits = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.protocol_limits = self.limits.protocol_limits()  # one instance, shared
 
 
 def _reply(
@@ -90,10 +94,21 @@ def _reply(
 
 
 class Session:
+    __slots__ = (
+        "_auth_deadline",
+        "_expiry_deadline",
+        "_idle_deadline",
+        "_own_bucket",
+        "_protocol_limits",
+        "_token",
+        "connection",
+        "services",
+    )
+
     def __init__(self, connection: Connection, services: Services) -> None:
         self.connection = connection
         self.services = services
-        self._protocol_limits = services.limits.protocol_limits()
+        self._protocol_limits = services.protocol_limits
         now = trio.current_time()
         self._auth_deadline = now + services.limits.auth_timeout_s
         self._idle_deadline = now + services.limits.idle_timeout_s
