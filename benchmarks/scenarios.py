@@ -654,6 +654,50 @@ def scenario_d(ctx: Context) -> Outcome:
     return out
 
 
+def _run_on_seeded_copies(
+    ctx: Context,
+    out: Outcome,
+    key: str,
+    *,
+    owner: str,
+    sender: str,
+    job: dict[str, Any],
+    record: Callable[[dict[str, Any], dict[str, dict[str, float]]], None],
+) -> None:
+    """Seed one template database, then per run: a fresh copy of it, a handler on the copy,
+    one generator `job` against the handler, and `record(result, readings)`."""
+    params = ctx.params(key)
+    total = params["chats"] * params["per_chat"]
+    with temp_workdir(ctx.scratch) as tmp_name:
+        tmp = Path(tmp_name)
+        template = tmp / "template.db"
+        ctx.say(f"  seeding {total:,} messages")
+        out.extra["seeding"] = seeding.seed(
+            template,
+            owner=owner,
+            chats=params["chats"],
+            per_chat=params["per_chat"],
+            sender=sender,
+            workdir=tmp,
+        )
+        for run in range(ctx.runs):
+            with ctx.attempt(out, f"run {run + 1}"):
+                ctx.say(f"  run {run + 1}/{ctx.runs}")
+                db = tmp / f"run-{run}.db"
+                seeding.copy_database(template, db)
+                with ctx.handler(tmp, f"{key}-{run}", db_path=db) as (server, secret):
+                    full_job = {
+                        **job,
+                        "port": server.port,
+                        "secret": secret,
+                        "client": ctx.client,
+                    }
+                    result, readings = run_loadgen(
+                        full_job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log(f"{key}.log")
+                    )
+                record(result, readings)
+
+
 # ----------------------------------------------------------------------------- (e)
 
 
@@ -666,53 +710,33 @@ def scenario_e(ctx: Context) -> Outcome:
         "chats binds",
         params,
     )
-    with temp_workdir(ctx.scratch) as tmp_name:
-        tmp = Path(tmp_name)
-        template = tmp / "template.db"
-        ctx.say(f"  seeding {total:,} messages")
-        out.extra["seeding"] = seeding.seed(
-            template,
-            owner="target",
-            chats=params["chats"],
-            per_chat=params["per_chat"],
-            sender="peer",
-            workdir=tmp,
+
+    def record(result: dict[str, Any], readings: dict[str, dict[str, float]]) -> None:
+        win = window(readings, "measure_start", "measure_end")
+        out.runs.append(
+            {
+                "elapsed_s": result["elapsed_s"],
+                "bind_s": result["bind_s"],
+                "messages": result["messages"],
+                "chats": result["chats"],
+                "frames": result["frames"],
+                "bytes": result["bytes"],
+                "messages_per_s": result["messages_per_s"],
+                "server_cpu_s": win["server_cpu_s"],
+                "other_cpu_frac": win["other_cpu_frac"],
+                "messages_per_server_cpu_s": _per(result["messages"], win["server_cpu_s"]),
+            }
         )
-        for run in range(ctx.runs):
-            with ctx.attempt(out, f"run {run + 1}"):
-                ctx.say(f"  run {run + 1}/{ctx.runs}")
-                db = tmp / f"run-{run}.db"
-                seeding.copy_database(template, db)
-                with ctx.handler(tmp, f"e-{run}", db_path=db) as (
-                    server,
-                    secret,
-                ):
-                    job = {
-                        "kind": "backlog",
-                        "port": server.port,
-                        "secret": secret,
-                        "client": ctx.client,
-                        "user_id": "target",
-                        "expect_messages": total,
-                    }
-                    result, readings = run_loadgen(
-                        job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log("e.log")
-                    )
-                win = window(readings, "measure_start", "measure_end")
-                out.runs.append(
-                    {
-                        "elapsed_s": result["elapsed_s"],
-                        "bind_s": result["bind_s"],
-                        "messages": result["messages"],
-                        "chats": result["chats"],
-                        "frames": result["frames"],
-                        "bytes": result["bytes"],
-                        "messages_per_s": result["messages_per_s"],
-                        "server_cpu_s": win["server_cpu_s"],
-                        "other_cpu_frac": win["other_cpu_frac"],
-                        "messages_per_server_cpu_s": _per(result["messages"], win["server_cpu_s"]),
-                    }
-                )
+
+    _run_on_seeded_copies(
+        ctx,
+        out,
+        "e",
+        owner="target",
+        sender="peer",
+        job={"kind": "backlog", "user_id": "target", "expect_messages": total},
+        record=record,
+    )
     out.rows += [
         Row(
             "time to receive the whole backlog",
@@ -746,56 +770,36 @@ def scenario_f(ctx: Context) -> Outcome:
         "messages",
         params,
     )
-    with temp_workdir(ctx.scratch) as tmp_name:
-        tmp = Path(tmp_name)
-        template = tmp / "template.db"
-        ctx.say(f"  seeding {total:,} messages")
-        out.extra["seeding"] = seeding.seed(
-            template,
-            owner="reader",
-            chats=params["chats"],
-            per_chat=params["per_chat"],
-            sender="owner",
-            workdir=tmp,
+
+    def record(result: dict[str, Any], readings: dict[str, dict[str, float]]) -> None:
+        first = result["rounds"][0]
+        last = result["rounds"][-1]
+        cpu_first = window(readings, "fetch_0_start", "fetch_0_end")["server_cpu_s"]
+        n = len(result["rounds"]) - 1
+        cpu_last = window(readings, f"fetch_{n}_start", f"fetch_{n}_end")["server_cpu_s"]
+        out.runs.append(
+            {
+                "first_s": first["elapsed_s"],
+                "repeat_s": last["elapsed_s"],
+                "bytes": first["bytes"],
+                "chats": first["chats"],
+                "messages": first["messages"],
+                "mib_per_s": first["bytes"] / 2**20 / first["elapsed_s"],
+                "server_cpu_s_first": cpu_first,
+                "server_cpu_s_repeat": cpu_last,
+                "messages_per_server_cpu_s": _per(first["messages"], cpu_first),
+            }
         )
-        for run in range(ctx.runs):
-            with ctx.attempt(out, f"run {run + 1}"):
-                ctx.say(f"  run {run + 1}/{ctx.runs}")
-                db = tmp / f"run-{run}.db"
-                seeding.copy_database(template, db)
-                with ctx.handler(tmp, f"f-{run}", db_path=db) as (
-                    server,
-                    secret,
-                ):
-                    job = {
-                        "kind": "fetch",
-                        "port": server.port,
-                        "secret": secret,
-                        "client": ctx.client,
-                        "user_id": "reader",
-                        "repeats": params.get("repeats", 2),
-                    }
-                    result, readings = run_loadgen(
-                        job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log("f.log")
-                    )
-                first = result["rounds"][0]
-                last = result["rounds"][-1]
-                cpu_first = window(readings, "fetch_0_start", "fetch_0_end")["server_cpu_s"]
-                n = len(result["rounds"]) - 1
-                cpu_last = window(readings, f"fetch_{n}_start", f"fetch_{n}_end")["server_cpu_s"]
-                out.runs.append(
-                    {
-                        "first_s": first["elapsed_s"],
-                        "repeat_s": last["elapsed_s"],
-                        "bytes": first["bytes"],
-                        "chats": first["chats"],
-                        "messages": first["messages"],
-                        "mib_per_s": first["bytes"] / 2**20 / first["elapsed_s"],
-                        "server_cpu_s_first": cpu_first,
-                        "server_cpu_s_repeat": cpu_last,
-                        "messages_per_server_cpu_s": _per(first["messages"], cpu_first),
-                    }
-                )
+
+    _run_on_seeded_copies(
+        ctx,
+        out,
+        "f",
+        owner="reader",
+        sender="owner",
+        job={"kind": "fetch", "user_id": "reader", "repeats": params.get("repeats", 2)},
+        record=record,
+    )
     messages = out.median("messages")
     out.rows += [
         Row(
