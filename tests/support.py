@@ -90,7 +90,29 @@ def make_token(user_id: str, ttl: float | None = 3600.0, **claims: Any) -> str:
 # --------------------------------------------------------------------------- WebSocket client
 
 
-class Client:
+class _Syncing:
+    """`sync()` for any client that can `send` and `recv` JSON frames."""
+
+    async def send(self, obj: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    async def recv(self, timeout: float = RECV_TIMEOUT_S) -> Frame:
+        raise NotImplementedError
+
+    async def sync(self, timeout: float = RECV_TIMEOUT_S) -> list[Frame]:
+        """Send a `ping` and return every frame received before its `pong`."""
+        marker = f"sync-{time.monotonic_ns()}"
+        await self.send({"type": "ping", "request_id": marker})
+        before: list[Frame] = []
+        with trio.fail_after(timeout):
+            while True:
+                frame = await self.recv(timeout)
+                if frame.get("type") == "pong" and frame.get("request_id") == marker:
+                    return before
+                before.append(frame)
+
+
+class Client(_Syncing):
     """A JSON-speaking WebSocket client with bounded waits."""
 
     def __init__(self, ws: WebSocketConnection) -> None:
@@ -134,18 +156,6 @@ class Client:
         """Send a frame and return the next frame received."""
         await self.send(obj)
         return await self.recv(timeout)
-
-    async def sync(self, timeout: float = RECV_TIMEOUT_S) -> list[Frame]:
-        """Send a `ping` and return every frame received before its `pong`."""
-        marker = f"sync-{time.monotonic_ns()}"
-        await self.send({"type": "ping", "request_id": marker})
-        before: list[Frame] = []
-        with trio.fail_after(timeout):
-            while True:
-                frame = await self.recv(timeout)
-                if frame.get("type") == "pong" and frame.get("request_id") == marker:
-                    return before
-                before.append(frame)
 
     async def recv_event_or_close(self, timeout: float = RECV_TIMEOUT_S) -> Frame | int | None:
         """The next frame, reduced to `type` and `code` for errors, or the close code."""
@@ -352,7 +362,7 @@ def backlog_messages(frames: Sequence[Frame]) -> list[Frame]:
 # --------------------------------------------------------------------------- raw client
 
 
-class RawClient:
+class RawClient(_Syncing):
     """A WebSocket client on wsproto, for what trio-websocket cannot do or hides.
 
     It can send fragmented messages and hand-made frames, offer extensions, and close
@@ -470,18 +480,6 @@ class RawClient:
         event = await self.recv_event(timeout)
         assert not isinstance(event, int), f"closed with {event}"
         return event
-
-    async def sync(self, timeout: float = RECV_TIMEOUT_S) -> list[Frame]:
-        """Send a `ping` and return every frame received before its `pong`."""
-        marker = f"sync-{time.monotonic_ns()}"
-        await self.send({"type": "ping", "request_id": marker})
-        before: list[Frame] = []
-        with trio.fail_after(timeout):
-            while True:
-                frame = await self.recv(timeout)
-                if frame.get("type") == "pong" and frame.get("request_id") == marker:
-                    return before
-                before.append(frame)
 
     async def wait_closed(self, timeout: float = RECV_TIMEOUT_S) -> int:
         """Read (and discard) until the server closes; return the close code."""

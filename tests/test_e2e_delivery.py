@@ -12,8 +12,8 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import pytest
@@ -342,15 +342,21 @@ async def test_exactly_once_while_binding(server: RunningServer) -> None:
         await _reconnect_race(server, quiet_close=True, seed=1)
 
 
-async def test_message_committed_while_the_recipient_binds_arrives_once(
-    server: RunningServer,
-) -> None:
+@asynccontextmanager
+async def committed_not_published(
+    server: RunningServer, pause: Callable[..., Any], *, delay_s: float
+) -> AsyncIterator[Any]:
+    """alice sends bob a message and the block runs while it is committed (visible to a
+    backlog read) but its fan-out is held back for `delay_s`; yields alice's client.
+
+    `pause` is `slow_commits`, passed by the test so that the two-node copies of these tests
+    (which swap the test's globals) bring their own."""
     async with server.connect("alice") as alice:
         chat = await alice.create_chat("bob")
         async with server.connect("bob"):
             pass
         await wait_nothing_pending(server, "bob")
-        with slow_commits(server, lambda: 0.3):
+        with pause(server, lambda: delay_s):
             await alice.send(
                 {
                     "type": "send_message",
@@ -359,41 +365,36 @@ async def test_message_committed_while_the_recipient_binds_arrives_once(
                     "content": "in the window",
                 }
             )
-            await wait_committed(server, "bob")  # visible to a backlog read, not published
-            async with server.connect("bob") as bob:
-                [message] = backlog_messages(bob.backlog)
-                ack = await alice.recv()
-                assert ack["message_id"] == message["message_id"]
-                await bob.expect_no_frame(0.2)
+            await wait_committed(server, "bob")
+            yield alice
+
+
+async def test_message_committed_while_the_recipient_binds_arrives_once(
+    server: RunningServer,
+) -> None:
+    async with (
+        committed_not_published(server, slow_commits, delay_s=0.3) as alice,
+        server.connect("bob") as bob,
+    ):
+        [message] = backlog_messages(bob.backlog)
+        ack = await alice.recv()
+        assert ack["message_id"] == message["message_id"]
+        await bob.expect_no_frame(0.2)
 
 
 async def test_late_fan_out_after_a_quick_rebind_arrives_once(server: RunningServer) -> None:
     """The message is committed, delivered in one binding's backlog, and only published once
     the next binding is under way: that binding must not get it again."""
-    async with server.connect("alice") as alice:
-        chat = await alice.create_chat("bob")
-        async with server.connect("bob"):
-            pass
-        await wait_nothing_pending(server, "bob")
-        with slow_commits(server, lambda: 0.4):
-            await alice.send(
-                {
-                    "type": "send_message",
-                    "chat_id": chat["chat_id"],
-                    "recipient_id": "bob",
-                    "content": "in the window",
-                }
-            )
-            await wait_committed(server, "bob")  # visible to a backlog read, not published
-            async with server.open_raw(token=server.token("bob")) as first:
-                frames = [await first.recv() for _ in range(2)]
-                frames += await first.close_and_drain()
-            [message] = backlog_messages(frames)
-            async with server.connect("bob") as second:
-                ack = await alice.recv()  # published by now
-                assert ack["message_id"] == message["message_id"]
-                again = [*second.backlog, *await second.sync()]
-                assert again == [], "delivered twice"
+    async with committed_not_published(server, slow_commits, delay_s=0.4) as alice:
+        async with server.open_raw(token=server.token("bob")) as first:
+            frames = [await first.recv() for _ in range(2)]
+            frames += await first.close_and_drain()
+        [message] = backlog_messages(frames)
+        async with server.connect("bob") as second:
+            ack = await alice.recv()  # published by now
+            assert ack["message_id"] == message["message_id"]
+            again = [*second.backlog, *await second.sync()]
+            assert again == [], "delivered twice"
 
 
 @pytest.mark.parametrize("seed", [2, 3])
