@@ -1,264 +1,111 @@
-"""Make Hypercorn's WebSocket transport safe for a public chat gateway.
+"""Make Hypercorn's trio server safe for a public chat gateway: the fence and its one switch.
 
-Hypercorn 0.18 (checked against its source) has four behaviours a chat gateway cannot live with:
+Patching a third-party library is a last resort (STYLE #22); each fix here was the only way,
+lives in one module with the upstream fix it stands in for, and replaces functions whose
+source the tests fingerprint:
 
-1. It always negotiates permessage-deflate, and wsproto inflates with no cap: a small
-   compressed frame can grow the process by hundreds of megabytes before any size check.
-2. Its socket writes are shielded from cancellation, so a send to a client that stopped reading
-   blocks its task forever; nothing above it can time it out or drop the client.
-3. Its message-size limit defaults to 16 MiB and counts characters, not bytes.
-4. When wsproto rejects a frame (bad UTF-8, an extension error) it drops the TCP connection
-   without the close frame that tells the client why (1007, 1009).
-
-The fixes live where the faults are, in the transport, and are driven per connection by the
-application through private keys of the ASGI `websocket.accept` message (servers ignore
-unknown keys, so the app stays a plain ASGI app): no compression unless asked for, and then
-inflation capped at the message limit; the byte limit of our config; pings and batched writes
-from the application's single writer task (Hypercorn's own pinger is a task per connection
-that also outlives its connection, holding shutdown up until it wakes); a
-close frame with the right code for protocol errors; and cancellable socket writes that abort
-the TCP connection when cancelled mid-write (a half-written frame leaves nothing to save).
+- `hypercorn_ws`: the WebSocket stream: no permessage-deflate unless asked, inflation capped,
+  a byte limit, close frames for rejected input, a close handshake that completes after an
+  oversized message, `ClientGone` for late frames, batched writes and pings.
+- `hypercorn_tcp`: the TCP connection: cancellable, counted socket writes (`TcpProgress`,
+  `current_progress()`), idle plain-HTTP connections that really close (Quart-Trio cancelled
+  the close and the keep-alive timer), a socket closed as soon as its peer left, `send_eof`
+  under the send lock, and one connection's fault never ending the server.
+- `hypercorn_http1`: HTTP/1.1 only: no h2c upgrade, prior-knowledge HTTP/2 refused.
+- `accept_errors`: running out of descriptors logged once a second, not ten tracebacks.
 
 `install()` is idempotent and called by `create_app()`, so both `python -m handler` and
-`hypercorn -k trio "handler.app:create_app()"` get the same transport.
+`hypercorn -k trio "handler.app:create_app()"` get the same transport. Outside the Hypercorn
+versions the patches were checked against it patches nothing and logs an error: the server
+then runs with Hypercorn's public behaviour (no `TcpProgress`, so deliveries count once
+written; Hypercorn's own limits and close handling).
 """
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import struct
-import time
-import zlib
-from collections.abc import Iterable
-from typing import Any, Final, TypedDict
+import importlib.metadata
+import logging
+from typing import Final
 
-import trio
-from hypercorn.events import Closed, RawData
-from hypercorn.protocol.events import Data, Response, StreamClosed
-from hypercorn.protocol.ws_stream import (
-    ASGIWebsocketState,
-    FrameTooLargeError,
-    Handshake,
-    WSStream,
+from handler.transport import accept_errors, hypercorn_http1, hypercorn_tcp, hypercorn_ws
+from handler.transport.hypercorn_ws import (
+    ACCEPT_OPTIONS_KEY,
+    SEND_MANY,
+    SEND_PING,
+    CappedPerMessageDeflate,
+    ClientGone,
+    TransportOptions,
 )
-from hypercorn.trio.tcp_server import TCPServer
-from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import CloseConnection, Message, Ping, TextMessage
-from wsproto.extensions import Extension, PerMessageDeflate
-from wsproto.frame_protocol import CloseReason
-from wsproto.handshake import server_extensions_handshake
-from wsproto.utilities import LocalProtocolError, generate_accept_token
+from handler.transport.patching import Patch
+from handler.transport.tcp_progress import TcpProgress, current_progress
 
-ACCEPT_OPTIONS_KEY: Final = "handler.transport"
-# ASGI send events of our own: several text frames written with one socket write, and a
-# WebSocket ping. A server without this guard rejects unknown types loudly instead of silently
-# dropping frames.
-SEND_MANY: Final = "handler.websocket.send_many"
-SEND_PING: Final = "handler.websocket.ping"
+__all__ = [
+    "ACCEPT_OPTIONS_KEY",
+    "PATCHES",
+    "SEND_MANY",
+    "SEND_PING",
+    "SUPPORTED_HYPERCORN",
+    "CappedPerMessageDeflate",
+    "ClientGone",
+    "TcpProgress",
+    "TransportOptions",
+    "current_progress",
+    "install",
+    "installed",
+]
+
+log = logging.getLogger("handler.transport")
+
+# The Hypercorn releases whose source the patches were checked against: [low, high).
+SUPPORTED_HYPERCORN: Final = ((0, 18), (0, 19))
+
+PATCHES: Final[tuple[Patch, ...]] = (
+    *hypercorn_ws.PATCHES,
+    *hypercorn_tcp.PATCHES,
+    *hypercorn_http1.PATCHES,
+)
 
 _installed = False
 
 
-class TransportOptions(TypedDict):
-    """Per-connection transport settings, carried in the ASGI accept message."""
-
-    max_message_bytes: int
-    compression: bool
-
-
-class CappedPerMessageDeflate(PerMessageDeflate):
-    """permessage-deflate that refuses to inflate a message past `max_message_bytes`."""
-
-    def __init__(self, max_message_bytes: int) -> None:
-        super().__init__()
-        self._max_message_bytes = max_message_bytes
-        self._inflated = 0
-
-    def frame_inbound_payload_data(self, proto: Any, data: bytes) -> bytes | CloseReason:
-        if not self._inbound_compressed or not self._inbound_is_compressible:
-            return data
-        assert self._decompressor is not None
-        room = self._max_message_bytes - self._inflated
-        try:
-            # Inflate at most one byte past the limit: enough to know it was passed.
-            inflated = self._decompressor.decompress(bytes(data), room + 1)
-        except zlib.error:
-            return CloseReason.INVALID_FRAME_PAYLOAD_DATA
-        self._inflated += len(inflated)
-        if self._inflated > self._max_message_bytes:
-            return CloseReason.MESSAGE_TOO_BIG
-        return inflated
-
-    def frame_inbound_complete(self, proto: Any, fin: bool) -> bytes | CloseReason | None:
-        result = super().frame_inbound_complete(proto, fin)
-        if isinstance(result, bytes):
-            self._inflated += len(result)
-            if self._inflated > self._max_message_bytes:
-                result = CloseReason.MESSAGE_TOO_BIG
-        if fin:
-            self._inflated = 0
-        return result
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts: list[int] = []
+    for piece in version.split("."):
+        digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
 
 
-def _accept_handshake(
-    handshake: Handshake,
-    subprotocol: str | None,
-    additional_headers: Iterable[tuple[bytes, bytes]],
-    extensions: list[Extension],
-) -> tuple[int, list[tuple[bytes, bytes]], Connection]:
-    """`Handshake.accept` with the extension list chosen by the application."""
-    headers: list[tuple[bytes, bytes]] = []
-    if subprotocol is not None:
-        if handshake.subprotocols is None or subprotocol not in handshake.subprotocols:
-            raise ValueError("Invalid Subprotocol")
-        headers.append((b"sec-websocket-protocol", subprotocol.encode()))
-    if extensions and handshake.extensions is not None:
-        accepts = server_extensions_handshake(handshake.extensions, extensions)
-        if accepts:
-            headers.append((b"sec-websocket-extensions", accepts))
-    else:
-        extensions = []
-    if handshake.key is not None:
-        headers.append((b"sec-websocket-accept", generate_accept_token(handshake.key)))
-    status_code = 200
-    if handshake.http_version == "1.1":
-        headers.extend([(b"upgrade", b"WebSocket"), (b"connection", b"Upgrade")])
-        status_code = 101
-    for name, value in additional_headers:
-        if name == b"sec-websocket-protocol" or name.startswith(b":"):
-            raise ValueError(f"Invalid additional header, {name.decode()}")
-        headers.append((name, value))
-    handshake.accepted = True
-    return status_code, headers, Connection(ConnectionType.SERVER, extensions)
+def hypercorn_supported(version: str | None = None) -> bool:
+    """Whether this Hypercorn (default: the installed one) is one the patches fit."""
+    if version is None:
+        version = importlib.metadata.version("hypercorn")
+    low, high = SUPPORTED_HYPERCORN
+    return low <= _version_tuple(version) < high
 
 
-_original_accept = WSStream._accept
-_original_app_send = WSStream.app_send
-_original_protocol_send = TCPServer.protocol_send
+def installed() -> bool:
+    return _installed
 
 
-async def _guarded_accept(self: Any, message: dict[str, Any]) -> None:
-    options: TransportOptions | None = message.get(ACCEPT_OPTIONS_KEY)
-    if options is None:
-        await _original_accept(self, message)  # type: ignore[arg-type]
-        return
-    self.state = ASGIWebsocketState.CONNECTED
-    max_bytes = options["max_message_bytes"]
-    extensions: list[Extension] = (
-        [CappedPerMessageDeflate(max_bytes)] if options["compression"] else []
-    )
-    status_code, headers, self.connection = _accept_handshake(
-        self.handshake, message.get("subprotocol"), message.get("headers", []), extensions
-    )
-    # Hypercorn's buffer counts characters for text; characters <= bytes, so this is a first
-    # cut and the application checks the exact UTF-8 size.
-    self.buffer.max_length = max_bytes
-    await self.send(Response(stream_id=self.stream_id, status_code=status_code, headers=headers))
-    await self.config.log.access(
-        self.scope, {"status": status_code, "headers": []}, time.time() - self.start_time
-    )
-
-
-class ClientGone(OSError):
-    """A frame was sent after the WebSocket closed (ASGI: an OSError subclass).
-
-    Hypercorn drops such frames silently; the application must know, or it would count a
-    frame that never left as delivered.
-    """
-
-
-async def _guarded_app_send(self: Any, message: Any) -> None:
-    """Hypercorn's `app_send`, plus `SEND_MANY` (one syscall for a burst of frames),
-    `SEND_PING` (sent by the connection's writer, so pings cost no task of their own), and
-    `ClientGone` instead of silence for data frames sent after the close."""
-    kind = None if message is None else message.get("type")
-    if kind != SEND_MANY and kind != SEND_PING and kind != "websocket.send":
-        await _original_app_send(self, message)
-        return
-    if (
-        self.closed
-        or self.state != ASGIWebsocketState.CONNECTED
-        or self.connection.state is not ConnectionState.OPEN
-    ):
-        if kind == SEND_PING:
-            return
-        raise ClientGone("the WebSocket is closed")
-    if kind == "websocket.send":
-        await _original_app_send(self, message)
-        return
-    events = [Ping()] if kind == SEND_PING else [TextMessage(data=t) for t in message["texts"]]
-    try:
-        data = b"".join(self.connection.send(event) for event in events)
-    except LocalProtocolError:
-        return  # the WebSocket is closing; like Hypercorn, drop late frames
-    await self.send(Data(stream_id=self.stream_id, data=data))
-
-
-async def _guarded_handle_events(self: Any) -> None:
-    """Hypercorn's event loop, plus a close frame when wsproto itself rejects the input."""
-    for event in self.connection.events():
-        if isinstance(event, Message):
-            try:
-                self.buffer.extend(event)
-            except FrameTooLargeError:
-                await self._send_wsproto_event(CloseConnection(code=CloseReason.MESSAGE_TOO_BIG))
-                break
-            if event.message_finished:
-                await self.app_put(self.buffer.to_message())
-                self.buffer.clear()
-        elif isinstance(event, Ping):
-            await self._send_wsproto_event(event.response())
-        elif isinstance(event, CloseConnection):
-            if self.connection.state == ConnectionState.REMOTE_CLOSING:
-                await self._send_wsproto_event(event.response())
-            else:
-                # wsproto yields this for input it rejects: unparsable frames (1002), invalid
-                # UTF-8 (1007), our inflate cap (1009). Hypercorn would just drop the TCP
-                # connection; tell the client why first.
-                await self._send_wsproto_event(
-                    CloseConnection(code=event.code, reason=event.reason)
-                )
-            await self.send(StreamClosed(stream_id=self.stream_id))
-
-
-def _abort(stream: Any) -> None:
-    """Reset the TCP connection now: no FIN handshake with a peer that is not reading."""
-    sock = getattr(stream, "socket", None)
-    if sock is None:
-        sock = getattr(getattr(stream, "transport_stream", None), "socket", None)
-    if sock is None:
-        return
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
-async def _cancellable_protocol_send(self: Any, event: Any) -> None:
-    if not isinstance(event, RawData):
-        await _original_protocol_send(self, event)
-        return
-    async with self.send_lock:
-        try:
-            await self.stream.send_all(event.data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            await self.protocol.handle(Closed())
-        except trio.Cancelled:
-            # The peer did not take the bytes in time; a partly written frame cannot be
-            # completed later, so the connection is over. Resetting it also wakes every task
-            # waiting on this socket.
-            _abort(self.stream)
-            raise
-
-
-def install() -> None:
-    """Apply the fixes to Hypercorn's classes (idempotent)."""
+def install() -> bool:
+    """Apply the fixes (idempotent); False when this Hypercorn is not one they fit."""
     global _installed
     if _installed:
-        return
-    # setattr: these are deliberate replacements of methods, documented above.
-    setattr(WSStream, "_accept", _guarded_accept)  # noqa: B010
-    setattr(WSStream, "_handle_events", _guarded_handle_events)  # noqa: B010
-    setattr(WSStream, "app_send", _guarded_app_send)  # noqa: B010
-    setattr(TCPServer, "protocol_send", _cancellable_protocol_send)  # noqa: B010
+        return True
+    version = importlib.metadata.version("hypercorn")
+    if not hypercorn_supported(version):
+        log.error(
+            "hypercorn %s is outside the checked range %s..%s: transport guard NOT installed",
+            version,
+            ".".join(map(str, SUPPORTED_HYPERCORN[0])),
+            ".".join(map(str, SUPPORTED_HYPERCORN[1])),
+        )
+        return False
+    for patch in PATCHES:
+        patch.apply()
+    accept_errors.install()
     _installed = True
+    return True
