@@ -4,12 +4,18 @@ An unknown key, a wrong type or an impossible value raises `ConfigError` naming 
 command line turns that into exit code 2 with one line. Environment variables override the
 secrets and addresses that deployments keep out of files (`CHAT_JWT_SECRET`,
 `CHAT_DATABASE_URL`, `CHAT_REDIS_URL`).
+
+With dev tokens on and no secret configured, `auth.secret_file` names where the generated
+secret is kept: beside the SQLite file (`<storage.path>.secret`), or beside the config file
+(`dev-tokens.secret`) for PostgreSQL.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -20,6 +26,8 @@ from handler import protocol
 from handler.errors import ConfigError
 
 DEFAULT_CONFIG_PATH: Final = Path("config.json")
+DEV_SECRET_SUFFIX: Final = ".secret"
+DEV_SECRET_NAME: Final = "dev-tokens.secret"
 
 
 @attrs.frozen
@@ -47,6 +55,9 @@ class AuthConfig:
     issuer: str | None = None
     audience: str | None = None
     dev_tokens: bool = False
+    # Where the generated dev-token secret is kept (set by `parse_config` when dev tokens are
+    # on and no secret is configured); None: a random secret per process.
+    secret_file: Path | None = None
 
 
 @attrs.frozen
@@ -57,6 +68,8 @@ class LimitsConfig:
     rate_per_s: float = 20.0
     rate_burst: int = 40
     send_queue: int = 256
+    send_queue_bytes: int = 1 << 20
+    max_connections_per_user: int = 10
     auth_timeout_s: float = 10.0
     idle_timeout_s: float = 60.0
     ping_interval_s: float = 20.0
@@ -162,15 +175,27 @@ def parse_config(raw: Any, *, base_dir: Path, environ: Mapping[str, str] | None 
         raise ConfigError("handler_url", "is required")
     handler_url = root.get("handler_url", str, "")
     _check_handler_url(handler_url)
+    storage = _parse_storage(root.raw("storage"), base_dir, environ)
+    auth = _parse_auth(root.raw("auth"), environ)
+    if auth.dev_tokens and auth.jwt_secret is None:
+        auth = attrs.evolve(auth, secret_file=_dev_secret_file(storage, base_dir))
     config = Config(
         handler_url=handler_url,
-        storage=_parse_storage(root.raw("storage"), base_dir, environ),
+        storage=storage,
         bus=_parse_bus(root.raw("bus"), environ),
-        auth=_parse_auth(root.raw("auth"), environ),
+        auth=auth,
         limits=_parse_limits(root.raw("limits")),
         allowed_origins=_parse_origins(root),
     )
     return config
+
+
+def _dev_secret_file(storage: StorageConfig, base_dir: Path) -> Path:
+    """Beside the data it protects: a new SQLite file starts with a new secret, as it starts
+    with no users; PostgreSQL has no local file, so the config's directory."""
+    if storage.backend == "sqlite":
+        return storage.path.with_name(storage.path.name + DEV_SECRET_SUFFIX)
+    return base_dir / DEV_SECRET_NAME
 
 
 def _check_handler_url(value: str) -> None:
@@ -270,6 +295,25 @@ def _parse_origins(root: _Section) -> tuple[str, ...]:
     if not all(isinstance(origin, str) and origin for origin in origins):
         raise ConfigError("allowed_origins", "must be a list of non-empty strings")
     return tuple(origins)
+
+
+_KEYWORD_PASSWORD: Final = re.compile(r"""\s*\bpassword\s*=\s*('(?:[^'\\]|\\.)*'|\S*)""")
+
+
+def redact(url: str) -> str:
+    """`url` (a URL or a key=value DSN) without its password, for logs."""
+    if "://" not in url:
+        return _KEYWORD_PASSWORD.sub("", url).strip()
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        netloc = f"{user}@{host}" if user else host
+    query = urllib.parse.urlencode(
+        [(k, v) for k, v in urllib.parse.parse_qsl(parts.query) if k.lower() != "password"]
+    )
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:

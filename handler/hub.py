@@ -7,9 +7,10 @@ Theory of operation:
 - The bus calls `deliver()` synchronously, in commit order. It encodes each event once per
   variant (the origin connection's acknowledgement carries its `request_id`, everyone else
   shares one text) and pushes it with `push_nowait`: fan-out never waits on a slow socket.
-- A frame that carried a `Receipt` is reported back by the writer once it is on the socket;
-  the marks are coalesced and written in batches by `run_marks()`, so delivery tracking costs
-  one small write per batch rather than one per message.
+- A frame that carried a `Receipt` is reported back by the writer once the client's TCP stack
+  acknowledged it (`transport.acks`); the marks are coalesced and written in batches by
+  `run_marks()`, so delivery tracking costs one small write per batch rather than one per
+  message.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import trio
 from handler import protocol
 from handler.bus.base import Bus, Delivery
 from handler.connection import Connection, Outgoing, Receipt
-from handler.errors import CloseCode, HandlerError
+from handler.errors import CloseCode, ErrorCode, HandlerError, ProtocolError
 from handler.metrics import Metrics
 from handler.ratelimit import TokenBucket
 from handler.store.base import Store
@@ -38,6 +39,20 @@ MARK_RETRY_S = 0.5
 MAX_KEPT_RECEIPTS = 100_000
 
 
+DEFAULT_MAX_CONNECTIONS_PER_USER = 10
+
+
+class ConnectionLimitReached(ProtocolError):
+    """The user has as many bound connections on this node as allowed: answered, then 1008."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            ErrorCode.RATE_LIMITED,
+            f"too many connections: at most {limit} per user; close one first",
+            field="token",
+        )
+
+
 class _UserEntry:
     def __init__(self, rate: float, burst: float) -> None:
         self.connections: dict[str, Connection] = {}
@@ -48,9 +63,17 @@ class _UserEntry:
 
 class Hub:
     def __init__(
-        self, store: Store, bus: Bus, metrics: Metrics, *, rate_per_s: float, rate_burst: float
+        self,
+        store: Store,
+        bus: Bus,
+        metrics: Metrics,
+        *,
+        rate_per_s: float,
+        rate_burst: float,
+        max_connections_per_user: int = DEFAULT_MAX_CONNECTIONS_PER_USER,
     ) -> None:
         self.store = store
+        self._max_connections = max_connections_per_user
         self.bus = bus
         self.metrics = metrics
         self._rate = rate_per_s
@@ -109,11 +132,14 @@ class Hub:
     async def register(self, connection: Connection, user_id: str) -> None:
         """Make the connection reachable by fan-out; it starts in binding mode.
 
-        Raises HandlerError if the bus cannot subscribe; the connection is then unregistered.
+        Raises `ConnectionLimitReached` when the user has `max_connections_per_user` here
+        already, HandlerError if the bus cannot subscribe; the caller then unregisters it.
         """
+        entry = self.users.get(user_id)
+        if entry is not None and len(entry.connections) >= self._max_connections:
+            raise ConnectionLimitReached(self._max_connections)
         connection.user_id = user_id
         connection.start_binding()
-        entry = self.users.get(user_id)
         if entry is None:
             entry = self.users[user_id] = _UserEntry(self._rate, self._burst)
             self.metrics.bound_users.inc()
@@ -214,14 +240,16 @@ class Hub:
 
     # ------------------------------------------------------------------ delivery marks
 
-    def written(self, item: Outgoing) -> None:
-        """Called by a writer once `item` is on the socket."""
+    def sent(self, item: Outgoing) -> None:
+        """Called by a writer once `item` is in the socket's send buffer."""
         if item.published_at is not None:
             self.metrics.deliver_latency.observe(trio.current_time() - item.published_at)
-        if item.receipt is not None:
-            self._receipts.append(item.receipt)
-            self._unsettled[item.receipt.user_id] += 1
-            self._receipts_queued.set()
+
+    def acknowledged(self, receipt: Receipt) -> None:
+        """The frame carrying `receipt` reached the client (its TCP stack acknowledged it)."""
+        self._receipts.append(receipt)
+        self._unsettled[receipt.user_id] += 1
+        self._receipts_queued.set()
 
     async def run_marks(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -253,7 +281,8 @@ class Hub:
             return not receipts or await self._flush_marks(receipts)
 
     def begin_write(self, user_id: str) -> None:
-        """A socket write carrying receipts for `user_id` is under way (see `sync_marks`)."""
+        """A frame carrying a receipt for `user_id` is written but not yet acknowledged by
+        the client, or is being written (see `sync_marks`)."""
         self._writes_in_flight[user_id] += 1
 
     def end_write(self, user_id: str) -> None:

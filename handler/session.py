@@ -34,7 +34,7 @@ from handler.bus.base import Delivery
 from handler.config import LimitsConfig
 from handler.connection import Connection, Outgoing, Receipt
 from handler.errors import CloseCode, ErrorCode, HandlerError, ProtocolError
-from handler.hub import Hub
+from handler.hub import ConnectionLimitReached, Hub
 from handler.metrics import Metrics
 from handler.ratelimit import TokenBucket
 from handler.single_process import ProcessLock
@@ -43,6 +43,9 @@ from handler.store.base import Store
 log = logging.getLogger("handler.session")
 
 _CHAT_CACHE_SIZE: Final = 100_000
+# What a second `fetch_chats` during the first is told to wait; the first one's pace is the
+# client's own reading speed, so this is a hint, not a promise.
+FETCH_RETRY_MS: Final = 1000
 
 
 class ChatCache:
@@ -97,10 +100,12 @@ class Session:
     __slots__ = (
         "_auth_deadline",
         "_expiry_deadline",
+        "_fetching",
         "_idle_deadline",
         "_own_bucket",
         "_protocol_limits",
         "_token",
+        "background",
         "connection",
         "services",
     )
@@ -115,6 +120,9 @@ class Session:
         self._expiry_deadline = math.inf
         self._token: str | None = None  # the last verified token, to skip re-verifying it
         self._own_bucket = TokenBucket(services.limits.rate_per_s, services.limits.rate_burst)
+        self._fetching = False  # a fetch_chats answer is being sent
+        # The connection's nursery, for answers produced while the reader goes on.
+        self.background: trio.Nursery | None = None
 
     @property
     def user_id(self) -> str | None:
@@ -231,45 +239,64 @@ class Session:
     async def _bind(self, identity: Identity, token: str) -> None:
         connection = self.connection
         hub = self.services.hub
+        store = self.services.store
+        user_id = identity.user_id
         self._token = token
         self._expiry_deadline = _trio_deadline(identity)
         try:
-            await hub.register(connection, identity.user_id)
-            await hub.sync_marks(identity.user_id)
-            await hub.bus.settle(identity.user_id)  # and the other nodes' marks for the user
-            backlog = await self.services.store.backlog(identity.user_id)
+            await hub.register(connection, user_id)
+            await hub.sync_marks(user_id)
+            await hub.bus.settle(user_id)  # and the other nodes' marks for the user
+            plan = await store.backlog_plan(user_id)
         except BaseException:
-            connection.abort_binding()
-            await hub.unregister(connection)
-            self._token = None
-            self._expiry_deadline = math.inf
+            await self._unbind()
             raise
-        user_id = identity.user_id
         await connection.reply(_reply(protocol.Authenticated(user_id), "authenticated"))
-        if backlog.chats:
+        if plan.chats:
             await connection.reply(
                 _reply(
-                    protocol.NewChats(backlog.chats),
+                    protocol.NewChats(plan.chats),
                     "new_chats",
-                    Receipt(user_id, chat_ids=tuple(backlog.chat_ids)),
+                    Receipt(user_id, chat_ids=tuple(plan.chat_ids)),
                 )
             )
-        for chat_id, messages in backlog.messages:
-            await connection.reply(
-                _reply(
-                    protocol.NewMessages(chat_id, messages),
-                    "new_messages",
-                    Receipt(user_id, message_ids=tuple(m.message_id for m in messages)),
+        # Chat by chat, each read only once the previous one is queued: the outbox is bounded
+        # in bytes, so a large backlog is read as fast as the client takes it, never whole.
+        count = 0
+        for chat_id, oldest in plan.message_chats:
+            try:
+                messages = await store.undelivered(
+                    user_id, chat_id, oldest, plan.high_water[chat_id]
                 )
-            )
-        await connection.finish_binding(backlog.high_water)
+            except HandlerError:
+                # Part of the backlog is out already: the client must bind again to get the
+                # rest exactly once. Nothing unwritten was marked, so nothing is lost.
+                await self._unbind()
+                connection.close(CloseCode.INTERNAL_ERROR, "backlog unavailable; reconnect")
+                raise
+            if messages:
+                count += len(messages)
+                await connection.reply(
+                    _reply(
+                        protocol.NewMessages(chat_id, messages),
+                        "new_messages",
+                        Receipt(user_id, message_ids=tuple(m.message_id for m in messages)),
+                    )
+                )
+        await connection.finish_binding(plan.high_water)
         log.debug(  # the close line names the user; INFO stays at one line per open/close
             "bound conn=%s user=%s backlog_chats=%d backlog_messages=%d",
             connection.id,
             user_id,
-            len(backlog.chats),
-            len(backlog.message_ids),
+            len(plan.chats),
+            count,
         )
+
+    async def _unbind(self) -> None:
+        self.connection.abort_binding()
+        await self.services.hub.unregister(self.connection)
+        self._token = None
+        self._expiry_deadline = math.inf
 
     # ------------------------------------------------------------------ frames
 
@@ -364,28 +391,50 @@ class Session:
             )
 
     async def _fetch_chats(self, frame: protocol.FetchChats) -> None:
+        """`all_chats` now; the `all_messages` frames from a task of the connection, one chat
+        page at a time as the client reads them (one such task per connection)."""
         user_id = self._require_user()
-        histories = await self.services.store.chat_histories(user_id, frame.limit)
-        chats = tuple(history.chat for history in histories)
+        if self._fetching:
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED,
+                "a fetch_chats is still being answered on this connection; wait for its"
+                " all_messages frames",
+                retry_after_ms=FETCH_RETRY_MS,
+            )
+        chats = await self.services.store.chats_of(user_id)
         for chat in chats:
             self.services.chats.put(chat)
         await self.connection.reply(
             _reply(
-                protocol.AllChats(chats, frame.request_id),
+                protocol.AllChats(tuple(chats), frame.request_id),
                 "all_chats",
                 Receipt(user_id, chat_ids=tuple(chat.chat_id for chat in chats)),
             )
         )
-        for history in histories:
-            await self.connection.reply(
-                _reply(
-                    protocol.AllMessages(
-                        history.chat.chat_id, history.messages, history.has_more, frame.request_id
-                    ),
-                    "all_messages",
-                    _received(user_id, history.messages),
+        if chats and self.background is not None:
+            self._fetching = True
+            self.background.start_soon(self._send_histories, frame, user_id, chats)
+        elif chats:  # no connection nursery (a driver without one): answer inline
+            await self._send_histories(frame, user_id, chats)
+
+    async def _send_histories(
+        self, frame: protocol.FetchChats, user_id: str, chats: list[protocol.Chat]
+    ) -> None:
+        try:
+            for chat in chats:
+                page = await self.services.store.messages_before(chat.chat_id, None, frame.limit)
+                messages, has_more = page or ((), False)
+                await self.connection.reply(
+                    _reply(
+                        protocol.AllMessages(chat.chat_id, messages, has_more, frame.request_id),
+                        "all_messages",
+                        _received(user_id, messages),
+                    )
                 )
-            )
+        except Exception as error:  # one client must never take the server down
+            await self._internal(error, frame.request_id)
+        finally:
+            self._fetching = False
 
     async def _fetch_messages(self, frame: protocol.FetchMessages) -> None:
         user_id = self._require_user()
@@ -416,6 +465,10 @@ class Session:
             error.field,
         )
         await self.connection.reply(_reply(protocol.ErrorFrame.from_error(error), "error"))
+        if isinstance(error, ConnectionLimitReached):
+            await self.connection.close_when_written(
+                CloseCode.POLICY_VIOLATION, "too many connections"
+            )
 
     async def _internal(
         self, error: BaseException, request_id: protocol.RequestId | None = None

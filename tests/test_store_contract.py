@@ -16,6 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import trio
+import trio.lowlevel
 from scale_support import ThrowawayPostgres, database_url, free_port, fresh_schema
 
 from handler.config import StorageConfig
@@ -359,8 +360,7 @@ async def test_content_round_trips_exactly(store: Store, content: str) -> None:
     page, _ = await store.messages_before(chat.chat_id, None, 10) or ((), False)
     assert [m.content for m in page] == [content]
     assert [m.client_message_id for m in page] == [client_message_id]
-    (history,) = await store.chat_histories("bob", 10)
-    assert [m.content for m in history.messages] == [content]
+    assert await store.chats_of("bob") == [chat]
     backlog = await store.backlog("bob")
     assert [m.content for _, batch in backlog.messages for m in batch] == [content]
     again, created = await store.add_message(chat, "alice", content, client_message_id)
@@ -401,29 +401,41 @@ async def test_messages_before_pages_backwards(store: Store) -> None:
     assert await store.messages_before(empty.chat_id, None, 10) == ((), False)
 
 
-async def test_chat_histories_most_recent_first_with_newest_messages(store: Store) -> None:
-    # Activity times are milliseconds: let each step happen in a later one.
+async def test_chats_of_most_recently_active_first(store: Store) -> None:
     quiet, _ = await store.create_chat("alice", "bob")
-    await trio.sleep(0.005)
     busy, _ = await store.create_chat("carol", "alice")
-    await trio.sleep(0.005)
     lonely, _ = await store.create_chat("alice", "dave")
-    await trio.sleep(0.005)
-    busy_sent = [await send(store, busy, "carol", f"b{i}") for i in range(5)]
-    await trio.sleep(0.005)
-    quiet_sent = [await send(store, quiet, "bob", "q0")]
+    for i in range(5):
+        await send(store, busy, "carol", f"b{i}")
+    await send(store, quiet, "bob", "q0")
     await store.create_chat("erin", "frank")  # not alice's
-
-    histories = await store.chat_histories("alice", 3)
     # quiet had the latest message, then busy; lonely (no message) ranks by its creation.
-    assert [h.chat for h in histories] == [quiet, busy, lonely]
-    assert histories[0].messages == tuple(quiet_sent)
-    assert not histories[0].has_more
-    assert histories[1].messages == tuple(busy_sent[2:])
-    assert histories[1].has_more
-    assert histories[2].messages == ()
-    assert not histories[2].has_more
-    assert await store.chat_histories("nobody", 3) == []
+    assert await store.chats_of("alice") == [quiet, busy, lonely]
+    assert await store.chats_of("nobody") == []
+
+
+async def test_chats_of_orders_activity_within_one_millisecond(store: Store) -> None:
+    """Ties in time are broken by which chat was active last, not by chat id."""
+    first, _ = await store.create_chat("alice", "bob")
+    second, _ = await store.create_chat("alice", "carol")
+    # Both messages in one batch: one transaction, the same millisecond on either backend.
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send, store, second, "carol", "older")
+        await trio.lowlevel.checkpoint()
+        nursery.start_soon(send, store, first, "bob", "newer")
+    (older,) = await _page(store, second)
+    (newer,) = await _page(store, first)
+    assert int(newer.message_id) > int(older.message_id)  # queued last, committed last
+    assert await store.chats_of("alice") == [first, second]
+    # And for chats created in the same millisecond, without messages.
+    a, _ = await store.create_chat("dave", "erin")
+    b, _ = await store.create_chat("dave", "frank")
+    assert await store.chats_of("dave") == [b, a]
+
+
+async def _page(store: Store, chat: Chat) -> tuple[Message, ...]:
+    page, _ = await store.messages_before(chat.chat_id, None, 10) or ((), False)
+    return page
 
 
 # --------------------------------------------------------------------------- backlog
@@ -774,3 +786,100 @@ async def test_postgres_group_commit_throughput(
         for name, rate in results.items():
             print(f"\n{senders:3d} senders  {name:36s} {rate:8.0f} messages/s", end="")
         print()
+
+
+# --------------------------------------------------------------------------- upgrades
+
+# A database as the first schema version wrote it: three chats whose activity times tie, one
+# message each way, bob's chat and one message delivered to him, one not.
+_V1_ROWS = (
+    "INSERT INTO chats (id, user_a, user_b, created_by, created_at_ms, last_message_ms,"
+    " last_activity_ms, a_delivered, b_delivered) VALUES"
+    " (1, 'alice', 'bob', 'alice', 1000, 2000, 2000, 1, 1),"
+    " (2, 'alice', 'carol', 'alice', 1000, 0, 1500, 1, 0),"
+    " (3, 'alice', 'dave', 'dave', 1000, 0, 2000, 0, 1)",
+    "INSERT INTO messages (id, chat_id, sender_id, recipient_id, content, created_at_ms,"
+    " client_message_id, delivered) VALUES"
+    " (1, 1, 'alice', 'bob', 'seen', 1900, 'c1', 1),"
+    " (2, 1, 'alice', 'bob', 'unseen', 2000, NULL, 0)",
+)
+
+# The same rows in PostgreSQL's types (BOOLEAN flags, BYTEA text).
+_V1_ROWS_POSTGRES = (  # a fresh schema: the identity columns give ids 1, 2, 3 as above
+    "INSERT INTO chats (user_a, user_b, created_by, created_at_ms, last_message_ms,"
+    " last_activity_ms, a_delivered, b_delivered) VALUES"
+    " ('alice', 'bob', 'alice', 1000, 2000, 2000, true, true),"
+    " ('alice', 'carol', 'alice', 1000, 0, 1500, true, false),"
+    " ('alice', 'dave', 'dave', 1000, 0, 2000, false, true)",
+    "INSERT INTO messages (chat_id, sender_id, recipient_id, content, created_at_ms,"
+    " client_message_id, delivered) VALUES"
+    " (1, 'alice', 'bob', 'seen'::bytea, 1900, 'c1'::bytea, true),"
+    " (1, 'alice', 'bob', 'unseen'::bytea, 2000, NULL, false)",
+)
+
+
+def _write_v1_sqlite(path: Path) -> None:
+    import sqlite3
+
+    from handler.store.schema import SQLITE_MIGRATIONS
+
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for statement in (*SQLITE_MIGRATIONS[0], *_V1_ROWS):
+            db.execute(statement)
+        db.execute("INSERT INTO schema_version (version) VALUES (1)")
+    finally:
+        db.close()
+
+
+async def _check_upgraded(store: Store) -> None:
+    """Every chat, message and delivery state survived; the order of activity too (ties by
+    id, as before), and new activity goes to the top."""
+    alice = await store.chats_of("alice")
+    assert [chat.chat_id for chat in alice] == ["3", "1", "2"]
+    page = await _page(store, alice[1])
+    assert [(m.message_id, m.content, m.client_message_id) for m in page] == [
+        ("1", "seen", "c1"),
+        ("2", "unseen", None),
+    ]
+    bob = await store.backlog("bob")
+    assert bob.chats == ()
+    assert [[m.message_id for m in batch] for _, batch in bob.messages] == [["2"]]
+    assert [chat.chat_id for chat in (await store.backlog("carol")).chats] == ["2"]
+    assert (await store.backlog("dave")).chats == ()
+    assert [chat.chat_id for chat in (await store.backlog("alice")).chats] == ["3"]
+    await send(store, alice[2], "carol", "new")
+    assert [chat.chat_id for chat in await store.chats_of("alice")] == ["2", "3", "1"]
+
+
+async def test_sqlite_upgrade_keeps_chats_messages_and_delivery(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    config = StorageConfig(backend="sqlite", path=tmp_path / "old.db")
+    _write_v1_sqlite(config.path)
+    store = open_store(config)
+    await store.open(nursery)
+    try:
+        await _check_upgraded(store)
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.scale
+async def test_postgres_upgrade_keeps_chats_messages_and_delivery(
+    postgres_config: StorageConfig, nursery: trio.Nursery
+) -> None:
+    with psycopg.connect(postgres_config.dsn, autocommit=True) as connection:
+        connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for statement in POSTGRES_MIGRATIONS[0]:
+            connection.execute(statement)
+        for statement in _V1_ROWS_POSTGRES:
+            connection.execute(statement)
+        connection.execute("INSERT INTO schema_version (version) VALUES (1)")
+    store = open_store(postgres_config)
+    await store.open(nursery)
+    try:
+        await _check_upgraded(store)
+    finally:
+        await store.aclose()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from handler.config import StorageConfig
-from handler.store.base import Backlog, ChatHistory, Store
+from handler.store.base import Backlog, BacklogPlan, Store
 
-__all__ = ["Backlog", "ChatHistory", "Store", "open_store"]
+__all__ = ["Backlog", "BacklogPlan", "Store", "open_store"]
 
 
 def open_store(config: StorageConfig) -> Store:

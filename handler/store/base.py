@@ -29,26 +29,48 @@ OnCommit = Callable[[Message, str | None], None]
 
 
 @attrs.frozen
-class ChatHistory:
-    """A chat with a page of its messages, oldest first."""
+class BacklogPlan:
+    """What a user has not yet received, without the messages themselves: a binding reads
+    the messages chat by chat (`Store.undelivered`) as the client takes them, so a large
+    backlog is never held whole in memory.
 
-    chat: Chat
-    messages: tuple[Message, ...]
-    has_more: bool
+    `chats` oldest first; `message_chats` lists, for each chat with undelivered messages in the
+    order of its oldest one, that oldest message's id. `high_water` is every chat of the user
+    in the same snapshot with its newest message id ("0" if none): fan-out of such a chat, or of
+    a message at or below that id, is either in this backlog or was delivered to the user before
+    this binding, so a binding drops it (`Connection`), and the binding reads each chat's
+    undelivered messages only up to that id.
+    """
+
+    chats: tuple[Chat, ...]
+    message_chats: tuple[tuple[str, str], ...]
+    high_water: Mapping[str, str] = attrs.field(factory=dict)
+
+    @classmethod
+    def of(
+        cls,
+        chats: Iterable[Chat],
+        oldest_undelivered: Iterable[tuple[object, object]],
+        newest_per_chat: Iterable[tuple[object, object]],
+    ) -> BacklogPlan:
+        """Build a plan from a backend's three snapshot queries (shared by every backend)."""
+        return cls(
+            tuple(chats),
+            tuple((str(chat_id), str(oldest)) for chat_id, oldest in oldest_undelivered),
+            {str(chat_id): str(newest) for chat_id, newest in newest_per_chat},
+        )
+
+    @property
+    def chat_ids(self) -> frozenset[str]:
+        return frozenset(chat.chat_id for chat in self.chats)
 
 
 @attrs.frozen
 class Backlog:
-    """What a user has not yet received: chats oldest first, then messages grouped by chat.
-
-    `messages` is ordered by each chat's oldest undelivered message; each tuple oldest first.
-    """
+    """A whole backlog in memory: for tests and tools, not for serving clients."""
 
     chats: tuple[Chat, ...]
     messages: tuple[tuple[str, tuple[Message, ...]], ...]
-    # Every chat of the user in the same snapshot, with its newest message id ("0" if none).
-    # Fan-out of such a chat, or of a message at or below that id, is either in this backlog
-    # or was delivered to the user before this binding, so a binding drops it (Connection).
     high_water: Mapping[str, str] = attrs.field(factory=dict)
 
     @property
@@ -60,20 +82,15 @@ class Backlog:
         return frozenset(chat.chat_id for chat in self.chats)
 
 
-def assemble_backlog(
-    chats: Iterable[Chat],
-    undelivered_oldest_first: Iterable[Message],
-    newest_per_chat: Iterable[tuple[object, object]],
-) -> Backlog:
-    """Build a `Backlog` from a backend's three snapshot queries (shared by every backend)."""
-    grouped: dict[str, list[Message]] = {}
-    for message in undelivered_oldest_first:
-        grouped.setdefault(message.chat_id, []).append(message)
-    return Backlog(
-        tuple(chats),
-        tuple((chat_id, tuple(messages)) for chat_id, messages in grouped.items()),
-        {str(chat_id): str(newest) for chat_id, newest in newest_per_chat},
-    )
+async def read_backlog(store: Store, user_id: str) -> Backlog:
+    """The plan and every chat's undelivered messages (the backends' `backlog`)."""
+    plan = await store.backlog_plan(user_id)
+    messages = []
+    for chat_id, oldest in plan.message_chats:
+        batch = await store.undelivered(user_id, chat_id, oldest, plan.high_water[chat_id])
+        if batch:
+            messages.append((chat_id, batch))
+    return Backlog(plan.chats, tuple(messages), plan.high_water)
 
 
 class Store(Protocol):
@@ -121,9 +138,8 @@ class Store(Protocol):
         `on_commit` is called (only for new messages) after COMMIT, in commit order.
         """
 
-    async def chat_histories(self, user_id: str, limit: int) -> list[ChatHistory]:
-        """Every chat of the user, most recently active first, each with its newest `limit`
-        messages oldest first."""
+    async def chats_of(self, user_id: str) -> list[Chat]:
+        """Every chat of the user, most recently active (created or written to) first."""
 
     async def messages_before(
         self, chat_id: str, before_id: str | None, limit: int
@@ -131,8 +147,17 @@ class Store(Protocol):
         """A page of messages older than `before_id` (or the newest), oldest first, with
         `has_more`; None when `before_id` is not a message of this chat."""
 
+    async def backlog_plan(self, user_id: str) -> BacklogPlan:
+        """What is not yet delivered to the user, as one snapshot (see `BacklogPlan`)."""
+
+    async def undelivered(
+        self, user_id: str, chat_id: str, from_id: str, up_to_id: str
+    ) -> tuple[Message, ...]:
+        """The chat's messages to the user not yet delivered, with ids from `from_id` to
+        `up_to_id` (both included), oldest first."""
+
     async def backlog(self, user_id: str) -> Backlog:
-        """Everything not yet delivered to the user."""
+        """Everything not yet delivered to the user, whole (tests and tools)."""
 
     async def mark_delivered(
         self, user_id: str, chat_ids: Sequence[str], message_ids: Sequence[str]

@@ -47,7 +47,7 @@ from psycopg.rows import TupleRow
 from handler.config import StorageConfig
 from handler.errors import StoreUnavailable
 from handler.protocol import Chat, Message
-from handler.store.base import Backlog, ChatHistory, OnCommit, assemble_backlog
+from handler.store.base import Backlog, BacklogPlan, OnCommit, read_backlog
 from handler.store.schema import POSTGRES_MIGRATIONS
 from handler.timefmt import format_ms
 
@@ -192,6 +192,11 @@ class _Op:
 
 
 @attrs.define(eq=False)
+class _Probe(_Op):
+    """A write that changes nothing but needs the database to write (the health check)."""
+
+
+@attrs.define(eq=False)
 class _CreateChat(_Op):
     creator_id: str = ""
     user_a: str = ""
@@ -234,6 +239,8 @@ def _apply_batch(connection: Connection, batch: Sequence[_Op]) -> None:
     )
     adds = [op for op in batch if isinstance(op, _AddMessage)]
     marks = [op for op in batch if isinstance(op, _MarkDelivered)]
+    if any(isinstance(op, _Probe) for op in batch):
+        cursor.execute("UPDATE schema_version SET version = version")
 
     # 1. New chat pairs, in sorted order (the first lock class).
     for create in creates:
@@ -351,12 +358,17 @@ def _apply_batch(connection: Connection, batch: Sequence[_Op]) -> None:
             )
             add.result = (message, True)
             touched[add.chat_row] = (created, message_row)
+        # In the order of each chat's newest message, so the activity sequence follows it
+        # (the rows are locked already; the order of these updates cannot deadlock).
         cursor.executemany(
             "UPDATE chats SET last_message_ms = %s, last_message_id = %s,"
-            " last_activity_ms = GREATEST(last_activity_ms, %s) WHERE id = %s",
+            " last_activity_ms = GREATEST(last_activity_ms, %s),"
+            " activity_seq = nextval('chat_activity_seq') WHERE id = %s",
             [
                 (created, message_row, created, chat_row)
-                for chat_row, (created, message_row) in sorted(touched.items())
+                for chat_row, (created, message_row) in sorted(
+                    touched.items(), key=lambda item: item[1][1]
+                )
             ],
         )
     for resend, original in resends:
@@ -391,6 +403,9 @@ class _Writer:
         self.operations = 0
         # Delivery marks (queued without a waiter) that failed: `flush` reports them.
         self.lost_marks = 0
+        # Why a batch failed for a reason of the database's (not one operation's data), until
+        # the health check's probe write succeeds; /healthz reports it.
+        self.write_failure: str | None = None
 
     async def submit(self, op: _Op) -> Any:
         try:
@@ -461,13 +476,13 @@ class _Writer:
                     connection.execute("COMMIT")
                 return
             except StoreUnavailable as error:
-                self._fail(batch, error)
+                self._fail_all(batch, error)
                 return
             except _TRANSIENT:
                 self._rollback()
                 if attempt < _BATCH_RETRIES:
                     continue
-                self._fail(batch, StoreUnavailable("postgres: too much lock contention"))
+                self._fail_all(batch, StoreUnavailable("postgres: too much lock contention"))
                 return
             except psycopg.Error as error:
                 if not _usable(self._connection):
@@ -477,9 +492,11 @@ class _Writer:
                         # (e.g. after a server restart) gets one fresh try.
                         if attempt == 1:
                             continue
-                        self._fail(batch, StoreUnavailable(f"postgres write: {_describe(error)}"))
+                        self._fail_all(
+                            batch, StoreUnavailable(f"postgres write: {_describe(error)}")
+                        )
                     else:
-                        self._fail(
+                        self._fail_all(
                             batch,
                             StoreUnavailable(
                                 f"postgres connection lost during COMMIT, outcome unknown:"
@@ -491,7 +508,11 @@ class _Writer:
                 if len(batch) > 1 and isinstance(error, _OP_SPECIFIC):
                     self._replay_each(batch)
                     return
-                self._fail(batch, StoreUnavailable(f"postgres write: {_describe(error)}"))
+                failure = StoreUnavailable(f"postgres write: {_describe(error)}")
+                if isinstance(error, _OP_SPECIFIC):
+                    self._fail(batch, failure)  # this operation's data, not the database
+                else:
+                    self._fail_all(batch, failure)  # e.g. disk full
                 return
             except Exception as error:
                 # A bug must fail its batch, not kill the writer and every later write with it.
@@ -517,6 +538,11 @@ class _Writer:
                 self._connection.execute("ROLLBACK")
         except psycopg.Error:
             self.close_connection()
+
+    def _fail_all(self, batch: Iterable[_Op], error: StoreUnavailable) -> None:
+        """The database could not write: fail the batch and remember why (health check)."""
+        self.write_failure = str(error)
+        self._fail(batch, error)
 
     @staticmethod
     def _fail(batch: Iterable[_Op], error: StoreUnavailable) -> None:
@@ -589,6 +615,15 @@ class PostgresStore:
     async def check(self) -> None:
         # Within a backoff window this fails at once: /healthz must not wait on a dead server.
         await self._read(lambda db: db.execute("SELECT 1").fetchone(), snapshot=False)
+        writer = self._writer
+        failure = writer.write_failure
+        if failure is not None:
+            # Only a probe that writes clears it (an empty commit succeeds without writing).
+            try:
+                await writer.submit(_Probe())
+            except StoreUnavailable:
+                raise StoreUnavailable(f"writes are failing: {failure}") from None
+            writer.write_failure = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -699,33 +734,17 @@ class PostgresStore:
         )
         return result
 
-    async def chat_histories(self, user_id: str, limit: int) -> list[ChatHistory]:
-        def query(db: Connection) -> list[ChatHistory]:
-            # One round trip: every chat of the user with its newest `limit + 1` messages.
-            rows = db.execute(
-                "SELECT c.id, c.user_a, c.user_b, c.created_by, c.created_at_ms,"
-                " m.id, m.chat_id, m.sender_id, m.recipient_id, m.content, m.created_at_ms,"
-                " m.client_message_id"
-                " FROM (SELECT * FROM chats WHERE user_a = %s"
-                "       UNION ALL SELECT * FROM chats WHERE user_b = %s AND user_a <> %s) c"
-                " LEFT JOIN LATERAL (SELECT * FROM messages WHERE chat_id = c.id"
-                "       ORDER BY id DESC LIMIT %s) m ON TRUE"
-                " ORDER BY c.last_activity_ms DESC, c.id DESC, m.id ASC",
-                (user_id, user_id, user_id, limit + 1),
-            ).fetchall()
-            histories: list[ChatHistory] = []
-            grouped: dict[int, tuple[Chat, list[Message]]] = {}
-            for row in rows:
-                entry = grouped.get(row[0])
-                if entry is None:
-                    entry = grouped[row[0]] = (_chat(row[:5]), [])
-                if row[5] is not None:
-                    entry[1].append(_message(row[5:]))
-            for chat, messages in grouped.values():
-                has_more = len(messages) > limit
-                page = messages[-limit:] if has_more else messages
-                histories.append(ChatHistory(chat, tuple(page), has_more))
-            return histories
+    async def chats_of(self, user_id: str) -> list[Chat]:
+        def query(db: Connection) -> list[Chat]:
+            return [
+                _chat(row)
+                for row in db.execute(
+                    f"SELECT {_CHAT_COLUMNS} FROM (SELECT * FROM chats WHERE user_a = %s"
+                    " UNION ALL SELECT * FROM chats WHERE user_b = %s AND user_a <> %s) c"
+                    " ORDER BY activity_seq DESC",
+                    (user_id, user_id, user_id),
+                )
+            ]
 
         return await self._read(query)
 
@@ -760,9 +779,9 @@ class PostgresStore:
 
         return await self._read(query)
 
-    async def backlog(self, user_id: str) -> Backlog:
-        def query(db: Connection) -> Backlog:
-            return assemble_backlog(
+    async def backlog_plan(self, user_id: str) -> BacklogPlan:
+        def query(db: Connection) -> BacklogPlan:
+            return BacklogPlan.of(
                 [
                     _chat(row)
                     for row in db.execute(
@@ -772,22 +791,41 @@ class PostgresStore:
                         (user_id, user_id, user_id),
                     )
                 ],
-                [
-                    _message(row)
-                    for row in db.execute(
-                        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE recipient_id = %s"
-                        " AND NOT delivered ORDER BY id",
-                        (user_id,),
-                    )
-                ],
+                db.execute(
+                    "SELECT chat_id, MIN(id) FROM messages WHERE recipient_id = %s"
+                    " AND NOT delivered GROUP BY chat_id ORDER BY MIN(id)",
+                    (user_id,),
+                ).fetchall(),
                 db.execute(
                     "SELECT id, COALESCE(last_message_id, 0) FROM chats"
                     " WHERE user_a = %s OR user_b = %s",
                     (user_id, user_id),
-                ),
+                ).fetchall(),
             )
 
         return await self._read(query)
+
+    async def undelivered(
+        self, user_id: str, chat_id: str, from_id: str, up_to_id: str
+    ) -> tuple[Message, ...]:
+        bounds = (_int_id(chat_id), _int_id(from_id), _int_id(up_to_id))
+        if None in bounds:
+            return ()
+
+        def query(db: Connection) -> tuple[Message, ...]:
+            return tuple(
+                _message(row)
+                for row in db.execute(
+                    f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE chat_id = %s AND id >= %s"
+                    " AND id <= %s AND recipient_id = %s AND NOT delivered ORDER BY id",
+                    (*bounds, user_id),
+                )
+            )
+
+        return await self._read(query, snapshot=False)
+
+    async def backlog(self, user_id: str) -> Backlog:
+        return await read_backlog(self, user_id)
 
     async def flush(self) -> None:
         # A bare operation is applied as nothing, but commits (and wakes) in queue order. The

@@ -41,6 +41,18 @@ SQLITE_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             WHERE client_message_id IS NOT NULL
         """,
     ),
+    # 2: a chat's place in the order of activity (creation or newest message), from one
+    # counter for all chats: `all_chats` lists the most recently active first even when two
+    # chats were active within the same millisecond. Existing chats keep their order by time.
+    (
+        "ALTER TABLE chats ADD COLUMN activity_seq INTEGER NOT NULL DEFAULT 0",
+        "UPDATE chats SET activity_seq = ranked.n FROM (SELECT id, ROW_NUMBER() OVER"
+        " (ORDER BY last_activity_ms, id) AS n FROM chats) AS ranked WHERE ranked.id = chats.id",
+        "CREATE INDEX chats_by_activity ON chats (activity_seq)",
+    ),
+    # 3: one row the health check rewrites while writes are failing, to learn whether the disk
+    # has room again for as much as a client frame.
+    ("CREATE TABLE health_probe (id INTEGER PRIMARY KEY, data BLOB NOT NULL)",),
 )
 
 # PostgreSQL keeps the SQLite shape, with two differences that matter:
@@ -94,5 +106,15 @@ POSTGRES_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "ALTER TABLE chats ADD COLUMN last_message_id BIGINT",
         "UPDATE chats SET last_message_id = m.id FROM (SELECT chat_id, MAX(id) AS id"
         " FROM messages GROUP BY chat_id) m WHERE m.chat_id = chats.id",
+    ),
+    # 3: the order of activity, as in SQLite's migration 2, from a sequence.
+    (
+        "CREATE SEQUENCE chat_activity_seq",
+        "ALTER TABLE chats ADD COLUMN activity_seq BIGINT NOT NULL DEFAULT 0",
+        "UPDATE chats SET activity_seq = ranked.n FROM (SELECT id, ROW_NUMBER() OVER"
+        " (ORDER BY last_activity_ms, id) AS n FROM chats) AS ranked WHERE ranked.id = chats.id",
+        "SELECT setval('chat_activity_seq', COALESCE(MAX(activity_seq), 0) + 1, false) FROM chats",
+        "ALTER TABLE chats ALTER COLUMN activity_seq SET DEFAULT nextval('chat_activity_seq')",
+        "CREATE INDEX chats_by_activity ON chats (activity_seq)",
     ),
 )

@@ -29,7 +29,7 @@ import trio
 from handler.config import StorageConfig
 from handler.errors import StoreUnavailable
 from handler.protocol import Chat, Message
-from handler.store.base import Backlog, ChatHistory, OnCommit, assemble_backlog
+from handler.store.base import Backlog, BacklogPlan, OnCommit, read_backlog
 from handler.store.schema import SQLITE_MIGRATIONS
 from handler.timefmt import format_ms, now_ms
 
@@ -37,8 +37,11 @@ T = TypeVar("T")
 
 _READERS: Final = 4
 _MAX_BATCH: Final = 512
+_PROBE_BYTES: Final = 128 * 1024
 
 _CHAT_COLUMNS: Final = "id, user_a, user_b, created_by, created_at_ms"
+# One counter over all chats, bumped by every creation and message (indexed, so O(log n)).
+_NEXT_SEQ: Final = "(SELECT COALESCE(MAX(activity_seq), 0) + 1 FROM chats)"
 _MESSAGE_COLUMNS: Final = (
     "id, chat_id, sender_id, recipient_id, content, created_at_ms, client_message_id"
 )
@@ -84,6 +87,10 @@ class _Writer:
             queue.SimpleQueue()
         )
         self._thread: threading.Thread | None = None
+        # Why a write failed (disk full, I/O error), until the health check's probe write
+        # succeeds: /healthz reports it, so a balancer stops sending users to a node that
+        # cannot store their messages.
+        self.write_failure: str | None = None
 
     async def submit(
         self,
@@ -181,6 +188,7 @@ class _Writer:
             connection.execute("COMMIT")
         except sqlite3.OperationalError as error:  # I/O, disk full, locked: the store's fault
             operation.error = StoreUnavailable(f"sqlite commit failed: {error}")
+            self.write_failure = str(error)
         except Exception as error:
             operation.error = error
         finally:
@@ -258,6 +266,16 @@ class SQLiteStore:
 
     async def check(self) -> None:
         await self._read(lambda db: db.execute("SELECT 1").fetchone())
+        writer = self._require_writer()
+        failure = writer.write_failure
+        if failure is not None:
+            # Only a probe of real size clears it: an empty commit (a flush) or a small write
+            # can succeed on a disk that has no room for a message.
+            try:
+                await writer.submit(_probe_write)
+            except StoreUnavailable:
+                raise StoreUnavailable(f"writes are failing: {failure}") from None
+            writer.write_failure = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -293,7 +311,8 @@ class SQLiteStore:
             created = now_ms()
             cursor = db.execute(
                 "INSERT INTO chats (user_a, user_b, created_by, created_at_ms, last_activity_ms,"
-                " a_delivered, b_delivered) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " a_delivered, b_delivered, activity_seq)"
+                f" VALUES (?, ?, ?, ?, ?, ?, ?, {_NEXT_SEQ})",
                 (
                     user_a,
                     user_b,
@@ -352,7 +371,8 @@ class SQLiteStore:
                 (chat_row_id, sender_id, recipient_id, content, created, client_message_id),
             )
             db.execute(
-                "UPDATE chats SET last_message_ms = ?, last_activity_ms = ? WHERE id = ?",
+                f"UPDATE chats SET last_message_ms = ?, last_activity_ms = ?,"
+                f" activity_seq = {_NEXT_SEQ} WHERE id = ?",
                 (created, created, chat_row_id),
             )
             message = Message(
@@ -374,29 +394,17 @@ class SQLiteStore:
         message, created, _ = await self._require_writer().submit(run, after_commit)
         return message, created
 
-    async def chat_histories(self, user_id: str, limit: int) -> list[ChatHistory]:
-        def query(db: sqlite3.Connection) -> list[ChatHistory]:
-            chats = [
+    async def chats_of(self, user_id: str) -> list[Chat]:
+        return await self._read(
+            lambda db: [
                 _chat(row)
                 for row in db.execute(
                     f"SELECT {_CHAT_COLUMNS} FROM chats WHERE user_a = ? OR user_b = ?"
-                    " ORDER BY last_activity_ms DESC, id DESC",
+                    " ORDER BY activity_seq DESC",
                     (user_id, user_id),
                 )
             ]
-            histories = []
-            for chat in chats:
-                rows = db.execute(
-                    f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE chat_id = ?"
-                    " ORDER BY id DESC LIMIT ?",
-                    (int(chat.chat_id), limit + 1),
-                ).fetchall()
-                has_more = len(rows) > limit
-                page = tuple(_message(row) for row in reversed(rows[:limit]))
-                histories.append(ChatHistory(chat, page, has_more))
-            return histories
-
-        return await self._read(query)
+        )
 
     async def messages_before(
         self, chat_id: str, before_id: str | None, limit: int
@@ -430,9 +438,9 @@ class SQLiteStore:
 
         return await self._read(query)
 
-    async def backlog(self, user_id: str) -> Backlog:
-        def query(db: sqlite3.Connection) -> Backlog:
-            return assemble_backlog(
+    async def backlog_plan(self, user_id: str) -> BacklogPlan:
+        def query(db: sqlite3.Connection) -> BacklogPlan:
+            return BacklogPlan.of(
                 [
                     _chat(row)
                     for row in db.execute(
@@ -441,14 +449,11 @@ class SQLiteStore:
                         (user_id, user_id),
                     )
                 ],
-                [
-                    _message(row)
-                    for row in db.execute(
-                        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE recipient_id = ?"
-                        " AND delivered = 0 ORDER BY id",
-                        (user_id,),
-                    )
-                ],
+                db.execute(
+                    "SELECT chat_id, MIN(id) FROM messages WHERE recipient_id = ? AND delivered = 0"
+                    " GROUP BY chat_id ORDER BY MIN(id)",
+                    (user_id,),
+                ),
                 db.execute(
                     "SELECT id, COALESCE((SELECT MAX(id) FROM messages WHERE chat_id = chats.id),"
                     " 0) FROM chats WHERE user_a = ? OR user_b = ?",
@@ -457,6 +462,26 @@ class SQLiteStore:
             )
 
         return await self._read(query)
+
+    async def undelivered(
+        self, user_id: str, chat_id: str, from_id: str, up_to_id: str
+    ) -> tuple[Message, ...]:
+        bounds = (_int_id(chat_id), _int_id(from_id), _int_id(up_to_id))
+        if None in bounds:
+            return ()
+        return await self._read(
+            lambda db: tuple(
+                _message(row)
+                for row in db.execute(
+                    f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE chat_id = ? AND id >= ?"
+                    " AND id <= ? AND recipient_id = ? AND delivered = 0 ORDER BY id",
+                    (*bounds, user_id),
+                )
+            )
+        )
+
+    async def backlog(self, user_id: str) -> Backlog:
+        return await read_backlog(self, user_id)
 
     async def mark_delivered(
         self, user_id: str, chat_ids: Sequence[str], message_ids: Sequence[str]
@@ -483,6 +508,14 @@ class SQLiteStore:
         # Delivery marks are not acknowledgements: nobody waits for them, and losing one in a
         # crash only means the item is offered again on the next binding.
         self._require_writer().submit_nowait(run)
+
+
+def _probe_write(db: sqlite3.Connection) -> None:
+    """A write of as much as a large message: a small one could fit in WAL space that a
+    failed transaction left allocated, and report a disk with room that has none."""
+    db.execute(
+        "INSERT OR REPLACE INTO health_probe (id, data) VALUES (1, zeroblob(?))", (_PROBE_BYTES,)
+    )
 
 
 def _nothing(db: sqlite3.Connection) -> None:

@@ -22,20 +22,23 @@ from typing import Any, Final
 import trio
 
 from handler.config import LimitsConfig
-from handler.connection import PING, Connection
+from handler.connection import CLOSE_AFTER, PING, Connection, Outgoing, utf8_length
 from handler.errors import CloseCode
 from handler.session import Services, Session
+from handler.transport.acks import SentFrames
 from handler.transport.hypercorn_guard import (
     ACCEPT_OPTIONS_KEY,
     SEND_MANY,
     SEND_PING,
     ClientGone,
     TransportOptions,
+    current_progress,
 )
 
 log = logging.getLogger("handler.ws")
 
 CLOSE_TIMEOUT_S: Final = 2.0
+CLOSE_ACK_WAIT_S: Final = 1.0
 WRITE_BATCH: Final = 64
 
 Scope = MutableMapping[str, Any]
@@ -63,10 +66,6 @@ def _query_token(scope: Scope) -> str | None:
     return values[0] if values else None
 
 
-def _utf8_length(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-
-
 async def serve_websocket(scope: Scope, receive: Receive, send: Send, services: Services) -> None:
     """Run one WebSocket connection from handshake to close."""
     limits = services.limits
@@ -87,7 +86,8 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, services: 
     }
     await send({"type": "websocket.accept", ACCEPT_OPTIONS_KEY: options})
 
-    connection = Connection(limits.send_queue, hub.drop_slow)
+    connection = Connection(limits.send_queue, hub.drop_slow, limits.send_queue_bytes)
+    sent = SentFrames(hub, current_progress(), exact_sizes=not limits.compression)
     session = Session(connection, services)
     hub.attach(connection)
     client = scope.get("client")
@@ -96,7 +96,8 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, services: 
     try:
         with connection.cancel_scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_write, connection, send, services)
+                nursery.start_soon(_write, connection, send, services, sent)
+                session.background = nursery
                 await session.start(_query_token(scope))
                 disconnected = await _read(receive, session, connection, limits)
                 nursery.cancel_scope.cancel()
@@ -106,8 +107,13 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, services: 
             if not disconnected:
                 if connection.close_code is None:  # cancelled from outside: server stopping
                     connection.close(CloseCode.GOING_AWAY, "server shutting down")
+                if connection.close_code != CloseCode.TRY_AGAIN_LATER:
+                    # A clean close: the client reads; let it acknowledge the last frames, or
+                    # the socket's close would leave them counted as undelivered.
+                    await sent.wait_acked(CLOSE_ACK_WAIT_S)
                 await _send_close(send, connection, services)
             connection.close_outbox()
+            await sent.settle()
             await hub.detach(connection)
         log.info(
             "close conn=%s user=%s code=%s",
@@ -143,7 +149,7 @@ async def _read(
             session.data_received()
             text = event.get("text")
             payload: str | bytes = text if text is not None else (event.get("bytes") or b"")
-            size = _utf8_length(payload) if isinstance(payload, str) else len(payload)
+            size = utf8_length(payload) if isinstance(payload, str) else len(payload)
             if size > max_bytes:
                 connection.close(CloseCode.MESSAGE_TOO_BIG, "message too big")
                 return False
@@ -158,44 +164,70 @@ async def _read(
             connection.push_ping()
 
 
-async def _write(connection: Connection, send: Send, services: Services) -> None:
-    """Drain the outbox; frames queued together go out in one socket write."""
+async def _write(connection: Connection, send: Send, services: Services, sent: SentFrames) -> None:
+    """Drain the outbox; frames queued together go out in one socket write.
+
+    While some written frames wait for the client's acknowledgement, the wait for the next
+    frame is bounded by `sent.poll_s`, so their receipts are released soon after the ACK.
+    """
     count_out = services.metrics.count_out
-    hub = services.hub
     outbox = connection.outbox
-    async for first in outbox:
+    while True:
+        if sent.pending:
+            first = None
+            with trio.move_on_after(sent.poll_s):
+                first = await _next(outbox)
+            if first is None:
+                sent.release()
+                continue
+        else:
+            first = await _next(outbox)
+        if first is _END:
+            return
         batch = [first]
         while len(batch) < WRITE_BATCH:
             try:
                 batch.append(outbox.receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
-        receipts_for = None
-        texts = []
-        for item in batch:
-            if item.receipt is not None:
-                receipts_for = item.receipt.user_id
-            if item.frame_type != PING:
-                texts.append(item.text)
-        if receipts_for is not None:
-            hub.begin_write(receipts_for)
+        connection.taken(batch)
+        frames = [item for item in batch if item.text]
+        texts = [item.text for item in frames]
         try:
             if len(texts) == 1:
                 await send({"type": "websocket.send", "text": texts[0]})
             elif texts:
                 await send({"type": SEND_MANY, "texts": texts})
-            if len(texts) < len(batch):
-                await send({"type": SEND_PING})
-            for item in batch:
-                hub.written(item)
         except ClientGone:
             return  # never written: not counted, not marked delivered
-        finally:
-            if receipts_for is not None:
-                hub.end_write(receipts_for)
+        except trio.Cancelled:
+            sent.sent_partially(frames)  # the connection is being dropped mid-write
+            raise
+        sent.sent(frames)
+        try:
+            if any(item.frame_type == PING for item in batch):
+                await send({"type": SEND_PING})
+        except ClientGone:
+            return
         connection.last_sent = trio.current_time()
         for item in batch:
-            count_out(item.frame_type)
+            if item.frame_type != CLOSE_AFTER:
+                count_out(item.frame_type)
+        if connection.deferred_close is not None and any(
+            item.frame_type == CLOSE_AFTER for item in batch
+        ):
+            connection.close(*connection.deferred_close)
+            return
+
+
+_END: Final = Outgoing("", "end")
+
+
+async def _next(outbox: trio.MemoryReceiveChannel[Outgoing]) -> Outgoing:
+    try:
+        return await outbox.receive()
+    except trio.EndOfChannel:
+        return _END
 
 
 async def _send_close(send: Send, connection: Connection, services: Services) -> None:

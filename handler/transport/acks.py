@@ -1,0 +1,146 @@
+"""Delivery receipts that wait for the client's TCP acknowledgement.
+
+PROTOCOL "Delivery": a frame counts as delivered once the client's TCP stack took it. Bytes that
+are still unacknowledged in the server's socket send buffer when a connection is aborted (a
+dropped slow reader, a reset) are thrown away by the kernel, so a receipt recorded when the
+frame entered the send buffer would mark as delivered what the client never got.
+
+Theory of operation:
+- The writer reports every write to `SentFrames.sent` with the connection's byte count after
+  it (`TcpProgress.bytes_sent`). Each frame that carries a `Receipt` is kept with the byte
+  offset at which it ends on the wire (server frames are unmasked, so a text frame is a 2-, 4-
+  or 10-byte header and its UTF-8 payload).
+- `release()` compares those offsets with what the peer acknowledged (`TcpProgress.acked()`,
+  SIOCOUTQ on Linux) and hands the receipts of fully acknowledged frames to the hub. The writer
+  calls it after each write and, while something is pending, on a short backing-off poll.
+- When the connection ends, `settle()` waits (bounded) for the transport to record its final
+  count (taken after the delayed ACKs settled, see `hypercorn_guard`), releases what the peer
+  got, and forgets the rest: those items stay undelivered and come back in the next backlog.
+- Until a receipt is released or forgotten, the hub counts the write as in flight for its user,
+  so a binding elsewhere waits for it (bounded) before reading the backlog.
+
+Without Hypercorn's trio TCP server (or with TLS, where the socket's count does not map onto
+frames) there is no count, and a frame counts as delivered once written, as before.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from handler.connection import Outgoing, Receipt, utf8_length
+
+if TYPE_CHECKING:
+    from handler.hub import Hub
+    from handler.transport.hypercorn_guard import TcpProgress
+
+ACK_POLL_MIN_S: Final = 0.001
+ACK_POLL_MAX_S: Final = 0.05
+# How long the end of a connection waits for the transport's final count.
+SETTLE_TIMEOUT_S: Final = 3.0
+
+
+def frame_wire_size(payload_bytes: int) -> int:
+    """Bytes an unmasked, uncompressed WebSocket text frame takes on the wire (RFC 6455 5.2)."""
+    if payload_bytes <= 125:
+        return 2 + payload_bytes
+    if payload_bytes <= 0xFFFF:
+        return 4 + payload_bytes
+    return 10 + payload_bytes
+
+
+class SentFrames:
+    """Receipts of written frames, released once the peer acknowledged their last byte."""
+
+    __slots__ = ("_exact_sizes", "_hub", "_pending", "_progress", "poll_s")
+
+    def __init__(self, hub: Hub, progress: TcpProgress | None, *, exact_sizes: bool) -> None:
+        self._hub = hub
+        self._progress = progress
+        # With permessage-deflate the wire size of a frame is unknown: every frame of a write
+        # then waits for the end of the whole write (later, never too early).
+        self._exact_sizes = exact_sizes
+        self._pending: collections.deque[tuple[int, Receipt]] = collections.deque()
+        self.poll_s = ACK_POLL_MIN_S
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
+
+    def sent(self, batch: list[Outgoing]) -> None:
+        """`batch` was written in one go; the byte count now includes all of it."""
+        hub = self._hub
+        progress = self._progress
+        if progress is None or progress.unacked() is None:
+            for item in batch:
+                hub.sent(item)
+                if item.receipt is not None:
+                    hub.acknowledged(item.receipt)
+            return
+        end = progress.bytes_sent
+        offsets: list[int] = []
+        for item in reversed(batch):
+            offsets.append(end)
+            if self._exact_sizes and item.text:
+                end -= frame_wire_size(utf8_length(item.text))
+        for item, offset in zip(batch, reversed(offsets), strict=True):
+            hub.sent(item)
+            if item.receipt is not None:
+                hub.begin_write(item.receipt.user_id)
+                self._pending.append((offset, item.receipt))
+        self.poll_s = ACK_POLL_MIN_S
+        self.release()
+
+    def sent_partially(self, batch: list[Outgoing]) -> None:
+        """A write of `batch` was cancelled halfway (the connection is being aborted): the
+        frames the kernel took whole may still have reached the client."""
+        progress = self._progress
+        if progress is None or not self._exact_sizes or progress.unacked() is None:
+            return
+        start = progress.bytes_sent  # writes are serialized: ours began where the last ended
+        if progress.written <= start:
+            return  # it never began
+        offset = start
+        for item in batch:
+            offset += frame_wire_size(utf8_length(item.text))
+            if offset > progress.written:
+                break  # this frame and the rest never reached the kernel whole
+            if item.receipt is not None:
+                self._hub.begin_write(item.receipt.user_id)
+                self._pending.append((offset, item.receipt))
+
+    def release(self) -> None:
+        """Hand the receipts of acknowledged frames to the hub."""
+        pending = self._pending
+        if not pending:
+            return
+        assert self._progress is not None
+        acked = self._progress.acked_written()
+        hub = self._hub
+        while pending and pending[0][0] <= acked:
+            _, receipt = pending.popleft()
+            hub.acknowledged(receipt)
+            hub.end_write(receipt.user_id)
+        if pending:
+            self.poll_s = min(self.poll_s * 2, ACK_POLL_MAX_S)
+
+    async def wait_acked(self, timeout_s: float) -> None:
+        """Before a clean close: give the peer a moment to acknowledge what it was sent."""
+        with trio.move_on_after(timeout_s):
+            while self._pending:
+                await trio.sleep(self.poll_s)
+                self.release()
+
+    async def settle(self) -> None:
+        """The connection is over: release what the peer got, forget the rest."""
+        if not self._pending:
+            return
+        assert self._progress is not None
+        with trio.move_on_after(SETTLE_TIMEOUT_S):
+            await self._progress.closed.wait()
+        self.release()
+        while self._pending:
+            _, receipt = self._pending.popleft()
+            self._hub.end_write(receipt.user_id)  # never acknowledged: stays undelivered
