@@ -1,5 +1,9 @@
 """Command line: `python -m handler [--config PATH]` serves; `python -m handler token USER`
-prints a token signed with the configured secret."""
+prints a token signed with the configured secret (or the dev-token secret the server uses).
+
+A start that fails prints one line naming the cause and the fix and exits non-zero: 2 for a
+configuration error, 1 for anything else (the traceback is logged at DEBUG).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ from handler.auth import DEV_TOKEN_TTL_S, TokenAuthority
 from handler.config import DEFAULT_CONFIG_PATH, Config, load_config
 from handler.errors import ConfigError, ProtocolError
 
+EXIT_STARTUP = 1
 EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,18 +46,53 @@ async def _until_signal() -> None:
 
 
 def _serve(config: Config) -> int:
+    from handler.app import startup_message
     from handler.server import serve
 
-    trio.run(lambda: serve(config, shutdown_trigger=_until_signal))
+    started = False
+
+    async def run() -> None:
+        nonlocal started
+
+        async def trigger() -> None:
+            nonlocal started
+            started = True
+            await _until_signal()
+
+        await serve(config, shutdown_trigger=trigger)
+
+    try:
+        trio.run(run)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        if started:
+            raise
+        print("interrupted while starting", file=sys.stderr)  # signals are handled once serving
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        if started:
+            raise  # a crash while serving keeps its traceback
+        logging.getLogger("handler").debug("startup failed", exc_info=True)
+        print(startup_message(error), file=sys.stderr)
+        return EXIT_STARTUP
     return 0
 
 
 def _token(config: Config, user: str, ttl: float) -> int:
-    if config.auth.jwt_secret is None:
-        print("config: auth.jwt_secret: required to sign tokens", file=sys.stderr)
+    if config.auth.jwt_secret is None and not config.auth.dev_tokens:
+        print(
+            "config: auth.jwt_secret: required to sign tokens (or turn auth.dev_tokens on)",
+            file=sys.stderr,
+        )
         return EXIT_CONFIG
     try:
+        # With dev tokens and no secret, this reads (or creates) the server's secret file.
         print(TokenAuthority(config.auth).issue(user, ttl))
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return EXIT_CONFIG
     except ProtocolError as error:
         print(f"user: {error.message}", file=sys.stderr)
         return EXIT_CONFIG

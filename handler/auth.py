@@ -1,23 +1,33 @@
 """JWT verification and dev-token issuing, on PyJWT with pinned algorithms.
 
-The user id is the `sub` claim. `exp` and `nbf` are checked when present, `iss`/`aud` when
-configured; `alg: none` and any algorithm not configured are refused before the key is chosen.
+The user id is the `sub` claim. `exp` and `nbf` are checked when present (and must be numbers),
+`iss`/`aud` when configured; `alg: none` and any algorithm not configured are refused before the
+key is chosen.
+
+Dev tokens without a configured secret are signed with a secret kept in a file
+(`AuthConfig.secret_file`, beside the database), created on first use: tokens then survive a
+restart, and `python -m handler token USER` signs tokens the server accepts.
 """
 
 from __future__ import annotations
 
+import os
 import secrets
+import stat
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Final
 
 import attrs
 import jwt
 
 from handler.config import AuthConfig
-from handler.errors import ErrorCode, ProtocolError
+from handler.errors import ConfigError, ErrorCode, ProtocolError
 from handler.protocol import validate_user_id
 
 DEV_TOKEN_TTL_S = 24 * 3600
+DEV_SECRET_MIN_CHARS: Final = 32
+_SECRET_KEY: Final = "auth.jwt_secret"
 
 
 @attrs.frozen
@@ -37,9 +47,13 @@ class TokenAuthority:
         self._config = config
         secret = config.jwt_secret
         if secret is None and config.dev_tokens:
-            # No secret configured but dev tokens wanted: a per-process random secret keeps
-            # dev tokens working without ever shipping a guessable default.
-            secret = secrets.token_urlsafe(32)
+            # No secret configured but dev tokens wanted: a generated one, never a guessable
+            # default. Kept in a file when the config names one (it always does), so tokens
+            # outlive the process; random per process otherwise.
+            if config.secret_file is not None:
+                secret = load_dev_secret(config.secret_file)
+            else:
+                secret = secrets.token_urlsafe(32)
         self._secret = secret
         self._algorithms = list(config.algorithms)
         if config.dev_tokens and "HS256" not in self._algorithms:
@@ -82,6 +96,12 @@ class TokenAuthority:
             raise _unauthorized("expired") from None
         except jwt.PyJWTError as error:
             raise _unauthorized(type(error).__name__) from None
+        for claim in ("exp", "nbf"):
+            # PyJWT accepts numeric strings ("exp": "1700000000"); a connection would then
+            # never expire, since only a number can be scheduled.
+            value = claims.get(claim)
+            if claim in claims and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise _unauthorized(f"{claim} must be a number")
         subject = claims.get("sub")
         if not isinstance(subject, str):
             raise _unauthorized("sub must be a string")
@@ -90,7 +110,7 @@ class TokenAuthority:
         except ProtocolError:
             raise _unauthorized("sub is not a valid user id") from None
         expires = claims.get("exp")
-        return Identity(subject, float(expires) if isinstance(expires, int | float) else None)
+        return Identity(subject, None if expires is None else float(expires))
 
     def issue(self, user_id: str, ttl_s: float = DEV_TOKEN_TTL_S) -> str:
         """Sign an HS256 token for `user_id` (dev tokens and the `token` command)."""
@@ -104,3 +124,99 @@ class TokenAuthority:
         if self._config.audience is not None:
             claims["aud"] = self._config.audience
         return jwt.encode(claims, self._secret, algorithm="HS256")
+
+
+def load_dev_secret(path: Path) -> str:
+    """The dev-token secret kept at `path`, created (mode 0600, atomically) on first use.
+
+    A file that other users could read, or that belongs to someone else, is refused rather
+    than fixed: whoever read it can sign tokens for any user, and tightening the mode would
+    hide that. Deleting it makes a new secret (and invalidates every dev token).
+    """
+    try:
+        return _read_secret(path)
+    except FileNotFoundError:
+        pass
+    try:
+        _create_secret(path)
+        return _read_secret(path)
+    except OSError as error:
+        raise ConfigError(
+            _SECRET_KEY,
+            f"cannot create the dev-token secret {path}: {error.strerror or error};"
+            " set auth.jwt_secret (or CHAT_JWT_SECRET) instead",
+        ) from None
+
+
+def _create_secret(path: Path) -> None:
+    """Write a new secret to a private temporary file, then link it into place: a process
+    starting at the same moment reads either no file or the whole secret, and if two create
+    one, the first link wins and both use it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = (secrets.token_urlsafe(32) + "\n").encode()
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    descriptor = os.open(temporary, flags, 0o600)
+    try:
+        try:
+            os.write(descriptor, text)
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass  # another process made one first: use theirs
+        except OSError:
+            _write_exclusively(path, flags, text)  # a file system without hard links
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _write_exclusively(path: Path, flags: int, text: bytes) -> None:
+    try:
+        descriptor = os.open(path, flags, 0o600)
+    except FileExistsError:
+        return
+    try:
+        os.write(descriptor, text)
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _read_secret(path: Path) -> str:
+    """Raises FileNotFoundError when there is none yet, ConfigError when it is unusable."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise ConfigError(
+            _SECRET_KEY, f"cannot read the dev-token secret {path}: {error.strerror or error}"
+        ) from None
+    with os.fdopen(descriptor, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(_SECRET_KEY, f"the dev-token secret {path} is not a regular file")
+        if info.st_uid != os.geteuid():
+            raise ConfigError(
+                _SECRET_KEY,
+                f"the dev-token secret {path} belongs to another user (uid {info.st_uid}):"
+                " delete it to make a new one",
+            )
+        if info.st_mode & 0o077:
+            raise ConfigError(
+                _SECRET_KEY,
+                f"the dev-token secret {path} is readable by other users"
+                f" (mode {stat.S_IMODE(info.st_mode):04o}): run chmod 600 {path},"
+                " or delete it to make a new one",
+            )
+        text = handle.read(4096).decode("utf-8", "replace").strip()
+    if len(text) < DEV_SECRET_MIN_CHARS:
+        raise ConfigError(
+            _SECRET_KEY,
+            f"the dev-token secret {path} is shorter than {DEV_SECRET_MIN_CHARS} characters:"
+            " delete it to make a new one",
+        )
+    return text

@@ -77,6 +77,14 @@ class BusUnavailable(HandlerError):
     """The pub/sub backend cannot be reached right now."""
 
 
+class StartupError(HandlerError):
+    """The server cannot start; the message is one line naming the cause and the fix.
+
+    Raised before the server listens, so a failed start never looks like a running one: the
+    command line prints the message and exits non-zero, Hypercorn's lifespan refuses to run.
+    """
+
+
 class ConfigError(HandlerError):
     """The configuration is invalid; `key` names the offending setting."""
 

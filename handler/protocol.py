@@ -18,6 +18,7 @@ Unknown extra fields are ignored, so clients may send fields a newer server unde
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Final
 
@@ -373,15 +374,18 @@ def _is_utf8(value: str) -> bool:
 
 
 def validate_user_id(value: str, field: str) -> str:
-    """Check the user id rules: 1..128 characters, no control characters, no edge spaces."""
+    """Check the user id rules: 1..128 characters, no edge white space, and none of the
+    invisible characters (Unicode Cc, Cf, Zl, Zp) that would let one user pose as another or
+    split a log line."""
     if not 1 <= len(value) <= MAX_USER_ID_CHARS:
         raise ProtocolError(
             ErrorCode.BAD_REQUEST, f"{field} must be 1..128 characters", field=field
         )
-    if value != value.strip() or (not value.isprintable() and _has_control(value)):
+    if value != value.strip() or _has_invisible(value):
         raise ProtocolError(
             ErrorCode.BAD_REQUEST,
-            f"{field} must not contain control characters or leading/trailing white space",
+            f"{field} must not contain control or format characters or line separators,"
+            " nor leading or trailing white space",
             field=field,
         )
     if not _is_utf8(value):
@@ -389,8 +393,15 @@ def validate_user_id(value: str, field: str) -> str:
     return value
 
 
-def _has_control(value: str) -> bool:
-    return any(ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0 for char in value)
+_INVISIBLE_CATEGORIES: Final = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def _has_invisible(value: str) -> bool:
+    # `isprintable()` is true for none of these categories: one C-level pass for the common
+    # case, the per-character lookup only for ids that hold something unusual.
+    if value.isprintable():
+        return False
+    return any(unicodedata.category(char) in _INVISIBLE_CATEGORIES for char in value)
 
 
 class _Fields:

@@ -6,7 +6,11 @@ import base64
 import hashlib
 import hmac
 import json
+import os
+import stat
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -14,9 +18,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from handler.auth import TokenAuthority
+from handler.auth import TokenAuthority, load_dev_secret
 from handler.config import AuthConfig
-from handler.errors import ErrorCode, ProtocolError
+from handler.errors import ConfigError, ErrorCode, ProtocolError
 
 # 64+ bytes: PyJWT warns about shorter HMAC keys for HS512, and warnings are errors here.
 SECRET = "auth-test-secret-" + "0123456789abcdef" * 4
@@ -145,6 +149,49 @@ def test_exp_of_the_wrong_type(exp: Any) -> None:
     unauthorized(authority(), hs256({"sub": "alice", "exp": exp}))
 
 
+@pytest.mark.parametrize("claim", ["exp", "nbf"])
+@pytest.mark.parametrize(
+    "value",
+    ["99999999999", "1", "0", True, False],
+    ids=["far-future-string", "past-string", "zero-string", "true", "false"],
+)
+def test_exp_and_nbf_must_be_numbers(claim: str, value: Any) -> None:
+    """PyJWT accepts numeric strings; a string `exp` would never expire on the connection
+    (only a number can be scheduled), so any non-number is refused."""
+    unauthorized(authority(), hs256({"sub": "alice", claim: value}))
+
+
+def test_numeric_exp_is_kept_for_the_connection() -> None:
+    exp = time.time() + 60.5
+    assert authority().verify(hs256({"sub": "alice", "exp": exp})).expires_at == exp
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "ali\u200bce",  # zero-width space (Cf)
+        "\u202ealice",  # right-to-left override (Cf)
+        "alice\u2066",  # left-to-right isolate (Cf)
+        "\ufeffalice",  # byte order mark (Cf)
+        "ali\u00adce",  # soft hyphen (Cf)
+        "ali\u2028ce",  # line separator (Zl): splits a log line
+        "ali\u2029ce",  # paragraph separator (Zp)
+        "ali\u0085ce",  # next line (Cc)
+        "ali\u0600ce",  # Arabic number sign (Cf)
+    ],
+    ids=repr,
+)
+def test_subject_with_invisible_characters_is_refused(subject: str) -> None:
+    unauthorized(authority(), hs256({"sub": subject}))
+    with pytest.raises(ProtocolError):
+        authority().issue(subject)
+
+
+def test_visible_unicode_subjects_stay_valid() -> None:
+    for subject in ("bob\u00a0smith", "\u0411\u043e\u0431", "\U0001f600", "caf\u00e9"):
+        assert authority().verify(hs256({"sub": subject})).user_id == subject
+
+
 def test_issuer_when_configured() -> None:
     auth = authority(issuer="chat-auth")
     assert auth.verify(hs256({"sub": "alice", "iss": "chat-auth"})).user_id == "alice"
@@ -261,6 +308,77 @@ def test_dev_tokens_without_a_secret_use_a_random_one() -> None:
     token = first.issue("alice")
     assert first.verify(token).user_id == "alice"
     unauthorized(second, token)
+
+
+# --------------------------------------------------------------------------- dev secret file
+
+
+def test_dev_secret_file_is_created_private_and_reused(tmp_path: Path) -> None:
+    path = tmp_path / "chat.db.secret"
+    first = TokenAuthority(AuthConfig(dev_tokens=True, secret_file=path))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    token = first.issue("alice")
+    # A new process (a restart, or the `token` command) reads the same secret.
+    second = TokenAuthority(AuthConfig(dev_tokens=True, secret_file=path))
+    assert second.verify(token).user_id == "alice"
+    assert len(path.read_text().strip()) >= 32
+    assert [p.name for p in tmp_path.iterdir()] == ["chat.db.secret"]  # no temporary left
+
+
+def test_dev_secret_file_created_by_racing_processes_is_one_secret(tmp_path: Path) -> None:
+    path = tmp_path / "chat.db.secret"
+    secrets: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def create() -> None:
+        barrier.wait(timeout=10)
+        secrets.append(load_dev_secret(path))
+
+    threads = [threading.Thread(target=create) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert len(secrets) == 8
+    assert len(set(secrets)) == 1
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_dev_secret_file_readable_by_others_is_refused(tmp_path: Path, mode: int) -> None:
+    """Refused, not fixed: whoever could read it can sign tokens for anyone."""
+    path = tmp_path / "chat.db.secret"
+    path.write_text("s" * 43)
+    path.chmod(mode)
+    with pytest.raises(ConfigError) as info:
+        TokenAuthority(AuthConfig(dev_tokens=True, secret_file=path))
+    assert info.value.key == "auth.jwt_secret"
+    assert "chmod 600" in str(info.value)
+    assert stat.S_IMODE(path.stat().st_mode) == mode  # left as it was
+
+
+def test_dev_secret_file_that_is_short_or_a_symlink_is_refused(tmp_path: Path) -> None:
+    short = tmp_path / "short.secret"
+    fd = os.open(short, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b"too short")
+    os.close(fd)
+    with pytest.raises(ConfigError, match="shorter"):
+        load_dev_secret(short)
+    real = tmp_path / "real.secret"
+    fd = os.open(real, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b"s" * 43)
+    os.close(fd)
+    link = tmp_path / "link.secret"
+    link.symlink_to(real)
+    with pytest.raises(ConfigError):
+        load_dev_secret(link)
+
+
+def test_dev_secret_file_that_cannot_be_created_names_the_fix(tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    with pytest.raises(ConfigError) as info:
+        load_dev_secret(blocked / "chat.db.secret")
+    assert "auth.jwt_secret" in str(info.value)
 
 
 def test_issue_refuses_an_invalid_user_id() -> None:

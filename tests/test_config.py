@@ -85,7 +85,18 @@ def test_a_full_config_is_read() -> None:
         "aud",
         True,
     )
-    assert config.limits == LimitsConfig(10, 2048, 7, 0.5, 3, 4, 1, 2.5, 3, True)
+    assert config.limits == LimitsConfig(
+        max_message_chars=10,
+        max_frame_bytes=2048,
+        history_limit=7,
+        rate_per_s=0.5,
+        rate_burst=3,
+        send_queue=4,
+        auth_timeout_s=1,
+        idle_timeout_s=2.5,
+        ping_interval_s=3,
+        compression=True,
+    )
     assert config.limits.protocol_limits().max_message_chars == 10
     assert config.limits.protocol_limits().history_limit == 7
     assert config.allowed_origins == ("https://chat.example",)
