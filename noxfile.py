@@ -1,4 +1,9 @@
-"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s bench`."""
+"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s bench`.
+
+nox needs no system-wide install (which Debian's and Ubuntu's Python refuse, as an "externally
+managed environment"): from a venv, `python3 -m venv .venv && .venv/bin/pip install nox &&
+.venv/bin/nox -s tests`. Each session installs the project into its own venv under `.nox/`.
+"""
 
 from __future__ import annotations
 
@@ -25,11 +30,11 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff (lint + format check) everywhere, mypy --strict on the server package."""
+    """ruff (lint + format check) everywhere, mypy --strict on the server and the Tk client."""
     session.install("-e", ".[test]", "ruff>=0.6", "mypy>=1.11")
     session.run("ruff", "check", *LINT_PATHS)
     session.run("ruff", "format", "--check", *LINT_PATHS)
-    session.run("mypy", "--strict", "handler")
+    session.run("mypy", "--strict", "handler", "test_client.py")
 
 
 @nox.session

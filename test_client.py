@@ -1,9 +1,13 @@
 """Desktop test client for the chat handler: type JSON frames, send them, watch every frame.
 
-Run it next to `config.json` (it connects to that `handler_url`) or give a URL:
+Run it with the server's venv (the README's quick start makes `.venv`), next to `config.json`
+(it connects to that `handler_url`) or give a URL:
 
-    python test_client.py                      # handler_url from ./config.json
-    python test_client.py 127.0.0.1:8080 --user alice --connect
+    .venv/bin/python test_client.py                      # handler_url from ./config.json
+    .venv/bin/python test_client.py 127.0.0.1:8080 --user alice --connect
+
+It needs what the server needs (trio, trio-websocket, h11, and `handler` itself for its frame
+checks) plus Tk; without them it says how to get them and exits with status 2.
 
 It is also the reference for talking to the handler from a desktop program, so it is built in
 three layers, top to bottom:
@@ -23,28 +27,58 @@ from __future__ import annotations
 
 import argparse
 import collections
+import enum
+import functools
 import json
 import random
 import sys
-import tkinter as tk
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from tkinter import font as tkfont
-from tkinter import scrolledtext, ttk
 from typing import Any, Final, Protocol
 from urllib.parse import urlencode, urlsplit
 
-import h11
-import outcome
-import trio
-import trio_websocket
+try:
+    import tkinter as tk
+    from tkinter import font as tkfont
+    from tkinter import scrolledtext, ttk
 
-from handler import protocol
-from handler.errors import ProtocolError
+    import h11
+    import outcome
+    import trio
+    import trio_websocket
+
+    from handler import protocol
+    from handler.errors import ProtocolError
+except ModuleNotFoundError as missing:
+    if __name__ != "__main__":
+        raise
+    # Run as a script by a Python without the server's packages (a stock `python3`): say how
+    # to run it instead of a traceback. The packages first: the venv is the usual answer, and
+    # a stock Python often lacks Tk as well.
+    import importlib.util
+
+    name = next(
+        (
+            package
+            for package in ("h11", "outcome", "trio", "trio_websocket", "handler")
+            if importlib.util.find_spec(package) is None
+        ),
+        missing.name,
+    )
+    if name in ("tkinter", "_tkinter"):
+        hint = "install Tk for this Python (Debian/Ubuntu: apt-get install python3-tk)"
+    else:
+        hint = (
+            "run it with the server's venv: .venv/bin/python test_client.py "
+            "(make it with: python3 -m venv .venv && .venv/bin/pip install -e .), "
+            "or pip install -e . into this Python"
+        )
+    print(f"test_client: cannot import {name}: {hint}", file=sys.stderr)
+    sys.exit(2)
 
 PING_INTERVAL_S: Final = 25.0
 BACKOFF_BASE_S: Final = 0.5
@@ -115,8 +149,94 @@ def backoff_delay(
     The fixed half keeps a down server from being hammered, the random half keeps clients that
     were dropped together from all coming back in the same instant.
     """
-    ceiling = min(cap, base * 2**attempt)
+    ceiling = min(cap, base * 2.0**attempt)
     return ceiling / 2 + rand() * ceiling / 2
+
+
+POLICY_VIOLATION: Final = 1008  # the server's policy close: auth failure, token expired, idle
+ABNORMAL_CLOSURE: Final = 1006  # no close frame: the connection broke
+
+
+@dataclass(frozen=True)
+class Closed:
+    """How a connection ended: its close code and reason, and why the token was refused, if it
+    was (the `unauthorized` message that came before the close)."""
+
+    code: int
+    reason: str = ""
+    auth_problem: str | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.code} {self.reason}".rstrip()
+        return f"{text} ({self.auth_problem})" if self.auth_problem else text
+
+
+class Step(enum.Enum):
+    """What the link does when a connection has ended."""
+
+    RECONNECT = "reconnect"  # after a backoff, with the same token
+    RENEW = "renew"  # get a new token, then try once more at once
+    STOP = "stop"  # and ask the person for a new token
+
+
+def after_close(closed: Closed | None, *, can_renew: bool, renewed: bool) -> Step:
+    """The step after a connection ended (`closed` is None when it never opened).
+
+    1008 is the server's policy close: the token was refused (the connection stayed unbound
+    until `auth_timeout_s`) or expired, the connection was idle, or the user has too many.
+    The same token gets the same answer, so reconnecting with it would loop forever while
+    looking connected. Renew the token once when the client can (a dev token it fetched
+    itself; `renewed` says that was already tried since the last binding), else stop. Every
+    other end is worth retrying with backoff: 1001 (server going away), 1006 (dropped), 1011
+    (server error), 1013 (try again later), a refused or timed-out connection.
+    """
+    if closed is None or closed.code != POLICY_VIOLATION:
+        return Step.RECONNECT
+    return Step.RENEW if can_renew and not renewed else Step.STOP
+
+
+@dataclass
+class SignIn:
+    """What one connection's frames say about signing in: who it is bound to, or why not."""
+
+    user_id: str | None = None
+    problem: str | None = None
+
+    def observe(self, frame: Mapping[str, Any]) -> bool:
+        """Take in a received frame; True when it changed what is known."""
+        kind = frame.get("type")
+        if kind == "authenticated" and isinstance(frame.get("user_id"), str):
+            self.user_id, self.problem = frame["user_id"], None
+            return True
+        if kind == "error" and frame.get("code") == "unauthorized" and self.user_id is None:
+            message = frame.get("message")
+            self.problem = str(message) if message else "unauthorized"
+            return True
+        return False
+
+
+AMBER: Final = "#b26a00"
+GREEN: Final = "#1b8a4b"
+GREY: Final = "#667085"
+RED: Final = "#c62828"
+
+
+def status_view(state: str, detail: str, sign_in: SignIn) -> tuple[str, str]:
+    """The status line for a link state, and its colour.
+
+    Green only once the connection is bound: an open socket whose token was refused is red,
+    with the server's reason, and so is a stop after a close (with its code and reason).
+    """
+    if state == "connected":
+        if sign_in.user_id is not None:
+            return f"connected as {sign_in.user_id}", GREEN
+        if sign_in.problem is not None:
+            return f"connected, not signed in: {sign_in.problem}", RED
+        return "connected, not signed in", AMBER
+    if state == "disconnected":
+        return (f"disconnected: {detail}", RED) if detail else ("disconnected", GREY)
+    colour = RED if state == "waiting" else AMBER
+    return (f"{state}: {detail}" if detail else state), colour
 
 
 @dataclass
@@ -331,7 +451,7 @@ async def post_json(url: str, payload: Mapping[str, Any]) -> tuple[int, Any]:
             while True:
                 event = connection.next_event()
                 if event is h11.NEED_DATA:
-                    connection.receive_data(await stream.receive_some(65536))
+                    connection.receive_data(bytes(await stream.receive_some(65536)))
                 elif isinstance(event, h11.Response):
                     status = event.status_code
                 elif isinstance(event, h11.Data):
@@ -370,9 +490,11 @@ class Link:
     """One logical connection to the handler that survives drops.
 
     `run()` connects and, while `auto_reconnect` is set, reconnects after a backoff whenever the
-    socket closes. States reported: "connecting", "connected", "waiting" (backoff) and
-    "disconnected". Frames to send go through a bounded channel to the one writer task, so the
-    person's frames and the automatic pings never write to the socket concurrently.
+    socket closes, except after a 1008 (see `after_close`). States reported: "connecting",
+    "connected" (again when the sign-in changes: `sign_in`), "renewing" (getting a new token),
+    "waiting" (backoff) and "disconnected" (with the close that made it stop, if any). Frames
+    to send go through a bounded channel to the one writer task, so the person's frames and the
+    automatic pings never write to the socket concurrently.
     """
 
     def __init__(self, listener: LinkListener, *, ping_interval: float = PING_INTERVAL_S) -> None:
@@ -381,6 +503,11 @@ class Link:
         self.auto_ping = True
         self.auto_reconnect = True
         self.state = "disconnected"
+        self.sign_in = SignIn()
+        # The close that made `run()` give up on its token (a 1008), for the window to ask for
+        # a new one; None while running and after any other end.
+        self.refused: Closed | None = None
+        self._detail = ""
         self._outgoing: trio.MemorySendChannel[str] | None = None
 
     def send(self, text: str) -> bool:
@@ -401,29 +528,63 @@ class Link:
         return True
 
     async def run(
-        self, url: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        url: str,
+        *,
+        token: str = "",
+        renew_token: Callable[[], Awaitable[str | None]] | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Stay connected to `url` until cancelled (or until a drop, without auto_reconnect)."""
+        """Stay connected to `url` with `token` until cancelled, or until it has to stop.
+
+        It stops after a drop when `auto_reconnect` is off, and after a 1008 close (the token
+        was refused or expired). `renew_token`, when given, is asked once for a new token after
+        a 1008 instead (once more only after a connection bound); None from it means stop.
+        """
         task_status.started()
+        self.refused = None
         attempt = 0
+        renewed = False
+        end = ""
         try:
             while True:
+                self.sign_in = SignIn()
                 self._set_state("connecting", url.split("?")[0])
+                closed: Closed | None = None
                 try:
-                    await self._session(url)
+                    closed = await self._session(with_token(url, token))
                     attempt = 0  # it was up: the next drop starts the backoff afresh
                 except (OSError, trio_websocket.HandshakeError) as error:
                     self._note(f"cannot connect: {describe(error)}")
+                if self.sign_in.user_id is not None:
+                    renewed = False  # that token worked: a later 1008 may renew it again
                 if not self.auto_reconnect:
+                    end = "" if closed is None else str(closed)
+                    return
+                step = after_close(closed, can_renew=renew_token is not None, renewed=renewed)
+                if step is Step.RENEW and renew_token is not None:
+                    renewed = True
+                    self._set_state("renewing", f"{closed}: getting a new token")
+                    new_token = await renew_token()
+                    if new_token is not None:
+                        token = new_token
+                        continue
+                    step = Step.STOP
+                if step is Step.STOP:
+                    assert closed is not None
+                    self.refused = closed
+                    end = str(closed)
+                    self._note(f"not reconnecting: the server closed with {closed}")
                     return
                 delay = backoff_delay(attempt)
                 attempt += 1
-                self._set_state("waiting", f"reconnecting in {delay:.1f} s")
+                why = "" if closed is None else f"{closed}; "
+                self._set_state("waiting", f"{why}reconnecting in {delay:.1f} s")
                 await trio.sleep(delay)
         finally:
-            self._set_state("disconnected", "")
+            self._set_state("disconnected", end)
 
-    async def _session(self, url: str) -> None:
+    async def _session(self, url: str) -> Closed:
         async with trio_websocket.open_websocket_url(url, connect_timeout=10) as ws:
             send_channel, receive_channel = trio.open_memory_channel[str](OUTGOING_CAPACITY)
             self._outgoing = send_channel
@@ -432,22 +593,27 @@ class Link:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer, ws, receive_channel)
                     nursery.start_soon(self._pinger)
-                    await self._reader(ws)
+                    closed = await self._reader(ws)
                     nursery.cancel_scope.cancel()  # the reader ended: so does everything else
             finally:
                 self._outgoing = None
                 send_channel.close()
+        return closed
 
-    async def _reader(self, ws: trio_websocket.WebSocketConnection) -> None:
+    async def _reader(self, ws: trio_websocket.WebSocketConnection) -> Closed:
         while True:
             try:
                 message = await ws.get_message()
-            except trio_websocket.ConnectionClosed as closed:
-                reason = closed.reason
-                self._note(f"connection closed: {reason.code} {reason.name} {reason.reason or ''}")
-                return
+            except trio_websocket.ConnectionClosed as error:
+                closed = close_of(error.reason, self.sign_in.problem)
+                self._note(f"connection closed: {closed}")
+                return closed
             text = message if isinstance(message, str) else message.decode("utf-8", "replace")
+            frame = parse_frame(text)
+            changed = frame is not None and self.sign_in.observe(frame)
             self._listener.link_entry(LogEntry(datetime.now(), "in", text))
+            if changed:
+                self._set_state(self.state, self._detail)
 
     async def _writer(
         self,
@@ -471,11 +637,19 @@ class Link:
                 self.send(json.dumps({"type": "ping"}))
 
     def _set_state(self, state: str, detail: str) -> None:
-        self.state = state
+        self.state, self._detail = state, detail
         self._listener.link_state(state, detail)
 
     def _note(self, text: str) -> None:
         self._listener.link_entry(LogEntry(datetime.now(), "note", text))
+
+
+def close_of(reason: trio_websocket.CloseReason | None, auth_problem: str | None) -> Closed:
+    """A trio-websocket close reason as a `Closed`; no reason at all means the TCP link broke."""
+    if reason is None:
+        return Closed(ABNORMAL_CLOSURE, "abnormal closure", auth_problem)
+    text = reason.reason or str(reason.name).lower().replace("_", " ")
+    return Closed(reason.code, text, auth_problem)
 
 
 def describe(error: BaseException) -> str:
@@ -509,14 +683,6 @@ class TkHost:
         self._root.call("after", 0, self._tcl_command)
 
 
-STATE_COLOURS: Final = {
-    "connected": "#1b8a4b",
-    "connecting": "#b26a00",
-    "waiting": "#c62828",
-    "disconnected": "#667085",
-}
-
-
 class App:
     """The test client window. Tk callbacks never await: they hand work to Trio."""
 
@@ -534,6 +700,9 @@ class App:
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._link_scope: trio.CancelScope | None = None
         self._closing: trio.Event | None = None
+        # The last dev token this window fetched, and for whom: only that one is renewed by
+        # itself when the server refuses it (a pasted token is the person's to replace).
+        self._dev_token: tuple[str, str] | None = None
         self._build(user, token)
 
     # ------------------------------------------------------------------ layout
@@ -580,10 +749,11 @@ class App:
 
         options = ttk.Frame(root, padding=(8, 2))
         options.grid(row=1, column=0, sticky="ew")
-        self.state_label = tk.Label(
-            options, text="● disconnected", fg=STATE_COLOURS["disconnected"]
-        )
-        self.state_label.pack(side="left")
+        # A grid, its weight on the status: a long status (a close reason) is cut at the right
+        # instead of pushing the options out of the window.
+        options.columnconfigure(0, weight=1)
+        self.state_label = tk.Label(options, text="● disconnected", fg=GREY, anchor="w")
+        self.state_label.grid(row=0, column=0, sticky="ew")
         self.reconnect_var = tk.BooleanVar(value=True)
         self.ping_var = tk.BooleanVar(value=True)
         ttk.Checkbutton(
@@ -591,15 +761,13 @@ class App:
             text="Reconnect automatically",
             variable=self.reconnect_var,
             command=self._options_changed,
-        ).pack(side="left", padx=(16, 0))
+        ).grid(row=0, column=1, padx=(16, 0))
         ttk.Checkbutton(
             options,
             text=f"Ping every {PING_INTERVAL_S:.0f} s",
             variable=self.ping_var,
             command=self._options_changed,
-        ).pack(side="left", padx=(8, 0))
-        self.context_label = ttk.Label(options, text="", foreground="#667085")
-        self.context_label.pack(side="right")
+        ).grid(row=0, column=2, padx=(8, 0))
 
         templates = ttk.Frame(root, padding=(8, 4))
         templates.grid(row=2, column=0, sticky="ew")
@@ -607,10 +775,14 @@ class App:
         self.template_buttons: dict[str, ttk.Button] = {}
         for frame_type in TEMPLATE_TYPES:
             button = ttk.Button(
-                templates, text=frame_type, command=lambda kind=frame_type: self.fill_template(kind)
+                templates,
+                text=frame_type,
+                command=functools.partial(self.fill_template, frame_type),
             )
             button.pack(side="left", padx=2)
             self.template_buttons[frame_type] = button
+        self.context_label = ttk.Label(templates, text="", foreground=GREY)
+        self.context_label.pack(side="right")
 
         editor = ttk.Frame(root, padding=(8, 2))
         editor.grid(row=3, column=0, sticky="ew")
@@ -618,8 +790,8 @@ class App:
         self.editor = tk.Text(editor, height=9, font=mono, undo=True, wrap="none")
         self.editor.grid(row=0, column=0, sticky="nsew")
         self.editor.bind("<Control-Return>", self._on_send_key)
-        self.editor.bind("<Control-Up>", lambda _event: self.history_older() or "break")
-        self.editor.bind("<Control-Down>", lambda _event: self.history_newer() or "break")
+        self.editor.bind("<Control-Up>", self._on_older_key)
+        self.editor.bind("<Control-Down>", self._on_newer_key)
         side = ttk.Frame(editor, padding=(6, 0, 0, 0))
         side.grid(row=0, column=1, sticky="ns")
         self.send_button = ttk.Button(side, text="Send  (Ctrl+Enter)", command=self.send_editor)
@@ -705,16 +877,30 @@ class App:
             return
         self._spawn(self.load_dev_token, user)
 
-    async def load_dev_token(self, user: str) -> None:
-        """Ask the server for a dev token for `user` and put it in the token field."""
-        http = resolve_endpoints(self.url_var.get()).http
+    async def load_dev_token(self, user: str) -> str | None:
+        """Ask the server for a dev token for `user`, put it in the token field and return it."""
         try:
+            http = resolve_endpoints(self.url_var.get()).http
             token = await fetch_dev_token(http, user)
-        except (OSError, RuntimeError, trio.TooSlowError, h11.ProtocolError) as error:
+        except (OSError, ValueError, RuntimeError, trio.TooSlowError, h11.ProtocolError) as error:
             self._add_entry(LogEntry(datetime.now(), "note", f"no dev token: {describe(error)}"))
-            return
+            return None
+        self._dev_token = (user, token)
         self.token_var.set(token)
         self._add_entry(LogEntry(datetime.now(), "note", f"got a dev token for {user!r}"))
+        return token
+
+    async def renew_dev_token(self) -> str | None:
+        """The link's `renew_token` while it uses a dev token this window fetched."""
+        if self._dev_token is None:
+            return None
+        user = self._dev_token[0]
+        self._add_entry(
+            LogEntry(
+                datetime.now(), "note", f"the server refused the token: a new one for {user!r}"
+            )
+        )
+        return await self.load_dev_token(user)
 
     def connect(self) -> None:
         try:
@@ -722,15 +908,19 @@ class App:
         except ValueError as error:
             self._add_entry(LogEntry(datetime.now(), "note", str(error)))
             return
+        token = self.token_var.get().strip()
+        renew = self._dev_token is not None and self._dev_token[1] == token
         self.connect_button.configure(state="disabled")
         self.disconnect_button.configure(state="normal")
         self._options_changed()
-        self._spawn(self._run_link, with_token(ws, self.token_var.get().strip()))
+        self._spawn(self._run_link, ws, token, self.renew_dev_token if renew else None)
 
-    async def _run_link(self, url: str) -> None:
+    async def _run_link(
+        self, url: str, token: str, renew: Callable[[], Awaitable[str | None]] | None
+    ) -> None:
         with trio.CancelScope() as scope:
             self._link_scope = scope
-            await self.link.run(url)
+            await self.link.run(url, token=token, renew_token=renew)
         self._link_scope = None
         self.connect_button.configure(state="normal")
         self.disconnect_button.configure(state="disabled")
@@ -767,6 +957,14 @@ class App:
         self.send_editor()
         return "break"
 
+    def _on_older_key(self, _event: tk.Event[tk.Text]) -> str:
+        self.history_older()
+        return "break"
+
+    def _on_newer_key(self, _event: tk.Event[tk.Text]) -> str:
+        self.history_newer()
+        return "break"
+
     def format_editor(self) -> None:
         text = self.editor.get("1.0", "end-1c")
         formatted = pretty(text)
@@ -797,19 +995,27 @@ class App:
     # ------------------------------------------------------------------ LinkListener
 
     def link_state(self, state: str, detail: str) -> None:
-        label = state if not detail else f"{state}: {detail}"
-        if state == "connected" and self.context.user_id:
-            label = f"{label} as {self.context.user_id}"
-        self.state_label.configure(text=f"● {label}", fg=STATE_COLOURS.get(state, "#667085"))
+        text, colour = status_view(state, detail, self.link.sign_in)
+        self.state_label.configure(text=f"● {text}", fg=colour)
         if state == "connecting":
             self.context.user_id = None
+        elif state == "disconnected" and self.link.refused is not None:
+            self._ask_for_token(self.link.refused)
+
+    def _ask_for_token(self, closed: Closed) -> None:
+        """The server refused the token (1008): say so, and put the cursor in the token field."""
+        note = (
+            f"{closed.reason or closed.code}: the same token would only be refused again, so "
+            "paste a new token, or press Get dev token, then Connect"
+        )
+        self._add_entry(LogEntry(datetime.now(), "note", note))
+        self.token_entry.focus_set()
+        self.token_entry.select_range(0, "end")
 
     def link_entry(self, entry: LogEntry) -> None:
         frame = entry.frame
         if entry.direction == "in" and frame is not None:
             self.context.observe_received(frame)
-            if frame.get("type") == "authenticated":
-                self.link_state(self.link.state, "")
         self._add_entry(entry)
 
     def _add_entry(self, entry: LogEntry) -> None:

@@ -7,6 +7,7 @@ trio (Playwright's sync API, Tk's main loop) and because one test restarts it on
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -62,6 +63,42 @@ def ensure_debian_packages(binary: str, *packages: str) -> str | None:
         return None
     if shutil.which("apt-get") is None:
         return f"{binary} is missing and apt-get is not available to install {' '.join(packages)}"
+    reason = _apt_get_install(packages)
+    if reason is not None:
+        return reason
+    if shutil.which(binary) or Path(binary).exists():
+        return None
+    return f"installed {' '.join(packages)} but {binary} is still missing"
+
+
+def ensure_tkinter() -> str | None:
+    """Make `import tkinter` work; returns why it cannot, or None.
+
+    Debian and Ubuntu ship Tk for their own Python separately, as `python3-tk`: for that Python
+    (or a venv made from it) it is installed like the other packages the client tests need.
+    Any other Python without Tk was built without it, and only the reason is returned.
+    """
+    try:
+        importlib.import_module("tkinter")
+    except ImportError as error:
+        problem = f"{type(error).__name__}: {error}"
+    else:
+        return None
+    hint = "the Tk client tests need Tk for Python (Debian/Ubuntu: apt-get install python3-tk)"
+    if sys.base_prefix != "/usr" or shutil.which("apt-get") is None:
+        return f"{hint}; this Python has none ({problem})"
+    reason = _apt_get_install(("python3-tk",))
+    if reason is not None:
+        return f"{hint}; {reason}"
+    importlib.invalidate_caches()
+    try:
+        importlib.import_module("tkinter")
+    except ImportError as error:
+        return f"installed python3-tk but tkinter still fails to import: {error}"
+    return None
+
+
+def _apt_get_install(packages: tuple[str, ...]) -> str | None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for command in (
         ["apt-get", "update"],
@@ -71,9 +108,7 @@ def ensure_debian_packages(binary: str, *packages: str) -> str | None:
         if result.returncode != 0:
             tail = (result.stderr or result.stdout).strip().splitlines()[-1:]
             return f"could not install {' '.join(packages)}: {' '.join(tail) or 'apt-get failed'}"
-    if shutil.which(binary) or Path(binary).exists():
-        return None
-    return f"installed {' '.join(packages)} but {binary} is still missing"
+    return None
 
 
 class HandlerProcess:
@@ -84,15 +119,24 @@ class HandlerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = workdir / "config.json"
-        config = {
+        self._config: dict[str, Any] = {
             "handler_url": f"127.0.0.1:{self.port}",
             "storage": {"backend": "sqlite", "path": str(workdir / "chat.db")},
             "auth": {"jwt_secret": JWT_SECRET, "dev_tokens": True},
             **(extra or {}),
         }
-        self.config_path.write_text(json.dumps(config), encoding="utf-8")
+        self._write_config()
         self.log_path = workdir / "server.log"
         self._process: subprocess.Popen[bytes] | None = None
+
+    def _write_config(self) -> None:
+        self.config_path.write_text(json.dumps(self._config), encoding="utf-8")
+
+    def use_secret(self, jwt_secret: str) -> None:
+        """Sign with another secret from the next `start()` on: every earlier token is invalid,
+        as after a real deployment rotated its secret."""
+        self._config["auth"] = {**self._config["auth"], "jwt_secret": jwt_secret}
+        self._write_config()
 
     def start(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}

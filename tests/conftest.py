@@ -3,12 +3,14 @@
 `start_server(**overrides)` starts a server with `support.make_config(tmp_path, **overrides)`;
 `server` is one with the test defaults. Starting a server also arms a deadline for the whole
 test (`TEST_DEADLINE_S`): a hung end-to-end test fails with `TooSlowError` instead of hanging.
+
+Skips raised inside Trio keep their reason: see `pytest_runtest_makereport` below.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from pathlib import Path
 from typing import Any, Final
 
@@ -23,6 +25,52 @@ TEST_DEADLINE_S: Final = 30.0
 SHUTDOWN_TIMEOUT_S: Final = 15.0
 
 StartServer = Callable[..., Awaitable[RunningServer]]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Give back the reason of a skip raised inside Trio (an async fixture or an async test).
+
+    pytest-trio runs a test and its async fixtures in one nursery, so `pytest.skip(reason)` there
+    (e.g. `scale_support.redis_url()` without `CHAT_TEST_REDIS_URL`) leaves `trio.run` wrapped
+    in an exception group. pytest-trio 0.8 unwraps a group whose only leaf is a skip by calling
+    a bare `pytest.skip()`, which drops the reason: the report says `Skipped` at
+    `_pytest/python.py`. That bare skip is raised while handling the group, so the original is
+    in its `__context__`: report its reason, at the test's own line (as pytest does for a skip
+    from a sync fixture). Every other report passes through unchanged.
+    """
+    report = yield
+    if call.excinfo is not None and report.skipped:
+        original = _skip_inside_group(call.excinfo.value)
+        if original is not None:
+            # `item.location` was computed at collection, before pytest-trio replaced the
+            # test function by its runner (whose file `item.reportinfo()` now names).
+            line = item.location[1]
+            report.longrepr = (
+                str(item.path),
+                0 if line is None else line + 1,
+                f"Skipped: {original}",
+            )
+    return report
+
+
+def _skip_inside_group(skipped: BaseException) -> BaseException | None:
+    """The one skip with a reason inside the group a reasonless `skipped` replaced, or None."""
+    if str(skipped) or not isinstance(skipped.__context__, BaseExceptionGroup):
+        return None
+    leaves: list[BaseException] = []
+    groups: list[BaseExceptionGroup[BaseException]] = [skipped.__context__]
+    while groups:
+        for exception in groups.pop().exceptions:
+            if isinstance(exception, BaseExceptionGroup):
+                groups.append(exception)
+            else:
+                leaves.append(exception)
+    if len(leaves) != 1 or not isinstance(leaves[0], pytest.skip.Exception) or not str(leaves[0]):
+        return None
+    return leaves[0]
 
 
 async def _deadline(seconds: float) -> None:

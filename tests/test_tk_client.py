@@ -3,19 +3,29 @@ window itself under Xvfb."""
 
 from __future__ import annotations
 
+import base64
+import functools
+import hashlib
 import json
-import tkinter as tk
-from collections.abc import AsyncIterator, Callable, Iterator
+import os
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 import trio
+import trio_websocket
 from clients_support import (
+    REPO_ROOT,
     HandlerProcess,
     Xvfb,
     ensure_debian_packages,
+    ensure_tkinter,
     load_test_client,
     save_screenshot,
 )
@@ -23,6 +33,13 @@ from clients_support import (
 from handler import protocol
 from handler.config import Config, parse_config
 from handler.server import serve
+
+# Without Tk the client cannot even be imported (it is the window's toolkit): skip, saying how
+# to get it, unless it can be installed here (Debian's own Python and python3-tk).
+_no_tk = ensure_tkinter()
+if _no_tk is not None:
+    pytest.skip(_no_tk, allow_module_level=True)
+import tkinter as tk  # noqa: E402
 
 tc = load_test_client()
 
@@ -187,7 +204,93 @@ def test_history_browses_like_a_shell() -> None:
     assert history.older("d") == "c"  # "a" fell off: the history is bounded
 
 
+RECONNECT, RENEW, STOP = tc.Step.RECONNECT, tc.Step.RENEW, tc.Step.STOP
+
+
+@pytest.mark.parametrize(
+    ("code", "can_renew", "renewed", "step"),
+    [
+        (None, False, False, RECONNECT),  # the connection never opened (refused, timed out)
+        (1001, False, False, RECONNECT),  # server going away (shutdown, restart)
+        (1006, False, False, RECONNECT),  # dropped without a close frame
+        (1011, False, False, RECONNECT),  # server error
+        (1013, False, False, RECONNECT),  # try again later (send queue full, missed events)
+        (1000, False, False, RECONNECT),
+        (1009, False, False, RECONNECT),
+        (1013, True, True, RECONNECT),
+        (1008, False, False, STOP),  # the same token would be refused again: no loop
+        (1008, True, False, RENEW),  # a dev token the client fetched itself: one new one
+        (1008, True, True, STOP),  # ...and only once
+    ],
+)
+def test_after_close_stops_on_1008_and_reconnects_otherwise(
+    code: int | None, can_renew: bool, renewed: bool, step: Any
+) -> None:
+    closed = None if code is None else tc.Closed(code, "why")
+    assert tc.after_close(closed, can_renew=can_renew, renewed=renewed) is step
+
+
+def test_closed_reads_as_code_reason_and_token_problem() -> None:
+    assert str(tc.Closed(1001, "server shutting down")) == "1001 server shutting down"
+    refused = tc.Closed(1008, "not authenticated in time", "invalid token: InvalidSignatureError")
+    assert str(refused) == ("1008 not authenticated in time (invalid token: InvalidSignatureError)")
+    assert str(tc.close_of(None, None)) == "1006 abnormal closure"
+
+
+def test_sign_in_follows_binding_and_refusal() -> None:
+    sign_in = tc.SignIn()
+    assert not sign_in.observe({"type": "pong"})
+    assert sign_in.observe({"type": "error", "code": "unauthorized", "message": "invalid token"})
+    assert (sign_in.user_id, sign_in.problem) == (None, "invalid token")
+    assert sign_in.observe({"type": "authenticated", "user_id": "alice"})
+    assert (sign_in.user_id, sign_in.problem) == ("alice", None)
+    # Bound: a frame with a bad token is refused, but the connection stays signed in.
+    assert not sign_in.observe({"type": "error", "code": "unauthorized", "message": "expired"})
+    assert sign_in.problem is None
+
+
+@pytest.mark.parametrize(
+    ("state", "detail", "sign_in", "text", "colour"),
+    [
+        ("connected", "ws://h/ws", tc.SignIn("alice"), "connected as alice", tc.GREEN),
+        ("connected", "ws://h/ws", tc.SignIn(), "connected, not signed in", tc.AMBER),
+        (
+            "connected",
+            "ws://h/ws",
+            tc.SignIn(problem="invalid token: InvalidSignatureError"),
+            "connected, not signed in: invalid token: InvalidSignatureError",
+            tc.RED,
+        ),
+        (
+            "disconnected",
+            "1008 not authenticated in time (invalid token)",
+            tc.SignIn(),
+            "disconnected: 1008 not authenticated in time (invalid token)",
+            tc.RED,
+        ),
+        ("disconnected", "", tc.SignIn("alice"), "disconnected", tc.GREY),
+        (
+            "waiting",
+            "1001 bye; reconnecting in 0.3 s",
+            tc.SignIn(),
+            "waiting: 1001 bye; reconnecting in 0.3 s",
+            tc.RED,
+        ),
+        ("connecting", "ws://h/ws", tc.SignIn(), "connecting: ws://h/ws", tc.AMBER),
+        ("renewing", "", tc.SignIn(), "renewing", tc.AMBER),
+    ],
+)
+def test_status_is_green_only_when_signed_in(
+    state: str, detail: str, sign_in: Any, text: str, colour: str
+) -> None:
+    assert tc.status_view(state, detail, sign_in) == (text, colour)
+
+
 # ----------------------------------------------------------------------------- Trio, real server
+
+
+SECRET = "tk-client-tests-secret-0123456789"
+AUTH_TIMEOUT_S = 0.3  # how long the servers below keep an unbound connection before 1008
 
 
 def server_config(tmp_path: Path, *, dev_tokens: bool = True) -> Config:
@@ -195,10 +298,16 @@ def server_config(tmp_path: Path, *, dev_tokens: bool = True) -> Config:
         {
             "handler_url": "127.0.0.1:0",
             "storage": {"path": str(tmp_path / "chat.db")},
-            "auth": {"jwt_secret": "tk-client-tests-secret-0123456789", "dev_tokens": dev_tokens},
+            "auth": {"jwt_secret": SECRET, "dev_tokens": dev_tokens},
+            "limits": {"auth_timeout_s": AUTH_TIMEOUT_S},
         },
         base_dir=tmp_path,
     )
+
+
+def foreign_token(user_id: str) -> str:
+    """A well-formed token signed with another secret, like one from before a secret rotation."""
+    return jwt.encode({"sub": user_id}, "some-other-secret-0123456789abcdef", algorithm="HS256")
 
 
 @pytest.fixture
@@ -214,11 +323,13 @@ class Recorder:
 
     def __init__(self) -> None:
         self.states: list[str] = []
+        self.details: list[str] = []
         self.entries: list[tc.LogEntry] = []
         self._changed = trio.Event()
 
     def link_state(self, state: str, detail: str) -> None:
         self.states.append(state)
+        self.details.append(detail)
         self._wake()
 
     def link_entry(self, entry: tc.LogEntry) -> None:
@@ -311,6 +422,135 @@ async def test_link_without_auto_reconnect_stops_after_one_try() -> None:
     assert recorder.states == ["connecting", "disconnected"]
 
 
+async def test_link_stops_on_1008_instead_of_reconnecting_with_a_refused_token(
+    server_url: str,
+) -> None:
+    # The server keeps the connection open, unbound, with `unauthorized`, then closes it with
+    # 1008. Reconnecting with the same token would loop forever: the link stops by itself.
+    recorder = Recorder()
+    link = tc.Link(recorder)
+    ws_url = tc.resolve_endpoints(server_url).ws
+    with trio.fail_after(10):
+        await link.run(ws_url, token=foreign_token("alice"))
+    assert recorder.states.count("connecting") == 1
+    assert recorder.states[-1] == "disconnected"
+    assert link.refused is not None
+    assert link.refused.code == 1008
+    assert str(link.refused) == (
+        "1008 not authenticated in time (invalid token: InvalidSignatureError)"
+    )
+    assert recorder.details[-1] == str(link.refused)
+    assert recorder.received("error")[0]["code"] == "unauthorized"
+    assert "not reconnecting: the server closed with 1008" in recorder.entries[-1].text
+
+
+async def test_link_renews_a_refused_token_once_and_binds(server_url: str) -> None:
+    recorder = Recorder()
+    link = tc.Link(recorder)
+    renewals: list[str] = []
+
+    async def renew() -> str | None:
+        renewals.append("alice")
+        return await tc.fetch_dev_token(server_url, "alice")
+
+    ws_url = tc.resolve_endpoints(server_url).ws
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            functools.partial(link.run, ws_url, token=foreign_token("alice"), renew_token=renew)
+        )
+        await recorder.wait_for(lambda: link.sign_in.user_id == "alice")
+        nursery.cancel_scope.cancel()
+    assert renewals == ["alice"]
+    assert recorder.states[:4] == ["connecting", "connected", "connected", "renewing"]
+    assert recorder.states.count("connecting") == 2
+    assert link.refused is None
+
+
+async def test_link_renews_only_once_when_the_new_token_is_refused_too(server_url: str) -> None:
+    recorder = Recorder()
+    link = tc.Link(recorder)
+    renewals: list[str] = []
+
+    async def renew() -> str | None:
+        renewals.append("alice")
+        return foreign_token("alice")
+
+    ws_url = tc.resolve_endpoints(server_url).ws
+    with trio.fail_after(10):
+        await link.run(ws_url, token=foreign_token("alice"), renew_token=renew)
+    assert renewals == ["alice"]
+    assert recorder.states.count("connecting") == 2
+    assert link.refused is not None
+    assert link.refused.code == 1008
+
+
+def accept_key(request: bytes) -> str:
+    key = re.search(rb"(?im)^sec-websocket-key:\s*(\S+)", request)
+    assert key is not None
+    digest = hashlib.sha1(key[1] + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+    return base64.b64encode(digest).decode()
+
+
+async def closing_server(code: int, nursery: trio.Nursery) -> str:
+    """A WebSocket server that accepts and at once ends the connection with `code` (1006: the
+    TCP connection is dropped with no close frame); returns its URL."""
+    if code == 1006:
+
+        async def drop(stream: trio.SocketStream) -> None:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += await stream.receive_some(4096)
+            await stream.send_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\n"
+                + f"Sec-WebSocket-Accept: {accept_key(request)}\r\n\r\n".encode()
+            )
+            await stream.aclose()
+
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, drop, 0, host="127.0.0.1")
+        )
+        return f"ws://127.0.0.1:{listeners[0].socket.getsockname()[1]}/ws"
+
+    async def close(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.aclose(code, f"closing with {code}")
+
+    server = await nursery.start(
+        functools.partial(trio_websocket.serve_websocket, close, "127.0.0.1", 0, ssl_context=None)
+    )
+    return f"ws://127.0.0.1:{server.port}/ws"
+
+
+@pytest.mark.parametrize("code", [1001, 1006, 1011, 1013])
+async def test_link_reconnects_with_backoff_after_a_transient_close(code: int) -> None:
+    recorder = Recorder()
+    link = tc.Link(recorder)
+    async with trio.open_nursery() as nursery:
+        url = await closing_server(code, nursery)
+        nursery.start_soon(link.run, url)
+        await recorder.wait_for(lambda: recorder.states.count("connecting") >= 3)
+        nursery.cancel_scope.cancel()
+    assert recorder.states[:4] == ["connecting", "connected", "waiting", "connecting"]
+    waiting = recorder.details[recorder.states.index("waiting")]
+    assert waiting.startswith(f"{code} ")
+    assert "; reconnecting in " in waiting
+    assert link.refused is None
+
+
+async def test_link_stops_on_a_1008_close_of_a_bound_connection_too() -> None:
+    # Token expired, idle, too many connections: 1008 from any state stops the link.
+    recorder = Recorder()
+    link = tc.Link(recorder)
+    async with trio.open_nursery() as nursery:
+        url = await closing_server(1008, nursery)
+        with trio.fail_after(10):
+            await link.run(url, token="any")
+        nursery.cancel_scope.cancel()
+    assert recorder.states == ["connecting", "connected", "disconnected"]
+    assert link.refused == tc.Closed(1008, "closing with 1008")
+
+
 # ----------------------------------------------------------------------------- the window
 
 
@@ -330,33 +570,57 @@ def xvfb() -> Iterator[Xvfb]:
 
 @pytest.fixture
 def handler_process(tmp_path: Path) -> Iterator[HandlerProcess]:
-    server = HandlerProcess(tmp_path)
+    # A short auth timeout: a refused token gets its 1008 in half a second, not ten.
+    server = HandlerProcess(tmp_path, extra={"limits": {"auth_timeout_s": 0.5}})
     server.start()
     yield server
     server.stop()
+
+
+def open_window(xvfb: Xvfb, url: str, *, user: str = "", token: str = "") -> tc.App:
+    root = tk.Tk(screenName=xvfb.display)
+    root.geometry(f"{WINDOW[0]}x{WINDOW[1]}+0+0")
+    return tc.App(root, tc.resolve_endpoints(url), user=user, token=token)
+
+
+def run_window(app: tc.App, person: Callable[[tc.App], Awaitable[None]]) -> None:
+    """Run the window with `person` as its Trio script, until the script closes it."""
+    app.start(person)
+    app.root.mainloop()
+    assert app.trio_outcome is not None
+    app.trio_outcome.unwrap()
+
+
+async def wait_until(predicate: Callable[[], object], timeout: float = 10) -> None:
+    # The window has no events to wait on: look at it, as a person would, until it shows.
+    with trio.fail_after(timeout):
+        while not predicate():  # noqa: ASYNC110
+            await trio.sleep(0.01)
+
+
+def window_received(app: tc.App, frame_type: str) -> list[dict[str, Any]]:
+    return [
+        entry.frame
+        for entry in app.entries
+        if entry.direction == "in" and entry.frame and entry.frame.get("type") == frame_type
+    ]
+
+
+def status(app: tc.App) -> tuple[str, str]:
+    """The status line as shown: its text and its colour."""
+    return str(app.state_label.cget("text")), str(app.state_label.cget("fg"))
 
 
 @pytest.mark.gui
 def test_window_connects_sends_and_shows_the_reply(
     xvfb: Xvfb, handler_process: HandlerProcess
 ) -> None:
-    root = tk.Tk(screenName=xvfb.display)
-    root.geometry(f"{WINDOW[0]}x{WINDOW[1]}+0+0")
-    app = tc.App(root, tc.resolve_endpoints(handler_process.url), user="alice")
+    app = open_window(xvfb, handler_process.url, user="alice")
+    root = app.root
     steps: list[str] = []
 
-    async def wait_until(predicate: Callable[[], object]) -> None:
-        # The window has no events to wait on: look at it, as a person would, until it shows.
-        with trio.fail_after(10):
-            while not predicate():  # noqa: ASYNC110
-                await trio.sleep(0.01)
-
     def received(frame_type: str) -> list[dict[str, Any]]:
-        return [
-            entry.frame
-            for entry in app.entries
-            if entry.direction == "in" and entry.frame and entry.frame.get("type") == frame_type
-        ]
+        return window_received(app, frame_type)
 
     async def person(app: tc.App) -> None:
         # What a person does: get a token, connect, start a chat from the template, say hello.
@@ -365,7 +629,7 @@ def test_window_connects_sends_and_shows_the_reply(
         app.connect_button.invoke()
         await wait_until(lambda: received("authenticated"))
         steps.append("connected")
-        assert "connected" in app.state_label.cget("text")
+        assert status(app) == ("● connected as alice", tc.GREEN)
         app.editor.delete("1.0", "end")
         app.editor.insert("1.0", '{"type": "create_chat", "recipient_id": "bob"}')
         app.send_button.invoke()
@@ -401,3 +665,173 @@ def test_window_connects_sends_and_shows_the_reply(
     assert app.trio_outcome is not None
     app.trio_outcome.unwrap()
     assert steps == ["connected", "chat created", "message acknowledged", "error shown"]
+
+
+@pytest.mark.gui
+def test_window_shows_a_refused_token_in_red_and_asks_for_a_new_one(
+    xvfb: Xvfb, handler_process: HandlerProcess
+) -> None:
+    # A pasted token the server does not accept (signed before a secret rotation): the window
+    # must not look connected, and must not reconnect with it in a loop.
+    app = open_window(xvfb, handler_process.url, user="alice", token=foreign_token("alice"))
+    refusal = "1008 not authenticated in time (invalid token: InvalidSignatureError)"
+
+    async def person(app: tc.App) -> None:
+        app.connect_button.invoke()
+        await wait_until(lambda: window_received(app, "error"))
+        assert status(app) == (
+            "● connected, not signed in: invalid token: InvalidSignatureError",
+            tc.RED,
+        )
+        await wait_until(lambda: status(app)[0].startswith("● disconnected"))
+        assert status(app) == (f"● disconnected: {refusal}", tc.RED)
+        await trio.sleep(1.0)  # longer than the first backoff: nothing tries again
+        closes = [entry for entry in app.entries if entry.text.startswith("connection closed")]
+        assert [entry.text for entry in closes] == [f"connection closed: {refusal}"]
+        assert str(app.connect_button.cget("state")) == "normal"
+        assert app.token_entry.selection_present()  # selected, ready to paste over
+        assert "paste a new token, or press Get dev token, then Connect" in app.log.get(
+            "1.0", "end"
+        )
+        save_screenshot(xvfb.screenshot(), "screenshot-tk-refused-token.png")
+        app.close()
+
+    run_window(app, person)
+
+
+@pytest.mark.gui
+def test_window_renews_its_dev_token_after_the_server_changed_its_secret(
+    xvfb: Xvfb, handler_process: HandlerProcess
+) -> None:
+    # The server restarts with a new secret: the old dev token is refused (1008), and since the
+    # window fetched it itself, it fetches a new one once and is signed in again.
+    app = open_window(xvfb, handler_process.url, user="alice")
+
+    async def person(app: tc.App) -> None:
+        app.dev_token_button.invoke()
+        await wait_until(app.token_var.get)
+        first_token = app.token_var.get()
+        app.connect_button.invoke()
+        await wait_until(lambda: app.link.sign_in.user_id == "alice")
+        handler_process.use_secret("a-new-secret-after-a-redeploy-0123456789")
+        await trio.to_thread.run_sync(handler_process.stop)
+        await wait_until(lambda: app.link.state == "waiting")  # the 1001: back off, retry
+        await trio.to_thread.run_sync(handler_process.start)
+        await wait_until(
+            lambda: app.token_var.get() != first_token and app.link.sign_in.user_id == "alice",
+            timeout=30,
+        )
+        assert status(app) == ("● connected as alice", tc.GREEN)
+        shown = app.log.get("1.0", "end")
+        assert "connection closed: 1001 server shutting down" in shown
+        assert "connection closed: 1008 not authenticated in time (invalid token" in shown
+        assert shown.count("the server refused the token: a new one for 'alice'") == 1
+        app.close()
+
+    run_window(app, person)
+
+
+# ----------------------------------------------------------------------------- running it, docs
+
+
+def run_client_without(*modules: str) -> subprocess.CompletedProcess[str]:
+    """`test_client.py` run as a script by this Python with `modules` made unimportable."""
+    run_as_script = (
+        f"import runpy, sys; sys.modules.update(dict.fromkeys({list(modules)!r})); "
+        "sys.argv = ['test_client.py']; runpy.run_path('test_client.py', run_name='__main__')"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", run_as_script],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("missing", "named"),
+    [
+        (["trio"], "trio"),
+        (["trio_websocket"], "trio_websocket"),
+        (["h11"], "h11"),
+        (["handler"], "handler"),
+        # A stock Debian python3 has neither: the venv is the answer, so it comes first.
+        (["tkinter", "trio"], "trio"),
+    ],
+)
+def test_without_its_packages_the_client_says_how_to_run_it(missing: list[str], named: str) -> None:
+    result = run_client_without(*missing)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1, result.stderr  # one line, no traceback
+    assert result.stderr.startswith(f"test_client: cannot import {named}: ")
+    assert "run it with the server's venv: .venv/bin/python test_client.py" in result.stderr
+    assert "pip install -e ." in result.stderr
+
+
+def test_without_tk_the_client_says_what_to_install() -> None:
+    result = run_client_without("tkinter")
+    assert (result.returncode, result.stderr.count("\n")) == (2, 1), result.stderr
+    assert result.stderr.startswith("test_client: cannot import tkinter: ")
+    assert "apt-get install python3-tk" in result.stderr
+
+
+def test_a_python_without_site_packages_gets_the_hint_not_a_traceback() -> None:
+    # `-S`: this very interpreter without its site-packages, as a stock Python would be.
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-S", "test_client.py", "--help"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert ".venv/bin/python test_client.py" in result.stderr
+
+
+def test_docs_run_the_client_with_the_venv_python() -> None:
+    # The README's quick start makes `.venv`; a bare `python` has none of the packages.
+    module_doc = tc.__doc__
+    assert module_doc is not None
+    sources = {
+        "test_client.py": module_doc,
+        "docs/clients.md": (REPO_ROOT / "docs" / "clients.md").read_text(encoding="utf-8"),
+        "README.md": (REPO_ROOT / "README.md").read_text(encoding="utf-8"),
+    }
+    for name, text in sources.items():
+        commands = re.findall(r"(\S*)\s+test_client\.py", text)
+        pythons = [command.strip("`") for command in commands if "python" in command]
+        assert pythons, name
+        assert set(pythons) == {".venv/bin/python"}, (name, pythons)
+
+
+def github_anchor(heading: str) -> str:
+    """The fragment GitHub gives a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_clients_md_cites_protocol_sections_that_exist() -> None:
+    protocol_md = (REPO_ROOT / "docs" / "protocol.md").read_text(encoding="utf-8")
+    headings = {
+        github_anchor(line.lstrip("#")): line.lstrip("#").strip()
+        for line in protocol_md.splitlines()
+        if line.startswith("#")
+    }
+    clients_md = (REPO_ROOT / "docs" / "clients.md").read_text(encoding="utf-8")
+    links = re.findall(r"\[([^\]]+)\]\(protocol\.md#([^)]+)\)", clients_md)
+    assert links
+    for text, anchor in links:
+        assert anchor in headings, f"docs/protocol.md has no section #{anchor}"
+        assert text == headings[anchor], (text, headings[anchor])
+    # The "protocol section" column of the table cites sections by link only.
+    table = clients_md.split("### How it follows the protocol", 1)[1].split("\n\n")[1]
+    for row in table.splitlines()[2:]:
+        cell = row.strip().strip("|").split("|")[-1].strip()
+        rest = re.sub(r"\[[^\]]+\]\(protocol\.md#[^)]+\)", "", cell)
+        assert rest.replace(",", "").strip() in ("", "—"), row
