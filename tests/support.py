@@ -10,7 +10,7 @@ import json
 import math
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Final
@@ -449,17 +449,7 @@ class RawClient(_Syncing):
 
     async def send_frame(self, opcode: int, payload: bytes) -> None:
         """Write one hand-made, masked, final frame (e.g. a text frame of invalid UTF-8)."""
-        header = bytes([0x80 | opcode])
-        length = len(payload)
-        if length < 126:
-            header += bytes([0x80 | length])
-        elif length < 65536:
-            header += bytes([0x80 | 126]) + length.to_bytes(2, "big")
-        else:
-            header += bytes([0x80 | 127]) + length.to_bytes(8, "big")
-        mask = b"\x01\x02\x03\x04"
-        masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
-        await self.stream.send_all(header + mask + masked)
+        await self.stream.send_all(masked_frame(0x80 | opcode, payload))
 
     async def recv_event(self, timeout: float = RECV_TIMEOUT_S) -> Frame | int:
         """The next JSON message, or the close code once the server closed."""
@@ -505,6 +495,32 @@ class RawClient(_Syncing):
 
 
 @attrs.frozen
+def masked_frame(first_byte: int, payload: bytes) -> bytes:
+    """A client frame (masked, as RFC 6455 requires) with the given FIN/RSV/opcode byte."""
+    length = len(payload)
+    header = bytes([first_byte])
+    if length < 126:
+        header += bytes([0x80 | length])
+    elif length < 65536:
+        header += bytes([0x80 | 126]) + length.to_bytes(2, "big")
+    else:
+        header += bytes([0x80 | 127]) + length.to_bytes(8, "big")
+    mask = b"\x11\x22\x33\x44"
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def serve_lifespan(
+    receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+    send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+) -> None:
+    """The lifespan protocol of a test ASGI app: complete startup and shutdown."""
+    while True:
+        event = await receive()
+        await send({"type": event["type"] + ".complete"})
+        if event["type"] == "lifespan.shutdown":
+            return
+
+
 class HttpResponse:
     status: int
     headers: dict[str, str]

@@ -24,7 +24,7 @@ import pytest
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
-from support import RawClient, RunningServer
+from support import RawClient, RunningServer, masked_frame, serve_lifespan
 
 from handler.transport.hypercorn_guard import ACCEPT_OPTIONS_KEY, install
 
@@ -36,20 +36,6 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
-def masked_frame(first_byte: int, payload: bytes) -> bytes:
-    """A client frame (masked, as RFC 6455 requires) with the given FIN/RSV/opcode byte."""
-    length = len(payload)
-    header = bytes([first_byte])
-    if length < 126:
-        header += bytes([0x80 | length])
-    elif length < 65536:
-        header += bytes([0x80 | 126]) + length.to_bytes(2, "big")
-    else:
-        header += bytes([0x80 | 127]) + length.to_bytes(8, "big")
-    mask = b"\x11\x22\x33\x44"
-    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
 TEXT: Final = 0x81  # FIN, text
 TEXT_RSV1: Final = 0xC1  # FIN, RSV1 (no extension negotiated: a protocol error), text
 PING_FRAME: Final = masked_frame(TEXT, json.dumps({"type": "ping"}).encode())
@@ -59,11 +45,8 @@ RSV_ATTACK: Final = PING_FRAME + masked_frame(TEXT_RSV1, b"x")
 async def _echo_app(scope: Scope, receive: Receive, send: Send) -> None:
     """A WebSocket echo through the guarded transport; plain-HTTP requests get `ok`."""
     if scope["type"] == "lifespan":
-        while True:
-            event = await receive()
-            await send({"type": event["type"] + ".complete"})
-            if event["type"] == "lifespan.shutdown":
-                return
+        await serve_lifespan(receive, send)
+        return
     if scope["type"] == "http":
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})

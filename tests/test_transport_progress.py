@@ -19,6 +19,7 @@ import pytest
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
+from support import serve_lifespan
 
 from handler.transport.hypercorn_guard import (
     ACCEPT_OPTIONS_KEY,
@@ -58,11 +59,8 @@ class BulkApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                event = await receive()
-                await send({"type": event["type"] + ".complete"})
-                if event["type"] == "lifespan.shutdown":
-                    return
+            await serve_lifespan(receive, send)
+            return
         if scope["type"] == "websocket":
             await self._websocket(receive, send)
             return
