@@ -494,7 +494,6 @@ class RawClient(_Syncing):
 # --------------------------------------------------------------------------- HTTP client
 
 
-@attrs.frozen
 def masked_frame(first_byte: int, payload: bytes) -> bytes:
     """A client frame (masked, as RFC 6455 requires) with the given FIN/RSV/opcode byte."""
     length = len(payload)
@@ -521,6 +520,7 @@ async def serve_lifespan(
             return
 
 
+@attrs.frozen
 class HttpResponse:
     status: int
     headers: dict[str, str]
