@@ -61,6 +61,14 @@ def short_keep_alive(monkeypatch: pytest.MonkeyPatch) -> float:
     return KEEP_ALIVE_S
 
 
+async def _receive_or_end(stream: trio.SocketStream) -> bytes:
+    """The next bytes from the server; b"" once it closed or reset the connection."""
+    try:
+        return await stream.receive_some(65536)
+    except trio.BrokenResourceError:
+        return b""
+
+
 async def _seconds_until_closed(port: int, request: bytes, limit_s: float) -> tuple[bytes, float]:
     """Send `request`, read the answer; seconds from the answer until the server closes."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
@@ -70,10 +78,7 @@ async def _seconds_until_closed(port: int, request: bytes, limit_s: float) -> tu
         answered_at = None
         with trio.move_on_after(limit_s):
             while True:
-                try:
-                    data = await stream.receive_some(65536)
-                except trio.BrokenResourceError:
-                    data = b""
+                data = await _receive_or_end(stream)
                 if not data:
                     assert answered_at is not None, "closed before answering"
                     return answer, trio.current_time() - answered_at
@@ -333,10 +338,7 @@ async def test_prior_knowledge_http2_is_refused(server: RunningServer, target: s
         async with stream:
             await stream.send_all(client.data_to_send())
             while True:
-                try:
-                    data = await stream.receive_some(65536)
-                except trio.BrokenResourceError:
-                    data = b""
+                data = await _receive_or_end(stream)
                 if not data:
                     break
                 events += client.receive_data(data)

@@ -58,7 +58,11 @@ class SentFrames:
 
     def __init__(self, hub: Hub, progress: TcpProgress | None, *, exact_sizes: bool) -> None:
         self._hub = hub
-        self._progress = progress
+        # Without a count of acknowledged bytes (TLS, another server) there is nothing to wait
+        # for; decided once here, not with an extra ioctl per write.
+        self._progress = (
+            progress if progress is not None and progress.unacked() is not None else None
+        )
         # With permessage-deflate the wire size of a frame is unknown: every frame of a write
         # then waits for the end of the whole write (later, never too early).
         self._exact_sizes = exact_sizes
@@ -73,7 +77,7 @@ class SentFrames:
         """`batch` was written in one go; the byte count now includes all of it."""
         hub = self._hub
         progress = self._progress
-        if progress is None or progress.unacked() is None:
+        if progress is None:
             for item in batch:
                 hub.sent(item)
                 if item.receipt is not None:
@@ -97,7 +101,7 @@ class SentFrames:
         """A write of `batch` was cancelled halfway (the connection is being aborted): the
         frames the kernel took whole may still have reached the client."""
         progress = self._progress
-        if progress is None or not self._exact_sizes or progress.unacked() is None:
+        if progress is None or not self._exact_sizes:
             return
         start = progress.bytes_sent  # writes are serialized: ours began where the last ended
         if progress.written <= start:
