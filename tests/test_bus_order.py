@@ -129,3 +129,22 @@ def test_chat_events_always_pass() -> None:
     order = ChatOrder()
     chat = Chat("c1", ("alice", "bob"), "bob", "2026-01-01T00:00:00.000Z")
     assert order.admit("alice", Delivery("chat", ("alice",), chat=chat), now=0)
+
+
+def test_a_new_chat_holds_its_second_message_until_the_first() -> None:
+    """Two nodes' first messages of a new chat race: the chat event says it starts empty."""
+    order = ChatOrder()
+    order.chat_created(["bob"], "c1")
+    assert not order.admit("bob", event("2", "1"), now=0)  # bob's own, published locally
+    assert order.held_count == 1
+    assert order.admit("bob", event("1", None), now=0.01)  # alice's, through Redis
+    assert ids(order.followers("bob", event("1", None))) == ["2"]
+    assert order.admit("bob", event("3", "2"), now=0.02)
+    assert order.expire(1.0) == ([], ())  # nothing left to resync
+
+
+def test_a_chat_event_after_its_messages_changes_nothing() -> None:
+    order = ChatOrder()
+    assert order.admit("bob", event("1", None), now=0)
+    order.chat_created(["bob"], "c1")
+    assert order.admit("bob", event("2", "1"), now=0)

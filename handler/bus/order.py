@@ -13,6 +13,10 @@ Theory of operation, per (user, chat):
   yet (the first event since the user was subscribed here, or after the state was evicted),
   an event is passed on at once: whatever came before it was delivered or is in the backlog
   the binding read.
+- A new chat starts empty: when its `chat` event passes, `last` becomes "0" (no message yet),
+  so a later message of that chat that arrives before its predecessor is held, not passed on
+  out of order (two nodes' first messages of a new chat race otherwise). A first message has
+  no predecessor, which matches "0".
 - An event whose predecessor is `last` (or that has none) is passed on, and so is every held
   event that was waiting for it, in chain order.
 - Any other event is *held*. If its predecessor has not come within `hold_s`, that user's held
@@ -36,6 +40,7 @@ import attrs
 from handler.bus.base import Delivery
 
 HOLD_S: Final = 0.25
+EMPTY_CHAT: Final = "0"  # `last` of a chat with no message yet
 CHATS_PER_USER: Final = 1024
 HELD_PER_USER: Final = 256
 
@@ -83,7 +88,7 @@ class ChatOrder:
             state = self._users[user] = _UserOrder()
         chat = message.chat_id
         last = state.last.get(chat)
-        if last is None or last == previous:
+        if last is None or last == (previous or EMPTY_CHAT):
             self._remember(state, chat, message.message_id)
             return True
         if previous is None:
@@ -95,6 +100,15 @@ class ChatOrder:
         if len(state.held) > self._held_per_user:
             self._overflowing.add(user)
         return False
+
+    def chat_created(self, users: Iterable[str], chat_id: str) -> None:
+        """A new chat reached these users here: it has no message yet."""
+        for user in users:
+            state = self._users.get(user)
+            if state is None:
+                state = self._users[user] = _UserOrder()
+            if chat_id not in state.last:
+                self._remember(state, chat_id, EMPTY_CHAT)
 
     def followers(self, user: str, event: Delivery) -> list[Delivery]:
         """Held events of `user` that `event` (just passed on) unblocks, in chain order."""

@@ -466,6 +466,8 @@ class RedisBus:
     def _deliver(self, event: Delivery, users: Sequence[str]) -> None:
         """Pass an event on to the sink for `users` (bound here), in commit order per chat."""
         if event.message is None:
+            if event.chat is not None:
+                self._order.chat_created(users, event.chat.chat_id)
             self._call_sink(event)
             return
         now = trio.current_time()
