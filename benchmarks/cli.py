@@ -1,29 +1,42 @@
-"""Command line and the `run()` entry point: pick scenarios and sizes, run, write the report."""
+"""Command line and the `run()` entry point: pick scenarios and sizes, run, write the report.
+
+With `--compare GIT_REF` the same invocation also measures a server from a temporary checkout
+of GIT_REF (`benchmarks.compare`), its runs alternating with the working tree's, and writes
+the ratios beside the two reports.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, Final
 
+from benchmarks import compare as comparing
 from benchmarks import report as reporting
-from benchmarks.scenarios import PROFILES, SCENARIOS, Context, run_scenario
-from benchmarks.servers import REPO, raise_nofile
+from benchmarks.harness import Context, run_scenario
+from benchmarks.scenarios import PROFILES, SCENARIOS
+from benchmarks.servers import CURRENT, REPO, Source, handler_origin, raise_nofile
 
-DEFAULT_OUT = REPO / "benchmarks" / "results"
-ORDER = list(SCENARIOS)
+DEFAULT_OUT: Final = REPO / "benchmarks" / "results"
+ORDER: Final = list(SCENARIOS)
 
 
-def _meta(profile: str, runs: int, client: str) -> dict[str, Any]:
+def _git_commit(source: Source) -> str:
+    if source.commit:
+        return source.commit[:7]
     try:
-        commit = subprocess.run(
+        return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
             cwd=REPO,
             capture_output=True,
@@ -31,9 +44,15 @@ def _meta(profile: str, runs: int, client: str) -> dict[str, Any]:
             check=False,
         ).stdout.strip()
     except OSError:
-        commit = "?"
+        return "?"
+
+
+def _uncommitted(source: Source) -> list[str]:
+    """The working tree's changes to `handler/` (the tree under test may differ from its
+    commit: say so, file by file); a baseline checkout has none."""
+    if source.ref:
+        return []
     try:
-        # The tree under test may differ from its commit: say so, file by file.
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--", "handler"],
             cwd=REPO,
@@ -43,6 +62,29 @@ def _meta(profile: str, runs: int, client: str) -> dict[str, Any]:
         ).stdout.split("\n")
     except OSError:
         dirty = []
+    return [line[3:] for line in dirty if line.strip()]
+
+
+def _origin(source: Source, *, strict: bool) -> str:
+    """Where the servers of `source` import `handler` from. `strict` (a comparison): anything
+    but that tree's own package is an error, since the figures would belong to other code."""
+    try:
+        where = handler_origin(source.root)
+    except RuntimeError as error:
+        if strict and source.ref:
+            raise
+        return f"? ({error})"
+    if strict and not where.is_relative_to(source.root.resolve()):
+        raise RuntimeError(
+            f"servers of the {source.label} would import `handler` from {where}, "
+            f"not from {source.root}"
+        )
+    return str(where)
+
+
+def _meta(
+    profile: str, runs: int, client: str, source: Source = CURRENT, *, strict: bool = False
+) -> dict[str, Any]:
     model = "?"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -55,8 +97,11 @@ def _meta(profile: str, runs: int, client: str) -> dict[str, Any]:
         "profile": profile,
         "runs": runs,
         "client": client,
-        "commit": commit,
-        "uncommitted": [line[3:] for line in dirty if line.strip()],
+        "tree": source.name,
+        **({"ref": source.ref} if source.ref else {}),
+        "commit": _git_commit(source),
+        "uncommitted": _uncommitted(source),
+        "handler": _origin(source, strict=strict),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
@@ -64,6 +109,39 @@ def _meta(profile: str, runs: int, client: str) -> dict[str, Any]:
         "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "nice": -int(os.environ.get("BENCH_NICE", "0") or 0),
     }
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt meanwhile, so that a terminated comparison still
+    stops its servers and removes its worktree (Python's default would skip every `finally`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _measure(
+    chosen: Sequence[str],
+    ctx: Context,
+    reports: dict[str, dict[str, Any]],
+    write: Callable[[], None],
+) -> None:
+    """Run the scenarios in turn, filing each tree's section into its report."""
+    for name in chosen:
+        spec = SCENARIOS[name]
+        ctx.say(f"[{name}] {spec.summary}")
+        for tree, section in run_scenario(spec, ctx).items():
+            reports[tree]["scenarios"][name] = section
+        write()  # after every scenario, so an interrupted suite leaves what it measured
 
 
 def run(
@@ -74,19 +152,55 @@ def run(
     runs: int | None = None,
     client: str = "raw",
     say: Callable[[str], None] = print,
+    compare: str | None = None,
 ) -> dict[str, Any]:
-    """Run the chosen scenarios and write the report into `out`; returns the report."""
+    """Run the chosen scenarios and write the report into `out`; returns the report.
+
+    `compare` (a git ref): run every scenario against that ref's server too, its runs
+    alternating with this tree's; the report then also holds the baseline's report
+    (`baseline`, written to `out`/baseline/) and the comparison (`comparison`, written to
+    comparison.json and comparison.md).
+    """
     raise_nofile()
     shutil.rmtree(out / "logs", ignore_errors=True)  # logs of this invocation only
     chosen = [name for name in ORDER if scenarios is None or name in scenarios]
     sizes = PROFILES[profile]
     count = runs or sizes.runs
-    ctx = Context(profile=sizes, runs=count, logs=out / "logs", client=client, say=say)
-    report: dict[str, Any] = {"meta": _meta(profile, count, client), "scenarios": {}}
-    for name in chosen:
-        say(f"[{name}] {SCENARIOS[name].__doc__}")
-        report["scenarios"][name] = run_scenario(name, ctx)
+
+    def context(sources: Sequence[Source]) -> Context:
+        logs = out / "logs"
+        return Context(sizes, count, logs, client=client, say=say, sources=sources)
+
+    def write(report: dict[str, Any], baseline: Source | None = None) -> None:
+        """The report (and, comparing, the baseline's and the comparison) into `out`."""
+        if baseline is not None:
+            report["comparison"] = comparing.compare(
+                report, report["baseline"], compiled=comparing.compiled_modules(baseline.root)
+            )
+            reporting.write(report["baseline"], out / "baseline")
+            comparing.write(report["comparison"], out)
         reporting.write(report, out)
+
+    if compare is None:
+        report: dict[str, Any] = {"meta": _meta(profile, count, client), "scenarios": {}}
+        _measure(chosen, context([CURRENT]), {CURRENT.name: report}, lambda: write(report))
+        return report
+
+    with _sigterm_unwinds(), comparing.checkout(compare) as baseline:
+        say(f"baseline: {compare} = {baseline.commit[:7]}, in a worktree at {baseline.root}")
+        before = {"meta": _meta(profile, count, client, baseline, strict=True), "scenarios": {}}
+        report = {
+            "meta": _meta(profile, count, client, strict=True),
+            "scenarios": {},
+            "baseline": before,
+        }
+        # The baseline comes first: every round of runs goes baseline, then current.
+        _measure(
+            chosen,
+            context([baseline, CURRENT]),
+            {baseline.name: before, CURRENT.name: report},
+            lambda: write(report, baseline),
+        )
     return report
 
 
@@ -115,6 +229,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run the server and generator this much above normal priority (needs root); "
         "on a shared machine it keeps other work from preempting them",
     )
+    parser.add_argument(
+        "--compare",
+        metavar="GIT_REF",
+        help="also run every chosen scenario against a server from GIT_REF (checked out in a "
+        "temporary git worktree), its runs alternating with this tree's, and report both "
+        "trees' medians and the ratios current/baseline (comparison.md, comparison.json)",
+    )
     args = parser.parse_args(argv)
     if args.nice:
         os.environ["BENCH_NICE"] = str(args.nice)
@@ -123,14 +244,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(unknown)}")
     profile = args.profile or ("quick" if args.quick else "full")
-    report = run(
-        profile=profile, scenarios=wanted, out=args.out, runs=args.runs, client=args.client
-    )
+    if args.compare:
+        try:
+            comparing.resolve(args.compare)
+        except ValueError as error:
+            parser.error(str(error))
+    try:
+        report = run(
+            profile=profile,
+            scenarios=wanted,
+            out=args.out,
+            runs=args.runs,
+            client=args.client,
+            compare=args.compare,
+        )
+    except KeyboardInterrupt:
+        # Servers are stopped and the worktree removed by then; what ran is in --out.
+        print(f"interrupted; the scenarios that finished are in {args.out}", file=sys.stderr)
+        return 130
     print()
-    print((args.out / "results.md").read_text())
+    print((args.out / ("comparison.md" if args.compare else "results.md")).read_text())
+    trees = [("", report), *([("baseline ", report["baseline"])] if args.compare else [])]
     failed = [
-        name
-        for name, section in report["scenarios"].items()
+        f"{tree}{name}"
+        for tree, tree_report in trees
+        for name, section in tree_report["scenarios"].items()
         if section.get("error") or section.get("failed_runs")
     ]
     if failed:

@@ -14,7 +14,8 @@ from typing import Any, Final
 NOISY_CORES: Final = 0.2  # other processes' CPU during a window above which figures are suspect
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
+    """A figure as the tables print it: thousands separated, about three significant digits."""
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -72,9 +73,9 @@ def markdown(report: dict[str, Any]) -> str:
             continue
         for row in section["rows"]:
             per = row.get("per_cpu_s")
-            per_text = f"{_fmt(per)} {row.get('per_cpu_unit', '')}".strip() if per else ""
+            per_text = f"{fmt(per)} {row.get('per_cpu_unit', '')}".strip() if per else ""
             lines.append(
-                f"| {label} | {row['metric']} | {_fmt(row['value'])} {row['unit']} | {per_text} "
+                f"| {label} | {row['metric']} | {fmt(row['value'])} {row['unit']} | {per_text} "
                 f"| {row.get('target') or ''} | {_verdict(row.get('ok'))} |"
             )
     lines += ["", "## Scenarios", ""]

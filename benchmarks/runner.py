@@ -91,6 +91,11 @@ def run_loadgen(
                 proc.stdin.flush()
             elif "result" in message:
                 result = message["result"]
+    except BaseException:
+        # Interrupted, or the orchestrator failed: the generator's result is lost anyway, and
+        # waiting for its job to end would keep Ctrl-C from stopping the suite for a while.
+        proc.kill()
+        raise
     finally:
         watchdog.cancel()
         if proc.poll() is None:

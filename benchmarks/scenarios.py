@@ -1,8 +1,9 @@
 """The scenarios of the benchmark suite, their sizes per profile, and their targets.
 
-Each scenario starts its own server(s) for every run (runs stay independent), drives one
-generator job per run, and turns generator results plus server readings into flat metrics.
-Medians over the runs are what the report quotes; every run is kept in the JSON.
+Each scenario is a declaration (`benchmarks.harness.Scenario`) plus what is its own: the
+generator job, the figures one run yields, and the table rows from the medians. Starting the
+servers, seeding, running the generator, reading CPU and stopping are the harness's, the same
+for all. Medians over the runs are what the report quotes; every run is kept in the JSON.
 
 Pinning: the server gets core 0 and the generator core 1, so neither steals the other's CPU;
 CPU seconds are read from `/proc` between checkpoints, which makes "per server CPU-second"
@@ -11,40 +12,31 @@ figures stable even when wall-clock throughput is not (the machine is shared and
 
 from __future__ import annotations
 
-import contextlib
-import statistics
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+import importlib.util
+from functools import partial
 from typing import Any, Final
 
-from benchmarks import seed as seeding
-from benchmarks.runner import run_loadgen, window
-from benchmarks.servers import (
-    ServerProcess,
-    echo_server,
-    handler_server,
-    port_open,
-    temp_workdir,
+from benchmarks.harness import (
+    SERVER_CPUS,
+    Context,
+    Dataset,
+    Headline,
+    Measured,
+    Outcome,
+    Profile,
+    Row,
+    Scenario,
+    Variant,
+    at_least,
+    at_most,
+    median_of,
+    per,
 )
+from benchmarks.servers import Source, port_open
 
-SERVER_CPUS: Final = (0,)
-GENERATOR_CPUS: Final = (1,)
 POSTGRES_DSN: Final = "postgresql://postgres@127.0.0.1:5432/test"
 REDIS_URL: Final = "redis://127.0.0.1:6379/0"
 KIB: Final = 1024
-
-
-@dataclass(frozen=True)
-class Profile:
-    """Sizes of every scenario for one kind of run (full, quick, smoke)."""
-
-    name: str
-    runs: int
-    params: dict[str, dict[str, Any]]
-    stop_grace_s: float = 10.0
-
 
 _RELAY = {"pairs": 100, "window": 8, "content_bytes": 100}
 
@@ -102,127 +94,20 @@ PROFILES: Final = {
 }
 
 
-@dataclass
-class Context:
-    """What a scenario needs from the run: sizes, where to write, how to connect."""
-
-    profile: Profile
-    runs: int
-    logs: Path
-    client: str = "raw"
-    say: Callable[[str], None] = print
-    scratch: Path | None = None
-
-    def params(self, scenario: str) -> dict[str, Any]:
-        return dict(self.profile.params[scenario])
-
-    def log(self, name: str) -> Path:
-        self.logs.mkdir(parents=True, exist_ok=True)
-        return self.logs / name
-
-    @contextlib.contextmanager
-    def attempt(self, out: Outcome, label: str) -> Iterator[None]:
-        """Run one repetition; a failure is recorded and the other runs still count."""
-        try:
-            yield
-        except Exception as error:
-            self.say(f"  {label} failed: {str(error).splitlines()[0]}")
-            out.failed_runs.append(f"{label}: {type(error).__name__}: {error}")
-
-    @contextlib.contextmanager
-    def handler(
-        self,
-        workdir: Path,
-        name: str,
-        *,
-        cpus: tuple[int, ...] | None = SERVER_CPUS,
-        **options: Any,
-    ) -> Iterator[tuple[ServerProcess, str]]:
-        """The handler with this profile's stop grace, logging to logs/NAME-server.log."""
-        with handler_server(
-            workdir,
-            cpus=cpus,
-            log_path=self.log(f"{name}-server.log"),
-            stop_grace_s=self.profile.stop_grace_s,
-            **options,
-        ) as (server, secret):
-            yield server, secret
-        if server.killed:
-            self.say(
-                f"  note: the server was still running {self.profile.stop_grace_s:.0f} s after "
-                "SIGTERM and was killed"
-            )
+def _relay_job(params: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "kind": "relay",
+        "pairs": params["pairs"],
+        "window": params["window"],
+        "content_bytes": params.get("content_bytes", 100),
+        "warmup_s": params["warmup_s"],
+        "duration_s": params["duration_s"],
+        **extra,
+    }
 
 
-@dataclass
-class Row:
-    """One line of the results table."""
-
-    metric: str
-    value: float | None
-    unit: str
-    per_cpu_s: float | None = None
-    per_cpu_unit: str = ""
-    target: str | None = None
-    ok: bool | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
-
-
-@dataclass
-class Outcome:
-    """A scenario's report section."""
-
-    title: str
-    params: dict[str, Any]
-    runs: list[dict[str, Any]] = field(default_factory=list)
-    rows: list[Row] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    skipped: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    failed_runs: list[str] = field(default_factory=list)
-
-    def median(self, key: str) -> float | None:
-        return median_of(self.runs, key)
-
-    def as_dict(self) -> dict[str, Any]:
-        numeric = sorted(
-            {k for run in self.runs for k, v in run.items() if isinstance(v, int | float)}
-        )
-        return {
-            "title": self.title,
-            "params": self.params,
-            "skipped": self.skipped,
-            "median": {key: self.median(key) for key in numeric},
-            "rows": [row.as_dict() for row in self.rows],
-            "runs": self.runs,
-            "notes": self.notes,
-            "failed_runs": self.failed_runs,
-            **self.extra,
-        }
-
-
-def median_of(runs: list[dict[str, Any]], key: str) -> float | None:
-    values = [run[key] for run in runs if isinstance(run.get(key), int | float)]
-    return statistics.median(values) if values else None
-
-
-def at_least(value: float | None, target: float) -> bool | None:
-    return None if value is None else value >= target
-
-
-def at_most(value: float | None, target: float) -> bool | None:
-    return None if value is None else value <= target
-
-
-def _per(amount: float | None, cpu: float | None) -> float | None:
-    if amount is None or not cpu:
-        return None
-    return amount / cpu
-
-
-def _relay_metrics(result: dict[str, Any], win: dict[str, float]) -> dict[str, Any]:
+def _relay_metrics(run: Measured) -> dict[str, Any]:
+    result, win = run.result, run.window()
     cpu = win.get("server_cpu_s")
     wall = win["wall_s"]
     delivered_per_s = result["delivered_per_s"]
@@ -231,10 +116,10 @@ def _relay_metrics(result: dict[str, Any], win: dict[str, float]) -> dict[str, A
         "wall_s": wall,
         "server_cpu_s": cpu,
         "server_cpu_frac": cpu / wall if cpu is not None else None,
-        "delivered_per_server_cpu_s": _per(delivered_per_s * wall, cpu),
+        "delivered_per_server_cpu_s": per(delivered_per_s * wall, cpu),
         "generator_cpu_frac": win["generator_cpu_s"] / wall,
         "other_cpu_frac": win["other_cpu_frac"],
-        "delivered_per_generator_cpu_s": _per(delivered_per_s * wall, win["generator_cpu_s"]),
+        "delivered_per_generator_cpu_s": per(delivered_per_s * wall, win["generator_cpu_s"]),
         "delivery_p50_ms": result["delivery_latency"].get("p50_ms"),
         "delivery_p99_ms": result["delivery_latency"].get("p99_ms"),
         "ack_p99_ms": result["ack_latency"].get("p99_ms"),
@@ -243,94 +128,81 @@ def _relay_metrics(result: dict[str, Any], win: dict[str, float]) -> dict[str, A
     }
 
 
-def _relay_job(params: dict[str, Any], port: int, secret: str, client: str) -> dict[str, Any]:
+# ----------------------------------------------------------------------------- ceiling
+
+# (relay stack, generator client or None for the run's --client, series label)
+_CEILING_RELAYS: Final = (
+    ("raw", "raw", "generator ceiling, raw client vs raw relay"),
+    ("raw", "trio-websocket", "generator ceiling, trio-websocket client vs raw relay"),
+    ("quart", None, "bare Quart-Trio relay on Hypercorn (stack reference)"),
+)
+
+
+def _ceiling_relay(label: str, stack: str, client: str, run: Measured) -> dict[str, Any]:
+    metrics = _relay_metrics(run)
+    metrics.update(variant=label, stack=stack, client=client)
+    return metrics
+
+
+def _latency_floor(run: Measured) -> dict[str, Any]:
+    win = run.window()
     return {
-        "kind": "relay",
-        "port": port,
-        "secret": secret,
-        "client": client,
-        "pairs": params["pairs"],
-        "window": params["window"],
-        "content_bytes": params.get("content_bytes", 100),
-        "warmup_s": params["warmup_s"],
-        "duration_s": params["duration_s"],
+        "variant": "latency floor",
+        "p50_ms": run.result["delivery_latency"].get("p50_ms"),
+        "p99_ms": run.result["delivery_latency"].get("p99_ms"),
+        "send_lag_p99_ms": run.result["send_lag"].get("p99_ms"),
+        "generator_cpu_frac": win["generator_cpu_s"] / win["wall_s"],
+        "other_cpu_frac": win["other_cpu_frac"],
     }
 
 
-# ----------------------------------------------------------------------------- ceiling
+def _connect_ceiling(run: Measured) -> dict[str, Any]:
+    win = run.window()
+    return {
+        "variant": "connect ceiling",
+        "connects_per_s": run.result["connects_per_s"],
+        "generator_cpu_frac": win["generator_cpu_s"] / win["wall_s"],
+        "connects_per_generator_cpu_s": per(run.result["bound"], win["generator_cpu_s"]),
+    }
 
 
-def scenario_ceiling(ctx: Context) -> Outcome:
-    """The generator's own limit, against relays that do (almost) nothing."""
-    params = ctx.params("ceiling")
-    out = Outcome("Generator ceiling and bare-stack reference (no auth, no storage)", params)
-    variants = [
-        ("raw", "raw", "generator ceiling, raw client vs raw relay"),
-        ("raw", "trio-websocket", "generator ceiling, trio-websocket client vs raw relay"),
-        ("quart", ctx.client, "bare Quart-Trio relay on Hypercorn (stack reference)"),
+def _ceiling_variants(ctx: Context, params: dict[str, Any]) -> list[Variant]:
+    relays = [
+        Variant(
+            job=_relay_job(params, secret="x" * 32),
+            measure=partial(_ceiling_relay, label, stack, client or ctx.client),
+            series=label,
+            label=label,
+            echo=stack,
+            client=client or ctx.client,
+        )
+        for stack, client, label in _CEILING_RELAYS
     ]
-    series: dict[str, list[dict[str, Any]]] = {}
-    for stack, client, label in variants:
-        for run in range(ctx.runs):
-            with ctx.attempt(out, f"{label} run {run + 1}"):
-                ctx.say(f"  {label}: run {run + 1}/{ctx.runs}")
-                with echo_server(ctx.log(f"echo-{stack}.log"), stack, cpus=SERVER_CPUS) as server:
-                    job = _relay_job(params, server.port, "x" * 32, client)
-                    result, readings = run_loadgen(
-                        job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log("ceiling.log")
-                    )
-                metrics = _relay_metrics(result, window(readings, "measure_start", "measure_end"))
-                metrics.update(variant=label, stack=stack, client=client)
-                series.setdefault(label, []).append(metrics)
-                out.runs.append(metrics)
-    fixed = ctx.params("b")
-    for run in range(ctx.runs):
-        with ctx.attempt(out, f"run {run + 1}"):
-            ctx.say(f"  latency floor at (b)'s load vs raw relay: run {run + 1}/{ctx.runs}")
-            with echo_server(ctx.log("echo-raw.log"), "raw", cpus=SERVER_CPUS) as server:
-                job = {"kind": "open_loop", "port": server.port, "client": ctx.client, **fixed}
-                result, readings = run_loadgen(
-                    job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log("ceiling.log")
-                )
-            win = window(readings, "measure_start", "measure_end")
-            series.setdefault("latency floor", []).append(
-                {
-                    "variant": "latency floor",
-                    "p50_ms": result["delivery_latency"].get("p50_ms"),
-                    "p99_ms": result["delivery_latency"].get("p99_ms"),
-                    "send_lag_p99_ms": result["send_lag"].get("p99_ms"),
-                    "generator_cpu_frac": win["generator_cpu_s"] / win["wall_s"],
-                    "other_cpu_frac": win["other_cpu_frac"],
-                }
-            )
-            out.runs.append(series["latency floor"][-1])
-    for run in range(ctx.runs):
-        with ctx.attempt(out, f"run {run + 1}"):
-            ctx.say(f"  connect ceiling vs raw relay: run {run + 1}/{ctx.runs}")
-            with echo_server(ctx.log("echo-raw.log"), "raw", cpus=SERVER_CPUS) as server:
-                job = {
-                    "kind": "connect",
-                    "port": server.port,
-                    "client": ctx.client,
-                    "count": params["count"],
-                    "concurrency": params["concurrency"],
-                    "sources": 16,
-                }
-                result, readings = run_loadgen(
-                    job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log("ceiling.log")
-                )
-            win = window(readings, "measure_start", "measure_end")
-            series.setdefault("connect", []).append(
-                {
-                    "variant": "connect ceiling",
-                    "connects_per_s": result["connects_per_s"],
-                    "generator_cpu_frac": win["generator_cpu_s"] / win["wall_s"],
-                    "connects_per_generator_cpu_s": _per(result["bound"], win["generator_cpu_s"]),
-                }
-            )
-            out.runs.append(series["connect"][-1])
-    for stack, _client, label in variants:
-        runs = series.get(label, [])
+    floor = Variant(
+        job={"kind": "open_loop", **ctx.params("b")},
+        measure=_latency_floor,
+        series="latency floor",
+        label="latency floor at (b)'s load vs raw relay",
+        echo="raw",
+    )
+    connect = Variant(
+        job={
+            "kind": "connect",
+            "count": params["count"],
+            "concurrency": params["concurrency"],
+            "sources": 16,
+        },
+        measure=_connect_ceiling,
+        series="connect",
+        label="connect ceiling vs raw relay",
+        echo="raw",
+    )
+    return [*relays, floor, connect]
+
+
+def _ceiling_rows(out: Outcome, ctx: Context) -> None:
+    for stack, _client, label in _CEILING_RELAYS:
+        runs = out.series.get(label, [])
         rate = median_of(runs, "delivered_per_s")
         gen_frac = median_of(runs, "generator_cpu_frac")
         note = f" (generator core {gen_frac:.0%} busy)" if gen_frac is not None else ""
@@ -354,16 +226,16 @@ def scenario_ceiling(ctx: Context) -> Outcome:
                     "msg per server CPU-s",
                 )
             )
-    floor = series.get("latency floor", [])
+    floor = out.series.get("latency floor", [])
     out.rows.append(
         Row(
-            f"latency floor: (b)'s {fixed['rate']:,} msg/s vs raw relay, p99",
+            f"latency floor: (b)'s {ctx.params('b')['rate']:,} msg/s vs raw relay, p99",
             median_of(floor, "p99_ms"),
             "ms",
         )
     )
     out.rows.append(Row("latency floor: p50", median_of(floor, "p50_ms"), "ms"))
-    connects = series.get("connect", [])
+    connects = out.series.get("connect", [])
     out.rows.append(
         Row(
             "generator ceiling: connect+bind/s vs raw relay",
@@ -378,40 +250,25 @@ def scenario_ceiling(ctx: Context) -> Outcome:
         "is what one saturated generator core could drive. A handler figure well below it is "
         "the handler's own."
     )
-    out.extra["series"] = {k: [_strip(r) for r in v] for k, v in series.items()}
-    return out
+    out.extra["series"] = {
+        name: [{k: v for k, v in run.items() if k != "histogram"} for run in runs]
+        for name, runs in out.series.items()
+    }
 
 
-def _strip(run: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in run.items() if k != "histogram"}
+CEILING: Final = Scenario(
+    key="ceiling",
+    summary="The generator's own limit, against relays that do (almost) nothing.",
+    title=lambda _params: "Generator ceiling and bare-stack reference (no auth, no storage)",
+    variants=_ceiling_variants,
+    rows=_ceiling_rows,
+)
 
 
 # ----------------------------------------------------------------------------- (a)
 
 
-def scenario_a(ctx: Context) -> Outcome:
-    """Saturated relay: 100 pairs, 8 in flight per user."""
-    params = ctx.params("a")
-    out = Outcome(
-        f"(a) Saturated relay: {params['pairs']} pairs, {params['window']} unacknowledged "
-        f"send_message per user, {params.get('content_bytes', 100)}-byte contents",
-        params,
-    )
-    with temp_workdir(ctx.scratch) as tmp:
-        for run in range(ctx.runs):
-            with ctx.attempt(out, f"run {run + 1}"):
-                ctx.say(f"  run {run + 1}/{ctx.runs}")
-                with ctx.handler(Path(tmp), f"a-{run}") as (
-                    server,
-                    secret,
-                ):
-                    job = _relay_job(params, server.port, secret, ctx.client)
-                    result, readings = run_loadgen(
-                        job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log("a.log")
-                    )
-                out.runs.append(
-                    _relay_metrics(result, window(readings, "measure_start", "measure_end"))
-                )
+def _a_rows(out: Outcome, ctx: Context) -> None:
     rate = out.median("delivered_per_s")
     out.rows += [
         Row(
@@ -429,62 +286,53 @@ def scenario_a(ctx: Context) -> Outcome:
         Row("delivery latency p99 (closed loop)", out.median("delivery_p99_ms"), "ms"),
         Row("other processes on the machine (noise)", out.median("other_cpu_frac"), "core"),
     ]
-    return out
+
+
+SCENARIO_A: Final = Scenario(
+    key="a",
+    summary="Saturated relay: 100 pairs, 8 in flight per user.",
+    title=lambda p: (
+        f"(a) Saturated relay: {p['pairs']} pairs, {p['window']} unacknowledged "
+        f"send_message per user, {p.get('content_bytes', 100)}-byte contents"
+    ),
+    variants=lambda _ctx, p: [Variant(job=_relay_job(p), measure=_relay_metrics)],
+    rows=_a_rows,
+    headline=(
+        Headline("delivered msg per server CPU-s", "delivered_per_server_cpu_s"),
+        Headline("delivered msg/s", "delivered_per_s"),
+    ),
+)
 
 
 # ----------------------------------------------------------------------------- (b)
 
 
-def scenario_b(ctx: Context) -> Outcome:
-    """Fixed offered load: latency and server CPU below saturation."""
-    params = ctx.params("b")
-    out = Outcome(
-        f"(b) Fixed offered load: {params['rate']} msg/s over {params['users']} users "
-        "(Poisson arrivals, latency from the intended send time)",
-        params,
-    )
-    with temp_workdir(ctx.scratch) as tmp:
-        for run in range(ctx.runs):
-            with ctx.attempt(out, f"run {run + 1}"):
-                ctx.say(f"  run {run + 1}/{ctx.runs}")
-                with ctx.handler(Path(tmp), f"b-{run}") as (
-                    server,
-                    secret,
-                ):
-                    job = {
-                        "kind": "open_loop",
-                        "port": server.port,
-                        "secret": secret,
-                        "client": ctx.client,
-                        **params,
-                    }
-                    result, readings = run_loadgen(
-                        job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log("b.log")
-                    )
-                win = window(readings, "measure_start", "measure_end")
-                cpu = win["server_cpu_s"]
-                latency = result["delivery_latency"]
-                out.runs.append(
-                    {
-                        "delivered_per_s": result["delivered_per_s"],
-                        "sent_per_s": result["sent_per_s"],
-                        "lost": result["lost"],
-                        "p50_ms": latency.get("p50_ms"),
-                        "p99_ms": latency.get("p99_ms"),
-                        "p999_ms": latency.get("p999_ms"),
-                        "max_ms": latency.get("max_ms"),
-                        "ack_p50_ms": result["ack_latency"].get("p50_ms"),
-                        "ack_p99_ms": result["ack_latency"].get("p99_ms"),
-                        "send_lag_p99_ms": result["send_lag"].get("p99_ms"),
-                        "server_cpu_frac": cpu / win["wall_s"],
-                        "delivered_per_server_cpu_s": _per(result["delivered"], cpu),
-                        "generator_cpu_frac": win["generator_cpu_s"] / win["wall_s"],
-                        "other_cpu_frac": win["other_cpu_frac"],
-                        "errors": result["errors"],
-                        "histogram": result["delivery_histogram"],
-                        "timeline": result["timeline"],
-                    }
-                )
+def _b_run(run: Measured) -> dict[str, Any]:
+    result, win = run.result, run.window()
+    cpu = win["server_cpu_s"]
+    latency = result["delivery_latency"]
+    return {
+        "delivered_per_s": result["delivered_per_s"],
+        "sent_per_s": result["sent_per_s"],
+        "lost": result["lost"],
+        "p50_ms": latency.get("p50_ms"),
+        "p99_ms": latency.get("p99_ms"),
+        "p999_ms": latency.get("p999_ms"),
+        "max_ms": latency.get("max_ms"),
+        "ack_p50_ms": result["ack_latency"].get("p50_ms"),
+        "ack_p99_ms": result["ack_latency"].get("p99_ms"),
+        "send_lag_p99_ms": result["send_lag"].get("p99_ms"),
+        "server_cpu_frac": cpu / win["wall_s"],
+        "delivered_per_server_cpu_s": per(result["delivered"], cpu),
+        "generator_cpu_frac": win["generator_cpu_s"] / win["wall_s"],
+        "other_cpu_frac": win["other_cpu_frac"],
+        "errors": result["errors"],
+        "histogram": result["delivery_histogram"],
+        "timeline": result["timeline"],
+    }
+
+
+def _b_rows(out: Outcome, ctx: Context) -> None:
     p99 = out.median("p99_ms")
     cpu_frac = out.median("server_cpu_frac")
     out.rows += [
@@ -515,66 +363,58 @@ def scenario_b(ctx: Context) -> Outcome:
         Row("generator CPU (fraction of one core)", out.median("generator_cpu_frac"), "core"),
         Row("other processes on the machine (noise)", out.median("other_cpu_frac"), "core"),
     ]
-    return out
+
+
+SCENARIO_B: Final = Scenario(
+    key="b",
+    summary="Fixed offered load: latency and server CPU below saturation.",
+    title=lambda p: (
+        f"(b) Fixed offered load: {p['rate']} msg/s over {p['users']} users "
+        "(Poisson arrivals, latency from the intended send time)"
+    ),
+    variants=lambda _ctx, p: [Variant(job={"kind": "open_loop", **p}, measure=_b_run)],
+    rows=_b_rows,
+    headline=(
+        Headline("delivery latency p99 (ms)", "p99_ms"),
+        Headline("server CPU (fraction of one core)", "server_cpu_frac"),
+    ),
+)
 
 
 # ----------------------------------------------------------------------------- (c)
 
 
-def scenario_c(ctx: Context) -> Outcome:
-    """Idle memory per authenticated connection (RSS delta / connections)."""
-    params = ctx.params("c")
-    steps: list[int] = params["steps"]
-    out = Outcome(
-        "(c) Idle memory per authenticated connection: server RSS growth / connections "
-        f"at {', '.join(f'{s:,}' for s in steps)}",
-        params,
-    )
-    with temp_workdir(ctx.scratch) as tmp:
-        for run in range(ctx.runs):
-            with ctx.attempt(out, f"run {run + 1}"):
-                ctx.say(f"  run {run + 1}/{ctx.runs}")
-                with ctx.handler(Path(tmp), f"c-{run}") as (
-                    server,
-                    secret,
-                ):
-                    job = {
-                        "kind": "idle",
-                        "port": server.port,
-                        "secret": secret,
-                        "client": ctx.client,
-                        "sources": 16,
-                        **params,
-                    }
-                    result, readings = run_loadgen(
-                        job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log("c.log")
-                    )
-                base = readings["held_0"]["server_rss"]
-                metrics: dict[str, Any] = {"base_rss_mib": base / 2**20}
-                previous = (0, base)
-                for step in result["steps"]:
-                    held = readings[f"held_{step['target']}"]
-                    count = int(held["connections"])
-                    rss = held["server_rss"]
-                    metrics[f"held_{step['target']}"] = count
-                    metrics[f"rss_mib_{step['target']}"] = rss / 2**20
-                    metrics[f"per_conn_kib_{step['target']}"] = (rss - base) / max(count, 1) / KIB
-                    metrics[f"marginal_kib_{step['target']}"] = (
-                        (rss - previous[1]) / max(count - previous[0], 1) / KIB
-                    )
-                    metrics[f"connect_s_{step['target']}"] = step["connect_s"]
-                    previous = (count, rss)
-                out.runs.append(metrics)
+def _c_run(run: Measured) -> dict[str, Any]:
+    readings = run.readings
+    base = readings["held_0"]["server_rss"]
+    metrics: dict[str, Any] = {"base_rss_mib": base / 2**20}
+    previous = (0, base)
+    for step in run.result["steps"]:
+        target = step["target"]
+        held = readings[f"held_{target}"]
+        count = int(held["connections"])
+        rss = held["server_rss"]
+        metrics[f"held_{target}"] = count
+        metrics[f"rss_mib_{target}"] = rss / 2**20
+        metrics[f"per_conn_kib_{target}"] = (rss - base) / max(count, 1) / KIB
+        metrics[f"marginal_kib_{target}"] = (rss - previous[1]) / max(count - previous[0], 1) / KIB
+        metrics[f"connect_s_{target}"] = step["connect_s"]
+        previous = (count, rss)
+    return metrics
+
+
+def _c_rows(out: Outcome, ctx: Context) -> None:
+    steps: list[int] = out.params["steps"]
     for step in steps:
-        per = out.median(f"per_conn_kib_{step}")
+        value = out.median(f"per_conn_kib_{step}")
         last = step == steps[-1]
         out.rows.append(
             Row(
                 f"RSS per connection at {step:,}",
-                per,
+                value,
                 "KiB",
                 target="<= 30" if last else None,
-                ok=at_most(per, 30) if last else None,
+                ok=at_most(value, 30) if last else None,
             )
         )
     held_count = out.median(f"held_{steps[-1]}")
@@ -588,53 +428,46 @@ def scenario_c(ctx: Context) -> Outcome:
         )
     )
     out.rows.append(Row("server RSS before connections", out.median("base_rss_mib"), "MiB"))
-    return out
+
+
+SCENARIO_C: Final = Scenario(
+    key="c",
+    summary="Idle memory per authenticated connection (RSS delta / connections).",
+    title=lambda p: (
+        "(c) Idle memory per authenticated connection: server RSS growth / connections "
+        f"at {', '.join(f'{s:,}' for s in p['steps'])}"
+    ),
+    variants=lambda _ctx, p: [
+        Variant(job={"kind": "idle", "sources": 16, **p}, measure=_c_run),
+    ],
+    rows=_c_rows,
+    headline=lambda p: (
+        Headline(
+            f"RSS per connection at {p['steps'][-1]:,} (KiB)", f"per_conn_kib_{p['steps'][-1]}"
+        ),
+    ),
+)
 
 
 # ----------------------------------------------------------------------------- (d)
 
 
-def scenario_d(ctx: Context) -> Outcome:
-    """Connect + bind rate: TCP, upgrade, token check, `authenticated`."""
-    params = ctx.params("d")
-    out = Outcome(
-        f"(d) Connect + bind: {params['count']:,} fresh users, "
-        f"{params['concurrency']} connecting at a time",
-        params,
-    )
-    with temp_workdir(ctx.scratch) as tmp:
-        for run in range(ctx.runs):
-            with ctx.attempt(out, f"run {run + 1}"):
-                ctx.say(f"  run {run + 1}/{ctx.runs}")
-                with ctx.handler(Path(tmp), f"d-{run}") as (
-                    server,
-                    secret,
-                ):
-                    job = {
-                        "kind": "connect",
-                        "port": server.port,
-                        "secret": secret,
-                        "client": ctx.client,
-                        "sources": 16,
-                        **params,
-                    }
-                    result, readings = run_loadgen(
-                        job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log("d.log")
-                    )
-                win = window(readings, "measure_start", "measure_end")
-                out.runs.append(
-                    {
-                        "connects_per_s": result["connects_per_s"],
-                        "bound": result["bound"],
-                        "connects_per_server_cpu_s": _per(result["bound"], win["server_cpu_s"]),
-                        "server_cpu_frac": win["server_cpu_s"] / win["wall_s"],
-                        "generator_cpu_frac": win["generator_cpu_s"] / win["wall_s"],
-                        "other_cpu_frac": win["other_cpu_frac"],
-                        "p50_ms": result["latency"].get("p50_ms"),
-                        "p99_ms": result["latency"].get("p99_ms"),
-                        "errors": result["errors"],
-                    }
-                )
+def _d_run(run: Measured) -> dict[str, Any]:
+    result, win = run.result, run.window()
+    return {
+        "connects_per_s": result["connects_per_s"],
+        "bound": result["bound"],
+        "connects_per_server_cpu_s": per(result["bound"], win["server_cpu_s"]),
+        "server_cpu_frac": win["server_cpu_s"] / win["wall_s"],
+        "generator_cpu_frac": win["generator_cpu_s"] / win["wall_s"],
+        "other_cpu_frac": win["other_cpu_frac"],
+        "p50_ms": result["latency"].get("p50_ms"),
+        "p99_ms": result["latency"].get("p99_ms"),
+        "errors": result["errors"],
+    }
+
+
+def _d_rows(out: Outcome, ctx: Context) -> None:
     rate = out.median("connects_per_s")
     out.rows += [
         Row(
@@ -651,92 +484,47 @@ def scenario_d(ctx: Context) -> Outcome:
         Row("server CPU (fraction of one core)", out.median("server_cpu_frac"), "core"),
         Row("other processes on the machine (noise)", out.median("other_cpu_frac"), "core"),
     ]
-    return out
 
 
-def _run_on_seeded_copies(
-    ctx: Context,
-    out: Outcome,
-    key: str,
-    *,
-    owner: str,
-    sender: str,
-    job: dict[str, Any],
-    record: Callable[[dict[str, Any], dict[str, dict[str, float]]], None],
-) -> None:
-    """Seed one template database, then per run: a fresh copy of it, a handler on the copy,
-    one generator `job` against the handler, and `record(result, readings)`."""
-    params = ctx.params(key)
-    total = params["chats"] * params["per_chat"]
-    with temp_workdir(ctx.scratch) as tmp_name:
-        tmp = Path(tmp_name)
-        template = tmp / "template.db"
-        ctx.say(f"  seeding {total:,} messages")
-        out.extra["seeding"] = seeding.seed(
-            template,
-            owner=owner,
-            chats=params["chats"],
-            per_chat=params["per_chat"],
-            sender=sender,
-            workdir=tmp,
-        )
-        for run in range(ctx.runs):
-            with ctx.attempt(out, f"run {run + 1}"):
-                ctx.say(f"  run {run + 1}/{ctx.runs}")
-                db = tmp / f"run-{run}.db"
-                seeding.copy_database(template, db)
-                with ctx.handler(tmp, f"{key}-{run}", db_path=db) as (server, secret):
-                    full_job = {
-                        **job,
-                        "port": server.port,
-                        "secret": secret,
-                        "client": ctx.client,
-                    }
-                    result, readings = run_loadgen(
-                        full_job, server=server, cpus=GENERATOR_CPUS, log_path=ctx.log(f"{key}.log")
-                    )
-                record(result, readings)
+SCENARIO_D: Final = Scenario(
+    key="d",
+    summary="Connect + bind rate: TCP, upgrade, token check, `authenticated`.",
+    title=lambda p: (
+        f"(d) Connect + bind: {p['count']:,} fresh users, {p['concurrency']} connecting at a time"
+    ),
+    variants=lambda _ctx, p: [
+        Variant(job={"kind": "connect", "sources": 16, **p}, measure=_d_run),
+    ],
+    rows=_d_rows,
+    headline=(
+        Headline("connect+bind per server CPU-s", "connects_per_server_cpu_s"),
+        Headline("connect+bind/s", "connects_per_s"),
+    ),
+)
 
 
 # ----------------------------------------------------------------------------- (e)
 
 
-def scenario_e(ctx: Context) -> Outcome:
-    """Backlog: a user with undelivered messages over many chats binds."""
-    params = ctx.params("e")
-    total = params["chats"] * params["per_chat"]
-    out = Outcome(
-        f"(e) Backlog: a user with {total:,} undelivered messages over {params['chats']} "
-        "chats binds",
-        params,
-    )
+def _e_run(run: Measured) -> dict[str, Any]:
+    result, win = run.result, run.window()
+    return {
+        "elapsed_s": result["elapsed_s"],
+        "bind_s": result["bind_s"],
+        "messages": result["messages"],
+        "chats": result["chats"],
+        "frames": result["frames"],
+        "bytes": result["bytes"],
+        "messages_per_s": result["messages_per_s"],
+        "server_cpu_s": win["server_cpu_s"],
+        "other_cpu_frac": win["other_cpu_frac"],
+        "messages_per_server_cpu_s": per(result["messages"], win["server_cpu_s"]),
+    }
 
-    def record(result: dict[str, Any], readings: dict[str, dict[str, float]]) -> None:
-        win = window(readings, "measure_start", "measure_end")
-        out.runs.append(
-            {
-                "elapsed_s": result["elapsed_s"],
-                "bind_s": result["bind_s"],
-                "messages": result["messages"],
-                "chats": result["chats"],
-                "frames": result["frames"],
-                "bytes": result["bytes"],
-                "messages_per_s": result["messages_per_s"],
-                "server_cpu_s": win["server_cpu_s"],
-                "other_cpu_frac": win["other_cpu_frac"],
-                "messages_per_server_cpu_s": _per(result["messages"], win["server_cpu_s"]),
-            }
-        )
 
-    _run_on_seeded_copies(
-        ctx,
-        out,
-        "e",
-        owner="target",
-        sender="peer",
-        job={"kind": "backlog", "user_id": "target", "expect_messages": total},
-        record=record,
-    )
+def _e_rows(out: Outcome, ctx: Context) -> None:
+    total = out.params["chats"] * out.params["per_chat"]
+    messages = out.median("messages")
     out.rows += [
         Row(
             "time to receive the whole backlog",
@@ -749,57 +537,61 @@ def scenario_e(ctx: Context) -> Outcome:
         Row("backlog bytes received", out.median("bytes"), "B"),
         Row(
             "messages received",
-            out.median("messages"),
+            messages,
             "msg",
             target=f"= {total:,}",
-            ok=None if out.median("messages") is None else out.median("messages") == total,
+            ok=None if messages is None else messages == total,
         ),
     ]
-    return out
+
+
+SCENARIO_E: Final = Scenario(
+    key="e",
+    summary="Backlog: a user with undelivered messages over many chats binds.",
+    title=lambda p: (
+        f"(e) Backlog: a user with {p['chats'] * p['per_chat']:,} undelivered messages over "
+        f"{p['chats']} chats binds"
+    ),
+    variants=lambda _ctx, p: [
+        Variant(
+            job={
+                "kind": "backlog",
+                "user_id": "target",
+                "expect_messages": p["chats"] * p["per_chat"],
+            },
+            measure=_e_run,
+        )
+    ],
+    rows=_e_rows,
+    dataset=Dataset(owner="target", sender="peer"),
+    headline=(Headline("backlog msg per server CPU-s", "messages_per_server_cpu_s"),),
+)
 
 
 # ----------------------------------------------------------------------------- (f)
 
 
-def scenario_f(ctx: Context) -> Outcome:
-    """`fetch_chats` of a user with a long history in many chats."""
-    params = ctx.params("f")
-    total = params["chats"] * params["per_chat"]
-    out = Outcome(
-        f"(f) fetch_chats for a user with {params['chats']} chats x {params['per_chat']:,} "
-        "messages",
-        params,
-    )
+def _f_run(run: Measured) -> dict[str, Any]:
+    rounds = run.result["rounds"]
+    first, last = rounds[0], rounds[-1]
+    cpu_first = run.window("fetch_0_start", "fetch_0_end")["server_cpu_s"]
+    n = len(rounds) - 1
+    cpu_last = run.window(f"fetch_{n}_start", f"fetch_{n}_end")["server_cpu_s"]
+    return {
+        "first_s": first["elapsed_s"],
+        "repeat_s": last["elapsed_s"],
+        "bytes": first["bytes"],
+        "chats": first["chats"],
+        "messages": first["messages"],
+        "mib_per_s": first["bytes"] / 2**20 / first["elapsed_s"],
+        "server_cpu_s_first": cpu_first,
+        "server_cpu_s_repeat": cpu_last,
+        "messages_per_server_cpu_s": per(first["messages"], cpu_first),
+    }
 
-    def record(result: dict[str, Any], readings: dict[str, dict[str, float]]) -> None:
-        first = result["rounds"][0]
-        last = result["rounds"][-1]
-        cpu_first = window(readings, "fetch_0_start", "fetch_0_end")["server_cpu_s"]
-        n = len(result["rounds"]) - 1
-        cpu_last = window(readings, f"fetch_{n}_start", f"fetch_{n}_end")["server_cpu_s"]
-        out.runs.append(
-            {
-                "first_s": first["elapsed_s"],
-                "repeat_s": last["elapsed_s"],
-                "bytes": first["bytes"],
-                "chats": first["chats"],
-                "messages": first["messages"],
-                "mib_per_s": first["bytes"] / 2**20 / first["elapsed_s"],
-                "server_cpu_s_first": cpu_first,
-                "server_cpu_s_repeat": cpu_last,
-                "messages_per_server_cpu_s": _per(first["messages"], cpu_first),
-            }
-        )
 
-    _run_on_seeded_copies(
-        ctx,
-        out,
-        "f",
-        owner="reader",
-        sender="owner",
-        job={"kind": "fetch", "user_id": "reader", "repeats": params.get("repeats", 2)},
-        record=record,
-    )
+def _f_rows(out: Outcome, ctx: Context) -> None:
+    total = out.params["chats"] * out.params["per_chat"]
     messages = out.median("messages")
     out.rows += [
         Row(
@@ -820,28 +612,44 @@ def scenario_f(ctx: Context) -> Outcome:
             ok=None if messages is None else messages == total,
         ),
     ]
-    return out
+
+
+SCENARIO_F: Final = Scenario(
+    key="f",
+    summary="`fetch_chats` of a user with a long history in many chats.",
+    title=lambda p: (
+        f"(f) fetch_chats for a user with {p['chats']} chats x {p['per_chat']:,} messages"
+    ),
+    variants=lambda _ctx, p: [
+        Variant(
+            job={"kind": "fetch", "user_id": "reader", "repeats": p.get("repeats", 2)},
+            measure=_f_run,
+        )
+    ],
+    rows=_f_rows,
+    dataset=Dataset(owner="reader", sender="owner"),
+    headline=(Headline("fetch_chats msg per server CPU-s", "messages_per_server_cpu_s"),),
+)
 
 
 # ----------------------------------------------------------------------------- (g)
 
+_SCALE_MODULES: Final = ("handler.app", "handler.store.postgres", "handler.bus.redis")
+_SCALE_PACKAGES: Final = ("psycopg", "coredis", "hypercorn")
 
-def scale_unavailable() -> str | None:
-    """Why (g) cannot run here, or None."""
-    import importlib.util
 
+def scale_unavailable(source: Source) -> str | None:
+    """Why (g) cannot run against the tree of `source`, or None. The tree's own modules are
+    looked for as files: the orchestrator imports no `handler`, whichever tree is measured."""
     if not port_open("127.0.0.1", 5432):
         return "PostgreSQL is not listening on 127.0.0.1:5432"
     if not port_open("127.0.0.1", 6379):
         return "Redis is not listening on 127.0.0.1:6379"
-    for module in (
-        "handler.app",
-        "handler.store.postgres",
-        "handler.bus.redis",
-        "psycopg",
-        "coredis",
-        "hypercorn",
-    ):
+    for module in _SCALE_MODULES:
+        path = source.root.joinpath(*module.split("."))
+        if not (path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()):
+            return f"module {module} is not available"
+    for module in _SCALE_PACKAGES:
         try:
             if importlib.util.find_spec(module) is None:
                 return f"module {module} is not available"
@@ -850,57 +658,44 @@ def scale_unavailable() -> str | None:
     return None
 
 
-def scenario_g(ctx: Context) -> Outcome:
-    """Two Hypercorn workers on PostgreSQL + Redis against one."""
-    params = ctx.params("g")
-    out = Outcome(
-        "(g) PostgreSQL + Redis: 2 Hypercorn workers vs 1, saturated relay as in (a)", params
+def _g_run(workers: int, run: Measured) -> dict[str, Any]:
+    win = run.window()
+    metrics = _relay_metrics(run)
+    metrics["workers"] = workers
+    metrics["backend_cpu_frac"] = win.get("backend_cpu_s", 0.0) / win["wall_s"]
+    metrics["delivered_per_total_cpu_s"] = per(
+        run.result["delivered_per_s"] * win["wall_s"],
+        (win.get("server_cpu_s") or 0.0) + win.get("backend_cpu_s", 0.0),
     )
-    reason = scale_unavailable()
-    if reason:
-        out.skipped = reason
-        ctx.say(f"  skipped: {reason}")
-        return out
-    backends = ("postgres", "redis-server")
-    series: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
-    with temp_workdir(ctx.scratch) as tmp:
-        for workers in (1, 2):
-            cpus = SERVER_CPUS if workers == 1 else None
-            for run in range(ctx.runs):
-                with ctx.attempt(out, f"{workers} worker(s) run {run + 1}"):
-                    ctx.say(f"  {workers} worker(s): run {run + 1}/{ctx.runs}")
-                    with ctx.handler(
-                        Path(tmp),
-                        f"g-{workers}-{run}",
-                        cpus=cpus,
-                        workers=workers,
-                        postgres_dsn=POSTGRES_DSN,
-                        redis_url=REDIS_URL,
-                    ) as (server, secret):
-                        job = _relay_job(params, server.port, secret, ctx.client)
-                        result, readings = run_loadgen(
-                            job,
-                            server=server,
-                            cpus=GENERATOR_CPUS,
-                            log_path=ctx.log("g.log"),
-                            backends=backends,
-                        )
-                    win = window(readings, "measure_start", "measure_end")
-                    metrics = _relay_metrics(result, win)
-                    metrics["workers"] = workers
-                    metrics["backend_cpu_frac"] = win.get("backend_cpu_s", 0.0) / win["wall_s"]
-                    metrics["delivered_per_total_cpu_s"] = _per(
-                        result["delivered_per_s"] * win["wall_s"],
-                        (win.get("server_cpu_s") or 0.0) + win.get("backend_cpu_s", 0.0),
-                    )
-                    series[workers].append(metrics)
-                    out.runs.append(metrics)
-    one, two = series[1], series[2]
+    return metrics
+
+
+def _g_variants(_ctx: Context, params: dict[str, Any]) -> list[Variant]:
+    return [
+        Variant(
+            job=_relay_job(params),
+            measure=partial(_g_run, workers),
+            series=str(workers),
+            label=f"{workers} worker(s)",
+            server={
+                "cpus": SERVER_CPUS if workers == 1 else None,
+                "workers": workers,
+                "postgres_dsn": POSTGRES_DSN,
+                "redis_url": REDIS_URL,
+            },
+            backends=("postgres", "redis-server"),
+        )
+        for workers in (1, 2)
+    ]
+
+
+def _g_rows(out: Outcome, ctx: Context) -> None:
+    one, two = out.series.get("1", []), out.series.get("2", [])
     rate1, rate2 = median_of(one, "delivered_per_s"), median_of(two, "delivered_per_s")
     eff1 = median_of(one, "delivered_per_server_cpu_s")
     eff2 = median_of(two, "delivered_per_server_cpu_s")
     projected = 2 * eff2 / eff1 if eff1 and eff2 else None
-    for workers, runs in series.items():
+    for workers, runs in ((1, one), (2, two)):
         out.rows += [
             Row(
                 f"{workers} worker(s): delivered msg/s",
@@ -951,28 +746,32 @@ def scenario_g(ctx: Context) -> Outcome:
         "The projection assumes each worker gets a core of its own and keeps its measured "
         "msg per CPU-second."
     )
-    return out
 
 
-SCENARIOS: Final[dict[str, Callable[[Context], Outcome]]] = {
-    "ceiling": scenario_ceiling,
-    "a": scenario_a,
-    "b": scenario_b,
-    "c": scenario_c,
-    "d": scenario_d,
-    "e": scenario_e,
-    "f": scenario_f,
-    "g": scenario_g,
+SCENARIO_G: Final = Scenario(
+    key="g",
+    summary="Two Hypercorn workers on PostgreSQL + Redis against one.",
+    title=lambda _p: "(g) PostgreSQL + Redis: 2 Hypercorn workers vs 1, saturated relay as in (a)",
+    variants=_g_variants,
+    rows=_g_rows,
+    unavailable=scale_unavailable,
+    headline=(
+        Headline("1 worker: msg per server CPU-s", "delivered_per_server_cpu_s", "1"),
+        Headline("2 workers: msg per server CPU-s", "delivered_per_server_cpu_s", "2"),
+    ),
+)
+
+
+SCENARIOS: Final[dict[str, Scenario]] = {
+    spec.key: spec
+    for spec in (
+        CEILING,
+        SCENARIO_A,
+        SCENARIO_B,
+        SCENARIO_C,
+        SCENARIO_D,
+        SCENARIO_E,
+        SCENARIO_F,
+        SCENARIO_G,
+    )
 }
-
-
-def run_scenario(name: str, ctx: Context) -> dict[str, Any]:
-    """Run one scenario; a failure becomes an `error` entry instead of stopping the suite."""
-    started = time.monotonic()
-    try:
-        section = SCENARIOS[name](ctx).as_dict()
-    except Exception as error:
-        ctx.say(f"  FAILED: {error}")
-        section = {"title": name, "error": f"{type(error).__name__}: {error}", "rows": []}
-    section["seconds"] = time.monotonic() - started
-    return section

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -28,6 +29,68 @@ REPO: Final = Path(__file__).resolve().parent.parent
 _TICKS: Final = os.sysconf("SC_CLK_TCK")
 _PAGE: Final = os.sysconf("SC_PAGE_SIZE")
 NOFILE: Final = 65536
+
+
+@dataclass(frozen=True)
+class Source:
+    """A tree whose `handler` package the servers run: this working tree, or the temporary
+    checkout of a git ref that `--compare` measures it against. The load generator and the
+    bare relays always come from this working tree: only the server under test differs."""
+
+    name: str  # "current" or "baseline": also the folder of its logs in a comparison
+    root: Path
+    ref: str = ""  # the git ref asked for; "" for the working tree
+    commit: str = ""  # what `ref` resolved to
+
+    @property
+    def label(self) -> str:
+        """How progress lines and reports name it."""
+        return f"baseline {self.ref}" if self.ref else "current tree"
+
+
+CURRENT: Final = Source("current", REPO)
+
+
+def server_env(root: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    """`env` (default: ours) with `root` first on PYTHONPATH, so that `import handler` finds
+    that tree's package before any installed or editable copy.
+
+    A tree other than this one (a `--compare` checkout, thrown away afterwards) also gets its
+    bytecode written beside its sources: the `__pycache__` its servers leave there is the
+    trace that they ran its modules (`benchmarks.compare.compiled_modules`). Only imports
+    pay for that, before any measured window.
+    """
+    out = dict(os.environ if env is None else env)
+    out["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), out.get("PYTHONPATH")]))
+    if root.resolve() != REPO:
+        out.pop("PYTHONDONTWRITEBYTECODE", None)
+        out.pop("PYTHONPYCACHEPREFIX", None)
+    return out
+
+
+def handler_origin(root: Path) -> Path:
+    """The `handler` package a server started from `root` imports: resolved by the same
+    interpreter, environment and working directory as the server, with `find_spec`, which
+    follows the import system without running the package (a tree mid-refactor may not
+    import). Raises RuntimeError when there is none."""
+    probe = (
+        "import importlib.util, sys\n"
+        "spec = importlib.util.find_spec('handler')\n"
+        "places = list(spec.submodule_search_locations or []) if spec else []\n"
+        "sys.stdout.write(places[0] if places else '')\n"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=root,
+        env=server_env(root),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if found.returncode != 0 or not found.stdout.strip():
+        raise RuntimeError(f"no `handler` package importable from {root}: {found.stderr.strip()}")
+    return Path(found.stdout.strip()).resolve()
 
 
 def raise_nofile(limit: int = NOFILE) -> int:
@@ -171,8 +234,10 @@ class ServerProcess:
         log_path: Path,
         env: dict[str, str] | None = None,
         stop_grace_s: float = 15.0,
+        root: Path = REPO,
     ) -> None:
         self.argv = list(argv)
+        self.root = root
         self.stop_grace_s = stop_grace_s
         self.killed = False
         self.port = port
@@ -193,13 +258,13 @@ class ServerProcess:
         apply_priority()
 
     def start(self, timeout: float = 60.0) -> None:
-        env = dict(os.environ if self.env is None else self.env)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        # `-m handler` puts the working directory first on sys.path, Hypercorn imports its app
+        # from there too, and PYTHONPATH covers the rest: all three name the same tree.
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 self.argv,
-                cwd=REPO,
-                env=env,
+                cwd=self.root,
+                env=server_env(self.root, self.env),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -308,8 +373,9 @@ def handler_server(
     limits: dict[str, Any] | None = None,
     log_path: Path | None = None,
     stop_grace_s: float = 15.0,
+    root: Path = REPO,
 ) -> Iterator[tuple[ServerProcess, str]]:
-    """Run the handler with a fresh config; yields (process, jwt secret).
+    """Run the handler of the tree at `root` with a fresh config; yields (process, jwt secret).
 
     `workers=None` runs `python -m handler --config`; a number runs Hypercorn's trio worker
     with that many processes and `CHAT_CONFIG`, the multi-process deployment.
@@ -351,6 +417,7 @@ def handler_server(
         log_path=log_path or workdir / "server.log",
         env=env,
         stop_grace_s=stop_grace_s,
+        root=root,
     )
     with server:
         yield server, secret

@@ -1,13 +1,17 @@
-"""Smoke run of every benchmark scenario at tiny sizes.
+"""Smoke run of every benchmark scenario at tiny sizes, and of `--compare`.
 
 It keeps `python -m benchmarks` working as the handler changes: real server processes, the
 real generator, the real report. It checks that each section has the fields the report
 promises and that they are sane, never timing targets (this machine is shared and noisy).
+The comparison runs (a) and (d) against a worktree of HEAD and checks that both trees ran,
+interleaved, that the baseline's servers ran the worktree's code, and that the worktree is
+gone afterwards.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +19,9 @@ import pytest
 
 from benchmarks.cli import run
 from benchmarks.scenarios import PROFILES, SCENARIOS
+from benchmarks.servers import REPO
 
-pytestmark = pytest.mark.slow  # about 25 s: every scenario starts its own servers
+pytestmark = pytest.mark.slow  # about 25 s, and 15 s for the comparison: real servers
 
 SMOKE = PROFILES["smoke"].params
 
@@ -131,3 +136,94 @@ def test_g_two_workers(smoke: tuple[dict[str, Any], Path]) -> None:
     assert workers == {1, 2}
     assert all(run_["delivered_per_s"] > 0 for run_ in data["runs"])
     assert any("projected" in row["metric"] for row in data["rows"])
+
+
+@pytest.fixture(scope="module")
+def comparison(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[dict[str, Any], Path, list[str]]:
+    head = subprocess.run(
+        ["git", "rev-parse", "--verify", "HEAD"], cwd=REPO, capture_output=True, check=False
+    )
+    if head.returncode != 0:
+        pytest.skip(f"--compare needs a git checkout with a commit; {REPO} is not one")
+    out = tmp_path_factory.mktemp("compare")
+    said: list[str] = []
+    report = run(
+        profile="smoke", scenarios=["a", "d"], runs=2, compare="HEAD", out=out, say=said.append
+    )
+    return report, out, said
+
+
+def test_compare_runs_both_trees_interleaved(
+    comparison: tuple[dict[str, Any], Path, list[str]],
+) -> None:
+    report, _, said = comparison
+    runs = [line.strip() for line in said if line.strip().startswith("run ")]
+    assert runs == [
+        f"run {n}/2 [{tree}]"
+        for _ in "ad"
+        for n in (1, 2)
+        for tree in ("baseline HEAD", "current tree")
+    ], said
+    for tree in (report, report["baseline"]):
+        assert set(tree["scenarios"]) == {"a", "d"}
+        for name, section in tree["scenarios"].items():
+            assert "error" not in section, f"{name}: {section.get('error')}"
+            assert not section["failed_runs"], section["failed_runs"]
+            assert len(section["runs"]) == 2
+
+
+def test_compare_reports_medians_and_ratios(
+    comparison: tuple[dict[str, Any], Path, list[str]],
+) -> None:
+    report, out, _ = comparison
+    data = report["comparison"]
+    assert data == json.loads((out / "comparison.json").read_text())
+    assert data["runs"] == 2
+    headline = {
+        (key, figure["figure"]): figure
+        for key, section in data["scenarios"].items()
+        for figure in section["headline"]
+    }
+    for key in ("a", "d"):
+        per_cpu = "delivered msg" if key == "a" else "connect+bind"
+        figure = headline[(key, f"{per_cpu} per server CPU-s")]
+        assert len(figure["baseline_runs"]) == len(figure["current_runs"]) == 2
+        assert figure["baseline"] > 0
+        assert figure["current"] > 0
+        assert figure["ratio"] == pytest.approx(figure["current"] / figure["baseline"])
+    rows = data["scenarios"]["a"]["figures"]
+    assert any(row["figure"].endswith("per CPU-s") and row["ratio"] for row in rows)
+    text = (out / "comparison.md").read_text()
+    assert "baseline `HEAD`" in text
+    assert (
+        "| scenario | figure | baseline runs | current runs | baseline | current | ratio |" in text
+    )
+    assert "2 runs of each tree per figure, interleaved" in text
+    assert "x** |" in text  # a headline ratio
+    assert json.loads((out / "baseline" / "results.json").read_text())["meta"]["ref"] == "HEAD"
+    assert (out / "results.md").is_file()
+
+
+def test_compare_ran_the_worktree_and_removed_it(
+    comparison: tuple[dict[str, Any], Path, list[str]],
+) -> None:
+    report, _, _ = comparison
+    baseline = report["comparison"]["baseline"]
+    handler = Path(baseline["handler"])
+    tree = handler.parent
+    assert handler.name == "handler"
+    assert tree.name == "tree"
+    assert tree.parent.name.startswith("bench-baseline-")
+    assert baseline["modules_compiled"] > 0  # the baseline's servers imported from it
+    assert Path(report["meta"]["handler"]) == REPO / "handler"
+    assert not tree.parent.exists()
+    listed = subprocess.run(
+        ["git", "worktree", "list", "--porcelain"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert str(tree) not in listed
