@@ -14,11 +14,32 @@ source the tests fingerprint:
 - `hypercorn_http1`: HTTP/1.1 only: no h2c upgrade, prior-knowledge HTTP/2 refused.
 - `accept_errors`: running out of descriptors logged once a second, not ten tracebacks.
 
+The upstream fix each one stands in for (the modules above tell the fault in full):
+- `WSStream._accept`: let the application choose the extensions `Handshake.accept` offers.
+- `WSStream._handle_events`: send the close frame of wsproto's `CloseConnection` for rejected
+  input; after `FrameTooLargeError`, clear the buffer and read on to the peer's Close.
+- `WSStream.app_send`: raise for a data frame sent after the close instead of dropping it
+  (`SEND_MANY` and `SEND_PING` are ASGI extensions of ours, with no upstream counterpart).
+- `TCPServer.run`: catch `Exception` per connection and log it, as the ASGI task wrapper does.
+- `TCPServer.protocol_send`: do not shield socket writes; shield the connection's own close
+  and keep-alive bookkeeping from the cancel scopes of the app's `send()`.
+- `TCPServer._close`: take `send_lock` around `send_eof`.
+- `TCPServer._read_data`: close the socket (and stop the idle timer) when `_read_data` ends.
+- `TCPServer._initiate_server_close`: none; only our `TcpProgress` needs its final count.
+- `H11Protocol._check_protocol`, `ProtocolWrapper.handle`: a `Config` switch for cleartext
+  HTTP/2 (h2c and prior knowledge), like `alpn_protocols` for TLS.
+- `accept_errors` (a log filter, no patch): trio's accept loop logging EMFILE once, not per
+  retry.
+
 `install()` is idempotent and called by `create_app()`, so both `python -m handler` and
-`hypercorn -k trio "handler.app:create_app()"` get the same transport. Outside the Hypercorn
-versions the patches were checked against it patches nothing and logs an error: the server
-then runs with Hypercorn's public behaviour (no `TcpProgress`, so deliveries count once
-written; Hypercorn's own limits and close handling).
+`hypercorn -k trio "handler.app:create_app()"` get the same transport. It checks two version
+ranges: Hypercorn's, whose functions the patches replace, and wsproto's, whose private state
+and behaviour `hypercorn_ws` relies on (`PerMessageDeflate`'s inflate state, read by
+`CappedPerMessageDeflate`; `Connection.events` reporting rejected input as a
+`CloseConnection` while the state is still `OPEN`).
+Outside either range it patches nothing and logs an error: the server then runs with
+Hypercorn's public behaviour (no `TcpProgress`, so deliveries count once written; Hypercorn's
+own limits and close handling).
 """
 
 from __future__ import annotations
@@ -45,19 +66,26 @@ __all__ = [
     "SEND_MANY",
     "SEND_PING",
     "SUPPORTED_HYPERCORN",
+    "SUPPORTED_WSPROTO",
     "CappedPerMessageDeflate",
     "ClientGone",
     "TcpProgress",
     "TransportOptions",
     "current_progress",
+    "hypercorn_supported",
     "install",
     "installed",
+    "wsproto_supported",
 ]
 
 log = logging.getLogger("handler.transport")
 
+_Range = tuple[tuple[int, int], tuple[int, int]]
+
 # The Hypercorn releases whose source the patches were checked against: [low, high).
-SUPPORTED_HYPERCORN: Final = ((0, 18), (0, 19))
+SUPPORTED_HYPERCORN: Final[_Range] = ((0, 18), (0, 19))
+# The wsproto releases whose private state `hypercorn_ws` was checked against: [low, high).
+SUPPORTED_WSPROTO: Final[_Range] = ((1, 3), (1, 4))
 
 PATCHES: Final[tuple[Patch, ...]] = (
     *hypercorn_ws.PATCHES,
@@ -78,12 +106,29 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+def _in_range(version: str, supported: _Range) -> bool:
+    low, high = supported
+    return low <= _version_tuple(version) < high
+
+
+def _range_text(supported: _Range) -> str:
+    low, high = supported
+    return f"{'.'.join(map(str, low))}..{'.'.join(map(str, high))}"
+
+
 def hypercorn_supported(version: str | None = None) -> bool:
     """Whether this Hypercorn (default: the installed one) is one the patches fit."""
     if version is None:
         version = importlib.metadata.version("hypercorn")
-    low, high = SUPPORTED_HYPERCORN
-    return low <= _version_tuple(version) < high
+    return _in_range(version, SUPPORTED_HYPERCORN)
+
+
+def wsproto_supported(version: str | None = None) -> bool:
+    """Whether this wsproto (default: the installed one) is one whose private state
+    `hypercorn_ws` reads as it was checked."""
+    if version is None:
+        version = importlib.metadata.version("wsproto")
+    return _in_range(version, SUPPORTED_WSPROTO)
 
 
 def installed() -> bool:
@@ -91,17 +136,20 @@ def installed() -> bool:
 
 
 def install() -> bool:
-    """Apply the fixes (idempotent); False when this Hypercorn is not one they fit."""
+    """Apply the fixes (idempotent); False when this Hypercorn or wsproto is not one they fit."""
     global _installed
     if _installed:
         return True
-    version = importlib.metadata.version("hypercorn")
-    if not hypercorn_supported(version):
+    hypercorn = importlib.metadata.version("hypercorn")
+    wsproto = importlib.metadata.version("wsproto")
+    if not (hypercorn_supported(hypercorn) and wsproto_supported(wsproto)):
         log.error(
-            "hypercorn %s is outside the checked range %s..%s: transport guard NOT installed",
-            version,
-            ".".join(map(str, SUPPORTED_HYPERCORN[0])),
-            ".".join(map(str, SUPPORTED_HYPERCORN[1])),
+            "hypercorn %s, wsproto %s: outside the checked ranges (hypercorn %s, wsproto %s):"
+            " transport guard NOT installed",
+            hypercorn,
+            wsproto,
+            _range_text(SUPPORTED_HYPERCORN),
+            _range_text(SUPPORTED_WSPROTO),
         )
         return False
     for patch in PATCHES:

@@ -1,9 +1,10 @@
 """The fence around our replacements of Hypercorn functions (STYLE #22).
 
 A `Patch` names the class attribute it replaces, the replacement, and the upstream function
-it stands in for. `hypercorn_guard.install()` applies them only for the Hypercorn versions
-they were checked against, and the tests hash the source of every `original`, so an upgrade
-that changes one of them fails loudly instead of silently running our copy of old code.
+it stands in for. `hypercorn_guard.install()` applies them only for the Hypercorn (and
+wsproto) versions they were checked against, and the tests hash the source of every
+`original`, and of the wsproto code the replacements rely on, so an upgrade that changes one
+of them fails loudly instead of silently running our copy of old code.
 """
 
 from __future__ import annotations
