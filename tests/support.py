@@ -301,6 +301,34 @@ class RunningServer:
             yield client
 
 
+async def wait_until(
+    predicate: Callable[[], object],
+    timeout: float = 10.0,
+    *,
+    changed: Callable[[], Awaitable[object]] | None = None,
+) -> None:
+    """Return once `predicate()` is true; `trio.TooSlowError` after `timeout` seconds.
+
+    Why: a test that sleeps for a guessed time is slow when the guess is long and flaky when it
+    is short; this waits for the condition itself. `predicate` may be async (a check that has
+    to ask a server). It is checked again after every `changed()`, for state whose owner
+    announces changes (`changed` is called anew for each wait, so it may return the `wait()` of
+    an event that is replaced on every change), or else every 10 ms, for state that nothing
+    announces (a Tk window, a bus reconnecting).
+    """
+    with trio.fail_after(timeout):
+        while True:
+            done = predicate()
+            if isinstance(done, Awaitable):
+                done = await done
+            if done:
+                return
+            if changed is None:
+                await trio.sleep(0.01)  # nothing announces a change: look again shortly
+            else:
+                await changed()
+
+
 async def wait_marked(
     server: RunningServer,
     user_id: str,

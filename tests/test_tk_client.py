@@ -29,6 +29,7 @@ from clients_support import (
     load_test_client,
     save_screenshot,
 )
+from support import wait_until
 
 from handler import protocol
 from handler.config import Config, parse_config
@@ -348,9 +349,7 @@ class Recorder:
         ]
 
     async def wait_for(self, predicate: Callable[[], object]) -> None:
-        with trio.fail_after(10):
-            while not predicate():
-                await self._changed.wait()
+        await wait_until(predicate, 10, changed=lambda: self._changed.wait())
 
 
 async def test_fetch_dev_token_from_a_real_server(server_url: str) -> None:
@@ -589,13 +588,6 @@ def run_window(app: tc.App, person: Callable[[tc.App], Awaitable[None]]) -> None
     app.root.mainloop()
     assert app.trio_outcome is not None
     app.trio_outcome.unwrap()
-
-
-async def wait_until(predicate: Callable[[], object], timeout: float = 10) -> None:
-    # The window has no events to wait on: look at it, as a person would, until it shows.
-    with trio.fail_after(timeout):
-        while not predicate():  # noqa: ASYNC110
-            await trio.sleep(0.01)
 
 
 def window_received(app: tc.App, frame_type: str) -> list[dict[str, Any]]:

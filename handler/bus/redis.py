@@ -1,11 +1,18 @@
 """Redis bus: pub/sub with one channel per user, so a node receives only its own users' events.
 
-coredis runs on Trio through anyio (no asyncio loop); everything here is plain Trio.
+coredis runs on Trio through anyio (no asyncio loop); everything here is plain Trio. This
+module owns the connections and the tasks (subscriber, publisher, heartbeat, order expiry);
+the parts with a job of their own live beside it:
+- `redis_codec`: channel names and payloads (pure);
+- `redis_settle`: the settle exchange (delivery marks committed across nodes);
+- `redis_losses`: the loss accounting (resync notices owed, resyncs of this node's users);
+- `redis_errors`: which coredis failures are handled, and which (cancellation) pass through;
+- `order`: the per-chat order gate (pure).
 
 Theory of operation:
-- Channels: `{prefix}u:{user_id}` per user; `{prefix}n:{node}` is this node's heartbeat channel;
-  `{prefix}all` carries "resynchronize everyone" notices. `subscribe(user)` sends SUBSCRIBE on
-  the node's one subscriber connection and returns once Redis confirmed it.
+- Channels (named in `redis_codec`): one per user, one per node (its heartbeat), and one for
+  "resynchronize everyone" notices. `subscribe(user)` sends SUBSCRIBE on the node's one
+  subscriber connection and returns once Redis confirmed it.
 - `publish_nowait(event)` first calls the sink synchronously when a recipient is bound here (so
   same-node delivery needs no round trip and survives a Redis outage), then queues one compact
   orjson payload for the recipients' channels. One publisher task drains the bounded queue in
@@ -25,12 +32,8 @@ Theory of operation:
   - the publisher could not send a batch, or its queue was full: the recipients are remembered
     and, once Redis answers again, sent a resync notice on their channels (or on `{prefix}all`
     when too many were lost), so the nodes serving them resync them.
-- Delivery marks across nodes: `settle(user)` publishes a request on the user's channel;
-  PUBLISH answers how many subscribers got it, i.e. how many nodes serve the user. Each other
-  node commits the marks it holds for the user (`on_settle`) and acknowledges on the
-  requester's node channel; `settle` returns once all have (or after `_SETTLE_WAIT_S`). A node
-  commits its marks for a user before leaving the user's channel, so a node that no longer
-  gets the request has nothing left to commit.
+- Delivery marks across nodes: `settle(user)` asks every other node serving the user to commit
+  its marks for the user, and `unsubscribe` commits this node's own first (`redis_settle`).
 - Outage: `subscribe` raises `BusUnavailable` (after waiting briefly for a reconnect);
   `publish_nowait` never raises (events queue, then turn into resync notices); `check` fails;
   the bus reconnects with backoff (0.1 s doubling to 5 s) and never stops on a Redis error.
@@ -38,11 +41,10 @@ Theory of operation:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import secrets
-from collections.abc import Iterable, Sequence
-from typing import Any, Final
+from collections.abc import Sequence
+from typing import Final
 
 import attrs
 import coredis
@@ -51,11 +53,15 @@ import trio
 from coredis.patterns.pubsub import PubSub
 from coredis.retry import NoRetryPolicy
 
+from handler.bus import redis_codec
 from handler.bus.base import Delivery, DeliverySink, ResyncHook, SettleHook
 from handler.bus.order import HOLD_S, ChatOrder
+from handler.bus.redis_codec import Channels, Outgoing
+from handler.bus.redis_errors import reraise_cancellation
+from handler.bus.redis_losses import LossLedger, Repair
+from handler.bus.redis_settle import SettleExchange
 from handler.config import BusConfig
 from handler.errors import BusUnavailable
-from handler.protocol import Chat, Message
 
 log = logging.getLogger("handler.bus.redis")
 
@@ -63,13 +69,11 @@ log = logging.getLogger("handler.bus.redis")
 _QUEUE_SIZE: Final = 10_000
 _MAX_PIPELINE: Final = 512
 _SUBSCRIBE_CHUNK: Final = 512
-_MAX_LOST_USERS: Final = 10_000
 _READY_WAIT_S: Final = 2.0
 _COMMAND_TIMEOUT_S: Final = 5.0
 _BACKOFF_MIN_S: Final = 0.1
 _BACKOFF_MAX_S: Final = 5.0
 _HEARTBEAT_S: Final = 2.0
-_SETTLE_WAIT_S: Final = 2.0
 
 
 @attrs.define
@@ -89,76 +93,8 @@ class RedisBusStatistics:
     connected: bool = False
 
 
-@attrs.frozen
-class _Outgoing:
-    channels: tuple[bytes, ...]
-    payload: bytes
-
-
-def _reraise_cancellation(error: BaseException) -> None:
-    """Re-raise a cancellation (or interrupt) alone; let the caller handle a Redis failure.
-
-    coredis runs anyio task groups, so a cancellation can arrive grouped with the cleanup errors
-    it caused (e.g. UNSUBSCRIBE on a connection being torn down); only the cancellation matters.
-    """
-    if isinstance(error, BaseExceptionGroup):
-        # (The condition also sees the groups themselves: answer False so split recurses.)
-        fatal, _ = error.split(lambda e: not isinstance(e, Exception | BaseExceptionGroup))
-        if fatal is not None:
-            raise fatal
-    elif not isinstance(error, Exception):
-        raise error
-
-
-@attrs.define(eq=False)
-class _Settle:
-    """One `settle` call waiting for the other nodes' acknowledgements."""
-
-    acks: int = 0
-    changed: trio.Event = attrs.field(factory=trio.Event)
-
-
 class _Stale(Exception):
     """The subscriber connection stopped delivering (no heartbeat came back)."""
-
-
-def _encode_event(node: str, event: Delivery) -> bytes:
-    """The remote copy: origin node, kind and record as positional arrays (compact)."""
-    if event.kind == "message":
-        message = event.message
-        assert message is not None
-        return orjson.dumps(
-            {
-                "o": node,
-                "m": [
-                    message.message_id,
-                    message.chat_id,
-                    message.sender_id,
-                    message.recipient_id,
-                    message.content,
-                    message.timestamp,
-                    message.client_message_id,
-                    event.prev_message_id,
-                ],
-            }
-        )
-    chat = event.chat
-    assert chat is not None
-    return orjson.dumps(
-        {"o": node, "c": [chat.chat_id, list(chat.participants), chat.created_by, chat.created_at]}
-    )
-
-
-def _decode_event(data: dict[str, Any], user_id: str) -> Delivery | None:
-    if "m" in data:
-        m = data["m"]
-        message = Message(m[0], m[1], m[2], m[3], m[4], m[5], m[6])
-        previous = m[7] if len(m) > 7 else None  # absent from older nodes' payloads
-        return Delivery("message", (user_id,), message=message, prev_message_id=previous)
-    if "c" in data:
-        c = data["c"]
-        return Delivery("chat", (user_id,), chat=Chat(c[0], (c[1][0], c[1][1]), c[2], c[3]))
-    return None
 
 
 class RedisBus:
@@ -174,41 +110,37 @@ class RedisBus:
         order_hold_s: float = HOLD_S,
     ) -> None:
         self._url = config.url
-        self._prefix = prefix
-        self._user_prefix = f"{prefix}u:".encode()
+        self._channels = Channels(prefix)
         self.node_id = secrets.token_hex(8)
-        self._node_channel = f"{prefix}n:{self.node_id}".encode()
-        self._all_channel = f"{prefix}all".encode()
+        self._node_channel = self._channels.node(self.node_id)
         self._heartbeat_s = heartbeat_s
         self._users: set[str] = set()
         # Bumped by every subscribe: an unsubscribe that waited (for the marks) must not undo
         # a subscribe of the same user that happened meanwhile.
         self._subscriptions: dict[str, int] = {}
         self._sink: DeliverySink | None = None
-        self._on_resync: ResyncHook | None = None
-        self._on_settle: SettleHook | None = None
         self._nursery: trio.Nursery | None = None
-        self._settles: dict[str, _Settle] = {}
         self._client: coredis.Redis[bytes] | None = None
         self._pubsub: PubSub[bytes] | None = None
         self._ready = trio.Event()
-        self._send, self._receive = trio.open_memory_channel[_Outgoing](queue_size)
-        self._lost: set[str] = set()
-        self._lost_everyone = False
-        self._losses = 0
+        self._send, self._receive = trio.open_memory_channel[Outgoing](queue_size)
+        self._settle = SettleExchange(
+            self.node_id, self._channels, users=self._users, send_nowait=self._send.send_nowait
+        )
+        self._losses = LossLedger(self.node_id, self._channels)
         self._order = ChatOrder(hold_s=order_hold_s)
+        self._repair = Repair(self._order, self._call_sink)
         self._order_changed = trio.Event()
         self._stats = RedisBusStatistics()
 
     def statistics(self) -> RedisBusStatistics:
         stats = attrs.evolve(self._stats)
+        stats.resyncs = self._repair.resyncs
+        stats.settle_timeouts = self._settle.timeouts
         stats.queued = self._send.statistics().current_buffer_used
         stats.connected = self._pubsub is not None
         stats.held = self._order.held_count
         return stats
-
-    def _user_channel(self, user_id: str) -> bytes:
-        return self._user_prefix + user_id.encode("utf-8", "surrogatepass")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -226,8 +158,8 @@ class RedisBus:
         then, the bus starts degraded (subscribe and check fail) and keeps reconnecting.
         """
         self._sink = sink
-        self._on_resync = on_resync
-        self._on_settle = on_settle
+        self._repair.on_resync = on_resync
+        self._settle.on_settle = on_settle
         try:
             client: coredis.Redis[bytes] = coredis.Redis.from_url(
                 self._url,
@@ -245,8 +177,8 @@ class RedisBus:
                 task_status.started()
         finally:
             self._sink = None
-            self._on_resync = None
-            self._on_settle = None
+            self._repair.on_resync = None
+            self._settle.on_settle = None
             self._nursery = None
             self._client = None
             self._pubsub = None
@@ -269,9 +201,9 @@ class RedisBus:
         self._subscriptions[user_id] = self._subscriptions.get(user_id, 0) + 1
         try:
             with trio.fail_after(_COMMAND_TIMEOUT_S):
-                await pubsub.subscribe(self._user_channel(user_id))
+                await pubsub.subscribe(self._channels.user(user_id))
         except BaseException as error:
-            _reraise_cancellation(error)
+            reraise_cancellation(error)
             self._users.discard(user_id)
             raise BusUnavailable(f"redis subscribe failed: {error!r}") from None
 
@@ -279,7 +211,7 @@ class RedisBus:
         # Marks first: once off the channel, this node no longer hears `settle` requests, so
         # what it wrote to the user must be committed before it leaves.
         subscription = self._subscriptions.get(user_id)
-        await self._commit_marks(user_id)
+        await self._settle.commit_marks(user_id)
         if self._subscriptions.get(user_id) != subscription:
             return  # subscribed again meanwhile: that subscription stands
         self._subscriptions.pop(user_id, None)
@@ -292,9 +224,9 @@ class RedisBus:
             return
         try:
             with trio.fail_after(_COMMAND_TIMEOUT_S):
-                await pubsub.unsubscribe(self._user_channel(user_id))
+                await pubsub.unsubscribe(self._channels.user(user_id))
         except BaseException as error:
-            _reraise_cancellation(error)
+            reraise_cancellation(error)
             # Harmless: the channel is dropped on the next reconnect and ignored until then.
             log.info("redis unsubscribe failed: %r", error)
 
@@ -304,51 +236,9 @@ class RedisBus:
         client = self._client
         if client is None:
             return
-        token = secrets.token_hex(8)
-        waiter = self._settles[token] = _Settle()
-        request = orjson.dumps({"o": self.node_id, "s": token})
-        try:
-            with trio.move_on_after(_SETTLE_WAIT_S) as waited:
-                receivers = await client.publish(self._user_channel(user_id), request)
-                # Our own subscriber is one of them (the binding subscribed first).
-                others = receivers - (1 if user_id in self._users else 0)
-                while waiter.acks < others:
-                    await waiter.changed.wait()
-            if waited.cancelled_caught:
-                self._stats.settle_timeouts += 1
-                log.warning("settle user=%s: not every node answered in time", user_id)
-        except BaseException as error:
-            _reraise_cancellation(error)
-            # No worse than a node that does not answer: an item may be offered once more.
-            log.warning("settle user=%s failed: %r", user_id, error)
-        finally:
-            del self._settles[token]
+        await self._settle.request(client.publish, user_id)
 
-    def _acknowledged(self, token: str) -> None:
-        waiter = self._settles.get(token)
-        if waiter is not None:
-            waiter.acks += 1
-            waiter.changed.set()
-            waiter.changed = trio.Event()
-
-    async def _commit_marks(self, user_id: str) -> None:
-        if self._on_settle is None:
-            return
-        try:
-            with trio.move_on_after(_SETTLE_WAIT_S):
-                await self._on_settle(user_id)
-        except Exception:
-            log.exception("committing the delivery marks of a user failed")
-
-    async def _answer_settle(self, user_id: str, node: str, token: str) -> None:
-        """Commit our marks for the user, then tell the node that asked (always: it waits)."""
-        try:
-            await self._commit_marks(user_id)
-        finally:
-            answer = orjson.dumps({"o": self.node_id, "a": token})
-            channel = f"{self._prefix}n:{node}".encode("utf-8", "surrogatepass")
-            with contextlib.suppress(trio.WouldBlock):
-                self._send.send_nowait(_Outgoing((channel,), answer))
+    # ------------------------------------------------------------------ receiving
 
     async def _subscriber(
         self, client: coredis.Redis[bytes], task_status: trio.TaskStatus[None]
@@ -371,14 +261,14 @@ class RedisBus:
                     delay = 0.0
                     if connected_before:
                         # Whatever was published while we were away is gone from pub/sub.
-                        self._resync(users)
+                        self._repair.resync(users)
                     connected_before = True
                     if not started:
                         task_status.started()
                         started = True
                     await self._consume(pubsub)
             except BaseException as error:
-                _reraise_cancellation(error)
+                reraise_cancellation(error)
                 log.warning("redis subscriber connection lost: %r", error)
             finally:
                 if self._pubsub is not None:
@@ -394,13 +284,13 @@ class RedisBus:
 
     async def _subscribe_all(self, pubsub: PubSub[bytes]) -> tuple[str, ...]:
         users = tuple(self._users)
-        await pubsub.subscribe(self._node_channel, self._all_channel)
+        await pubsub.subscribe(self._node_channel, self._channels.all)
         for start in range(0, len(users), _SUBSCRIBE_CHUNK):
             chunk = users[start : start + _SUBSCRIBE_CHUNK]
-            await pubsub.subscribe(*(self._user_channel(user) for user in chunk))
+            await pubsub.subscribe(*(self._channels.user(user) for user in chunk))
         gone = [user for user in users if user not in self._users]
         if gone:  # unsubscribed while we were resubscribing
-            await pubsub.unsubscribe(*(self._user_channel(user) for user in gone))
+            await pubsub.unsubscribe(*(self._channels.user(user) for user in gone))
         return tuple(user for user in users if user in self._users)
 
     async def _consume(self, pubsub: PubSub[bytes]) -> None:
@@ -417,13 +307,13 @@ class RedisBus:
                 data = message["data"]
                 if not isinstance(channel, bytes) or not isinstance(data, bytes):
                     continue
-                if channel.startswith(self._user_prefix):
-                    user_id = channel[len(self._user_prefix) :].decode("utf-8", "surrogatepass")
+                user_id = self._channels.user_of(channel)
+                if user_id is not None:
                     self._receive_for_user(user_id, data)
                 elif channel == self._node_channel:
                     self._receive_for_node(data)
-                elif channel == self._all_channel and orjson.loads(data).get("o") != self.node_id:
-                    self._resync(tuple(self._users))
+                elif channel == self._channels.all and orjson.loads(data).get("o") != self.node_id:
+                    self._repair.resync(tuple(self._users))
         raise _Stale(f"no heartbeat for {silence:.1f}s")
 
     def _receive_for_user(self, user_id: str, data: bytes) -> None:
@@ -436,16 +326,17 @@ class RedisBus:
                 # even while we are leaving the user's channel.
                 if self._nursery is not None:
                     self._nursery.start_soon(
-                        self._answer_settle, user_id, str(decoded["o"]), str(decoded["s"])
+                        self._settle.answer, user_id, str(decoded["o"]), str(decoded["s"])
                     )
                 return
             if user_id not in self._users:
                 return
             if decoded.get("r"):
-                self._resync((user_id,))
+                self._repair.resync((user_id,))
                 return
-            event = _decode_event(decoded, user_id)
+            event = redis_codec.decode_event(decoded, user_id)
         except (orjson.JSONDecodeError, LookupError, TypeError, ValueError) as error:
+            # (`redis_codec.MalformedPayload` is a ValueError.)
             log.warning("ignoring a malformed bus payload: %r", error)
             return
         if event is not None and self._sink is not None:
@@ -461,7 +352,7 @@ class RedisBus:
             log.warning("ignoring a malformed bus payload: %r", error)
             return
         if isinstance(token, str):
-            self._acknowledged(token)
+            self._settle.acknowledged(token)
 
     def _deliver(self, event: Delivery, users: Sequence[str]) -> None:
         """Pass an event on to the sink for `users` (bound here), in commit order per chat."""
@@ -500,7 +391,7 @@ class RedisBus:
                     len(users),
                     self._order.hold_s * 1000,
                 )
-                self._resync(users)
+                self._repair.resync(users)
 
     def _call_sink(self, event: Delivery) -> None:
         assert self._sink is not None
@@ -510,23 +401,6 @@ class RedisBus:
             # One faulty delivery must not take the subscription (and everyone's events) down.
             log.exception("the delivery sink failed")
 
-    def _resync(self, users: tuple[str, ...]) -> None:
-        if not users:
-            return
-        self._stats.resyncs += 1
-        # What waits for a lost predecessor goes out now: the resync covers the gap.
-        for event in self._order.release_users(users):
-            self._call_sink(event)
-        if self._on_resync is None:
-            log.warning(
-                "events for %d users may have been lost and no resync hook is set", len(users)
-            )
-            return
-        try:
-            self._on_resync(users)
-        except Exception:
-            log.exception("the resync hook failed")
-
     # ------------------------------------------------------------------ publishing
 
     def publish_nowait(self, event: Delivery) -> None:
@@ -535,35 +409,18 @@ class RedisBus:
             if local:
                 self._deliver(event, local)
         try:
-            payload = _encode_event(self.node_id, event)
+            payload = redis_codec.encode_event(self.node_id, event)
         except (TypeError, orjson.JSONEncodeError) as error:
             log.warning("cannot serialize a delivery: %r", error)
-            self._lose(event.recipients)
+            self._losses.lose(event.recipients)
             return
-        outgoing = _Outgoing(tuple(self._user_channel(u) for u in event.recipients), payload)
+        outgoing = Outgoing(tuple(self._channels.user(u) for u in event.recipients), payload)
         try:
             self._send.send_nowait(outgoing)
         except trio.WouldBlock:
             # Slow-consumer policy for Redis itself: drop, remember whom, resync them later.
             self._stats.dropped += 1
-            self._lose(event.recipients)
-
-    def _lose(self, users: Iterable[str]) -> None:
-        self._losses += 1
-        if self._lost_everyone:
-            return
-        self._lost.update(users)
-        if len(self._lost) > _MAX_LOST_USERS:
-            self._lost.clear()
-            self._lost_everyone = True
-
-    def _notices(self) -> list[_Outgoing]:
-        """Resync notices owed for losses so far; they follow the events queued before the
-        loss, so a resynchronized user has already been sent those."""
-        notice = orjson.dumps({"o": self.node_id, "r": 1})
-        if self._lost_everyone:
-            return [_Outgoing((self._all_channel,), notice)]
-        return [_Outgoing((self._user_channel(user),), notice) for user in self._lost]
+            self._losses.lose(event.recipients)
 
     async def _publisher(self, client: coredis.Redis[bytes]) -> None:
         delay = 0.0
@@ -574,49 +431,33 @@ class RedisBus:
                     batch.append(self._receive.receive_nowait())
                 except trio.WouldBlock:
                     break
-            losses = self._losses
-            owed_users, owed_everyone = set(self._lost), self._lost_everyone
-            notices = self._notices()
+            owed = self._losses.owed()
             try:
                 with trio.fail_after(_COMMAND_TIMEOUT_S):
-                    await self._publish_batch(client, [*batch, *notices])
+                    await self._publish_batch(client, [*batch, *owed.notices])
             except BaseException as error:
-                _reraise_cancellation(error)
+                reraise_cancellation(error)
                 # Possibly partly sent: treat the whole batch as lost and owe its recipients
                 # a resync rather than risk sending anything twice.
                 log.warning("redis publish failed (%d events): %r", len(batch), error)
                 self._stats.lost_batches += 1
-                for outgoing in batch:
-                    self._lose(self._users_of(outgoing.channels))
+                self._losses.lose_batch(batch)
                 delay = min(max(delay * 2, _BACKOFF_MIN_S), _BACKOFF_MAX_S)
                 await trio.sleep(delay)
                 continue
             delay = 0.0
             self._stats.published += len(batch)
-            # Settle only what was sent: losses during the send are still owed.
-            self._lost -= owed_users
-            if owed_everyone and self._losses == losses:
-                self._lost_everyone = False
+            self._losses.paid(owed)
 
-    async def _publish_batch(
-        self, client: coredis.Redis[bytes], batch: Sequence[_Outgoing]
-    ) -> None:
+    async def _publish_batch(self, client: coredis.Redis[bytes], batch: Sequence[Outgoing]) -> None:
         async with client.pipeline(transaction=False) as pipe:
             for outgoing in batch:
                 for channel in outgoing.channels:
                     pipe.publish(channel, outgoing.payload)
 
-    def _users_of(self, channels: Iterable[bytes]) -> list[str]:
-        prefix = self._user_prefix
-        return [
-            channel[len(prefix) :].decode("utf-8", "surrogatepass")
-            for channel in channels
-            if channel.startswith(prefix)
-        ]
-
     async def _heartbeat(self, client: coredis.Redis[bytes]) -> None:
         """Publish to our own node channel, proving the subscriber path end to end."""
-        beat = orjson.dumps({"o": self.node_id})
+        beat = redis_codec.heartbeat(self.node_id)
         while True:
             await trio.sleep(self._heartbeat_s)
             if self._pubsub is None:
@@ -625,7 +466,7 @@ class RedisBus:
                 with trio.fail_after(_COMMAND_TIMEOUT_S):
                     await client.publish(self._node_channel, beat)
             except BaseException as error:
-                _reraise_cancellation(error)
+                reraise_cancellation(error)
                 log.info("redis heartbeat failed: %r", error)
 
     # ------------------------------------------------------------------ health
@@ -640,7 +481,7 @@ class RedisBus:
             with trio.fail_after(2):
                 await client.ping()
         except BaseException as error:
-            _reraise_cancellation(error)
+            reraise_cancellation(error)
             raise BusUnavailable(f"redis does not answer: {error!r}") from None
 
 

@@ -1,0 +1,140 @@
+"""The Redis bus's wire format: channel names and payloads, bytes in and bytes out.
+
+Pure (no I/O, no clock, no trio): `handler.bus.redis` publishes what this module builds and
+hands it what comes back; the tests check it as tables. Every node of a cluster must speak the
+same format, so a change here must keep reading what older nodes still publish.
+
+Channels, in one namespace (`prefix`):
+- `{prefix}u:{user_id}`: the user's events, resync notices and settle requests;
+- `{prefix}n:{node_id}`: one node's heartbeat and the answers to its settle requests;
+- `{prefix}all`: "resynchronize everyone" notices.
+
+Payloads are orjson objects; `"o"` always names the publishing node, so a node can skip the
+copies of its own payloads that Redis sends back:
+- a message event: `{"o", "m": [message_id, chat_id, sender_id, recipient_id, content,
+  timestamp, client_message_id, prev_message_id]}` (positional arrays: compact);
+- a chat event: `{"o", "c": [chat_id, [participant, participant], created_by, created_at]}`;
+- a resync notice: `{"o", "r": 1}`;
+- a settle request: `{"o", "s": token}`, and its answer `{"o", "a": token}`;
+- a heartbeat: `{"o"}` alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+import orjson
+
+from handler.bus.base import Delivery
+from handler.protocol import Chat, Message
+
+
+class MalformedPayload(ValueError):
+    """A payload that decodes as JSON but is not a well-formed event (the one error here)."""
+
+
+@attrs.frozen
+class Outgoing:
+    """One payload and the channels to publish it on (an item of the publisher's queue)."""
+
+    channels: tuple[bytes, ...]
+    payload: bytes
+
+
+class Channels:
+    """The channel names of one bus namespace, as bytes (what Redis hands back)."""
+
+    __slots__ = ("_node_prefix", "_user_prefix", "all")
+
+    def __init__(self, prefix: str) -> None:
+        self._user_prefix = f"{prefix}u:".encode()
+        self._node_prefix = f"{prefix}n:".encode()
+        self.all = f"{prefix}all".encode()
+
+    def user(self, user_id: str) -> bytes:
+        # surrogatepass: a user id is any JSON string, lone surrogates included.
+        return self._user_prefix + user_id.encode("utf-8", "surrogatepass")
+
+    def node(self, node_id: str) -> bytes:
+        return self._node_prefix + node_id.encode("utf-8", "surrogatepass")
+
+    def user_of(self, channel: bytes) -> str | None:
+        """The user whose channel this is, or None for any other channel."""
+        if not channel.startswith(self._user_prefix):
+            return None
+        return channel[len(self._user_prefix) :].decode("utf-8", "surrogatepass")
+
+    def users_of(self, channels: Iterable[bytes]) -> list[str]:
+        """The users of the user channels among `channels`, in order."""
+        return [user for user in map(self.user_of, channels) if user is not None]
+
+
+def encode_event(node: str, event: Delivery) -> bytes:
+    """The remote copy of `event`: origin node, kind and record as positional arrays.
+
+    Recipients and the origin connection are left out: a receiving node learns the recipient
+    from the channel, and the origin connection lives on the publishing node.
+    Raises `TypeError` or `orjson.JSONEncodeError` for what JSON cannot carry.
+    """
+    if event.kind == "message":
+        message = event.message
+        assert message is not None
+        return orjson.dumps(
+            {
+                "o": node,
+                "m": [
+                    message.message_id,
+                    message.chat_id,
+                    message.sender_id,
+                    message.recipient_id,
+                    message.content,
+                    message.timestamp,
+                    message.client_message_id,
+                    event.prev_message_id,
+                ],
+            }
+        )
+    chat = event.chat
+    assert chat is not None
+    return orjson.dumps(
+        {"o": node, "c": [chat.chat_id, list(chat.participants), chat.created_by, chat.created_at]}
+    )
+
+
+def decode_event(data: Mapping[str, Any], user_id: str) -> Delivery | None:
+    """The event in a decoded payload, narrowed to `user_id` (whose channel carried it).
+
+    None when the payload carries no event (a notice of a kind this node does not know);
+    `MalformedPayload` when its event is cut short or of the wrong shape.
+    """
+    try:
+        if "m" in data:
+            m = data["m"]
+            message = Message(m[0], m[1], m[2], m[3], m[4], m[5], m[6])
+            previous = m[7] if len(m) > 7 else None  # absent from older nodes' payloads
+            return Delivery("message", (user_id,), message=message, prev_message_id=previous)
+        if "c" in data:
+            c = data["c"]
+            return Delivery("chat", (user_id,), chat=Chat(c[0], (c[1][0], c[1][1]), c[2], c[3]))
+    except (LookupError, TypeError, ValueError) as error:
+        raise MalformedPayload(f"malformed event: {error!r}") from error
+    return None
+
+
+def resync_notice(node: str) -> bytes:
+    """Tells the nodes on a channel that events for its users (or everyone) were lost."""
+    return orjson.dumps({"o": node, "r": 1})
+
+
+def settle_request(node: str, token: str) -> bytes:
+    return orjson.dumps({"o": node, "s": token})
+
+
+def settle_answer(node: str, token: str) -> bytes:
+    return orjson.dumps({"o": node, "a": token})
+
+
+def heartbeat(node: str) -> bytes:
+    return orjson.dumps({"o": node})
