@@ -52,11 +52,12 @@ from handler.errors import (
     StartupError,
     StoreUnavailable,
 )
-from handler.hub import Hub
+from handler.hub import COMMIT_QUEUE, Hub
 from handler.metrics import Metrics
-from handler.session import ChatCache, Services
+from handler.services import ChatCache, Services
 from handler.single_process import guard_local_bus, hypercorn_binds
 from handler.store import Store, open_store
+from handler.store.base import CommitSender, Committed
 from handler.store.schema import POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS
 from handler.transport import hypercorn_guard
 from handler.transport.websocket import Receive, Scope, Send, serve_websocket
@@ -190,7 +191,7 @@ def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
 async def _close(services: Services) -> None:
     with trio.CancelScope(shield=True):
         await services.hub.close_all(CloseCode.GOING_AWAY, SHUTDOWN_GRACE_S)
-        await services.hub.stop_marks()
+        await services.hub.marks.stop()
         await services.store.aclose()
         if services.process_lock is not None:
             services.process_lock.release()
@@ -198,7 +199,8 @@ async def _close(services: Services) -> None:
 
 
 async def start_services(config: Config, nursery: trio.Nursery) -> Services:
-    """Open the store, start the bus and the delivery-mark writer in `nursery`.
+    """Open the store, start the bus, the hub (publisher, users) and the delivery-mark writer
+    in `nursery`.
 
     Raises `StartupError` (or `ConfigError`) with a one-line message on any failure; what was
     opened is closed again.
@@ -211,8 +213,10 @@ async def start_services(config: Config, nursery: trio.Nursery) -> Services:
     if process_lock is not None:
         await process_lock.acquire()
     opened = False
+    # The store hands its commits to the hub's publisher here, in commit order (bounded).
+    send_commits, receive_commits = trio.open_memory_channel[Committed](COMMIT_QUEUE)
     try:
-        await _open_store(store, config.storage, nursery)
+        await _open_store(store, config.storage, nursery, send_commits)
         opened = True
         await trio.to_thread.run_sync(check_schema_version, config.storage)
         if config.bus.backend == "redis":
@@ -226,9 +230,10 @@ async def start_services(config: Config, nursery: trio.Nursery) -> Services:
             max_connections_per_user=config.limits.max_connections_per_user,
         )
         await nursery.start(
-            partial(bus.run, hub.deliver, on_resync=hub.resync, on_settle=hub.sync_marks)
+            partial(bus.run, hub.deliver, on_resync=hub.resync, on_settle=hub.marks.sync)
         )
-        await nursery.start(hub.run_marks)
+        await nursery.start(hub.run, receive_commits)
+        await nursery.start(hub.marks.run)
     except BaseException:
         with trio.CancelScope(shield=True):
             if opened:
@@ -261,12 +266,14 @@ def _backend(factory: Callable[[], T], section: str, name: str) -> T:
         ) from None
 
 
-async def _open_store(store: Store, config: StorageConfig, nursery: trio.Nursery) -> None:
+async def _open_store(
+    store: Store, config: StorageConfig, nursery: trio.Nursery, commits: CommitSender
+) -> None:
     """Open the store; PostgreSQL is retried for `STARTUP_WAIT_S` (it may be starting too)."""
     deadline = trio.current_time() + STARTUP_WAIT_S
     while True:
         try:
-            await store.open(nursery)
+            await store.open(nursery, commits)
             return
         except StoreUnavailable as error:
             if config.backend == "sqlite":

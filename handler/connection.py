@@ -1,4 +1,4 @@
-"""One WebSocket connection's outbound side: a bounded outbox and the binding buffer.
+"""One WebSocket connection's outbound side: a bounded outbox, its close request, its writer.
 
 Theory of operation:
 - Every frame for the socket goes through `outbox`, a trio memory channel read by the
@@ -8,63 +8,52 @@ Theory of operation:
   dropped), so a large answer is produced only as fast as the client reads it; fan-out from
   other users never waits: when the outbox is full the connection is dropped (slow-consumer
   policy, close 1013) and what it missed stays undelivered in the store.
-- While the connection binds (reads its backlog), fan-out is parked in `_pending` instead; the
-  binder then writes the backlog, replays the parked items that the backlog did not already
-  contain, and only then switches to live. All of it happens on one Trio thread, so the switch
-  itself needs no lock. This is what makes delivery exactly-once around a (re)connect.
+- The writer task lives in the connection's own nursery until the connection binds, then in
+  its user's nursery (`Hub`), so that closing a user is one cancel. It moves at a clean point:
+  the old writer takes `RETIRE_ITEM` after everything queued before it, and exits; the new
+  one starts on the same outbox (`WriterHome`).
+- The binding rules (parking fan-out, the snapshot's marks) are the session machine's; this
+  module only queues what it is told to.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
+import logging
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
-import attrs
 import trio
 
 from handler.errors import CloseCode
+from handler.session.outgoing import (
+    CLOSE_AFTER,
+    CLOSE_ITEM,
+    PING,
+    PING_ITEM,
+    RETIRE,
+    RETIRE_ITEM,
+    Outgoing,
+    Receipt,
+    utf8_length,
+)
+
+__all__ = [
+    "CLOSE_AFTER",
+    "PING",
+    "RETIRE",
+    "Connection",
+    "Outgoing",
+    "Receipt",
+    "WriterHome",
+    "utf8_length",
+]
+
+log = logging.getLogger("handler.connection")
 
 REPLY_ROOM_TIMEOUT_S: Final = 5.0
 DEFAULT_SEND_QUEUE_BYTES: Final = 1 << 20
-# How long a binding remembers its backlog's ids to drop late fan-out of the same items: far
-# longer than a commit-to-publish delay, even across nodes.
-BACKLOG_MEMORY_S: Final = 60.0
-
-
-@attrs.frozen
-class Receipt:
-    """What counts as delivered to `user_id` once the frame carrying it is written."""
-
-    user_id: str
-    chat_ids: tuple[str, ...] = ()
-    message_ids: tuple[str, ...] = ()
-
-
-@attrs.frozen
-class Outgoing:
-    """An encoded frame on its way to the socket."""
-
-    text: str
-    frame_type: str
-    receipt: Receipt | None = None
-    published_at: float | None = None  # trio clock, for publish-to-deliver latency
-    message_id: str | None = None  # for de-duplicating fan-out against the backlog
-    chat_id: str | None = None  # same, for new chats
-
-
-def utf8_length(text: str) -> int:
-    """Bytes of `text` in UTF-8, without encoding it in the common ASCII case."""
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-
-
-PING: Final = "ping"  # frame_type of the keep-alive item: a WebSocket ping, not a text frame
-_PING_ITEM: Final = Outgoing("", PING)
-# frame_type of the item after which the writer closes the connection (`close_when_written`).
-CLOSE_AFTER: Final = "close"
-_CLOSE_ITEM: Final = Outgoing("", CLOSE_AFTER)
 
 
 def new_connection_id() -> str:
@@ -76,12 +65,8 @@ class Connection:
 
     # Slots: one of these lives as long as each idle connection (10,000 per worker).
     __slots__ = (
-        "_backlog_ids_until",
         "_byte_capacity",
-        "_capacity",
-        "_high_water",
         "_on_drop",
-        "_pending",
         "_queued_bytes",
         "_room",
         "_send",
@@ -93,6 +78,7 @@ class Connection:
         "last_sent",
         "outbox",
         "user_id",
+        "writer",
     )
 
     def __init__(
@@ -108,23 +94,12 @@ class Connection:
         self.deferred_close: tuple[CloseCode, str] | None = None
         self.cancel_scope = trio.CancelScope()
         self.last_sent = trio.current_time()  # by the writer; the reader schedules pings
-        self._capacity = send_queue
         self._byte_capacity = send_queue_bytes
         self._queued_bytes = 0  # UTF-8 bytes of the texts in the outbox
         self._room = trio.Event()  # set by the writer when it takes frames out
         self._send, self.outbox = trio.open_memory_channel[Outgoing](send_queue)
-        self._pending: collections.deque[Outgoing] | None = None
         self._on_drop = on_drop
-        # What the binding's snapshot covered, for a while: a message can be committed (and so
-        # be in the backlog, or already delivered to another connection of the user) a moment
-        # before its fan-out is published, even from another node. Such late fan-out is
-        # dropped: per chat, any message id up to the snapshot's newest one.
-        self._high_water: Mapping[str, int] = {}
-        self._backlog_ids_until = 0.0
-
-    @property
-    def binding(self) -> bool:
-        return self._pending is not None
+        self.writer = WriterHome(self)
 
     def close(self, code: CloseCode, reason: str = "") -> None:
         """Ask the transport to close with `code`; the first request wins."""
@@ -137,28 +112,22 @@ class Connection:
         """Close with `code` once the frames queued so far are written (an error frame that
         explains the close must reach the client first)."""
         self.deferred_close = (code, reason)
-        await self.reply(_CLOSE_ITEM)
+        await self.reply(CLOSE_ITEM)
 
     # ------------------------------------------------------------------ writes
 
     def push_nowait(self, item: Outgoing) -> None:
         """Fan-out path: never blocks; a full outbox drops the connection."""
-        if self.close_code is not None or self._in_backlog(item):
-            return
-        if self._pending is not None:
-            if len(self._pending) >= self._capacity:
-                self._drop()
-            else:
-                self._pending.append(item)
+        if self.close_code is not None:
             return
         size = utf8_length(item.text)
         if not self._has_room(size):
-            self._drop()
+            self.drop()
             return
         try:
             self._send.send_nowait(item)
         except trio.WouldBlock:
-            self._drop()
+            self.drop()
         except trio.ClosedResourceError:
             pass
         else:
@@ -180,23 +149,11 @@ class Connection:
     def queued_bytes(self) -> int:
         return self._queued_bytes
 
-    def _in_backlog(self, item: Outgoing) -> bool:
-        if not self._backlog_ids_until:
-            return False
-        if trio.current_time() > self._backlog_ids_until:
-            self._high_water = {}
-            self._backlog_ids_until = 0.0
-            return False
-        newest = self._high_water.get(item.chat_id or "")
-        if newest is None:
-            return False  # a chat created after the snapshot
-        return item.message_id is None or int(item.message_id) <= newest
-
     def push_ping(self) -> None:
         """Queue a keep-alive ping for the writer (pings go through the one writer)."""
         self.last_sent = trio.current_time()  # one ping per quiet interval
         with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
-            self._send.send_nowait(_PING_ITEM)
+            self._send.send_nowait(PING_ITEM)
 
     async def reply(self, item: Outgoing) -> None:
         """Direct-reply path: waits for room (frames and bytes), but a client that does not
@@ -214,32 +171,95 @@ class Connection:
                 self._queued_bytes -= size  # cancelled: trio guarantees it was not sent
                 raise
             return
-        self._drop()
+        self.drop()
 
-    def _drop(self) -> None:
-        self._on_drop(self)
+    def drop(self) -> None:
+        """Slow-consumer policy: close 1013; what was not written stays undelivered."""
+        if self.close_code is None:
+            self._on_drop(self)
         self.close(CloseCode.TRY_AGAIN_LATER, "send queue full: client is not reading")
-
-    # ------------------------------------------------------------------ binding
-
-    def start_binding(self) -> None:
-        self._pending = collections.deque()
-
-    async def finish_binding(self, high_water: Mapping[str, str]) -> None:
-        """Replay parked fan-out the binding's snapshot did not cover, then go live."""
-        pending = self._pending
-        assert pending is not None
-        self._high_water = {chat_id: int(newest) for chat_id, newest in high_water.items()}
-        self._backlog_ids_until = trio.current_time() + BACKLOG_MEMORY_S
-        while pending:
-            item = pending.popleft()
-            if not self._in_backlog(item):
-                await self.reply(item)
-        # No await between the empty check above and this line: nothing can slip in between.
-        self._pending = None
-
-    def abort_binding(self) -> None:
-        self._pending = None
 
     def close_outbox(self) -> None:
         self._send.close()
+
+
+WriterTask = Callable[[], Awaitable[None]]
+"""Drains the outbox until it ends, the client is gone, or it takes `RETIRE_ITEM`."""
+
+
+class WriterHome:
+    """Where the connection's one writer task runs, and moving it between nurseries.
+
+    At most one writer exists at a time, started on demand: in the connection's nursery when
+    an unbound connection has something to send, straight in the user's nursery when a
+    connection binds before that (the usual `?token=` case: no move at all). `move_to`
+    hands the socket over at a clean point (between writes), so frames queued before the
+    move go out first, in order.
+    """
+
+    __slots__ = ("_connection", "_exited", "_scope", "nursery", "task")
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self.task: WriterTask | None = None  # set by the transport before the first start
+        self._scope: trio.CancelScope | None = None
+        self._exited = trio.Event()
+        self._exited.set()
+        self.nursery: trio.Nursery | None = None
+
+    @property
+    def running(self) -> bool:
+        return not self._exited.is_set()
+
+    async def ensure(self, nursery: trio.Nursery) -> None:
+        """Start the writer in `nursery` unless one is running (anywhere)."""
+        if not self.running:
+            await self._start_in(nursery)
+
+    async def move_to(self, nursery: trio.Nursery) -> None:
+        """Retire the running writer (if any, and elsewhere) after what is queued, then run
+        it in `nursery`."""
+        if self.running and nursery is self.nursery:
+            return
+        await self.retire()
+        await self._start_in(nursery)
+
+    async def retire(self) -> None:
+        """Let the writer finish what is queued, then stop it (no close)."""
+        if self.running:
+            await self._connection.reply(RETIRE_ITEM)
+            await self._exited.wait()
+
+    async def stop(self) -> None:
+        """Stop the writer now (the connection is ending); a write under way is abandoned,
+        which aborts the connection (`hypercorn_guard`)."""
+        if self._scope is not None:
+            self._scope.cancel()
+        await self._exited.wait()
+
+    async def _start_in(self, nursery: trio.Nursery) -> None:
+        assert self.task is not None, "the transport sets the writer's task first"
+        self.nursery = nursery
+        await nursery.start(self._run, self.task)
+
+    async def _run(
+        self, task: WriterTask, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        self._exited = trio.Event()
+        try:
+            with trio.CancelScope() as self._scope:
+                task_status.started()
+                await task()
+        except trio.Cancelled:
+            # Cancelled from outside (its user was closed, or the server is stopping): the
+            # socket has no writer any more, so end the connection. The first close request
+            # wins, so a user closed by the hub keeps the code it was given.
+            self._connection.close(CloseCode.GOING_AWAY, "server shutting down")
+            raise
+        except Exception:
+            # A writer bug must end its connection, never its user's nursery (and the hub).
+            log.exception("writer failed conn=%s", self._connection.id)
+            self._connection.close(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            self._scope = None
+            self._exited.set()

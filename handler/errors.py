@@ -69,6 +69,19 @@ class ProtocolError(HandlerError):
         return self
 
 
+class ConnectionLimitReached(ProtocolError):
+    """The user has as many bound connections on this node as allowed: answered, then 1008."""
+
+    close_reason = "too many connections"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            ErrorCode.RATE_LIMITED,
+            f"too many connections: at most {limit} per user; close one first",
+            field="token",
+        )
+
+
 class StoreUnavailable(HandlerError):
     """The storage backend cannot be reached right now; the client gets `internal`."""
 

@@ -30,6 +30,7 @@ from scale_support import (
     redis_url,
     unique_prefix,
 )
+from support import wait_until
 
 from handler.bus.base import Bus, Delivery
 from handler.bus.local import LocalBus
@@ -37,6 +38,7 @@ from handler.bus.redis import RedisBus
 from handler.config import BusConfig, StorageConfig
 from handler.errors import BusUnavailable
 from handler.protocol import Chat, Message
+from handler.store.base import Committed
 
 TIMEOUT_S = 10.0
 
@@ -49,23 +51,29 @@ class Node:
         self.events: list[Delivery] = []
         self.resyncs: list[tuple[str, ...]] = []
         self.subscribed: set[str] = set()
-        # What `on_settle` (the hub committing its delivery marks for a user) was asked, and
-        # when it finished; it takes `settle_s`, as a commit would.
+        # What `on_settle` (the hub committing its delivery marks for a user) was asked, when
+        # it started and when it finished; it takes `settle_s`, as a commit would.
+        self.settling: list[str] = []
         self.settled: list[tuple[str, float]] = []
         self.settle_s = 0.0
         self._changed = trio.Event()
 
-    def sink(self, event: Delivery) -> None:
-        self.events.append(event)
+    def _wake(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+
+    def sink(self, event: Delivery) -> None:
+        self.events.append(event)
+        self._wake()
 
     def on_resync(self, users: tuple[str, ...]) -> None:
         self.resyncs.append(users)
-        self._changed.set()
-        self._changed = trio.Event()
+        self._wake()
 
     async def on_settle(self, user: str) -> None:
+        self.settling.append(user)
+        self._wake()
+        # The subject, not a wait: the commit's duration, during which a test acts.
         await trio.sleep(self.settle_s)
         self.settled.append((user, trio.current_time()))
 
@@ -93,9 +101,8 @@ class Node:
         return pairs
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = TIMEOUT_S) -> None:
-        with trio.fail_after(timeout):
-            while not predicate():
-                await self._changed.wait()
+        """Wait until `predicate()` holds, checking it again whenever this node saw something."""
+        await wait_until(predicate, timeout, changed=lambda: self._changed.wait())
 
 
 class StartNode:
@@ -402,7 +409,7 @@ async def test_redis_unsubscribe_commits_the_marks_first(start_redis_node: Start
     await binding.subscribe("alice")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(leaving.unsubscribe, "alice")
-        await trio.sleep(0.05)  # leaving is committing
+        await leaving.wait_for(lambda: leaving.settling == ["alice"])  # leaving is committing
         with trio.fail_after(1.5):
             await binding.bus.settle("alice")
     assert [user for user, _ in leaving.settled] == ["alice", "alice"]
@@ -424,7 +431,7 @@ async def test_redis_resubscribe_while_leaving_keeps_the_subscription(
     await node.subscribe("alice")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(node.bus.unsubscribe, "alice")
-        await trio.sleep(0.02)
+        await node.wait_for(lambda: node.settling == ["alice"])  # leaving: committing the marks
         await node.bus.subscribe("alice")  # the user came back while the node was leaving
     publisher.bus.publish_nowait(message_event("1", "bob", "alice"))
     await node.wait_for(lambda: len(node.received()) == 1)
@@ -445,6 +452,8 @@ async def test_redis_holds_an_event_until_its_predecessor_arrives(
     other.bus.publish_nowait(message_event("1", "bob", "alice"))
     await node.wait_for(lambda: len(node.received()) == 1)
     node.bus.publish_nowait(message_event("3", "alice", "bob", previous="2"))
+    # The subject, not a wait: a window (well inside the hold time) in which nothing may come
+    # out, neither the held copy nor its echo from Redis (our own: skipped).
     await trio.sleep(0.05)
     assert node.received() == [("alice", "1")]  # held: "2" has not come yet
     other.bus.publish_nowait(message_event("2", "bob", "alice", previous="1"))
@@ -485,6 +494,7 @@ async def test_redis_order_state_is_dropped_on_unsubscribe(start_redis_node: Sta
     # A fresh subscription knows no predecessor: the first event goes straight through.
     publisher.bus.publish_nowait(message_event("5", "bob", "alice", previous="4"))
     await node.wait_for(lambda: len(node.received()) == 2)
+    # The subject, not a wait: past the hold time (0.1 s), no resync may have come.
     await trio.sleep(0.15)
     assert node.resyncs == []
 
@@ -503,15 +513,26 @@ def throwaway_redis() -> Iterator[ThrowawayRedis]:
 
 async def _until_ready(node: Node, users: Sequence[str]) -> None:
     """After a restart: retry subscribing (bounded) until the bus has reconnected."""
-    with trio.fail_after(TIMEOUT_S):
-        while True:
-            try:
-                await node.bus.check()
-                for user in users:
-                    await node.subscribe(user)
-                return
-            except BusUnavailable:
-                await trio.sleep(0.05)
+
+    async def subscribed() -> bool:
+        try:
+            await node.bus.check()
+            for user in users:
+                await node.subscribe(user)
+        except BusUnavailable:
+            return False
+        return True
+
+    await wait_until(subscribed, TIMEOUT_S)
+
+
+async def _unavailable(node: Node) -> bool:
+    """Whether the bus's health check fails (nothing announces it: `wait_until` polls it)."""
+    try:
+        await node.bus.check()
+    except BusUnavailable:
+        return True
+    return False
 
 
 @pytest.mark.scale
@@ -529,13 +550,7 @@ async def test_redis_outage_then_restart_resyncs_and_recovers(
 
     await throwaway_redis.stop()
     publisher.bus.publish_nowait(message_event("during", "bob", "alice"))  # queued or lost
-    with trio.fail_after(TIMEOUT_S):
-        while True:  # the bus notices the outage on its own
-            try:
-                await node.bus.check()
-            except BusUnavailable:
-                break
-            await trio.sleep(0.05)
+    await wait_until(functools.partial(_unavailable, node), TIMEOUT_S)  # noticed on its own
     with pytest.raises(BusUnavailable):
         await node.bus.subscribe("carol")
 
@@ -563,13 +578,7 @@ async def test_redis_stalled_server_is_detected_by_the_heartbeat(
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)
     try:
-        with trio.fail_after(TIMEOUT_S):
-            while True:
-                try:
-                    await node.bus.check()
-                except BusUnavailable:
-                    break
-                await trio.sleep(0.05)
+        await wait_until(functools.partial(_unavailable, node), TIMEOUT_S)
     finally:
         os.kill(pid, signal.SIGCONT)
     await node.wait_for(lambda: ("alice",) in node.resyncs, timeout=30)
@@ -594,7 +603,8 @@ async def test_redis_bus_throughput(
     assert isinstance(publisher.bus, RedisBus)
     for index in range(total):
         publisher.bus.publish_nowait(message_event(str(index), "bob", "alice", "x" * 100))
-        # Stay under the queue's capacity; no event announces its length, so poll it.
+        # The subject, not a wait: pacing the publisher under the queue's capacity (no event
+        # announces its length), every millisecond so the pacing does not cap the number.
         while publisher.bus.statistics().queued > 1000:  # noqa: ASYNC110
             await trio.sleep(0.001)
     await node.wait_for(lambda: len(node.events) == total, timeout=60)
@@ -605,6 +615,22 @@ async def test_redis_bus_throughput(
     with capsys.disabled():
         print(f"\nredis bus: {total / elapsed:.0f} events/s end to end ({total} events)")
     assert publisher.bus.statistics().dropped == 0
+
+
+async def _publish_commits(commits: trio.MemoryReceiveChannel[Committed], node: Node) -> None:
+    """What the hub's publisher does: each new message, in commit order, onto the node's bus."""
+    async with commits:
+        async for committed in commits:
+            message = committed.message
+            if message is not None:
+                node.bus.publish_nowait(
+                    Delivery(
+                        "message",
+                        (message.recipient_id, message.sender_id),
+                        message=message,
+                        prev_message_id=committed.previous_id,
+                    )
+                )
 
 
 @pytest.mark.scale
@@ -626,38 +652,27 @@ async def test_redis_chat_order_with_writers_in_two_processes(
     with fresh_schema(database_url()) as dsn:
         nodes: list[tuple[str, Node, PostgresStore]] = []
         for user in ("xavier", "yvonne"):
+            send_commits, commits = trio.open_memory_channel[Committed](1024)
             store = PostgresStore(StorageConfig(backend="postgres", dsn=dsn))
-            await store.open(nursery)
+            await store.open(nursery, send_commits)
             node = await _start(nursery, "redis", url, prefix)
+            nursery.start_soon(_publish_commits, commits, node)
             await node.subscribe(user)
             nodes.append((user, node, store))
         chat, _ = await nodes[0][2].create_chat("xavier", "yvonne")
 
-        def publisher(user: str, node: Node) -> Callable[[Message, str | None], None]:
-            other = "yvonne" if user == "xavier" else "xavier"
-
-            def publish(message: Message, previous: str | None) -> None:
-                node.bus.publish_nowait(
-                    Delivery("message", (other, user), message=message, prev_message_id=previous)
-                )
-
-            return publish
-
-        async def sender(user: str, node: Node, store: PostgresStore) -> None:
-            publish = publisher(user, node)
+        async def sender(user: str, store: PostgresStore) -> None:
             for index in range(per_user):
-                await store.add_message(chat, user, f"{user} {index}", None, publish)
+                await store.add_message(chat, user, f"{user} {index}", None)
 
-        first, _ = await nodes[0][2].add_message(
-            chat, "xavier", "first", None, publisher("xavier", nodes[0][1])
-        )
+        first, _ = await nodes[0][2].add_message(chat, "xavier", "first", None)
         for _, node, _ in nodes:
             await node.wait_for(lambda node=node: len(node.received()) == 1)
 
         with trio.fail_after(60):
             async with trio.open_nursery() as senders:
-                for user, node, store in nodes:
-                    senders.start_soon(sender, user, node, store)
+                for user, _, store in nodes:
+                    senders.start_soon(sender, user, store)
             for _, node, _ in nodes:
                 await node.wait_for(lambda node=node: len(node.received()) == 2 * per_user + 1)
         late: dict[str, int] = {}

@@ -339,7 +339,7 @@ async def test_unexpected_fault_while_binding_by_query_is_internal(
     services = server.app.services
     assert services is not None
 
-    def explode(token: str) -> None:
+    def explode(token: str, now: float | None = None) -> None:
         raise RuntimeError("simulated fault")
 
     monkeypatch.setattr(services.authority, "verify", explode)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import trio
 from conftest import StartServer
@@ -17,7 +19,8 @@ from support import (
 )
 
 from handler.protocol import Chat
-from handler.session import Services
+from handler.services import Services
+from handler.store import Store, open_store
 
 TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 
@@ -38,6 +41,19 @@ async def stored_chat(server: RunningServer, chat_id: str) -> Chat:
     chat = await services_of(server).store.get_chat(chat_id)
     assert chat is not None
     return chat
+
+
+@asynccontextmanager
+async def behind_the_hubs_back(server: RunningServer) -> AsyncIterator[Store]:
+    """A second store on the server's database, whose writes no hub hears of: as if every
+    write of them to the user's connections had failed (or another tool wrote them)."""
+    store = open_store(server.app.chat_config.storage)
+    async with trio.open_nursery() as nursery:
+        await store.open(nursery)
+        try:
+            yield store
+        finally:
+            await store.aclose()
 
 
 async def send_many(client: Client, chat: Frame, recipient: str, count: int) -> list[Frame]:
@@ -237,8 +253,7 @@ async def test_fetch_chats_counts_as_delivered(server: RunningServer) -> None:
     """What fetch_chats returns is not offered again in the next binding's backlog."""
     async with server.connect("alice") as alice:
         chat = await alice.create_chat("bob")
-    store = services_of(server).store
-    async with server.connect("bob") as bob:
+    async with server.connect("bob") as bob, behind_the_hubs_back(server) as store:
         assert [f["type"] for f in bob.backlog] == ["new_chats"]
         # Items the server never wrote to bob (stored behind the hub's back, as if every write
         # had failed): a new chat and a message in the existing one.
@@ -260,8 +275,7 @@ async def test_fetch_chats_counts_as_delivered(server: RunningServer) -> None:
 async def test_unwritten_items_come_back_in_the_next_backlog(server: RunningServer) -> None:
     async with server.connect("alice") as alice:
         chat = await alice.create_chat("bob")
-    store = services_of(server).store
-    async with server.connect("bob") as bob:
+    async with server.connect("bob") as bob, behind_the_hubs_back(server) as store:
         assert [f["type"] for f in bob.backlog] == ["new_chats"]
         await wait_marked(server, "bob", chat_ids=[chat["chat_id"]])
         other, _ = await store.create_chat("carol", "bob")
@@ -396,8 +410,8 @@ async def test_fetch_messages_unknown_chat_and_non_participant(server: RunningSe
 async def test_fetch_messages_counts_as_delivered(server: RunningServer) -> None:
     async with server.connect("alice") as alice:
         chat = await alice.create_chat("bob")
-    async with server.connect("bob") as bob:
-        message, _ = await services_of(server).store.add_message(
+    async with server.connect("bob") as bob, behind_the_hubs_back(server) as store:
+        message, _ = await store.add_message(
             await stored_chat(server, chat["chat_id"]), "alice", "unseen", None
         )
         page = await bob.request({"type": "fetch_messages", "chat_id": chat["chat_id"]})

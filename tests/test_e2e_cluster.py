@@ -163,25 +163,17 @@ def _stores(server: RunningServer) -> list[PostgresStore]:
 @contextlib.contextmanager
 def slow_commits(server: RunningServer, delay: Callable[[], float]) -> Iterator[None]:
     """`test_e2e_delivery.slow_commits` for the cluster: widen the window between COMMIT and
-    the `on_commit` fan-out of every node's writer (a pause in the worker thread after each
-    committed batch keeps the store contract)."""
-    writers = [store._writer for store in _stores(server)]
-    originals = [writer._commit for writer in writers]
-
-    def pausing(original: Callable[[list[Any]], None]) -> Callable[[list[Any]], None]:
-        def commit_then_pause(batch: list[Any]) -> None:
-            original(batch)
-            time.sleep(delay())
-
-        return commit_then_pause
-
-    for writer, original in zip(writers, originals, strict=True):
-        writer._commit = pausing(original)  # type: ignore[method-assign]
+    the hand-off to the fan-out of every node's writer (a pause in the worker thread after
+    each committed batch, the writer's `after_commit` test hook, keeps the store contract)."""
+    writers = [store.writer for store in _stores(server)]
+    originals = [writer.after_commit for writer in writers]
+    for writer in writers:
+        writer.after_commit = lambda: time.sleep(delay())
     try:
         yield
     finally:
         for writer, original in zip(writers, originals, strict=True):
-            writer._commit = original  # type: ignore[method-assign]
+            writer.after_commit = original
 
 
 _SWAPPED: Final[dict[str, Any]] = {"slow_commits": slow_commits}

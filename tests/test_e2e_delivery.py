@@ -26,6 +26,7 @@ from support import (
     wait_committed,
     wait_marked,
     wait_nothing_pending,
+    wait_until,
 )
 
 from handler.store.sqlite import SQLiteStore
@@ -33,29 +34,24 @@ from handler.store.sqlite import SQLiteStore
 
 @contextmanager
 def slow_commits(server: RunningServer, delay: Callable[[], float]) -> Iterator[None]:
-    """Widen the window between COMMIT and the `on_commit` fan-out of the SQLite store.
+    """Widen the window between COMMIT and the hand-off to the fan-out of the SQLite store.
 
-    The store contract lets that window exist (callbacks run after COMMIT, in commit order,
-    before the writing task resumes); a worker-thread pause after each commit keeps the
-    contract and makes the window long enough to hit on purpose.
+    The store contract lets that window exist (commits are handed over after COMMIT, in commit
+    order, before the writing task resumes); a worker-thread pause after each commit (the
+    writer's `after_commit` test hook) keeps the contract and makes the window long enough to
+    hit on purpose.
     """
     services = server.app.services
     assert services is not None
     store = services.store
     assert isinstance(store, SQLiteStore)
-    writer = store._writer
-    assert writer is not None
-    original = writer._apply
-
-    def apply_then_pause(batch: Any) -> None:
-        original(batch)
-        time.sleep(delay())
-
-    writer._apply = apply_then_pause  # type: ignore[method-assign]
+    writer = store.writer
+    original = writer.after_commit
+    writer.after_commit = lambda: time.sleep(delay())
     try:
         yield
     finally:
-        writer._apply = original  # type: ignore[method-assign]
+        writer.after_commit = original
 
 
 def ids(frames: list[Frame]) -> list[str]:
@@ -418,9 +414,14 @@ async def test_frames_not_written_before_the_client_closed_stay_undelivered(
         drained = await raw.close_and_drain()
     written = [m["message_id"] for m in backlog_messages(drained)]
     assert written in ([], sent)
-    # Give the server ample time to record whatever it believes it wrote (marks are batched
-    # every 20 ms), then bind again: what the first connection did not get must come back.
-    await trio.sleep(0.3)
+    # Once the server is done with the connection (its receipts released or forgotten) and
+    # has recorded whatever it believes it wrote, bind again: what the first connection did
+    # not get must come back.
+    services = server.app.services
+    assert services is not None
+    hub = services.hub
+    await wait_until(lambda: not hub.connections)
+    await hub.marks.sync("bob")
     async with server.connect("bob") as bob:
         again = [m["message_id"] for m in backlog_messages(bob.backlog)]
     assert sorted(written + again, key=id_key) == sent

@@ -1,18 +1,19 @@
 """The store contract (`handler.store.base`), checked on every backend.
 
 Each test runs on SQLite and on PostgreSQL (the latter marked `scale`; it skips unless
-`CHAT_TEST_DATABASE_URL` is set, and gets a fresh schema). PostgreSQL-only tests at the end
-cover what only a shared store has: several writers on one chat, concurrent migrations, and an
-outage of a throwaway cluster.
+`CHAT_TEST_DATABASE_URL` is set, and gets a fresh schema). Every store is opened with a
+`commits` channel, and the tests read what the store handed to it (`Handed`). PostgreSQL-only
+tests at the end cover what only a shared store has: several writers on one chat, concurrent
+migrations, and an outage of a throwaway cluster.
 """
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
+import attrs
 import psycopg
 import pytest
 import trio
@@ -23,12 +24,47 @@ from handler.config import StorageConfig
 from handler.errors import StoreUnavailable
 from handler.protocol import Chat, Message
 from handler.store import Store, open_store
+from handler.store.base import NO_ORIGIN, Committed, Origin
 from handler.store.schema import POSTGRES_MIGRATIONS
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 TIMEOUT_S = 20.0
+# More than any test here writes to one store without reading what was handed over: a test
+# that wrote more would hold the store's writer (backpressure) and time out, not pass.
+COMMITS_CAPACITY = 4096
 
 OpenStore = Callable[[], Awaitable[Store]]
+
+
+@attrs.define
+class Handed:
+    """The receive end of the `commits` channel a store was opened with."""
+
+    receive: trio.MemoryReceiveChannel[Committed]
+
+    def drain(self) -> list[Committed]:
+        """Everything handed over and not yet read, in the order it was handed over."""
+        handed = []
+        while True:
+            try:
+                handed.append(self.receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return handed
+
+    def drain_messages(self) -> list[tuple[Message, str | None]]:
+        """`drain`, keeping the new messages, each with the id it named as its previous."""
+        return [
+            (commit.message, commit.previous_id)
+            for commit in self.drain()
+            if commit.message is not None
+        ]
+
+
+async def open_handing(store: Store, nursery: trio.Nursery) -> Handed:
+    """Open `store` with a `commits` channel; returns its receive end."""
+    send, receive = trio.open_memory_channel[Committed](COMMITS_CAPACITY)
+    await store.open(nursery, send)
+    return Handed(receive)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.scale)])
@@ -41,13 +77,21 @@ def storage_config(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[S
 
 
 @pytest.fixture
-async def opener(storage_config: StorageConfig, nursery: trio.Nursery) -> AsyncIterator[OpenStore]:
+def handed() -> dict[Store, Handed]:
+    """What each store that `opener` opened handed over, by store."""
+    return {}
+
+
+@pytest.fixture
+async def opener(
+    storage_config: StorageConfig, nursery: trio.Nursery, handed: dict[Store, Handed]
+) -> AsyncIterator[OpenStore]:
     """Opens stores on the test's database; several stores stand for several processes."""
     stores: list[Store] = []
 
     async def open_one() -> Store:
         store = open_store(storage_config)
-        await store.open(nursery)
+        handed[store] = await open_handing(store, nursery)
         stores.append(store)
         return store
 
@@ -112,7 +156,9 @@ async def test_create_chat_is_idempotent_and_tracks_delivery(store: Store) -> No
     await pending_marks(store, "alice", 0, 0)
 
 
-async def test_concurrent_create_chat_makes_one_chat(store: Store) -> None:
+async def test_concurrent_create_chat_makes_one_chat(
+    store: Store, handed: dict[Store, Handed]
+) -> None:
     results: list[tuple[Chat, bool]] = []
 
     async def create(creator: str, recipient: str) -> None:
@@ -125,6 +171,8 @@ async def test_concurrent_create_chat_makes_one_chat(store: Store) -> None:
                 nursery.start_soon(create, *pair)
     assert len({chat.chat_id for chat, _ in results}) == 1
     assert sum(created for _, created in results) == 1
+    # ...and handed over once, as a new chat.
+    assert handed[store].drain() == [Committed(results[0][0])]
 
 
 @pytest.mark.parametrize("chat_id", ["999999", "abc", "", "-1", "1" * 40, "٣"])
@@ -136,16 +184,18 @@ async def test_get_chat_of_unknown_or_malformed_id_is_none(store: Store, chat_id
 # --------------------------------------------------------------------------- messages
 
 
-async def test_add_message_is_acknowledged_after_commit(store: Store, opener: OpenStore) -> None:
-    chat, _ = await store.create_chat("alice", "bob")
-    committed: list[Message] = []
-    message, created = await store.add_message(
-        chat, "alice", "hello", None, lambda m, _: committed.append(m)
-    )
+async def test_add_message_is_acknowledged_after_commit(
+    store: Store, opener: OpenStore, handed: dict[Store, Handed]
+) -> None:
+    origin = Origin("connection-1", "request-1")
+    chat, _ = await store.create_chat("alice", "bob", origin)
+    assert handed[store].drain() == [Committed(chat, origin)]
+    message, created = await store.add_message(chat, "alice", "hello", None, origin)
     assert created
-    # on_commit ran before the writer resumed, and a separate store (other connections, as
-    # another process would have) already sees the row.
-    assert committed == [message]
+    # It was handed to `commits` (with its origin and the chat as given) before the writer
+    # resumed, and a separate store (other connections, as another process would have)
+    # already sees the row.
+    assert handed[store].drain() == [Committed(chat, origin, message, None)]
     other = await opener()
     page = await other.messages_before(chat.chat_id, None, 10)
     assert page == ((message,), False)
@@ -155,23 +205,21 @@ async def test_add_message_is_acknowledged_after_commit(store: Store, opener: Op
     assert TIMESTAMP.match(message.timestamp)
 
 
-async def test_on_commit_order_is_commit_order_under_concurrency(store: Store) -> None:
+async def test_commits_order_is_commit_order_under_concurrency(
+    store: Store, handed: dict[Store, Handed]
+) -> None:
     chats = [(await store.create_chat("alice", f"peer{i}"))[0] for i in range(5)]
+    assert handed[store].drain() == [Committed(chat) for chat in chats]
     committed: list[Message] = []
     returned: list[Message] = []
 
     async def sender(task: int) -> None:
         for index in range(20):
             chat = chats[(task + index) % len(chats)]
-
-            def record(message: Message, previous_id: str | None) -> None:
-                committed.append(message)
-
-            message, created = await store.add_message(
-                chat, "alice", f"{task}:{index}", None, record
-            )
+            message, created = await store.add_message(chat, "alice", f"{task}:{index}", None)
             assert created
-            # The callback ran before this task resumed.
+            # It was handed over before this task resumed (read by this task or another).
+            committed.extend(message for message, _ in handed[store].drain_messages())
             assert message in committed
             returned.append(message)
 
@@ -183,14 +231,14 @@ async def test_on_commit_order_is_commit_order_under_concurrency(store: Store) -
     assert sorted(committed, key=lambda m: m.message_id) == sorted(
         returned, key=lambda m: m.message_id
     )
-    # One writer per store: commit order is id order, and on_commit followed it exactly.
+    # One writer per store: commit order is id order, and the hand-off followed it exactly.
     ids = [as_int(m.message_id) for m in committed]
     assert ids == sorted(ids)
 
 
 def assert_one_chain(links: list[tuple[Message, str | None]]) -> None:
-    """Per chat, `on_commit` named as previous exactly the message committed before (commit
-    order is id order within a chat), and None for the first."""
+    """Per chat, each handed-over message named as previous exactly the message committed
+    before it (commit order is id order within a chat), and None for the first."""
     by_chat: dict[str, list[tuple[Message, str | None]]] = {}
     for message, previous in links:
         by_chat.setdefault(message.chat_id, []).append((message, previous))
@@ -200,66 +248,63 @@ def assert_one_chain(links: list[tuple[Message, str | None]]) -> None:
         assert [previous for _, previous in chain] == expected
 
 
-async def test_on_commit_names_the_previous_message_of_the_chat(store: Store) -> None:
+async def test_commits_name_the_previous_message_of_the_chat(
+    store: Store, handed: dict[Store, Handed]
+) -> None:
     first, _ = await store.create_chat("alice", "bob")
     second, _ = await store.create_chat("alice", "carol")
-    links: list[tuple[Message, str | None]] = []
-
-    def record(message: Message, previous: str | None) -> None:
-        links.append((message, previous))
-
-    a1, _ = await store.add_message(first, "alice", "a1", "k1", record)
-    b1, _ = await store.add_message(second, "carol", "b1", None, record)
-    a2, _ = await store.add_message(first, "bob", "a2", None, record)
-    await store.add_message(first, "alice", "a1 again", "k1", record)  # a resend: no callback
-    a3, _ = await store.add_message(first, "alice", "a3", None, record)
-    b2, _ = await store.add_message(second, "alice", "b2", None, record)
-    assert links == [
-        (a1, None),
-        (b1, None),
-        (a2, a1.message_id),
-        (a3, a2.message_id),
-        (b2, b1.message_id),
+    a1, _ = await store.add_message(first, "alice", "a1", "k1")
+    b1, _ = await store.add_message(second, "carol", "b1", None)
+    a2, _ = await store.add_message(first, "bob", "a2", None)
+    await store.add_message(first, "alice", "a1 again", "k1")  # a resend: not handed over
+    a3, _ = await store.add_message(first, "alice", "a3", None)
+    b2, _ = await store.add_message(second, "alice", "b2", None)
+    assert handed[store].drain() == [
+        Committed(first),
+        Committed(second),
+        Committed(first, NO_ORIGIN, a1, None),
+        Committed(second, NO_ORIGIN, b1, None),
+        Committed(first, NO_ORIGIN, a2, a1.message_id),
+        Committed(first, NO_ORIGIN, a3, a2.message_id),
+        Committed(second, NO_ORIGIN, b2, b1.message_id),
     ]
 
 
-async def test_previous_ids_chain_under_concurrency_across_two_stores(opener: OpenStore) -> None:
+async def test_previous_ids_chain_under_concurrency_across_two_stores(
+    opener: OpenStore, handed: dict[Store, Handed]
+) -> None:
     """Two stores stand for two processes writing the same chats at once."""
     stores = [await opener(), await opener()]
     chats = [(await stores[0].create_chat("alice", f"peer{i}"))[0] for i in range(3)]
-    links: list[tuple[Message, str | None]] = []
 
     async def sender(task: int) -> None:
         store = stores[task % 2]
         for index in range(12):
             chat = chats[(task + index) % len(chats)]
             sender_id = chat.participants[index % 2]
-            await store.add_message(
-                chat, sender_id, f"{task}:{index}", None, lambda m, p: links.append((m, p))
-            )
+            await store.add_message(chat, sender_id, f"{task}:{index}", None)
 
     with trio.fail_after(TIMEOUT_S):
         async with trio.open_nursery() as nursery:
             for task in range(8):
                 nursery.start_soon(sender, task)
+    links = [link for store in stores for link in handed[store].drain_messages()]
     assert len(links) == 8 * 12
     assert_one_chain(links)
 
 
-async def test_resend_with_client_message_id_is_idempotent(store: Store) -> None:
+async def test_resend_with_client_message_id_is_idempotent(
+    store: Store, handed: dict[Store, Handed]
+) -> None:
     chat, _ = await store.create_chat("alice", "bob")
-    committed: list[Message] = []
-    first, created = await store.add_message(
-        chat, "alice", "one", "c-1", lambda m, _: committed.append(m)
-    )
+    first, created = await store.add_message(chat, "alice", "one", "c-1")
     assert created
     assert first.client_message_id == "c-1"
-    again, created_again = await store.add_message(
-        chat, "alice", "changed", "c-1", lambda m, _: committed.append(m)
-    )
+    again, created_again = await store.add_message(chat, "alice", "changed", "c-1")
     assert not created_again
     assert again == first
-    assert committed == [first]  # no on_commit (so no fan-out) for a resend
+    # Not handed over again (so no second fan-out) for a resend.
+    assert handed[store].drain() == [Committed(chat), Committed(chat, NO_ORIGIN, first, None)]
     # The key is (sender, chat, client_message_id): another sender may use the same id.
     other, other_created = await store.add_message(chat, "bob", "two", "c-1")
     assert other_created
@@ -511,28 +556,15 @@ async def test_postgres_writers_in_several_processes_keep_chat_order(
 ) -> None:
     """Three stores = three processes' writers, all on one chat, interleaving batches."""
     stores = [open_store(postgres_config) for _ in range(3)]
-    for store in stores:
-        await store.open(nursery)
+    handed = [await open_handing(store, nursery) for store in stores]
     try:
         chat, _ = await stores[0].create_chat("alice", "bob")
-        committed: list[list[Message]] = [[] for _ in stores]
-        links: list[tuple[Message, str | None]] = []
-
-        def record(index: int, message: Message, previous: str | None) -> None:
-            committed[index].append(message)
-            links.append((message, previous))
 
         async def writer(index: int, task: int) -> None:
             store = stores[index]
             for n in range(15):
                 sender = ("alice", "bob")[(task + n) % 2]
-                await store.add_message(
-                    chat,
-                    sender,
-                    f"{index}.{task}.{n}",
-                    None,
-                    functools.partial(record, index),
-                )
+                await store.add_message(chat, sender, f"{index}.{task}.{n}", None)
 
         with trio.fail_after(TIMEOUT_S * 2):
             async with trio.open_nursery() as writers:
@@ -545,7 +577,11 @@ async def test_postgres_writers_in_several_processes_keep_chat_order(
         assert ids == sorted(ids)
         stamps = [m.timestamp for m in page]
         assert stamps == sorted(stamps)
-        for per_store in committed:  # each process published in commit (= id) order
+        per_store_links = [store_handed.drain_messages() for store_handed in handed]
+        committed = [[message for message, _ in links] for links in per_store_links]
+        links = [link for links in per_store_links for link in links]
+        assert len(links) == len(page)
+        for per_store in committed:  # each process handed over in commit (= id) order
             ids = [as_int(m.message_id) for m in per_store]
             assert ids == sorted(ids)
         # ...and each message named the one committed before it, by whichever process.
@@ -620,12 +656,12 @@ async def test_postgres_upgrade_backfills_the_last_message_of_existing_chats(
             ).fetchall()
         ]
     store = open_store(postgres_config)
-    await store.open(nursery)
+    handed = await open_handing(store, nursery)
     try:
         chat = await store.get_chat(str(chat_row[0]))
         assert chat is not None
-        links: list[tuple[Message, str | None]] = []
-        await store.add_message(chat, "bob", "new", None, lambda m, p: links.append((m, p)))
+        await store.add_message(chat, "bob", "new", None)
+        links = handed.drain_messages()
         assert [previous for _, previous in links] == [str(max(old_ids))]
     finally:
         await store.aclose()

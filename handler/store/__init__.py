@@ -1,4 +1,18 @@
-"""Storage backends behind one contract (`handler.store.base.Store`)."""
+"""Storage backends behind one contract (`handler.store.base.Store`).
+
+The modules, by role:
+- `base`: the contract (`Store`), the records it returns, and `Committed`, what the store
+  hands to the fan-out.
+- `group_commit`: the one writer both backends use (bounded queue, one transaction per batch,
+  the hand-off to `commits` in commit order) and its two thread mechanisms.
+- `sql_store`: the Python both SQL backends share (lifecycle, delivery marks, every read);
+  `rows`: their column lists and row-to-record mapping.
+- `sqlite`: the embedded backend (its SQL, its reader pool, its writes).
+- `postgres`: the shared backend's store, reads and migrations; `postgres_batch`: its write
+  operations, batch SQL and retry/replay policy; `postgres_connect`: its connections and
+  outage backoff.
+- `schema`: the versioned migrations of both.
+"""
 
 from __future__ import annotations
 

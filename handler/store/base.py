@@ -4,9 +4,12 @@ The store is the source of truth for chats, messages and what was delivered to w
 guarantees, which the hub relies on and the contract tests check on every backend:
 
 - `add_message` returns only after COMMIT; concurrent writes are batched into one transaction
-  (group commit), never made faster by skipping durability.
-- `on_commit` callbacks run in the caller's Trio thread, in commit order, before the writing
-  task resumes; the hub publishes from there, so fan-out order equals commit order.
+  (group commit), never made faster by skipping durability. Writes wait for room in a bounded
+  queue (`group_commit.MAX_QUEUED`): a burst slows its writers down, nothing is dropped.
+- The store only stores. Every write that creates something (a new chat, a new message) is
+  handed, in commit order and before its caller resumes, to the `commits` channel given to
+  `open()` as a `Committed`; the hub's publisher task drains it and fans out. The channel is
+  bounded: when it is full the writer waits (backpressure), nothing is dropped.
 - Within a chat, message ids and timestamps never go backwards; ids are decimal integers
   that grow in commit order per chat.
 - `(sender_id, chat_id, client_message_id)` is unique: a resend returns the stored message
@@ -16,16 +19,43 @@ guarantees, which the hub relies on and the contract tests check on every backen
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
 import attrs
 import trio
 
-from handler.protocol import Chat, Message
+from handler.protocol import Chat, Message, RequestId
 
-# Called after COMMIT with the new message and the id of the chat's previous message.
-OnCommit = Callable[[Message, str | None], None]
+
+@attrs.frozen
+class Origin:
+    """Who caused a write; the store hands it back untouched with the commit, so the fan-out
+    can send the origin connection its acknowledgement (with its `request_id`)."""
+
+    connection_id: str | None = None
+    request_id: RequestId | None = None
+
+
+NO_ORIGIN = Origin()
+
+
+@attrs.frozen
+class Committed:
+    """A committed write that created something: the fan-out's input, in commit order.
+
+    `message` is None when the chat itself was created. `previous_id` is the id of the chat's
+    message committed just before `message` (None for the chat's first): a receiving node puts
+    events from several publishers back in commit order per chat with it.
+    """
+
+    chat: Chat
+    origin: Origin = NO_ORIGIN
+    message: Message | None = None
+    previous_id: str | None = None
+
+
+CommitSender = trio.MemorySendChannel[Committed]
 
 
 @attrs.frozen
@@ -82,7 +112,17 @@ class Backlog:
         return frozenset(chat.chat_id for chat in self.chats)
 
 
-async def read_backlog(store: Store, user_id: str) -> Backlog:
+class BacklogReader(Protocol):
+    """The two reads `read_backlog` is made of (every `Store` has them)."""
+
+    async def backlog_plan(self, user_id: str) -> BacklogPlan: ...
+
+    async def undelivered(
+        self, user_id: str, chat_id: str, from_id: str, up_to_id: str
+    ) -> tuple[Message, ...]: ...
+
+
+async def read_backlog(store: BacklogReader, user_id: str) -> Backlog:
     """The plan and every chat's undelivered messages (the backends' `backlog`)."""
     plan = await store.backlog_plan(user_id)
     messages = []
@@ -96,11 +136,13 @@ async def read_backlog(store: Store, user_id: str) -> Backlog:
 class Store(Protocol):
     """Persistent chats, messages and delivery state. All methods are safe to call concurrently."""
 
-    async def open(self, nursery: trio.Nursery) -> None:
+    async def open(self, nursery: trio.Nursery, commits: CommitSender | None = None) -> None:
         """Connect, run migrations, start background writers in `nursery`. Call once.
 
         The caller owns the nursery (structured concurrency: no hidden tasks); `aclose()` must
-        be awaited before that nursery exits.
+        be awaited before that nursery exits. Commits are handed to `commits` (see the module
+        docstring); the store owns it from here and closes it once its writer has stopped.
+        If `open` raises, `commits` is left open, so the caller may try again with it.
         """
 
     async def aclose(self) -> None:
@@ -110,16 +152,20 @@ class Store(Protocol):
         """Return once every write queued before this call is committed (delivery marks too).
 
         A binding calls it before reading the backlog, so what was just delivered to another
-        connection of the user is not offered again.
+        connection of the user is not offered again. Raises `StoreUnavailable` when a delivery
+        mark queued before it could not be recorded, so the caller can keep it for a retry.
         """
 
     async def check(self) -> None:
         """Raise `StoreUnavailable` when the backend does not answer (health check)."""
 
-    async def create_chat(self, creator_id: str, recipient_id: str) -> tuple[Chat, bool]:
+    async def create_chat(
+        self, creator_id: str, recipient_id: str, origin: Origin = NO_ORIGIN
+    ) -> tuple[Chat, bool]:
         """Create the 1:1 chat of the pair or find it; `True` when it was created now.
 
-        The creator's copy counts as delivered, the recipient's does not.
+        The creator's copy counts as delivered, the recipient's does not. A new chat is handed
+        to `commits` with `origin`.
         """
 
     async def get_chat(self, chat_id: str) -> Chat | None:
@@ -131,11 +177,12 @@ class Store(Protocol):
         sender_id: str,
         content: str,
         client_message_id: str | None,
-        on_commit: OnCommit | None = None,
+        origin: Origin = NO_ORIGIN,
     ) -> tuple[Message, bool]:
         """Store a message durably; `True` when new, `False` for an idempotent resend.
 
-        `on_commit` is called (only for new messages) after COMMIT, in commit order.
+        A new message is handed to `commits` with `origin`, in commit order, before this
+        returns.
         """
 
     async def chats_of(self, user_id: str) -> list[Chat]:
@@ -164,5 +211,7 @@ class Store(Protocol):
     ) -> None:
         """Record that these chats and messages reached the user (idempotent).
 
-        Takes effect before any later acknowledged write of this store returns.
+        Returns once the mark is queued (waiting for room, never dropped), not once it is
+        committed; it takes effect before any later acknowledged write of this store returns,
+        and a failure is reported by the next `flush`.
         """

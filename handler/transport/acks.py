@@ -11,12 +11,13 @@ Theory of operation:
   offset at which it ends on the wire (server frames are unmasked, so a text frame is a 2-, 4-
   or 10-byte header and its UTF-8 payload).
 - `release()` compares those offsets with what the peer acknowledged (`TcpProgress.acked()`,
-  SIOCOUTQ on Linux) and hands the receipts of fully acknowledged frames to the hub. The writer
-  calls it after each write and, while something is pending, on a short backing-off poll.
+  SIOCOUTQ on Linux) and hands the receipts of fully acknowledged frames to the delivery
+  marks. The writer calls it after each write and, while something is pending, on a short
+  backing-off poll.
 - When the connection ends, `settle()` waits (bounded) for the transport to record its final
   count (taken after the delayed ACKs settled, see `hypercorn_guard`), releases what the peer
   got, and forgets the rest: those items stay undelivered and come back in the next backlog.
-- Until a receipt is released or forgotten, the hub counts the write as in flight for its user,
+- Until a receipt is released or forgotten, the marks count the write as in flight for its user,
   so a binding elsewhere waits for it (bounded) before reading the backlog.
 
 Without Hypercorn's trio TCP server (or with TLS, where the socket's count does not map onto
@@ -26,14 +27,15 @@ frames) there is no count, and a frame counts as delivered once written, as befo
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 import trio
 
-from handler.connection import Outgoing, Receipt, utf8_length
+from handler.session.outgoing import Outgoing, Receipt, utf8_length
 
 if TYPE_CHECKING:
-    from handler.hub import Hub
+    from handler.delivery_marks import DeliveryMarks
     from handler.transport.hypercorn_guard import TcpProgress
 
 ACK_POLL_MIN_S: Final = 0.001
@@ -54,10 +56,18 @@ def frame_wire_size(payload_bytes: int) -> int:
 class SentFrames:
     """Receipts of written frames, released once the peer acknowledged their last byte."""
 
-    __slots__ = ("_exact_sizes", "_hub", "_pending", "_progress", "poll_s")
+    __slots__ = ("_exact_sizes", "_marks", "_on_sent", "_pending", "_progress", "poll_s")
 
-    def __init__(self, hub: Hub, progress: TcpProgress | None, *, exact_sizes: bool) -> None:
-        self._hub = hub
+    def __init__(
+        self,
+        marks: DeliveryMarks,
+        on_sent: Callable[[Outgoing], None],
+        progress: TcpProgress | None,
+        *,
+        exact_sizes: bool,
+    ) -> None:
+        self._marks = marks
+        self._on_sent = on_sent
         # Without a count of acknowledged bytes (TLS, another server) there is nothing to wait
         # for; decided once here, not with an extra ioctl per write.
         self._progress = (
@@ -75,13 +85,14 @@ class SentFrames:
 
     def sent(self, batch: list[Outgoing]) -> None:
         """`batch` was written in one go; the byte count now includes all of it."""
-        hub = self._hub
+        marks = self._marks
+        on_sent = self._on_sent
         progress = self._progress
         if progress is None:
             for item in batch:
-                hub.sent(item)
+                on_sent(item)
                 if item.receipt is not None:
-                    hub.acknowledged(item.receipt)
+                    marks.acknowledged(item.receipt)
             return
         end = progress.bytes_sent
         offsets: list[int] = []
@@ -90,9 +101,9 @@ class SentFrames:
             if self._exact_sizes and item.text:
                 end -= frame_wire_size(utf8_length(item.text))
         for item, offset in zip(batch, reversed(offsets), strict=True):
-            hub.sent(item)
+            on_sent(item)
             if item.receipt is not None:
-                hub.begin_write(item.receipt.user_id)
+                marks.begin_write(item.receipt.user_id)
                 self._pending.append((offset, item.receipt))
         self.poll_s = ACK_POLL_MIN_S
         self.release()
@@ -112,21 +123,21 @@ class SentFrames:
             if offset > progress.written:
                 break  # this frame and the rest never reached the kernel whole
             if item.receipt is not None:
-                self._hub.begin_write(item.receipt.user_id)
+                self._marks.begin_write(item.receipt.user_id)
                 self._pending.append((offset, item.receipt))
 
     def release(self) -> None:
-        """Hand the receipts of acknowledged frames to the hub."""
+        """Hand the receipts of acknowledged frames to the delivery marks."""
         pending = self._pending
         if not pending:
             return
         assert self._progress is not None
         acked = self._progress.acked_written()
-        hub = self._hub
+        marks = self._marks
         while pending and pending[0][0] <= acked:
             _, receipt = pending.popleft()
-            hub.acknowledged(receipt)
-            hub.end_write(receipt.user_id)
+            marks.acknowledged(receipt)
+            marks.end_write(receipt.user_id)
         if pending:
             self.poll_s = min(self.poll_s * 2, ACK_POLL_MAX_S)
 
@@ -147,4 +158,4 @@ class SentFrames:
         self.release()
         while self._pending:
             _, receipt = self._pending.popleft()
-            self._hub.end_write(receipt.user_id)  # never acknowledged: stays undelivered
+            self._marks.end_write(receipt.user_id)  # never acknowledged: stays undelivered

@@ -4,12 +4,16 @@ It bypasses Quart's per-frame websocket machinery (queues and tasks per message)
 ASGI directly, which is all a JSON-over-WebSocket protocol needs. Per connection:
 
 - the reader (the ASGI task itself) receives messages, enforces the byte limit, and feeds
-  text to the `Session`; its receive waits under the session's next deadline (idle, auth,
-  token expiry), so timers cost no extra task;
-- the writer drains the connection's outbox to the socket, one frame at a time;
-- both run under `Connection.cancel_scope`: closing a connection (slow consumer, timeout,
-  shutdown) cancels them, then a close frame is attempted within `CLOSE_TIMEOUT_S`. Thanks to
-  `hypercorn_guard`, cancelling a write that a client does not read aborts the TCP connection.
+  them to the session's driver (`transport.driver`); its receive waits under the session's
+  next deadline (idle, auth, token expiry), so timers cost no extra task;
+- the writer drains the connection's outbox to the socket; it starts when there is something
+  to send, in the connection's nursery before binding, in its user's nursery once bound
+  (`WriterHome`);
+- the reader runs under `Connection.cancel_scope`: closing a connection (slow consumer,
+  timeout, shutdown, its user closed) cancels it; it stops the writer, then a close frame is
+  attempted within `CLOSE_TIMEOUT_S`. Thanks to `hypercorn_guard`, cancelling a write that a
+  client does not read aborts the TCP connection. Without the guard (an untested Hypercorn)
+  the writer speaks standard ASGI only.
 """
 
 from __future__ import annotations
@@ -17,15 +21,18 @@ from __future__ import annotations
 import logging
 import urllib.parse
 from collections.abc import Awaitable, Callable, MutableMapping
+from functools import partial
 from typing import Any, Final
 
 import trio
 
 from handler.config import LimitsConfig
-from handler.connection import CLOSE_AFTER, PING, Connection, Outgoing, utf8_length
+from handler.connection import CLOSE_AFTER, PING, RETIRE, Connection, Outgoing, utf8_length
 from handler.errors import CloseCode
-from handler.session import Services, Session
+from handler.services import Services
+from handler.transport import hypercorn_guard
 from handler.transport.acks import SentFrames
+from handler.transport.driver import SessionDriver
 from handler.transport.hypercorn_guard import (
     ACCEPT_OPTIONS_KEY,
     SEND_MANY,
@@ -80,15 +87,18 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, services: 
     if hub.closing:
         await send({"type": "websocket.close", "code": CloseCode.GOING_AWAY})
         return
-    options: TransportOptions = {
-        "max_message_bytes": limits.max_frame_bytes,
-        "compression": limits.compression,
-    }
-    await send({"type": "websocket.accept", ACCEPT_OPTIONS_KEY: options})
+    guarded = hypercorn_guard.installed()
+    accept: dict[str, Any] = {"type": "websocket.accept"}
+    if guarded:
+        options: TransportOptions = {
+            "max_message_bytes": limits.max_frame_bytes,
+            "compression": limits.compression,
+        }
+        accept[ACCEPT_OPTIONS_KEY] = options
+    await send(accept)
 
     connection = Connection(limits.send_queue, hub.drop_slow, limits.send_queue_bytes)
-    sent = SentFrames(hub, current_progress(), exact_sizes=not limits.compression)
-    session = Session(connection, services)
+    sent = SentFrames(hub.marks, hub.sent, current_progress(), exact_sizes=not limits.compression)
     hub.attach(connection)
     client = scope.get("client")
     log.info("open conn=%s peer=%s", connection.id, client[0] if client else "-")
@@ -96,14 +106,15 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, services: 
     try:
         with connection.cancel_scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_write, connection, send, services, sent)
-                session.background = nursery
-                await session.start(_query_token(scope))
-                disconnected = await _read(receive, session, connection, limits)
+                connection.writer.task = partial(_write, connection, send, services, sent, guarded)
+                driver = SessionDriver(connection, services, nursery)
+                await driver.opened(_query_token(scope))
+                disconnected = await _read(receive, driver, connection, limits)
                 nursery.cancel_scope.cancel()
     finally:
         user_id = connection.user_id
         with trio.CancelScope(shield=True):
+            await connection.writer.stop()
             if not disconnected:
                 if connection.close_code is None:  # cancelled from outside: server stopping
                     connection.close(CloseCode.GOING_AWAY, "server shutting down")
@@ -124,7 +135,7 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, services: 
 
 
 async def _read(
-    receive: Receive, session: Session, connection: Connection, limits: LimitsConfig
+    receive: Receive, driver: SessionDriver, connection: Connection, limits: LimitsConfig
 ) -> bool:
     """Feed client messages to the session; True when the client disconnected.
 
@@ -134,11 +145,12 @@ async def _read(
     """
     max_bytes = limits.max_frame_bytes
     ping_interval = limits.ping_interval_s
+    machine = driver.machine
     while True:
         event: MutableMapping[str, Any] | None = None
         # Only the wait runs under the deadline: a frame that came just before a ping was due
         # must not have its handling (reply and all) cancelled when that time passes.
-        with trio.move_on_at(min(session.next_deadline(), connection.last_sent + ping_interval)):
+        with trio.move_on_at(min(machine.next_deadline(), connection.last_sent + ping_interval)):
             event = await receive()
         if event is not None:
             kind = event["type"]
@@ -146,29 +158,33 @@ async def _read(
                 return True
             if kind != "websocket.receive":
                 continue
-            session.data_received()
             text = event.get("text")
             payload: str | bytes = text if text is not None else (event.get("bytes") or b"")
             size = utf8_length(payload) if isinstance(payload, str) else len(payload)
             if size > max_bytes:
                 connection.close(CloseCode.MESSAGE_TOO_BIG, "message too big")
                 return False
-            await session.handle_text(payload)
+            await driver.frame(payload)
             continue
         now = trio.current_time()
-        expired = session.deadline_close(now)
-        if expired is not None:
-            connection.close(*expired)
-            return False
+        if now >= machine.next_deadline():
+            await driver.deadline()
+            if connection.close_code is not None:
+                return False
         if now >= connection.last_sent + ping_interval:
-            connection.push_ping()
+            await driver.keepalive()
 
 
-async def _write(connection: Connection, send: Send, services: Services, sent: SentFrames) -> None:
+async def _write(
+    connection: Connection, send: Send, services: Services, sent: SentFrames, guarded: bool
+) -> None:
     """Drain the outbox; frames queued together go out in one socket write.
 
     While some written frames wait for the client's acknowledgement, the wait for the next
     frame is bounded by `sent.poll_s`, so their receipts are released soon after the ACK.
+    Returns at `RETIRE` (the writer moves to another nursery), at the end of the outbox, when
+    the client is gone, or after a deferred close. Without the transport guard the frames go
+    out as standard ASGI `websocket.send` events, one each, and keep-alive pings are skipped.
     """
     count_out = services.metrics.count_out
     outbox = connection.outbox
@@ -185,7 +201,7 @@ async def _write(connection: Connection, send: Send, services: Services, sent: S
         if first is _END:
             return
         batch = [first]
-        while len(batch) < WRITE_BATCH:
+        while len(batch) < WRITE_BATCH and batch[-1].frame_type != RETIRE:
             try:
                 batch.append(outbox.receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel):
@@ -194,8 +210,9 @@ async def _write(connection: Connection, send: Send, services: Services, sent: S
         frames = [item for item in batch if item.text]
         texts = [item.text for item in frames]
         try:
-            if len(texts) == 1:
-                await send({"type": "websocket.send", "text": texts[0]})
+            if len(texts) == 1 or (texts and not guarded):
+                for text in texts:
+                    await send({"type": "websocket.send", "text": text})
             elif texts:
                 await send({"type": SEND_MANY, "texts": texts})
         except ClientGone:
@@ -205,21 +222,24 @@ async def _write(connection: Connection, send: Send, services: Services, sent: S
             raise
         sent.sent(frames)
         try:
-            if any(item.frame_type == PING for item in batch):
+            if guarded and any(item.frame_type == PING for item in batch):
                 await send({"type": SEND_PING})
         except ClientGone:
             return
         connection.last_sent = trio.current_time()
         for item in batch:
-            if item.frame_type != CLOSE_AFTER:
+            if item.frame_type not in _CONTROL:
                 count_out(item.frame_type)
         if connection.deferred_close is not None and any(
             item.frame_type == CLOSE_AFTER for item in batch
         ):
             connection.close(*connection.deferred_close)
             return
+        if batch[-1].frame_type == RETIRE:
+            return
 
 
+_CONTROL: Final = frozenset({CLOSE_AFTER, RETIRE})
 _END: Final = Outgoing("", "end")
 
 

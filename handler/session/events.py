@@ -1,0 +1,327 @@
+"""The session machine's vocabulary: the events it is fed and the commands it returns.
+
+Pure records. An event is something that happened (a decoded frame, the result of a command,
+a fan-out item, a deadline); a command is something for the driver to do. A command that
+produces a result names it in its docstring; the driver feeds that result back as an event,
+before anything else is fed. Results echo the frame they answer, so the machine needs no
+table of requests in flight.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import attrs
+
+from handler import protocol
+from handler.errors import CloseCode, ProtocolError
+from handler.session.outgoing import Outgoing, Receipt
+
+if TYPE_CHECKING:
+    from handler.auth import Identity
+    from handler.ratelimit import TokenBucket
+    from handler.store.base import BacklogPlan
+
+Page = tuple[tuple[protocol.Message, ...], bool]
+
+
+@attrs.frozen
+class Instant:
+    """The time an event happened: the monotonic clock for deadlines, the wall clock for
+    token expiry (`exp` is wall-clock time)."""
+
+    monotonic: float
+    wall: float
+
+
+# --------------------------------------------------------------------------- events
+
+
+@attrs.frozen
+class Opened:
+    """The upgrade completed; `token` is its `?token=` query parameter, if any."""
+
+    token: str | None
+
+
+@attrs.frozen
+class FrameReceived:
+    """A data frame arrived and was decoded: `frame`, or the `error` decoding raised."""
+
+    frame: protocol.ClientFrame | None
+    error: ProtocolError | None = None
+
+
+@attrs.frozen
+class DeadlineReached:
+    """`next_deadline()` passed (idle, authentication or token expiry)."""
+
+
+@attrs.frozen
+class FanOut:
+    """A committed chat or message for this connection's user, from the hub."""
+
+    item: Outgoing
+
+
+@attrs.frozen
+class Subscribed:
+    """`Subscribe` succeeded: the user's fan-out reaches this connection (parked), and `plan`
+    is the backlog snapshot read after that. `bucket` is the user's shared rate limiter."""
+
+    plan: BacklogPlan
+    bucket: TokenBucket
+
+
+@attrs.frozen
+class SubscribeFailed:
+    error: Exception
+
+
+@attrs.frozen
+class BacklogRead:
+    chat_id: str
+    messages: tuple[protocol.Message, ...]
+
+
+@attrs.frozen
+class BacklogFailed:
+    error: Exception
+
+
+@attrs.frozen
+class Replayed:
+    """Every `Write` before the `Replay` that asked for this was carried out."""
+
+
+@attrs.frozen
+class ChatLoaded:
+    frame: protocol.SendMessage | protocol.FetchMessages
+    chat: protocol.Chat | None
+
+
+@attrs.frozen
+class ChatStored:
+    frame: protocol.CreateChat
+    chat: protocol.Chat
+    created: bool
+
+
+@attrs.frozen
+class MessageStored:
+    frame: protocol.SendMessage
+    message: protocol.Message
+    created: bool
+
+
+@attrs.frozen
+class ChatsListed:
+    frame: protocol.FetchChats
+    chats: tuple[protocol.Chat, ...]
+
+
+@attrs.frozen
+class PageRead:
+    """`page` is None when `before` is not a message of the chat."""
+
+    frame: protocol.FetchMessages
+    page: Page | None
+
+
+@attrs.frozen
+class HistoryRead:
+    """One chat's page of a `fetch_chats` answer, read by the history stream."""
+
+    frame: protocol.FetchChats
+    chat_id: str
+    messages: tuple[protocol.Message, ...]
+    has_more: bool
+
+
+@attrs.frozen
+class HistoryDone:
+    """The history stream ended (`error` set when a read failed)."""
+
+    frame: protocol.FetchChats
+    error: Exception | None = None
+
+
+@attrs.frozen
+class RequestFailed:
+    """A command for `frame` raised `error` (a store or bus fault, or a protocol error)."""
+
+    frame: protocol.ClientFrame
+    error: Exception
+
+
+Event = (
+    Opened
+    | FrameReceived
+    | DeadlineReached
+    | FanOut
+    | Subscribed
+    | SubscribeFailed
+    | BacklogRead
+    | BacklogFailed
+    | Replayed
+    | ChatLoaded
+    | ChatStored
+    | MessageStored
+    | ChatsListed
+    | PageRead
+    | HistoryRead
+    | HistoryDone
+    | RequestFailed
+)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@attrs.frozen
+class Reply:
+    """Send `frame` on this connection, waiting for room in its outbox."""
+
+    frame: protocol.ServerFrame
+    frame_type: str
+    receipt: Receipt | None = None
+
+
+@attrs.frozen
+class Write:
+    """Send an already encoded fan-out item, waiting for room (a parked item's replay)."""
+
+    item: Outgoing
+
+
+@attrs.frozen
+class Push:
+    """Send a live fan-out item without waiting; a full outbox drops the connection."""
+
+    item: Outgoing
+
+
+@attrs.frozen
+class DropSlow:
+    """Slow-consumer policy: close 1013; what the connection missed stays undelivered."""
+
+
+@attrs.frozen
+class Subscribe:
+    """Make the connection reachable by the user's fan-out (parked until `Replay` reports
+    `Replayed` with nothing left), commit the user's delivery marks everywhere, then read the
+    backlog plan. Result: `Subscribed` or `SubscribeFailed`."""
+
+    identity: Identity
+
+
+@attrs.frozen
+class Unsubscribe:
+    """Stop the user's fan-out to this connection; it is unbound again."""
+
+
+@attrs.frozen
+class ReadBacklog:
+    """Read one chat's undelivered messages. Result: `BacklogRead` or `BacklogFailed`."""
+
+    user_id: str
+    chat_id: str
+    from_id: str
+    up_to_id: str
+
+
+@attrs.frozen
+class Replay:
+    """Result: `Replayed`, once the commands before it are carried out."""
+
+
+@attrs.frozen
+class LoadChat:
+    """Result: `ChatLoaded` (or `RequestFailed`)."""
+
+    frame: protocol.SendMessage | protocol.FetchMessages
+
+
+@attrs.frozen
+class StoreChat:
+    """Create or find the pair's chat. Result: `ChatStored` (or `RequestFailed`)."""
+
+    frame: protocol.CreateChat
+    user_id: str
+
+
+@attrs.frozen
+class StoreMessage:
+    """Store the message (its fan-out, acknowledgement included, comes from the hub).
+    Result: `MessageStored` (or `RequestFailed`)."""
+
+    frame: protocol.SendMessage
+    chat: protocol.Chat
+    user_id: str
+
+
+@attrs.frozen
+class ListChats:
+    """Result: `ChatsListed` (or `RequestFailed`)."""
+
+    frame: protocol.FetchChats
+    user_id: str
+
+
+@attrs.frozen
+class ReadPage:
+    """Result: `PageRead` (or `RequestFailed`)."""
+
+    frame: protocol.FetchMessages
+
+
+@attrs.frozen
+class StreamHistories:
+    """In the background, read each chat's newest page in order and feed `HistoryRead` for
+    each (carrying out its `Reply` before reading the next), then `HistoryDone`."""
+
+    frame: protocol.FetchChats
+    chat_ids: tuple[str, ...]
+
+
+@attrs.frozen
+class ReportInternal:
+    """An unexpected fault: log it with a correlation id and answer `internal_error(...)`."""
+
+    error: BaseException
+    request_id: protocol.RequestId | None = None
+
+
+@attrs.frozen
+class Close:
+    code: CloseCode
+    reason: str
+
+
+@attrs.frozen
+class CloseWhenWritten:
+    """Close once everything queued before is written (the error that explains it first)."""
+
+    code: CloseCode
+    reason: str
+
+
+Command = (
+    Reply
+    | Write
+    | Push
+    | DropSlow
+    | Subscribe
+    | Unsubscribe
+    | ReadBacklog
+    | Replay
+    | LoadChat
+    | StoreChat
+    | StoreMessage
+    | ListChats
+    | ReadPage
+    | StreamHistories
+    | ReportInternal
+    | Close
+    | CloseWhenWritten
+)

@@ -1,0 +1,527 @@
+"""One connection's protocol rules as a sans-IO state machine: `handle(event, now) -> commands`.
+
+No `await`, no clock reads, no store, hub or socket: the driver (`handler.transport.driver`)
+decodes frames, feeds events with the time they happened, and carries out the commands.
+
+Theory of operation
+===================
+
+States::
+
+    UNBOUND --(valid token, in the query or a frame)--> BINDING --(backlog and replay
+        ^                                                  |        written)--> BOUND
+        +---------------(subscription or backlog failed)---+
+
+- UNBOUND: only `ping` is served; any other frame without a token gets `unauthorized`. The
+  authentication deadline closes the connection with 1008.
+- BINDING: the user's fan-out reaches this connection, but is *parked*; the backlog goes out
+  (`authenticated`, `new_chats`, `new_messages`), then the parked items it does not contain,
+  then the frame that carried the token is answered.
+- BOUND: every frame type is served. A token for the same user with a later `exp` extends
+  the connection's life; a token for another user is `forbidden`.
+
+The binding rule -- every chat and message reaches a (re)connecting user exactly once, in the
+backlog or live, never both, never neither -- rests on one order of steps:
+
+1. `Subscribe` first: from then on every commit for the user reaches this machine as `FanOut`
+   (the bus's `subscribe` returns only once that holds), and is parked.
+2. Then the backlog *snapshot* (`Subscribed.plan`): what is undelivered, and for every chat of
+   the user its newest message id, the *high-water mark*. The driver commits this node's and
+   the other nodes' pending delivery marks for the user before taking it, so what another
+   connection of the user has just received is not offered again.
+3. Each chat's undelivered messages are read up to its mark only, so a message committed after
+   the snapshot cannot be in both the backlog and the fan-out.
+4. Fan-out of an item at or below its chat's mark (a chat of the snapshot, or a message whose
+   id is at most the mark) is in the backlog or was delivered before the binding: it is
+   dropped, parked or live, for `backlog_memory_s` (long past any commit-to-publish delay,
+   even across nodes). Everything above the mark is sent.
+5. Parked items are replayed (`Write`, waiting for room) before going live; items that arrive
+   while the replay is written are parked too and replayed next (`Replay` -> `Replayed`), so
+   live `Push`es never overtake them.
+
+Message ids grow in commit order within a chat, which is what makes a per-chat mark enough.
+An item counts as delivered only once the client's TCP stack acknowledged the frame carrying
+its `Receipt` (the transport's job); an item that never got there is offered again next time.
+
+Every frame first passes the rate limiter (the user's, shared by the user's connections, once
+subscribed; the connection's own before), so a flood of garbage costs what a flood of valid
+frames costs. Recoverable errors answer an `error` frame and change nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+import attrs
+
+from handler import protocol
+from handler.errors import CloseCode, ConnectionLimitReached, ErrorCode, ProtocolError
+from handler.ratelimit import TokenBucket
+from handler.session import events as ev
+from handler.session.outgoing import Outgoing, Receipt
+
+if TYPE_CHECKING:
+    from handler.auth import Identity
+
+# How long a binding remembers its snapshot's marks to drop late fan-out of the same items.
+BACKLOG_MEMORY_S: Final = 60.0
+# What a second `fetch_chats` during the first is told to wait; the first one's pace is the
+# client's own reading speed, so this is a hint, not a promise.
+FETCH_RETRY_MS: Final = 1000
+
+Verifier = Callable[[str, float], "Identity"]
+"""Checks a token at a wall-clock time; raises `ProtocolError(unauthorized)`."""
+
+
+class State(enum.Enum):
+    UNBOUND = "unbound"
+    BINDING = "binding"
+    BOUND = "bound"
+
+
+@attrs.frozen
+class SessionRules:
+    """The limits one session enforces (from `LimitsConfig`)."""
+
+    auth_timeout_s: float
+    idle_timeout_s: float
+    rate_per_s: float
+    rate_burst: float
+    park_capacity: int  # fan-out items a binding may park: the outbox's frame capacity
+    backlog_memory_s: float = BACKLOG_MEMORY_S
+
+
+def internal_error(
+    correlation_id: str, request_id: protocol.RequestId | None = None
+) -> protocol.ErrorFrame:
+    """The `internal` answer; the message quotes the id the log line carries."""
+    return protocol.ErrorFrame(
+        ErrorCode.INTERNAL,
+        f"internal server error (correlation id {correlation_id}); try again",
+        request_id=request_id,
+    )
+
+
+_DROP_SLOW: Final = ev.DropSlow()
+
+
+def _error_reply(error: ProtocolError) -> ev.Reply:
+    return ev.Reply(protocol.ErrorFrame.from_error(error), "error")
+
+
+def _received(user_id: str, messages: tuple[protocol.Message, ...]) -> Receipt | None:
+    """The receipt for the messages addressed to `user_id` among those returned."""
+    ids = tuple(m.message_id for m in messages if m.recipient_id == user_id)
+    return Receipt(user_id, message_ids=ids) if ids else None
+
+
+class SessionMachine:
+    """See the module docstring. One per connection; `handle` is its only entry point."""
+
+    def __init__(self, rules: SessionRules, verify: Verifier, now: ev.Instant) -> None:
+        self._rules = rules
+        self._verify = verify
+        self.state = State.UNBOUND
+        self.user_id: str | None = None
+        self._auth_deadline = now.monotonic + rules.auth_timeout_s
+        self._idle_deadline = now.monotonic + rules.idle_timeout_s
+        self._expiry_deadline = math.inf
+        self._token: str | None = None  # the last verified token, to skip re-verifying it
+        self._own_bucket = TokenBucket(rules.rate_per_s, rules.rate_burst)
+        self._user_bucket: TokenBucket | None = None
+        self._fetching = False  # a fetch_chats answer is being streamed
+        # BINDING only: parked fan-out, the frame to answer once bound, backlog still to read.
+        self._parked: collections.deque[Outgoing] = collections.deque()
+        self._after_bind: protocol.ClientFrame | None = None
+        self._backlog_todo: collections.deque[tuple[str, str]] = collections.deque()
+        self._snapshot_marks: dict[str, str] = {}
+        # What the snapshot covered (chat id -> newest message id), until `_marks_until`.
+        self._marks: dict[str, int] = {}
+        self._marks_until = -math.inf
+        self.backlog_chats = 0
+        self.backlog_messages = 0
+
+    # ------------------------------------------------------------------ timers
+
+    def next_deadline(self) -> float:
+        """When to feed `DeadlineReached` if nothing else happens first."""
+        if self.state is State.UNBOUND:
+            return min(self._idle_deadline, self._auth_deadline)
+        return min(self._idle_deadline, self._expiry_deadline)
+
+    def _deadline_close(self, now: float) -> list[ev.Command]:
+        if now >= self._idle_deadline:
+            return [
+                ev.Close(CloseCode.POLICY_VIOLATION, "idle timeout: send ping to stay connected")
+            ]
+        if self.state is State.UNBOUND:
+            if now >= self._auth_deadline:
+                return [ev.Close(CloseCode.POLICY_VIOLATION, "not authenticated in time")]
+        elif now >= self._expiry_deadline:
+            return [ev.Close(CloseCode.POLICY_VIOLATION, "token expired")]
+        return []
+
+    # ------------------------------------------------------------------ entry point
+
+    def handle(self, event: ev.Event, now: ev.Instant) -> list[ev.Command]:
+        """Apply one event; return what the driver must do, in order."""
+        match event:
+            case ev.FrameReceived():
+                return self._frame_received(event, now)
+            case ev.FanOut():
+                command = self.fan_out(event.item, now.monotonic)
+                return [] if command is None else [command]
+            case ev.DeadlineReached():
+                return self._deadline_close(now.monotonic)
+            case ev.Opened():
+                return self._opened(event.token, now)
+            case ev.Subscribed():
+                return self._subscribed(event, now)
+            case ev.SubscribeFailed():
+                return self._subscribe_failed(event.error)
+            case ev.BacklogRead():
+                return self._backlog_read(event, now)
+            case ev.BacklogFailed():
+                self._unbind()
+                return [
+                    ev.Unsubscribe(),
+                    ev.ReportInternal(event.error),
+                    ev.Close(CloseCode.INTERNAL_ERROR, "backlog unavailable; reconnect"),
+                ]
+            case ev.Replayed():
+                return self._replayed(now)
+            case ev.ChatLoaded():
+                return self._chat_loaded(event)
+            case ev.ChatStored():
+                chat = event.chat
+                return [
+                    ev.Reply(
+                        protocol.NewChats((chat,), event.frame.request_id),
+                        "new_chats",
+                        Receipt(self._user(), chat_ids=(chat.chat_id,)),
+                    )
+                ]
+            case ev.MessageStored():
+                if event.created:
+                    return []  # its fan-out carries the acknowledgement, in commit order
+                # An idempotent resend: the sender gets the stored message again, nobody else.
+                return [
+                    ev.Reply(
+                        protocol.MessageEvent(event.message, event.frame.request_id), "message"
+                    )
+                ]
+            case ev.ChatsListed():
+                return self._chats_listed(event)
+            case ev.PageRead():
+                return self._page_read(event)
+            case ev.HistoryRead():
+                frame = event.frame
+                return [
+                    ev.Reply(
+                        protocol.AllMessages(
+                            event.chat_id, event.messages, event.has_more, frame.request_id
+                        ),
+                        "all_messages",
+                        _received(self._user(), event.messages),
+                    )
+                ]
+            case ev.HistoryDone():
+                self._fetching = False
+                if event.error is None:
+                    return []
+                return self._failure(event.error, event.frame.request_id)
+            case ev.RequestFailed():
+                return self._failure(event.error, event.frame.request_id)
+        raise AssertionError(f"unknown event {event!r}")
+
+    # ------------------------------------------------------------------ frames
+
+    def _frame_received(self, event: ev.FrameReceived, now: ev.Instant) -> list[ev.Command]:
+        self._idle_deadline = now.monotonic + self._rules.idle_timeout_s
+        frame = event.frame
+        bucket = self._user_bucket or self._own_bucket
+        wait_s = bucket.take(now.monotonic)
+        if wait_s > 0:
+            return [
+                _error_reply(
+                    ProtocolError(
+                        ErrorCode.RATE_LIMITED,
+                        f"too many frames; limit is {self._rules.rate_per_s:g} per second",
+                        request_id=frame.request_id if frame is not None else None,
+                        retry_after_ms=max(1, math.ceil(wait_s * 1000)),
+                    )
+                )
+            ]
+        if event.error is not None:
+            return [_error_reply(event.error)]
+        assert frame is not None
+        # The driver feeds the next frame only once this one's commands are carried out.
+        assert self.state is not State.BINDING, "a frame arrived while binding"
+        try:
+            identity = self._authenticate(frame, now)
+        except ProtocolError as error:
+            return [_error_reply(error.with_request_id(frame.request_id))]
+        if identity is not None:
+            return self._start_binding(identity, now, frame)
+        try:
+            return self._serve(frame)
+        except ProtocolError as error:
+            return [_error_reply(error.with_request_id(frame.request_id))]
+
+    def _authenticate(self, frame: protocol.ClientFrame, now: ev.Instant) -> Identity | None:
+        """None when the frame may be served now; the identity to bind with otherwise."""
+        token = frame.token
+        if token is None:
+            if self.state is State.UNBOUND and frame.type != "ping":
+                raise ProtocolError(
+                    ErrorCode.UNAUTHORIZED,
+                    "not authenticated: send a token in this frame or in ?token=",
+                    field="token",
+                )
+            return None
+        if token == self._token:
+            if self._expiry_deadline <= now.monotonic:
+                raise ProtocolError(ErrorCode.UNAUTHORIZED, "invalid token: expired")
+            return None
+        identity = self._verify(token, now.wall)
+        if self.state is State.UNBOUND:
+            self._token = token
+            return identity
+        if identity.user_id != self.user_id:
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN,
+                "this connection is bound to another user; open a new connection",
+                field="token",
+            )
+        # In-band refresh: the connection lives until the latest expiry it was shown.
+        self._token = token
+        self._expiry_deadline = max(self._expiry_deadline, _deadline_of(identity, now))
+        return None
+
+    def _opened(self, token: str | None, now: ev.Instant) -> list[ev.Command]:
+        if token is None:
+            return []
+        try:
+            identity = self._verify(token, now.wall)
+        except ProtocolError as error:
+            return [_error_reply(error)]
+        self._token = token
+        return self._start_binding(identity, now, None)
+
+    def _serve(self, frame: protocol.ClientFrame) -> list[ev.Command]:
+        match frame:
+            case protocol.Ping():
+                return [ev.Reply(protocol.Pong(frame.request_id), "pong")]
+            case protocol.CreateChat():
+                if frame.recipient_id == self._user():
+                    raise ProtocolError(
+                        ErrorCode.BAD_REQUEST,
+                        "cannot create a chat with yourself",
+                        field="recipient_id",
+                    )
+                return [ev.StoreChat(frame, self._user())]
+            case protocol.SendMessage() | protocol.FetchMessages():
+                return [ev.LoadChat(frame)]
+            case protocol.FetchChats():
+                if self._fetching:
+                    raise ProtocolError(
+                        ErrorCode.RATE_LIMITED,
+                        "a fetch_chats is still being answered on this connection; wait for"
+                        " its all_messages frames",
+                        retry_after_ms=FETCH_RETRY_MS,
+                    )
+                return [ev.ListChats(frame, self._user())]
+        raise AssertionError(f"unknown frame {frame!r}")
+
+    def _chat_loaded(self, event: ev.ChatLoaded) -> list[ev.Command]:
+        frame, chat, user_id = event.frame, event.chat, self._user()
+        try:
+            if chat is None:
+                raise ProtocolError(ErrorCode.NOT_FOUND, "no such chat", field="chat_id")
+            if user_id not in chat.participants:
+                raise ProtocolError(
+                    ErrorCode.FORBIDDEN, "you are not a participant of this chat", field="chat_id"
+                )
+            if isinstance(frame, protocol.FetchMessages):
+                return [ev.ReadPage(frame)]
+            if frame.recipient_id != chat.other_participant(user_id):
+                raise ProtocolError(
+                    ErrorCode.BAD_REQUEST,
+                    "recipient_id is not the other participant of this chat",
+                    field="recipient_id",
+                )
+        except ProtocolError as error:
+            return [_error_reply(error.with_request_id(frame.request_id))]
+        return [ev.StoreMessage(frame, chat, user_id)]
+
+    def _chats_listed(self, event: ev.ChatsListed) -> list[ev.Command]:
+        frame, chats = event.frame, event.chats
+        chat_ids = tuple(chat.chat_id for chat in chats)
+        commands: list[ev.Command] = [
+            ev.Reply(
+                protocol.AllChats(chats, frame.request_id),
+                "all_chats",
+                Receipt(self._user(), chat_ids=chat_ids),
+            )
+        ]
+        if chats:
+            self._fetching = True
+            commands.append(ev.StreamHistories(frame, chat_ids))
+        return commands
+
+    def _page_read(self, event: ev.PageRead) -> list[ev.Command]:
+        frame = event.frame
+        if event.page is None:
+            error = ProtocolError(
+                ErrorCode.BAD_REQUEST,
+                "before is not a message of this chat",
+                field="before",
+                request_id=frame.request_id,
+            )
+            return [_error_reply(error)]
+        messages, has_more = event.page
+        return [
+            ev.Reply(
+                protocol.AllMessages(frame.chat_id, messages, has_more, frame.request_id),
+                "all_messages",
+                _received(self._user(), messages),
+            )
+        ]
+
+    def _failure(self, error: Exception, request_id: protocol.RequestId | None) -> list[ev.Command]:
+        if isinstance(error, ProtocolError):
+            commands: list[ev.Command] = [_error_reply(error.with_request_id(request_id))]
+            if isinstance(error, ConnectionLimitReached):
+                commands.append(ev.CloseWhenWritten(CloseCode.POLICY_VIOLATION, error.close_reason))
+            return commands
+        return [ev.ReportInternal(error, request_id)]
+
+    def _user(self) -> str:
+        assert self.user_id is not None  # authentication guarantees it for these frames
+        return self.user_id
+
+    # ------------------------------------------------------------------ binding
+
+    def _start_binding(
+        self, identity: Identity, now: ev.Instant, frame: protocol.ClientFrame | None
+    ) -> list[ev.Command]:
+        self.state = State.BINDING
+        self.user_id = identity.user_id
+        self._expiry_deadline = _deadline_of(identity, now)
+        self._after_bind = frame
+        self._parked.clear()
+        return [ev.Subscribe(identity)]
+
+    def _subscribed(self, event: ev.Subscribed, now: ev.Instant) -> list[ev.Command]:
+        plan, user_id = event.plan, self._user()
+        self._user_bucket = event.bucket
+        self._snapshot_marks = dict(plan.high_water)
+        self._backlog_todo = collections.deque(plan.message_chats)
+        self.backlog_chats, self.backlog_messages = len(plan.chats), 0
+        commands: list[ev.Command] = [ev.Reply(protocol.Authenticated(user_id), "authenticated")]
+        if plan.chats:
+            commands.append(
+                ev.Reply(
+                    protocol.NewChats(plan.chats),
+                    "new_chats",
+                    Receipt(user_id, chat_ids=tuple(chat.chat_id for chat in plan.chats)),
+                )
+            )
+        return commands + self._next_backlog_read(now)
+
+    def _next_backlog_read(self, now: ev.Instant) -> list[ev.Command]:
+        """One chat at a time: each is read only once the previous one is queued, so a large
+        backlog is read as fast as the client takes it, never whole."""
+        if self._backlog_todo:
+            chat_id, oldest = self._backlog_todo.popleft()
+            return [ev.ReadBacklog(self._user(), chat_id, oldest, self._snapshot_marks[chat_id])]
+        self._marks = {chat_id: int(newest) for chat_id, newest in self._snapshot_marks.items()}
+        self._marks_until = now.monotonic + self._rules.backlog_memory_s
+        return self._replay(now)
+
+    def _backlog_read(self, event: ev.BacklogRead, now: ev.Instant) -> list[ev.Command]:
+        commands: list[ev.Command] = []
+        if event.messages:
+            self.backlog_messages += len(event.messages)
+            commands.append(
+                ev.Reply(
+                    protocol.NewMessages(event.chat_id, event.messages),
+                    "new_messages",
+                    Receipt(self._user(), message_ids=tuple(m.message_id for m in event.messages)),
+                )
+            )
+        return commands + self._next_backlog_read(now)
+
+    def _replay(self, now: ev.Instant) -> list[ev.Command]:
+        parked, self._parked = self._parked, collections.deque()
+        writes: list[ev.Command] = [
+            ev.Write(item) for item in parked if not self._covered(item, now.monotonic)
+        ]
+        return [*writes, ev.Replay()]
+
+    def _replayed(self, now: ev.Instant) -> list[ev.Command]:
+        if self._parked:
+            return self._replay(now)  # more arrived while the replay was written
+        self.state = State.BOUND
+        frame, self._after_bind = self._after_bind, None
+        if frame is None:
+            return []
+        try:
+            return self._serve(frame)
+        except ProtocolError as error:
+            return [_error_reply(error.with_request_id(frame.request_id))]
+
+    def _subscribe_failed(self, error: Exception) -> list[ev.Command]:
+        frame = self._after_bind
+        self._unbind()
+        return [ev.Unsubscribe(), *self._failure(error, frame.request_id if frame else None)]
+
+    def _unbind(self) -> None:
+        self.state = State.UNBOUND
+        self.user_id = None
+        self._token = None
+        self._expiry_deadline = math.inf
+        self._user_bucket = None
+        self._after_bind = None
+        self._parked.clear()
+        self._backlog_todo.clear()
+
+    # ------------------------------------------------------------------ fan-out
+
+    def fan_out(self, item: Outgoing, now: float) -> ev.Push | ev.DropSlow | None:
+        """`handle(FanOut(item), now)` without the event and the list: the hub calls it for
+        every item it fans out, synchronously, so it returns only commands that never wait
+        (or None: parked or dropped). `now` is the monotonic clock."""
+        state = self.state
+        if state is State.BOUND:
+            if self._marks and self._covered(item, now):
+                return None
+            return ev.Push(item)
+        if state is State.UNBOUND:
+            return None  # late fan-out for a binding that failed
+        if len(self._parked) >= self._rules.park_capacity:
+            return _DROP_SLOW
+        self._parked.append(item)
+        return None
+
+    def _covered(self, item: Outgoing, now: float) -> bool:
+        """Whether the binding's snapshot covered `item` (step 4 of the binding rule)."""
+        if now > self._marks_until:
+            if self._marks:
+                self._marks = {}
+            return False
+        newest = self._marks.get(item.chat_id or "")
+        if newest is None:
+            return False  # a chat created after the snapshot
+        return item.message_id is None or int(item.message_id) <= newest
+
+
+def _deadline_of(identity: Identity, now: ev.Instant) -> float:
+    """The token's `exp` (wall clock) as a deadline on the monotonic clock."""
+    if identity.expires_at is None:
+        return math.inf
+    return now.monotonic + (identity.expires_at - now.wall)

@@ -1,0 +1,49 @@
+"""What travels to a connection's socket, as plain records (pure: no trio, no I/O).
+
+`Outgoing` is one encoded frame; `Receipt` says what it delivers to whom once the client's TCP
+stack has taken it (PROTOCOL "Delivery"). The session machine, the hub and the transport all
+pass these around; none of them needs the others' code to read them.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import attrs
+
+
+@attrs.frozen
+class Receipt:
+    """What counts as delivered to `user_id` once the frame carrying it is written."""
+
+    user_id: str
+    chat_ids: tuple[str, ...] = ()
+    message_ids: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class Outgoing:
+    """An encoded frame on its way to the socket."""
+
+    text: str
+    frame_type: str
+    receipt: Receipt | None = None
+    published_at: float | None = None  # monotonic clock, for publish-to-deliver latency
+    message_id: str | None = None  # for de-duplicating fan-out against the backlog
+    chat_id: str | None = None  # same, for new chats
+
+
+def utf8_length(text: str) -> int:
+    """Bytes of `text` in UTF-8, without encoding it in the common ASCII case."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+PING: Final = "ping"  # frame_type of the keep-alive item: a WebSocket ping, not a text frame
+PING_ITEM: Final = Outgoing("", PING)
+# frame_type of the item after which the writer closes the connection (`close_when_written`).
+CLOSE_AFTER: Final = "close"
+CLOSE_ITEM: Final = Outgoing("", CLOSE_AFTER)
+# frame_type of the item after which the writer stops and hands the socket back to the reader
+# (a binding that failed after the writer started).
+RETIRE: Final = "retire"
+RETIRE_ITEM: Final = Outgoing("", RETIRE)

@@ -1,0 +1,52 @@
+"""Rows to records, for both SQL backends: the column lists their queries select, and how
+such a row becomes a `Chat` or a `Message`.
+
+Both schemas name and order these columns alike (`store/schema.py`); only how text is stored
+differs (PostgreSQL keeps it as UTF-8 BYTEA), which the caller's `text` decoder covers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+from handler.protocol import Chat, Message
+from handler.timefmt import format_ms
+
+CHAT_COLUMNS: Final = "id, user_a, user_b, created_by, created_at_ms"
+MESSAGE_COLUMNS: Final = (
+    "id, chat_id, sender_id, recipient_id, content, created_at_ms, client_message_id"
+)
+
+
+def int_id(value: str) -> int | None:
+    """Ids are decimal integers (rowids, BIGINTs); anything else cannot name a row."""
+    if not value.isascii() or not value.isdigit() or len(value) > 18:
+        return None
+    return int(value)
+
+
+def chat_of(row: Sequence[Any]) -> Chat:
+    """A `CHAT_COLUMNS` row as a `Chat`."""
+    return Chat(str(row[0]), (row[1], row[2]), row[3], format_ms(row[4]))
+
+
+def as_text(value: Any) -> str:
+    """A text column as the driver returns it (SQLite: already `str`)."""
+    return str(value)
+
+
+def message_of(row: Sequence[Any], text: Callable[[Any], str] = as_text) -> Message:
+    """A `MESSAGE_COLUMNS` row as a `Message`; `text` decodes the content and the client's id."""
+    return Message(
+        str(row[0]),
+        str(row[1]),
+        row[2],
+        row[3],
+        text(row[4]),
+        format_ms(row[5]),
+        None if row[6] is None else text(row[6]),
+    )
+
+
+__all__ = ["CHAT_COLUMNS", "MESSAGE_COLUMNS", "as_text", "chat_of", "int_id", "message_of"]
