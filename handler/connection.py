@@ -238,17 +238,18 @@ class WriterHome:
         await self._exited.wait()
 
     async def _start_in(self, nursery: trio.Nursery) -> None:
+        """Start the writer in `nursery`. `start_soon`, not `start`: the scope and the exit
+        event exist before the task runs, so `stop()` and `running` hold at once, and a
+        connection does not pay a scheduler round for the handshake."""
         assert self.task is not None, "the transport sets the writer's task first"
         self.nursery = nursery
-        await nursery.start(self._run, self.task)
+        self._exited = exited = trio.Event()
+        self._scope = scope = trio.CancelScope()
+        nursery.start_soon(self._run, self.task, scope, exited)
 
-    async def _run(
-        self, task: WriterTask, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        self._exited = trio.Event()
+    async def _run(self, task: WriterTask, scope: trio.CancelScope, exited: trio.Event) -> None:
         try:
-            with trio.CancelScope() as self._scope:
-                task_status.started()
+            with scope:
                 await task()
         except trio.Cancelled:
             # Cancelled from outside (its user was closed, or the server is stopping): the
@@ -261,5 +262,6 @@ class WriterHome:
             log.exception("writer failed conn=%s", self._connection.id)
             self._connection.close(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
-            self._scope = None
-            self._exited.set()
+            if self._scope is scope:
+                self._scope = None
+            exited.set()

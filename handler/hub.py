@@ -62,6 +62,7 @@ class _UserEntry:
         self.failed = False
         self.bucket = TokenBucket(rate, burst)
         self.nursery: trio.Nursery | None = None  # the writers of the user's connections
+        self.opened = trio.Event()  # `nursery` is set
         self.left = trio.Event()  # the last endpoint left: the user's task may end
         self.closing = False
 
@@ -105,12 +106,12 @@ class Hub:
             task_status.started()
             await trio.sleep_forever()
 
-    async def _run_user(
-        self, entry: _UserEntry, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
+    async def _run_user(self, entry: _UserEntry) -> None:
+        """The user's task: its nursery holds the writers of the user's connections, and lives
+        until the last of them left (or the user is closed: one cancel)."""
         async with trio.open_nursery() as nursery:
             entry.nursery = nursery
-            task_status.started()
+            entry.opened.set()
             await entry.left.wait()
 
     async def _publish(self, commits: trio.MemoryReceiveChannel[Committed]) -> None:
@@ -173,8 +174,10 @@ class Hub:
             entry = self.users[user_id] = _UserEntry(self._rate, self._burst)
             self.metrics.bound_users.inc()
             entry.endpoints[connection.id] = endpoint
+            # `start_soon`, not `start`: the task opens its nursery while the bus subscribes
+            # (`nursery()` waits for it), which saves a connection the start handshake.
+            self._nursery.start_soon(self._run_user, entry)
             try:
-                await self._nursery.start(self._run_user, entry)
                 await self.bus.subscribe(user_id)
             except BaseException:
                 entry.failed = True
@@ -209,6 +212,14 @@ class Hub:
                 except HandlerError as error:
                     log.warning("unsubscribe of a user failed: %s", error)
 
+    @staticmethod
+    async def nursery_of(entry: _UserEntry) -> trio.Nursery:
+        """The nursery of a registered user's connections' writers (see `register`)."""
+        if entry.nursery is None:
+            await entry.opened.wait()
+        assert entry.nursery is not None
+        return entry.nursery
+
     def bucket_for(self, user_id: str) -> TokenBucket | None:
         entry = self.users.get(user_id)
         return None if entry is None else entry.bucket
@@ -228,7 +239,7 @@ class Hub:
             connection = endpoint.connection
             if connection.close_code is None:
                 connection.close_code, connection.close_reason = code, reason
-            if connection.writer.nursery is not entry.nursery:
+            if entry.nursery is None or connection.writer.nursery is not entry.nursery:
                 connection.close(code, reason)  # still binding: its writer has not moved yet
         if entry.nursery is not None:
             entry.nursery.cancel_scope.cancel()

@@ -912,10 +912,12 @@ def test_valid_send_message_round_trips(
 # --------------------------------------------------------------------------- layering
 
 
-def test_the_pure_core_imports_no_io_framework() -> None:
-    """Style rule 1: `handler.protocol` and `handler.errors` pull in no trio, web or database."""
+@pytest.mark.parametrize("modules", ["handler.protocol, handler.errors", "handler.session.machine"])
+def test_the_pure_core_imports_no_io_framework(modules: str) -> None:
+    """Style rule 1: the protocol core and the session machine pull in no trio, web or
+    database."""
     script = (
-        "import sys, handler.protocol, handler.errors\n"
+        f"import sys, {modules}\n"
         "banned = ('trio', 'quart', 'quart_trio', 'hypercorn', 'wsproto', 'h11', 'sqlite3',\n"
         "          '_sqlite3', 'psycopg', 'psycopg_pool', 'coredis', 'redis', 'jwt',\n"
         "          'trio_websocket', 'asyncio')\n"

@@ -1,6 +1,8 @@
 """The session machine's vocabulary: the events it is fed and the commands it returns.
 
-Pure records. An event is something that happened (a decoded frame, the result of a command,
+Pure records, never changed once made. (`attrs.define`, not `frozen`: several are made for
+every message on the hot path, and a frozen instance costs twice as much to build.) An event
+is something that happened (a decoded frame, the result of a command,
 a fan-out item, a deadline); a command is something for the driver to do. A command that
 produces a result names it in its docstring; the driver feeds that result back as an event,
 before anything else is fed. Results echo the frame they answer, so the machine needs no
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
 Page = tuple[tuple[protocol.Message, ...], bool]
 
 
-@attrs.frozen
+@attrs.define
 class Instant:
     """The time an event happened: the monotonic clock for deadlines, the wall clock for
     token expiry (`exp` is wall-clock time)."""
@@ -37,14 +39,14 @@ class Instant:
 # --------------------------------------------------------------------------- events
 
 
-@attrs.frozen
+@attrs.define
 class Opened:
     """The upgrade completed; `token` is its `?token=` query parameter, if any."""
 
     token: str | None
 
 
-@attrs.frozen
+@attrs.define
 class FrameReceived:
     """A data frame arrived and was decoded: `frame`, or the `error` decoding raised."""
 
@@ -52,19 +54,19 @@ class FrameReceived:
     error: ProtocolError | None = None
 
 
-@attrs.frozen
+@attrs.define
 class DeadlineReached:
     """`next_deadline()` passed (idle, authentication or token expiry)."""
 
 
-@attrs.frozen
+@attrs.define
 class FanOut:
     """A committed chat or message for this connection's user, from the hub."""
 
     item: Outgoing
 
 
-@attrs.frozen
+@attrs.define
 class Subscribed:
     """`Subscribe` succeeded: the user's fan-out reaches this connection (parked), and `plan`
     is the backlog snapshot read after that. `bucket` is the user's shared rate limiter."""
@@ -73,54 +75,54 @@ class Subscribed:
     bucket: TokenBucket
 
 
-@attrs.frozen
+@attrs.define
 class SubscribeFailed:
     error: Exception
 
 
-@attrs.frozen
+@attrs.define
 class BacklogRead:
     chat_id: str
     messages: tuple[protocol.Message, ...]
 
 
-@attrs.frozen
+@attrs.define
 class BacklogFailed:
     error: Exception
 
 
-@attrs.frozen
+@attrs.define
 class Replayed:
     """Every `Write` before the `Replay` that asked for this was carried out."""
 
 
-@attrs.frozen
+@attrs.define
 class ChatLoaded:
     frame: protocol.SendMessage | protocol.FetchMessages
     chat: protocol.Chat | None
 
 
-@attrs.frozen
+@attrs.define
 class ChatStored:
     frame: protocol.CreateChat
     chat: protocol.Chat
     created: bool
 
 
-@attrs.frozen
+@attrs.define
 class MessageStored:
     frame: protocol.SendMessage
     message: protocol.Message
     created: bool
 
 
-@attrs.frozen
+@attrs.define
 class ChatsListed:
     frame: protocol.FetchChats
     chats: tuple[protocol.Chat, ...]
 
 
-@attrs.frozen
+@attrs.define
 class PageRead:
     """`page` is None when `before` is not a message of the chat."""
 
@@ -128,7 +130,7 @@ class PageRead:
     page: Page | None
 
 
-@attrs.frozen
+@attrs.define
 class HistoryRead:
     """One chat's page of a `fetch_chats` answer, read by the history stream."""
 
@@ -138,7 +140,7 @@ class HistoryRead:
     has_more: bool
 
 
-@attrs.frozen
+@attrs.define
 class HistoryDone:
     """The history stream ended (`error` set when a read failed)."""
 
@@ -146,7 +148,7 @@ class HistoryDone:
     error: Exception | None = None
 
 
-@attrs.frozen
+@attrs.define
 class RequestFailed:
     """A command for `frame` raised `error` (a store or bus fault, or a protocol error)."""
 
@@ -178,7 +180,7 @@ Event = (
 # --------------------------------------------------------------------------- commands
 
 
-@attrs.frozen
+@attrs.define
 class Reply:
     """Send `frame` on this connection, waiting for room in its outbox."""
 
@@ -187,26 +189,26 @@ class Reply:
     receipt: Receipt | None = None
 
 
-@attrs.frozen
+@attrs.define
 class Write:
     """Send an already encoded fan-out item, waiting for room (a parked item's replay)."""
 
     item: Outgoing
 
 
-@attrs.frozen
+@attrs.define
 class Push:
     """Send a live fan-out item without waiting; a full outbox drops the connection."""
 
     item: Outgoing
 
 
-@attrs.frozen
+@attrs.define
 class DropSlow:
     """Slow-consumer policy: close 1013; what the connection missed stays undelivered."""
 
 
-@attrs.frozen
+@attrs.define
 class Subscribe:
     """Make the connection reachable by the user's fan-out (parked until `Replay` reports
     `Replayed` with nothing left), commit the user's delivery marks everywhere, then read the
@@ -215,12 +217,12 @@ class Subscribe:
     identity: Identity
 
 
-@attrs.frozen
+@attrs.define
 class Unsubscribe:
     """Stop the user's fan-out to this connection; it is unbound again."""
 
 
-@attrs.frozen
+@attrs.define
 class ReadBacklog:
     """Read one chat's undelivered messages. Result: `BacklogRead` or `BacklogFailed`."""
 
@@ -230,19 +232,19 @@ class ReadBacklog:
     up_to_id: str
 
 
-@attrs.frozen
+@attrs.define
 class Replay:
     """Result: `Replayed`, once the commands before it are carried out."""
 
 
-@attrs.frozen
+@attrs.define
 class LoadChat:
     """Result: `ChatLoaded` (or `RequestFailed`)."""
 
     frame: protocol.SendMessage | protocol.FetchMessages
 
 
-@attrs.frozen
+@attrs.define
 class StoreChat:
     """Create or find the pair's chat. Result: `ChatStored` (or `RequestFailed`)."""
 
@@ -250,7 +252,7 @@ class StoreChat:
     user_id: str
 
 
-@attrs.frozen
+@attrs.define
 class StoreMessage:
     """Store the message (its fan-out, acknowledgement included, comes from the hub).
     Result: `MessageStored` (or `RequestFailed`)."""
@@ -260,7 +262,7 @@ class StoreMessage:
     user_id: str
 
 
-@attrs.frozen
+@attrs.define
 class ListChats:
     """Result: `ChatsListed` (or `RequestFailed`)."""
 
@@ -268,14 +270,14 @@ class ListChats:
     user_id: str
 
 
-@attrs.frozen
+@attrs.define
 class ReadPage:
     """Result: `PageRead` (or `RequestFailed`)."""
 
     frame: protocol.FetchMessages
 
 
-@attrs.frozen
+@attrs.define
 class StreamHistories:
     """In the background, read each chat's newest page in order and feed `HistoryRead` for
     each (carrying out its `Reply` before reading the next), then `HistoryDone`."""
@@ -284,7 +286,7 @@ class StreamHistories:
     chat_ids: tuple[str, ...]
 
 
-@attrs.frozen
+@attrs.define
 class ReportInternal:
     """An unexpected fault: log it with a correlation id and answer `internal_error(...)`."""
 
@@ -292,13 +294,13 @@ class ReportInternal:
     request_id: protocol.RequestId | None = None
 
 
-@attrs.frozen
+@attrs.define
 class Close:
     code: CloseCode
     reason: str
 
 
-@attrs.frozen
+@attrs.define
 class CloseWhenWritten:
     """Close once everything queued before is written (the error that explains it first)."""
 

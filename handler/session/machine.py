@@ -131,7 +131,9 @@ class SessionMachine:
         self._idle_deadline = now.monotonic + rules.idle_timeout_s
         self._expiry_deadline = math.inf
         self._token: str | None = None  # the last verified token, to skip re-verifying it
-        self._own_bucket = TokenBucket(rules.rate_per_s, rules.rate_burst)
+        # The connection's own limiter, made on its first frame before binding (a connection
+        # that binds with `?token=` never needs one); once bound, the user's shared one.
+        self._own_bucket: TokenBucket | None = None
         self._user_bucket: TokenBucket | None = None
         self._fetching = False  # a fetch_chats answer is being streamed
         # BINDING only: parked fan-out, the frame to answer once bound, backlog still to read.
@@ -169,12 +171,25 @@ class SessionMachine:
 
     def handle(self, event: ev.Event, now: ev.Instant) -> list[ev.Command]:
         """Apply one event; return what the driver must do, in order."""
-        match event:
+        match event:  # the per-message events first: each case is an isinstance check
             case ev.FrameReceived():
                 return self._frame_received(event, now)
+            case ev.ChatLoaded():
+                return self._chat_loaded(event)
+            case ev.MessageStored():
+                if event.created:
+                    return []  # its fan-out carries the acknowledgement, in commit order
+                # An idempotent resend: the sender gets the stored message again, nobody else.
+                return [
+                    ev.Reply(
+                        protocol.MessageEvent(event.message, event.frame.request_id), "message"
+                    )
+                ]
             case ev.FanOut():
-                command = self.fan_out(event.item, now.monotonic)
-                return [] if command is None else [command]
+                outcome = self.fan_out(event.item, now.monotonic)
+                if outcome is None:
+                    return []
+                return [ev.Push(outcome) if isinstance(outcome, Outgoing) else outcome]
             case ev.DeadlineReached():
                 return self._deadline_close(now.monotonic)
             case ev.Opened():
@@ -194,8 +209,6 @@ class SessionMachine:
                 ]
             case ev.Replayed():
                 return self._replayed(now)
-            case ev.ChatLoaded():
-                return self._chat_loaded(event)
             case ev.ChatStored():
                 chat = event.chat
                 return [
@@ -203,15 +216,6 @@ class SessionMachine:
                         protocol.NewChats((chat,), event.frame.request_id),
                         "new_chats",
                         Receipt(self._user(), chat_ids=(chat.chat_id,)),
-                    )
-                ]
-            case ev.MessageStored():
-                if event.created:
-                    return []  # its fan-out carries the acknowledgement, in commit order
-                # An idempotent resend: the sender gets the stored message again, nobody else.
-                return [
-                    ev.Reply(
-                        protocol.MessageEvent(event.message, event.frame.request_id), "message"
                     )
                 ]
             case ev.ChatsListed():
@@ -244,6 +248,8 @@ class SessionMachine:
         self._idle_deadline = now.monotonic + self._rules.idle_timeout_s
         frame = event.frame
         bucket = self._user_bucket or self._own_bucket
+        if bucket is None:
+            bucket = self._own_bucket = TokenBucket(self._rules.rate_per_s, self._rules.rate_burst)
         wait_s = bucket.take(now.monotonic)
         if wait_s > 0:
             return [
@@ -492,15 +498,15 @@ class SessionMachine:
 
     # ------------------------------------------------------------------ fan-out
 
-    def fan_out(self, item: Outgoing, now: float) -> ev.Push | ev.DropSlow | None:
-        """`handle(FanOut(item), now)` without the event and the list: the hub calls it for
-        every item it fans out, synchronously, so it returns only commands that never wait
-        (or None: parked or dropped). `now` is the monotonic clock."""
+    def fan_out(self, item: Outgoing, now: float) -> Outgoing | ev.DropSlow | None:
+        """`handle(FanOut(item), now)` without the event and the lists: the hub calls it for
+        every item it fans out, synchronously. Returns `item` itself for a `Push`, `DropSlow`,
+        or None (parked or dropped): only commands that never wait. `now` is monotonic."""
         state = self.state
         if state is State.BOUND:
             if self._marks and self._covered(item, now):
                 return None
-            return ev.Push(item)
+            return item
         if state is State.UNBOUND:
             return None  # late fan-out for a binding that failed
         if len(self._parked) >= self._rules.park_capacity:

@@ -28,7 +28,7 @@ import trio
 from handler.protocol import Chat, Message, RequestId
 
 
-@attrs.frozen
+@attrs.define  # not frozen: one per message on the hot path; never changed
 class Origin:
     """Who caused a write; the store hands it back untouched with the commit, so the fan-out
     can send the origin connection its acknowledgement (with its `request_id`)."""
@@ -40,7 +40,7 @@ class Origin:
 NO_ORIGIN = Origin()
 
 
-@attrs.frozen
+@attrs.define  # not frozen: one per message on the hot path; never changed
 class Committed:
     """A committed write that created something: the fan-out's input, in commit order.
 

@@ -84,7 +84,7 @@ class NewChat:
     origin: Origin
 
 
-@attrs.frozen
+@attrs.define  # not frozen: one per message on the hot path; never changed
 class NewMessage:
     """What `add_message` asks the backend to write."""
 

@@ -11,10 +11,10 @@ await inside), so their interleaving needs no lock.
 
 from __future__ import annotations
 
-import collections
 import logging
 import secrets
 import time
+from typing import Final
 
 import trio
 
@@ -27,6 +27,9 @@ from handler.session.machine import SessionMachine, SessionRules, internal_error
 from handler.store.base import Origin
 
 log = logging.getLogger("handler.session")
+
+
+_REQUESTS: Final = (ev.LoadChat, ev.StoreChat, ev.StoreMessage, ev.ListChats, ev.ReadPage)
 
 
 def rules_of(services: Services) -> SessionRules:
@@ -63,15 +66,17 @@ class SessionDriver:
 
     async def frame(self, payload: str | bytes) -> None:
         """One client message; never raises for anything a client can send."""
+        services = self._services
         try:
-            frame: protocol.ClientFrame | None = protocol.decode(
-                payload, self._services.protocol_limits
-            )
+            frame: protocol.ClientFrame | None = protocol.decode(payload, services.protocol_limits)
             event = ev.FrameReceived(frame)
         except ProtocolError as error:
             frame, event = None, ev.FrameReceived(None, error)
-        self._services.metrics.count_in(frame.type if frame is not None else "invalid")
-        await self._feed_safely(event, frame.request_id if frame is not None else None)
+        services.metrics.count_in(frame.type if frame is not None else "invalid")
+        try:
+            await self._feed(event)
+        except Exception as error:  # one client must never take the server down
+            await self._report_internal(error, frame.request_id if frame is not None else None)
 
     async def deadline(self) -> None:
         await self._feed_safely(ev.DeadlineReached())
@@ -83,10 +88,10 @@ class SessionDriver:
 
     def deliver_nowait(self, item: Outgoing) -> None:
         """Fan-out from the hub (the machine's `fan_out`: only commands that never wait)."""
-        command = self.machine.fan_out(item, trio.current_time())
-        if type(command) is ev.Push:
-            self.connection.push_nowait(command.item)
-        elif command is not None:
+        outcome = self.machine.fan_out(item, trio.current_time())
+        if outcome is item:
+            self.connection.push_nowait(item)
+        elif outcome is not None:
             self.connection.drop()
 
     async def _feed_safely(
@@ -98,21 +103,60 @@ class SessionDriver:
             await self._report_internal(error, request_id)
 
     async def _feed(self, event: ev.Event) -> None:
-        pending = collections.deque(self.machine.handle(event, now()))
+        # A stack, last command on top: a result's commands go before the ones still waiting.
+        pending = self.machine.handle(event, now())
+        pending.reverse()
         while pending:
-            result = await self._carry_out(pending.popleft())
+            command = pending.pop()
+            try:
+                result = await self._carry_out(command)
+            except Exception as error:
+                result = _failed(command, error)
             if result is not None:
-                pending.extendleft(reversed(self.machine.handle(result, now())))
+                pending.extend(reversed(self.machine.handle(result, now())))
 
     # ------------------------------------------------------------------ commands out
 
     async def _carry_out(self, command: ev.Command) -> ev.Event | None:
+        """Do one command; return the event that reports its result, if it has one (a store
+        request that raises is reported by `_failed`)."""
         connection = self.connection
         services = self._services
         store = services.store
         match command:
             case ev.Reply():
                 await self._reply(command)
+            case ev.LoadChat():
+                return ev.ChatLoaded(command.frame, await services.chats.get(command.frame.chat_id))
+            case ev.StoreMessage():
+                sent = command.frame
+                started = trio.current_time()
+                message, created = await store.add_message(
+                    command.chat,
+                    command.user_id,
+                    sent.content,
+                    sent.client_message_id,
+                    Origin(connection.id, sent.request_id),
+                )
+                services.metrics.commit_latency.observe(trio.current_time() - started)
+                return ev.MessageStored(sent, message, created)
+            case ev.StoreChat():
+                chat, created = await store.create_chat(
+                    command.user_id,
+                    command.frame.recipient_id,
+                    Origin(connection.id, command.frame.request_id),
+                )
+                services.chats.put(chat)
+                return ev.ChatStored(command.frame, chat, created)
+            case ev.ListChats():
+                chats = await store.chats_of(command.user_id)
+                for chat in chats:
+                    services.chats.put(chat)
+                return ev.ChatsListed(command.frame, tuple(chats))
+            case ev.ReadPage():
+                frame = command.frame
+                page = await store.messages_before(frame.chat_id, frame.before, frame.limit)
+                return ev.PageRead(frame, page)
             case ev.Write():
                 await connection.writer.ensure(self._home)
                 await connection.reply(command.item)
@@ -128,12 +172,9 @@ class SessionDriver:
                 await services.hub.unregister(connection)
                 await connection.writer.retire()  # restarted here when there is a reply
             case ev.ReadBacklog():
-                try:
-                    messages = await store.undelivered(
-                        command.user_id, command.chat_id, command.from_id, command.up_to_id
-                    )
-                except Exception as error:
-                    return ev.BacklogFailed(error)
+                messages = await store.undelivered(
+                    command.user_id, command.chat_id, command.from_id, command.up_to_id
+                )
                 return ev.BacklogRead(command.chat_id, messages)
             case ev.StreamHistories():
                 self._home.start_soon(self._stream_histories, command)
@@ -144,59 +185,21 @@ class SessionDriver:
             case ev.CloseWhenWritten():
                 await connection.writer.ensure(self._home)
                 await connection.close_when_written(command.code, command.reason)
-            case _:
-                try:
-                    return await self._request(command)
-                except Exception as error:
-                    return ev.RequestFailed(command.frame, error)
         return None
 
-    async def _request(
-        self,
-        command: ev.LoadChat | ev.StoreChat | ev.StoreMessage | ev.ListChats | ev.ReadPage,
-    ) -> ev.Event:
-        services = self._services
-        store = services.store
-        origin = Origin(self.connection.id, command.frame.request_id)
-        match command:
-            case ev.LoadChat():
-                return ev.ChatLoaded(command.frame, await services.chats.get(command.frame.chat_id))
-            case ev.StoreChat():
-                chat, created = await store.create_chat(
-                    command.user_id, command.frame.recipient_id, origin
-                )
-                services.chats.put(chat)
-                return ev.ChatStored(command.frame, chat, created)
-            case ev.StoreMessage():
-                sent = command.frame
-                started = trio.current_time()
-                message, created = await store.add_message(
-                    command.chat, command.user_id, sent.content, sent.client_message_id, origin
-                )
-                services.metrics.commit_latency.observe(trio.current_time() - started)
-                return ev.MessageStored(sent, message, created)
-            case ev.ListChats():
-                chats = await store.chats_of(command.user_id)
-                for chat in chats:
-                    services.chats.put(chat)
-                return ev.ChatsListed(command.frame, tuple(chats))
-            case ev.ReadPage():
-                frame = command.frame
-                page = await store.messages_before(frame.chat_id, frame.before, frame.limit)
-                return ev.PageRead(frame, page)
-
     async def _subscribe(self, user_id: str) -> ev.Event:
-        """Register with the hub, move the writer into the user's nursery, settle the marks
-        of every node, then take the backlog snapshot (steps 1-2 of the binding rule)."""
+        """Register with the hub, settle the marks of every node, take the backlog snapshot
+        (steps 1-2 of the binding rule), then move the writer into the user's nursery."""
         services = self._services
         hub = services.hub
         try:
             entry = await hub.register(self, user_id)
-            assert entry.nursery is not None
-            await self.connection.writer.move_to(entry.nursery)
             await hub.marks.sync(user_id)
             await hub.bus.settle(user_id)  # and the other nodes' marks for the user
             plan = await services.store.backlog_plan(user_id)
+            # Nothing is written before `Subscribed` (fan-out is parked meanwhile), so the
+            # writer moves last: by now the user's task has opened its nursery.
+            await self.connection.writer.move_to(await hub.nursery_of(entry))
         except Exception as error:
             return ev.SubscribeFailed(error)
         return ev.Subscribed(plan, entry.bucket)
@@ -255,3 +258,12 @@ class SessionDriver:
                 exc_info=error,
             )
         await self._reply(ev.Reply(internal_error(correlation_id, request_id), "error"))
+
+
+def _failed(command: ev.Command, error: Exception) -> ev.Event:
+    """The event reporting that a store request raised; anything else is a fault."""
+    if isinstance(command, _REQUESTS):
+        return ev.RequestFailed(command.frame, error)
+    if isinstance(command, ev.ReadBacklog):
+        return ev.BacklogFailed(error)
+    raise error
