@@ -27,6 +27,7 @@ from wsproto.extensions import Extension
 
 from handler.app import ChatApp
 from handler.config import Config, parse_config
+from handler.store.base import Store
 
 SECRET: Final = "test-secret-of-at-least-32-bytes-0123456789abcdef"
 """HS256 key of the test configs (32+ bytes, so PyJWT does not warn about its length)."""
@@ -342,37 +343,40 @@ async def wait_marked(
     is not that timing wait here before the next binding; the tests of an immediate rebind do
     not wait, on purpose.
     """
-    services = server.app.services
-    assert services is not None
-    with trio.fail_after(timeout):
-        while True:
-            backlog = await services.store.backlog(user_id)
-            if not (set(chat_ids) & backlog.chat_ids or set(message_ids) & backlog.message_ids):
-                return
-            await trio.sleep(0.005)
+    store = _store_of(server)
+
+    async def marked() -> bool:
+        backlog = await store.backlog(user_id)
+        return not (set(chat_ids) & backlog.chat_ids or set(message_ids) & backlog.message_ids)
+
+    await wait_until(marked, timeout)
 
 
 async def wait_nothing_pending(server: RunningServer, user_id: str, timeout: float = 2.0) -> None:
     """Wait until the store has nothing undelivered for `user_id` (see `wait_marked`)."""
-    services = server.app.services
-    assert services is not None
-    with trio.fail_after(timeout):
-        while True:
-            backlog = await services.store.backlog(user_id)
-            if not backlog.chats and not backlog.messages:
-                return
-            await trio.sleep(0.005)
+    store = _store_of(server)
+
+    async def nothing_pending() -> bool:
+        backlog = await store.backlog(user_id)
+        return not backlog.chats and not backlog.messages
+
+    await wait_until(nothing_pending, timeout)
 
 
 async def wait_committed(server: RunningServer, user_id: str, timeout: float = 2.0) -> None:
     """Wait until the store offers `user_id` at least one undelivered message."""
+    store = _store_of(server)
+
+    async def committed() -> bool:
+        return bool((await store.backlog(user_id)).messages)
+
+    await wait_until(committed, timeout)
+
+
+def _store_of(server: RunningServer) -> Store:
     services = server.app.services
     assert services is not None
-    with trio.fail_after(timeout):
-        while True:
-            if (await services.store.backlog(user_id)).messages:
-                return
-            await trio.sleep(0.005)
+    return services.store
 
 
 async def expect_silence(*clients: Client, seconds: float = 0.15) -> None:
