@@ -53,6 +53,7 @@ __all__ = [
 log = logging.getLogger("handler.connection")
 
 REPLY_ROOM_TIMEOUT_S: Final = 5.0
+WRITER_STOP_TIMEOUT_S: Final = 2.0
 DEFAULT_SEND_QUEUE_BYTES: Final = 1 << 20
 
 
@@ -232,20 +233,24 @@ class WriterHome:
 
     async def stop(self) -> None:
         """Stop the writer now (the connection is ending); a write under way is abandoned,
-        which aborts the connection (`hypercorn_guard`)."""
+        which aborts the connection (`hypercorn_guard`). Bounded: the caller's teardown is
+        shielded, and a writer that does not end must not keep the server from stopping."""
         if self._scope is not None:
             self._scope.cancel()
-        await self._exited.wait()
+        with trio.move_on_after(WRITER_STOP_TIMEOUT_S) as waited:
+            await self._exited.wait()
+        if waited.cancelled_caught:
+            log.error("writer of conn=%s did not stop in time", self._connection.id)
 
     async def _start_in(self, nursery: trio.Nursery) -> None:
         """Start the writer in `nursery`. `start_soon`, not `start`: the scope and the exit
         event exist before the task runs, so `stop()` and `running` hold at once, and a
         connection does not pay a scheduler round for the handshake."""
         assert self.task is not None, "the transport sets the writer's task first"
-        self.nursery = nursery
-        self._exited = exited = trio.Event()
-        self._scope = scope = trio.CancelScope()
-        nursery.start_soon(self._run, self.task, scope, exited)
+        exited = trio.Event()
+        scope = trio.CancelScope()
+        nursery.start_soon(self._run, self.task, scope, exited)  # raises if it is closed
+        self.nursery, self._exited, self._scope = nursery, exited, scope
 
     async def _run(self, task: WriterTask, scope: trio.CancelScope, exited: trio.Event) -> None:
         try:

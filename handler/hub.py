@@ -174,10 +174,10 @@ class Hub:
             entry = self.users[user_id] = _UserEntry(self._rate, self._burst)
             self.metrics.bound_users.inc()
             entry.endpoints[connection.id] = endpoint
-            # `start_soon`, not `start`: the task opens its nursery while the bus subscribes
-            # (`nursery()` waits for it), which saves a connection the start handshake.
-            self._nursery.start_soon(self._run_user, entry)
             try:
+                # `start_soon`, not `start`: the task opens its nursery while the bus
+                # subscribes (`nursery_of` waits for it): no start handshake per connection.
+                self._nursery.start_soon(self._run_user, entry)
                 await self.bus.subscribe(user_id)
             except BaseException:
                 entry.failed = True
