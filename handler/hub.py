@@ -78,7 +78,6 @@ class Hub:
         rate_burst: float,
         max_connections_per_user: int = DEFAULT_MAX_CONNECTIONS_PER_USER,
     ) -> None:
-        self.store = store
         self.bus = bus
         self.metrics = metrics
         self.marks = DeliveryMarks(store)
@@ -219,10 +218,6 @@ class Hub:
             await entry.opened.wait()
         assert entry.nursery is not None
         return entry.nursery
-
-    def bucket_for(self, user_id: str) -> TokenBucket | None:
-        entry = self.users.get(user_id)
-        return None if entry is None else entry.bucket
 
     def user_connections(self, user_id: str) -> Iterable[Connection]:
         entry = self.users.get(user_id)
