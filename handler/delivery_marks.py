@@ -6,7 +6,9 @@ Theory of operation:
   once the client's TCP stack took it (then `end_write`), or only `end_write` when it never
   got there. Until then the write is *in flight* for its user.
 - `run()` coalesces receipts for `MARK_FLUSH_INTERVAL_S` and writes them in one batch, so
-  delivery tracking costs one small write per batch rather than one per message.
+  delivery tracking costs one small write per batch rather than one per message: per user and
+  chat only the highest mark is written. A delivered mark that moves becomes one `receipt` for
+  the chat's other members, so they too get at most one per chat and user per interval.
 - `sync(user)` is what a binding needs before its backlog snapshot: it waits (bounded) for
   the user's writes in flight and commits the user's receipts, so what another connection of
   the user has just received is not offered again. The bus calls it for other nodes' bindings.
@@ -24,12 +26,12 @@ from typing import Final
 import trio
 
 from handler.errors import HandlerError
-from handler.session.outgoing import Receipt
+from handler.session.outgoing import Receipt, SeqMark
 from handler.store.base import Store
 
 log = logging.getLogger("handler.marks")
 
-MARK_FLUSH_INTERVAL_S: Final = 0.02
+MARK_FLUSH_INTERVAL_S: Final = 0.1
 IN_FLIGHT_WAIT_S: Final = 2.0
 MARK_RETRY_S: Final = 0.5
 MAX_KEPT_RECEIPTS: Final = 100_000
@@ -116,13 +118,13 @@ class DeliveryMarks:
 
     async def _flush(self, batch: list[Receipt]) -> bool:
         chats: dict[str, list[str]] = collections.defaultdict(list)
-        messages: dict[str, list[str]] = collections.defaultdict(list)
+        marks: dict[str, list[SeqMark]] = collections.defaultdict(list)
         for receipt in batch:
             chats[receipt.user_id].extend(receipt.chat_ids)
-            messages[receipt.user_id].extend(receipt.message_ids)
+            marks[receipt.user_id].extend(receipt.marks)
         try:
-            for user_id in chats.keys() | messages.keys():
-                await self._store.mark_delivered(user_id, chats[user_id], messages[user_id])
+            for user_id in chats.keys() | marks.keys():
+                await self._store.mark_delivered(user_id, chats[user_id], marks[user_id])
             await self._store.flush()
         except HandlerError as error:
             if not self._stopping and len(batch) + len(self._receipts) <= MAX_KEPT_RECEIPTS:

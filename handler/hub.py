@@ -24,6 +24,7 @@ import secrets
 from collections.abc import Iterable
 from typing import Final, Protocol
 
+import attrs
 import trio
 
 from handler import protocol
@@ -33,6 +34,7 @@ from handler.delivery_marks import DeliveryMarks
 from handler.errors import CloseCode, ConnectionLimitReached, HandlerError
 from handler.metrics import Metrics
 from handler.ratelimit import TokenBucket
+from handler.session.outgoing import SeqMark
 from handler.store.base import Committed, Store
 
 __all__ = ["ConnectionLimitReached", "Endpoint", "Hub"]
@@ -244,8 +246,13 @@ class Hub:
     def deliver(self, event: Delivery) -> None:
         """The bus sink: push a committed event to every local connection of its recipients."""
         try:
-            if event.kind == "message":
+            kind = event.kind
+            if kind == "message":
                 self._deliver_message(event)
+            elif kind == "receipt":
+                self._deliver_receipt(event)
+            elif kind == "update":
+                self._deliver_update(event)
             else:
                 self._deliver_chat(event)
         except Exception as error:
@@ -256,13 +263,13 @@ class Hub:
         assert message is not None
         now = trio.current_time()
         plain: str | None = None  # encoded once, shared by every non-origin connection
+        mark = (SeqMark(message.chat_id, message.seq, message.message_id, message.version),)
         for user_id in event.recipients:
             entry = self.users.get(user_id)
             if entry is None:
                 continue
-            receipt = None
-            if user_id == message.recipient_id:
-                receipt = Receipt(user_id, message_ids=(message.message_id,))
+            # The sender's copies count too: they move the sender's marks on every device.
+            receipt = Receipt(user_id, marks=mark)
             for connection_id, endpoint in list(entry.endpoints.items()):
                 if connection_id == event.origin_connection:
                     text = protocol.encode(protocol.MessageEvent(message, event.origin_request_id))
@@ -276,16 +283,67 @@ class Hub:
                         "message",
                         receipt,
                         now,
-                        message_id=message.message_id,
-                        chat_id=message.chat_id,
+                        message.message_id,
+                        message.chat_id,
+                        message.version,
                     ),
                 )
+
+    def _deliver_update(self, event: Delivery) -> None:
+        message = event.message
+        assert message is not None
+        now = trio.current_time()
+        plain: str | None = None
+        mark = (SeqMark(message.chat_id, version=message.version),)
+        for user_id in event.recipients:
+            entry = self.users.get(user_id)
+            if entry is None:
+                continue
+            receipt = Receipt(user_id, marks=mark)
+            for connection_id, endpoint in list(entry.endpoints.items()):
+                if connection_id == event.origin_connection:
+                    frame = protocol.MessageUpdated(message, event.origin_request_id)
+                    text = protocol.encode(frame)
+                else:
+                    plain = plain or protocol.encode(protocol.MessageUpdated(message))
+                    text = plain
+                self._hand(
+                    endpoint,
+                    Outgoing(
+                        text,
+                        "message_updated",
+                        receipt,
+                        now,
+                        message.message_id,
+                        message.chat_id,
+                        message.version,
+                    ),
+                )
+
+    def _deliver_receipt(self, event: Delivery) -> None:
+        """Receipts are live notifications: never part of a backlog, never covered by one."""
+        receipt = event.receipt
+        assert receipt is not None
+        now = trio.current_time()
+        plain: str | None = None
+        for user_id in event.recipients:
+            entry = self.users.get(user_id)
+            if entry is None:
+                continue
+            for connection_id, endpoint in list(entry.endpoints.items()):
+                if connection_id == event.origin_connection:
+                    frame = attrs.evolve(receipt, request_id=event.origin_request_id)
+                    text = protocol.encode(frame)
+                else:
+                    plain = plain or protocol.encode(receipt)
+                    text = plain
+                self._hand(endpoint, Outgoing(text, "receipt", None, now))
 
     def _deliver_chat(self, event: Delivery) -> None:
         chat = event.chat
         assert chat is not None
         now = trio.current_time()
-        text: str | None = None
+        text: str | None = None  # a new chat's object is the same for every participant
         for user_id in event.recipients:
             entry = self.users.get(user_id)
             if entry is None:
@@ -294,9 +352,9 @@ class Hub:
             for connection_id, endpoint in list(entry.endpoints.items()):
                 if connection_id == event.origin_connection:
                     continue  # it already has the chat in its direct reply
-                text = text or protocol.encode(protocol.NewChats((chat,)))
+                text = text or protocol.encode(protocol.NewChats((protocol.ChatView.fresh(chat),)))
                 self._hand(
-                    endpoint, Outgoing(text, "new_chats", receipt, now, chat_id=chat.chat_id)
+                    endpoint, Outgoing(text, "new_chats", receipt, now, None, chat.chat_id, 0)
                 )
 
     def _hand(self, endpoint: Endpoint, item: Outgoing) -> None:
@@ -359,23 +417,36 @@ class Hub:
 
 
 def _delivery(committed: Committed) -> Delivery:
-    """The bus event for a commit: the recipient first, then the author."""
+    """The bus event for a commit, with its recipients: the author last."""
     origin = committed.origin
+    chat = committed.chat
     message = committed.message
+    receipt = committed.receipt
     if message is not None:
+        sender = message.sender_id
         return Delivery(
-            "message",
-            recipients=(message.recipient_id, message.sender_id),
+            "update" if committed.update else "message",
+            recipients=(*(user for user in chat.participants if user != sender), sender),
             message=message,
             origin_connection=origin.connection_id,
             origin_request_id=origin.request_id,
-            prev_message_id=committed.previous_id,
         )
-    chat = committed.chat
+    if receipt is not None:
+        reader = receipt.user_id
+        others = tuple(user for user in chat.participants if user != reader)
+        # A read mark clears the reader's badge on their other devices too; a delivered mark
+        # only tells the others.
+        return Delivery(
+            "receipt",
+            recipients=(*others, reader) if receipt.kind == "read" else others,
+            receipt=receipt,
+            origin_connection=origin.connection_id,
+            origin_request_id=origin.request_id,
+        )
     creator = chat.created_by
     return Delivery(
         "chat",
-        recipients=(chat.other_participant(creator), creator),
+        recipients=(*(user for user in chat.participants if user != creator), creator),
         chat=chat,
         origin_connection=origin.connection_id,
     )

@@ -99,7 +99,46 @@ class Ping:
     type: ClassVar[str] = "ping"
 
 
-ClientFrame = CreateChat | SendMessage | FetchChats | FetchMessages | Ping
+@attrs.frozen
+class MarkRead:
+    chat_id: str
+    message_id: str
+    token: str | None = None
+    request_id: RequestId | None = None
+    type: ClassVar[str] = "mark_read"
+
+
+@attrs.frozen
+class EditMessage:
+    chat_id: str
+    message_id: str
+    content: str
+    token: str | None = None
+    request_id: RequestId | None = None
+    type: ClassVar[str] = "edit_message"
+
+
+@attrs.frozen
+class DeleteMessage:
+    chat_id: str
+    message_id: str
+    token: str | None = None
+    request_id: RequestId | None = None
+    type: ClassVar[str] = "delete_message"
+
+
+ClientFrame = (
+    CreateChat
+    | SendMessage
+    | FetchChats
+    | FetchMessages
+    | Ping
+    | MarkRead
+    | EditMessage
+    | DeleteMessage
+)
+# The frames that name a chat the user must be a participant of (loaded before serving).
+ChatFrame = SendMessage | FetchMessages | MarkRead | EditMessage | DeleteMessage
 
 
 # --------------------------------------------------------------------------- records
@@ -107,20 +146,16 @@ ClientFrame = CreateChat | SendMessage | FetchChats | FetchMessages | Ping
 
 @attrs.frozen
 class Chat:
-    """A 1:1 chat; `participants` is always the two user ids, sorted."""
+    """A chat as stored: who is in it never changes for a direct chat (`participants` is the
+    two user ids, sorted). The per-user state (marks, unread count, last message) is a
+    `ChatView`, computed for the user it is sent to."""
 
     chat_id: str
-    participants: tuple[str, str]
+    participants: tuple[str, ...]
     created_by: str
     created_at: str
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "chat_id": self.chat_id,
-            "participants": list(self.participants),
-            "created_by": self.created_by,
-            "created_at": self.created_at,
-        }
+    kind: str = "direct"
+    title: str | None = None
 
     def other_participant(self, user_id: str) -> str:
         first, second = self.participants
@@ -128,7 +163,56 @@ class Chat:
 
 
 @attrs.frozen
+class ChatView:
+    """The chat object of the wire: a chat with its server state, for one user.
+
+    `read_up_to` and `delivered_up_to` hold one `(user_id, seq)` pair per participant, in
+    participant order.
+    """
+
+    chat: Chat
+    last_message: Message | None = None
+    unread_count: int = 0
+    read_up_to: tuple[tuple[str, int], ...] = ()
+    delivered_up_to: tuple[tuple[str, int], ...] = ()
+
+    @classmethod
+    def fresh(cls, chat: Chat) -> ChatView:
+        """A chat nobody has written to yet: every mark 0."""
+        zeros = tuple((user, 0) for user in chat.participants)
+        return cls(chat, None, 0, zeros, zeros)
+
+    @property
+    def chat_id(self) -> str:
+        return self.chat.chat_id
+
+    def to_wire(self) -> dict[str, Any]:
+        chat = self.chat
+        last = self.last_message
+        return {
+            "chat_id": chat.chat_id,
+            "kind": chat.kind,
+            "title": chat.title,
+            "participants": list(chat.participants),
+            "created_by": chat.created_by,
+            "created_at": chat.created_at,
+            "last_message": None if last is None else last.to_wire(),
+            "unread_count": self.unread_count,
+            "read_up_to": dict(self.read_up_to),
+            "delivered_up_to": dict(self.delivered_up_to),
+        }
+
+
+@attrs.frozen
 class Message:
+    """A message in its current state.
+
+    `seq` is its place in its chat (1, 2, 3, ... without gaps). `version` is internal, never
+    sent: the chat's change counter when the message was created or last changed (every new
+    message and every edit or delete of a chat takes the next one), which orders a chat's
+    events across nodes and tells a binding which changes it has already covered.
+    """
+
     message_id: str
     chat_id: str
     sender_id: str
@@ -136,6 +220,10 @@ class Message:
     content: str
     timestamp: str
     client_message_id: str | None = None
+    seq: int = 0
+    version: int = 0
+    edited_at: str | None = None
+    deleted: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {
@@ -145,9 +233,15 @@ class Message:
             "recipient_id": self.recipient_id,
             "content": self.content,
             "timestamp": self.timestamp,
+            "seq": self.seq,
         }
         if self.client_message_id is not None:
             wire["client_message_id"] = self.client_message_id
+        # Absent rather than null/false (both allowed): most messages are never changed.
+        if self.edited_at is not None:
+            wire["edited_at"] = self.edited_at
+        if self.deleted:
+            wire["deleted"] = True
         return wire
 
 
@@ -165,7 +259,7 @@ class Authenticated:
 
 @attrs.frozen
 class AllChats:
-    data: tuple[Chat, ...]
+    data: tuple[ChatView, ...]
     request_id: RequestId | None = None
 
     def to_wire(self) -> dict[str, Any]:
@@ -177,7 +271,7 @@ class AllChats:
 
 @attrs.frozen
 class NewChats:
-    data: tuple[Chat, ...]
+    data: tuple[ChatView, ...]
     request_id: RequestId | None = None
 
     def to_wire(self) -> dict[str, Any]:
@@ -231,6 +325,64 @@ class MessageEvent:
 
 
 @attrs.frozen
+class UpdatedMessages:
+    """On binding: the current state of messages the user had received and that changed
+    while this device was away."""
+
+    chat_id: str
+    data: tuple[Message, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": "updated_messages",
+            "chat_id": self.chat_id,
+            "data": [message.to_wire() for message in self.data],
+        }
+
+
+@attrs.frozen
+class MessageUpdated:
+    """The live `message_updated` frame (an edit or a delete); the requester's copy carries
+    its `request_id` as the acknowledgement."""
+
+    message: Message
+    request_id: RequestId | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return _with_request_id(
+            {"type": "message_updated", **self.message.to_wire()}, self.request_id
+        )
+
+
+@attrs.frozen
+class ReceiptFrame:
+    """`receipt`: `user_id`'s `kind` mark of the chat moved to `seq` (`message_id`) at
+    `timestamp`."""
+
+    chat_id: str
+    user_id: str
+    kind: str  # "delivered" or "read"
+    seq: int
+    message_id: str | None
+    timestamp: str
+    request_id: RequestId | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return _with_request_id(
+            {
+                "type": "receipt",
+                "chat_id": self.chat_id,
+                "user_id": self.user_id,
+                "kind": self.kind,
+                "seq": self.seq,
+                "message_id": self.message_id,
+                "timestamp": self.timestamp,
+            },
+            self.request_id,
+        )
+
+
+@attrs.frozen
 class Pong:
     request_id: RequestId | None = None
 
@@ -272,6 +424,9 @@ ServerFrame = (
     | AllMessages
     | NewMessages
     | MessageEvent
+    | UpdatedMessages
+    | MessageUpdated
+    | ReceiptFrame
     | Pong
     | ErrorFrame
 )
@@ -466,8 +621,9 @@ class _Fields:
             )
         return value
 
-    def optional_limit(self, default: int, maximum: int | None) -> int:
-        """An integer >= 1; above `maximum` is an error when given, else capped by the caller."""
+    def optional_limit(self, default: int, maximum: int | None, minimum: int = 1) -> int:
+        """An integer >= `minimum`; above `maximum` is an error when given, else capped by
+        the caller."""
         value = self._obj.get("limit")
         if value is None:
             return default
@@ -477,8 +633,8 @@ class _Fields:
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "limit must be an integer", field="limit")
-        if value < 1 or (maximum is not None and value > maximum):
-            bounds = f"1..{maximum}" if maximum is not None else ">= 1"
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f"{minimum}..{maximum}" if maximum is not None else f">= {minimum}"
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"limit must be {bounds}", field="limit")
         return value
 
@@ -508,7 +664,8 @@ def _build_send_message(
 def _build_fetch_chats(
     fields: _Fields, token: str | None, request_id: RequestId | None, limits: Limits
 ) -> ClientFrame:
-    limit = fields.optional_limit(limits.history_limit, None)
+    # 0: only the chat list (`all_chats`), no history: how a client loads its chats with counts.
+    limit = fields.optional_limit(limits.history_limit, None, minimum=0)
     return FetchChats(min(limit, limits.history_limit), token=token, request_id=request_id)
 
 
@@ -533,12 +690,49 @@ def _build_ping(
     return Ping(token=token, request_id=request_id)
 
 
+def _build_mark_read(
+    fields: _Fields, token: str | None, request_id: RequestId | None, limits: Limits
+) -> ClientFrame:
+    return MarkRead(
+        fields.required_str("chat_id"),
+        fields.required_str("message_id"),
+        token=token,
+        request_id=request_id,
+    )
+
+
+def _build_edit_message(
+    fields: _Fields, token: str | None, request_id: RequestId | None, limits: Limits
+) -> ClientFrame:
+    return EditMessage(
+        fields.required_str("chat_id"),
+        fields.required_str("message_id"),
+        fields.content(limits),
+        token=token,
+        request_id=request_id,
+    )
+
+
+def _build_delete_message(
+    fields: _Fields, token: str | None, request_id: RequestId | None, limits: Limits
+) -> ClientFrame:
+    return DeleteMessage(
+        fields.required_str("chat_id"),
+        fields.required_str("message_id"),
+        token=token,
+        request_id=request_id,
+    )
+
+
 _BUILDERS: Final[dict[str, _Builder]] = {
     "create_chat": _build_create_chat,
     "send_message": _build_send_message,
     "fetch_chats": _build_fetch_chats,
     "fetch_messages": _build_fetch_messages,
     "ping": _build_ping,
+    "mark_read": _build_mark_read,
+    "edit_message": _build_edit_message,
+    "delete_message": _build_delete_message,
 }
 
 CLIENT_FRAME_TYPES: Final = tuple(sorted(_BUILDERS))

@@ -14,6 +14,7 @@ from support import (
     Frame,
     RunningServer,
     backlog_messages,
+    static,
     wait_marked,
     wait_nothing_pending,
 )
@@ -69,7 +70,26 @@ async def test_create_chat_reply_and_chat_object(server: RunningServer) -> None:
     assert reply["type"] == "new_chats"
     assert reply["request_id"] == 1
     [chat] = reply["data"]
-    assert set(chat) == {"chat_id", "participants", "created_by", "created_at"}
+    assert set(chat) == {
+        "chat_id",
+        "participants",
+        "created_by",
+        "created_at",
+        # version 2: server state, computed for bob
+        "kind",
+        "title",
+        "last_message",
+        "unread_count",
+        "read_up_to",
+        "delivered_up_to",
+    }
+    assert (chat["kind"], chat["title"], chat["last_message"], chat["unread_count"]) == (
+        "direct",
+        None,
+        None,
+        0,
+    )
+    assert chat["read_up_to"] == chat["delivered_up_to"] == {"alice": 0, "bob": 0}
     assert isinstance(chat["chat_id"], str)
     assert chat["chat_id"]
     assert chat["participants"] == ["alice", "bob"]  # sorted
@@ -170,7 +190,8 @@ async def test_fetch_chats_orders_by_last_activity_then_one_page_per_chat(
             carol["chat_id"],
             dave["chat_id"],
         ]
-        assert all_chats["data"][0] == bob
+        assert static(all_chats["data"][0]) == static(bob)
+        assert all_chats["data"][0]["last_message"]["message_id"] == to_bob[-1]["message_id"]
         assert [p["chat_id"] for p in pages] == [c["chat_id"] for c in all_chats["data"]]
         assert all(p["request_id"] == "fc" for p in pages)
         assert all(p["has_more"] is False for p in pages)
@@ -232,7 +253,7 @@ async def test_fetch_chats_has_more_is_exact(server: RunningServer) -> None:
 
 async def test_fetch_chats_bad_limit(server: RunningServer) -> None:
     async with server.connect("alice") as alice:
-        for limit in (0, -1, "10", 1.5, True):
+        for limit in (-1, "10", 1.5, True):  # 0 is version 2's "chat list alone"
             error = await alice.request({"type": "fetch_chats", "limit": limit, "request_id": 2})
             assert (error["code"], error["field"], error["request_id"]) == (
                 "bad_request",

@@ -50,6 +50,7 @@ _MODULES: Final = (
     "test_e2e_http",
     "test_e2e_limits",
     "test_e2e_messages",
+    "test_e2e_receipts",
 )
 
 # Tests whose subject only exists on one node.

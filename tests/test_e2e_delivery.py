@@ -23,6 +23,7 @@ from support import (
     RunningServer,
     backlog_messages,
     expect_silence,
+    static,
     wait_committed,
     wait_marked,
     wait_nothing_pending,
@@ -76,7 +77,12 @@ async def test_offline_backlog_order(server: RunningServer) -> None:
     async with server.connect("bob") as bob:
         backlog = bob.backlog
         assert [f["type"] for f in backlog] == ["new_chats", "new_messages", "new_messages"]
-        assert backlog[0]["data"] == [carols_chat, alices_chat]  # oldest first
+        # oldest first; chat objects carry the state for bob (two unread each)
+        assert [static(chat) for chat in backlog[0]["data"]] == [
+            static(carols_chat),
+            static(alices_chat),
+        ]
+        assert [chat["unread_count"] for chat in backlog[0]["data"]] == [2, 2]
         # Chats in the order of their oldest undelivered message, each oldest first.
         assert backlog[1]["chat_id"] == alices_chat["chat_id"]
         assert ids(backlog[1]["data"]) == [a1["message_id"], a2["message_id"]]

@@ -16,7 +16,15 @@ from handler.store import sqlite as sqlite_store
 
 TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 EMOJI = "\U0001f600"
-MESSAGE_KEYS = {"message_id", "chat_id", "sender_id", "recipient_id", "content", "timestamp"}
+MESSAGE_KEYS = {
+    "message_id",
+    "chat_id",
+    "sender_id",
+    "recipient_id",
+    "content",
+    "timestamp",
+    "seq",
+}
 
 
 def without(frame: Frame, *keys: str) -> Frame:

@@ -24,6 +24,7 @@ from test_store_contract import Handed
 from handler.config import StorageConfig
 from handler.errors import StoreUnavailable
 from handler.protocol import Chat, Message
+from handler.session.outgoing import SeqMark
 from handler.store.base import Committed, Origin
 from handler.store.group_commit import (
     BatchThread,
@@ -38,6 +39,13 @@ from handler.store.sql_store import SQLStore
 from handler.store.sqlite import SQLiteStore
 
 TIMEOUT_S: Final = 20.0
+
+
+def mark_of(message: Message) -> SeqMark:
+    """What a frame carrying `message` delivers."""
+    return SeqMark(message.chat_id, message.seq, message.message_id, message.version)
+
+
 # How long a held writer thread waits for its gate before it lets itself go, so a failing
 # test cannot leave a thread blocked for ever.
 GATE_LIMIT_S: Final = 30.0
@@ -176,7 +184,7 @@ async def test_mark_delivered_waits_for_room_and_is_not_dropped(opener: Opener, 
     marked = trio.Event()
 
     async def mark() -> None:
-        await store.mark_delivered("bob", [chat.chat_id], [message.message_id])
+        await store.mark_delivered("bob", [chat.chat_id], [mark_of(message)])
         marked.set()
 
     with trio.fail_after(TIMEOUT_S):
@@ -207,7 +215,7 @@ async def test_mark_delivered_returns_before_its_commit(opener: Opener, gate: Ga
             writers.start_soon(store.add_message, chat, "alice", "held", None)
             await gate.held.wait()
             # Returns although the writer is held: queued, not committed.
-            await store.mark_delivered("bob", [chat.chat_id], [message.message_id])
+            await store.mark_delivered("bob", [chat.chat_id], [mark_of(message)])
             assert store.writer.statistics().queued == 1
             assert message.message_id in (await store.backlog("bob")).message_ids
             gate.open()
@@ -266,7 +274,7 @@ async def test_new_chats_and_messages_are_handed_over_and_resends_are_not(
     assert created
     resend, created = await store.add_message(chat, "alice", "one again", "k1", Origin("c-3"))
     assert (resend, created) == (first, False)
-    assert drain(receive) == [Committed(chat, origin, first, None)]
+    assert drain(receive) == [Committed(chat, origin, first)]
 
     # Resends queued together with their original (one batch): still only one hand-off, with
     # the origin of the write that created the message.
@@ -282,7 +290,8 @@ async def test_new_chats_and_messages_are_handed_over_and_resends_are_not(
             for index in range(5):
                 senders.start_soon(send, index)
     (winner,) = [(request, message) for request, message, created in results if created]
-    assert drain(receive) == [Committed(chat, winner[0], winner[1], first.message_id)]
+    assert drain(receive) == [Committed(chat, winner[0], winner[1])]
+    assert winner[1].version == first.version + 1  # the next change of the chat
     assert {message for _, message, _ in results} == {winner[1]}
 
 
@@ -305,7 +314,7 @@ async def test_a_closed_receive_end_does_not_break_writes(
     assert await store.messages_before(chat.chat_id, None, 10) == (tuple(sent), False)
     # The backlog delivers what the fan-out never saw.
     backlog = await store.backlog("bob")
-    assert backlog.chats == (chat,)
+    assert backlog.chat_ids == {chat.chat_id}
     assert backlog.message_ids == {m.message_id for m in sent}
 
 

@@ -29,26 +29,38 @@ from typing import Literal, Protocol
 import attrs
 import trio
 
-from handler.protocol import Chat, Message, RequestId
+from handler.protocol import Chat, Message, ReceiptFrame, RequestId
 
 
 @attrs.frozen
 class Delivery:
-    """A committed chat or message to push to the open connections of `recipients`.
+    """A committed event to push to the open connections of `recipients`: a new chat, a new
+    message, a changed message (`update`), or a moved mark (`receipt`).
 
     `origin_connection` is the connection whose frame caused it; it receives the event with
     `origin_request_id` (its acknowledgement) instead of the plain copy.
     """
 
-    kind: Literal["message", "chat"]
+    kind: Literal["message", "update", "receipt", "chat"]
     recipients: tuple[str, ...]
     message: Message | None = None
     chat: Chat | None = None
+    receipt: ReceiptFrame | None = None
     origin_connection: str | None = None
     origin_request_id: RequestId | None = None
-    # The id of the chat's message committed just before this one (None for the first): lets
-    # a receiving node put events from several publishers back in commit order per chat.
-    prev_message_id: str | None = None
+
+    @property
+    def position(self) -> str | None:
+        """A message's or an update's place in its chat's order of changes (its version);
+        a receiving node puts events from several publishers back in that order per chat."""
+        message = self.message
+        return None if message is None else str(message.version)
+
+    @property
+    def previous(self) -> str | None:
+        """The position of the chat's change just before this one ("0": none)."""
+        message = self.message
+        return None if message is None else str(message.version - 1)
 
 
 DeliverySink = Callable[[Delivery], None]

@@ -4,19 +4,20 @@ Pure bookkeeping (no I/O, no clock of its own: callers pass `now`), used by the 
 
 Why: each node publishes its own commits, and Redis keeps order per publisher only. Two
 messages of one chat committed one after the other by two processes can reach a third node in
-the opposite order. Every message event names the chat's previous message
-(`Delivery.prev_message_id`, from the store, read under the chat lock), so a node can put them
-back in commit order for each of its users.
+the opposite order. Every change of a chat (a new message, an edit, a delete) takes the chat's
+next version under the chat lock, so each event names its predecessor (`Delivery.position`
+and `Delivery.previous`, version - 1), and a node can put them back in commit order for each of
+its users. Receipts are not ordered: they carry no position.
 
 Theory of operation, per (user, chat):
-- `last` is the id of the newest message passed on to the user on this node. With no `last`
+- `last` is the position of the newest change passed on to the user on this node. With no `last`
   yet (the first event since the user was subscribed here, or after the state was evicted),
   an event is passed on at once: whatever came before it was delivered or is in the backlog
   the binding read.
 - A new chat starts empty: when its `chat` event passes, `last` becomes "0" (no message yet),
   so a later message of that chat that arrives before its predecessor is held, not passed on
-  out of order (two nodes' first messages of a new chat race otherwise). A first message has
-  no predecessor, which matches "0".
+  out of order (two nodes' first messages of a new chat race otherwise). A first message's
+  predecessor is "0".
 - An event whose predecessor is `last` (or that has none) is passed on, and so is every held
   event that was waiting for it, in chain order.
 - Any other event is *held*. If its predecessor has not come within `hold_s`, that user's held
@@ -47,7 +48,7 @@ HELD_PER_USER: Final = 256
 
 @attrs.define
 class _UserOrder:
-    # chat id -> id of the newest message passed on (least recently used first)
+    # chat id -> position of the newest change passed on (least recently used first)
     last: collections.OrderedDict[str, str] = attrs.field(factory=collections.OrderedDict)
     # (chat id, previous message id) -> the held event, narrowed to this user
     held: dict[tuple[str, str], Delivery] = attrs.field(factory=dict)
@@ -80,23 +81,23 @@ class ChatOrder:
     def admit(self, user: str, event: Delivery, now: float) -> bool:
         """True: pass `event` on to `user` now (then call `followers`). False: it is held."""
         message = event.message
-        previous = event.prev_message_id
-        if message is None:
+        previous, position = event.previous, event.position
+        if message is None or previous is None or position is None:
             return True
         state = self._users.get(user)
         if state is None:
             state = self._users[user] = _UserOrder()
         chat = message.chat_id
         last = state.last.get(chat)
-        if last is None or last == (previous or EMPTY_CHAT):
-            self._remember(state, chat, message.message_id)
+        if last is None or last == previous:
+            self._remember(state, chat, position)
             return True
-        if previous is None:
+        if previous == EMPTY_CHAT:
             # The chat's first message, arriving after later ones: nothing to wait for, and
             # `last` stays the newest.
             return True
         state.held[(chat, previous)] = attrs.evolve(event, recipients=(user,))
-        self._deadlines.append((now + self.hold_s, user, chat, previous, message.message_id))
+        self._deadlines.append((now + self.hold_s, user, chat, previous, position))
         if len(state.held) > self._held_per_user:
             self._overflowing.add(user)
         return False
@@ -117,12 +118,11 @@ class ChatOrder:
         if state is None or not state.held or message is None:
             return []
         released: list[Delivery] = []
-        chat, current = message.chat_id, message.message_id
-        while (follower := state.held.pop((chat, current), None)) is not None:
-            assert follower.message is not None
-            current = follower.message.message_id
+        chat, current = message.chat_id, event.position
+        while current is not None and (follower := state.held.pop((chat, current), None)):
+            current = follower.position
             released.append(follower)
-        if released:
+        if released and current is not None:
             self._remember(state, chat, current)
         return released
 
@@ -142,14 +142,14 @@ class ChatOrder:
             users.append(user)
         self._overflowing.clear()
         while self._deadlines and self._deadlines[0][0] <= now:
-            _, user, chat, previous, message_id = self._deadlines.popleft()
+            _, user, chat, previous, position = self._deadlines.popleft()
             state = self._users.get(user)
             if state is None:
                 continue
             waiting = state.held.get((chat, previous))
             if waiting is None or waiting.message is None:
                 continue
-            if waiting.message.message_id != message_id:
+            if waiting.position != position:
                 continue  # stale: that slot was released and taken by a newer event
             released += self._release_chat(state, chat)
             if user not in users:
@@ -171,8 +171,8 @@ class ChatOrder:
 
     # ------------------------------------------------------------------ internals
 
-    def _remember(self, state: _UserOrder, chat: str, message_id: str) -> None:
-        state.last[chat] = message_id
+    def _remember(self, state: _UserOrder, chat: str, position: str) -> None:
+        state.last[chat] = position
         state.last.move_to_end(chat)
         if len(state.last) > self._chats_per_user:
             state.last.popitem(last=False)
@@ -191,15 +191,16 @@ class ChatOrder:
         group = {prev: event for (c, prev), event in state.held.items() if c == chat}
         for prev in group:
             del state.held[(chat, prev)]
-        ids = {event.message.message_id for event in group.values() if event.message}
+        positions = {event.position for event in group.values()}
         released: list[Delivery] = []
         for prev, head in group.items():
-            if prev in ids:
+            if prev in positions:
                 continue  # not a chain head: released after its predecessor below
             event: Delivery | None = head
-            while event is not None and event.message is not None:
+            while event is not None and event.position is not None:
                 released.append(event)
-                event = group.get(event.message.message_id)
-        if released and released[-1].message is not None:
-            self._remember(state, chat, released[-1].message.message_id)
+                event = group.get(event.position)
+        last = released[-1].position if released else None
+        if last is not None:
+            self._remember(state, chat, last)
         return released

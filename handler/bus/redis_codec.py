@@ -2,7 +2,8 @@
 
 Pure (no I/O, no clock, no trio): `handler.bus.redis` publishes what this module builds and
 hands it what comes back; the tests check it as tables. Every node of a cluster must speak the
-same format, so a change here must keep reading what older nodes still publish.
+same format. Version 2 changed the message arrays (seq and version instead of the previous
+message's id) together with the schema, so a cluster upgrades all its nodes together.
 
 Channels, in one namespace (`prefix`):
 - `{prefix}u:{user_id}`: the user's events, resync notices and settle requests;
@@ -12,7 +13,9 @@ Channels, in one namespace (`prefix`):
 Payloads are orjson objects; `"o"` always names the publishing node, so a node can skip the
 copies of its own payloads that Redis sends back:
 - a message event: `{"o", "m": [message_id, chat_id, sender_id, recipient_id, content,
-  timestamp, client_message_id, prev_message_id]}` (positional arrays: compact);
+  timestamp, client_message_id, seq, version, edited_at, deleted]}` (positional arrays:
+  compact), and a changed message the same under `"u"`;
+- a receipt: `{"o", "k": [chat_id, user_id, kind, seq, message_id, timestamp]}`;
 - a chat event: `{"o", "c": [chat_id, [participant, participant], created_by, created_at]}`;
 - a resync notice: `{"o", "r": 1}`;
 - a settle request: `{"o", "s": token}`, and its answer `{"o", "a": token}`;
@@ -28,7 +31,7 @@ import attrs
 import orjson
 
 from handler.bus.base import Delivery
-from handler.protocol import Chat, Message
+from handler.protocol import Chat, Message, ReceiptFrame
 
 
 class MalformedPayload(ValueError):
@@ -71,6 +74,22 @@ class Channels:
         return [user for user in map(self.user_of, channels) if user is not None]
 
 
+def _message_array(message: Message) -> list[Any]:
+    return [
+        message.message_id,
+        message.chat_id,
+        message.sender_id,
+        message.recipient_id,
+        message.content,
+        message.timestamp,
+        message.client_message_id,
+        message.seq,
+        message.version,
+        message.edited_at,
+        message.deleted,
+    ]
+
+
 def encode_event(node: str, event: Delivery) -> bytes:
     """The remote copy of `event`: origin node, kind and record as positional arrays.
 
@@ -78,28 +97,27 @@ def encode_event(node: str, event: Delivery) -> bytes:
     from the channel, and the origin connection lives on the publishing node.
     Raises `TypeError` or `orjson.JSONEncodeError` for what JSON cannot carry.
     """
-    if event.kind == "message":
+    kind = event.kind
+    if kind == "message" or kind == "update":
         message = event.message
         assert message is not None
+        return orjson.dumps({"o": node, "m" if kind == "message" else "u": _message_array(message)})
+    if kind == "receipt":
+        r = event.receipt
+        assert r is not None
         return orjson.dumps(
-            {
-                "o": node,
-                "m": [
-                    message.message_id,
-                    message.chat_id,
-                    message.sender_id,
-                    message.recipient_id,
-                    message.content,
-                    message.timestamp,
-                    message.client_message_id,
-                    event.prev_message_id,
-                ],
-            }
+            {"o": node, "k": [r.chat_id, r.user_id, r.kind, r.seq, r.message_id, r.timestamp]}
         )
     chat = event.chat
     assert chat is not None
     return orjson.dumps(
         {"o": node, "c": [chat.chat_id, list(chat.participants), chat.created_by, chat.created_at]}
+    )
+
+
+def _message(m: list[Any]) -> Message:
+    return Message(
+        m[0], m[1], m[2], m[3], m[4], m[5], m[6], int(m[7]), int(m[8]), m[9], bool(m[10])
     )
 
 
@@ -111,10 +129,13 @@ def decode_event(data: Mapping[str, Any], user_id: str) -> Delivery | None:
     """
     try:
         if "m" in data:
-            m = data["m"]
-            message = Message(m[0], m[1], m[2], m[3], m[4], m[5], m[6])
-            previous = m[7] if len(m) > 7 else None  # absent from older nodes' payloads
-            return Delivery("message", (user_id,), message=message, prev_message_id=previous)
+            return Delivery("message", (user_id,), message=_message(data["m"]))
+        if "u" in data:
+            return Delivery("update", (user_id,), message=_message(data["u"]))
+        if "k" in data:
+            k = data["k"]
+            receipt = ReceiptFrame(k[0], k[1], k[2], int(k[3]), k[4], k[5])
+            return Delivery("receipt", (user_id,), receipt=receipt)
         if "c" in data:
             c = data["c"]
             return Delivery("chat", (user_id,), chat=Chat(c[0], (c[1][0], c[1][1]), c[2], c[3]))

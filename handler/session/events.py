@@ -87,6 +87,14 @@ class BacklogRead:
 
 
 @attrs.define
+class UpdatesRead:
+    """One chat's messages that changed while the device was away (`ReadUpdates`)."""
+
+    chat_id: str
+    messages: tuple[protocol.Message, ...]
+
+
+@attrs.define
 class BacklogFailed:
     error: Exception
 
@@ -98,14 +106,14 @@ class Replayed:
 
 @attrs.define
 class ChatLoaded:
-    frame: protocol.SendMessage | protocol.FetchMessages
+    frame: protocol.ChatFrame
     chat: protocol.Chat | None
 
 
 @attrs.define
 class ChatStored:
     frame: protocol.CreateChat
-    chat: protocol.Chat
+    chat: protocol.ChatView
     created: bool
 
 
@@ -117,9 +125,29 @@ class MessageStored:
 
 
 @attrs.define
+class ReadStored:
+    """`mark_read` was applied: `receipt` is the user's read mark now; `moved` tells whether
+    it moved (then its fan-out carries the answer)."""
+
+    frame: protocol.MarkRead
+    receipt: protocol.ReceiptFrame
+    moved: bool
+
+
+@attrs.define
+class ChangeStored:
+    """An edit or delete was applied (`changed`: its fan-out carries the answer) or changed
+    nothing (deleting a tombstone again)."""
+
+    frame: protocol.EditMessage | protocol.DeleteMessage
+    message: protocol.Message
+    changed: bool
+
+
+@attrs.define
 class ChatsListed:
     frame: protocol.FetchChats
-    chats: tuple[protocol.Chat, ...]
+    chats: tuple[protocol.ChatView, ...]
 
 
 @attrs.define
@@ -164,11 +192,14 @@ Event = (
     | Subscribed
     | SubscribeFailed
     | BacklogRead
+    | UpdatesRead
     | BacklogFailed
     | Replayed
     | ChatLoaded
     | ChatStored
     | MessageStored
+    | ReadStored
+    | ChangeStored
     | ChatsListed
     | PageRead
     | HistoryRead
@@ -228,8 +259,20 @@ class ReadBacklog:
 
     user_id: str
     chat_id: str
-    from_id: str
-    up_to_id: str
+    after_seq: int
+    up_to_seq: int
+
+
+@attrs.define
+class ReadUpdates:
+    """Read one chat's messages changed while away. Result: `UpdatesRead` or
+    `BacklogFailed`."""
+
+    user_id: str
+    chat_id: str
+    after_version: int
+    up_to_version: int
+    up_to_seq: int
 
 
 @attrs.define
@@ -241,7 +284,7 @@ class Replay:
 class LoadChat:
     """Result: `ChatLoaded` (or `RequestFailed`)."""
 
-    frame: protocol.SendMessage | protocol.FetchMessages
+    frame: protocol.ChatFrame
 
 
 @attrs.define
@@ -258,6 +301,25 @@ class StoreMessage:
     Result: `MessageStored` (or `RequestFailed`)."""
 
     frame: protocol.SendMessage
+    chat: protocol.Chat
+    user_id: str
+
+
+@attrs.define
+class StoreRead:
+    """Move the read mark. Result: `ReadStored` (or `RequestFailed`)."""
+
+    frame: protocol.MarkRead
+    chat: protocol.Chat
+    user_id: str
+
+
+@attrs.define
+class StoreChange:
+    """Edit or delete the message (its fan-out, acknowledgement included, comes from the
+    hub). Result: `ChangeStored` (or `RequestFailed`)."""
+
+    frame: protocol.EditMessage | protocol.DeleteMessage
     chat: protocol.Chat
     user_id: str
 
@@ -316,10 +378,13 @@ Command = (
     | Subscribe
     | Unsubscribe
     | ReadBacklog
+    | ReadUpdates
     | Replay
     | LoadChat
     | StoreChat
     | StoreMessage
+    | StoreRead
+    | StoreChange
     | ListChats
     | ReadPage
     | StreamHistories

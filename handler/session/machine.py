@@ -62,7 +62,7 @@ from handler import protocol
 from handler.errors import CloseCode, ConnectionLimitReached, ErrorCode, ProtocolError
 from handler.ratelimit import TokenBucket
 from handler.session import events as ev
-from handler.session.outgoing import Outgoing, Receipt
+from handler.session.outgoing import Outgoing, Receipt, SeqMark
 
 if TYPE_CHECKING:
     from handler.auth import Identity
@@ -113,10 +113,15 @@ def _error_reply(error: ProtocolError) -> ev.Reply:
     return ev.Reply(protocol.ErrorFrame.from_error(error), "error")
 
 
-def _received(user_id: str, messages: tuple[protocol.Message, ...]) -> Receipt | None:
-    """The receipt for the messages addressed to `user_id` among those returned."""
-    ids = tuple(m.message_id for m in messages if m.recipient_id == user_id)
-    return Receipt(user_id, message_ids=ids) if ids else None
+def _received(user_id: str, chat_id: str, messages: tuple[protocol.Message, ...]) -> Receipt | None:
+    """The receipt for a page of history (oldest first): it moves the user's delivered mark
+    where the page continues it (see `SeqMark`), never the changes' mark."""
+    if not messages:
+        return None
+    last = messages[-1]
+    return Receipt(
+        user_id, marks=(SeqMark(chat_id, last.seq, last.message_id, first=messages[0].seq),)
+    )
 
 
 class SessionMachine:
@@ -139,10 +144,14 @@ class SessionMachine:
         # BINDING only: parked fan-out, the frame to answer once bound, backlog still to read.
         self._parked: collections.deque[Outgoing] = collections.deque()
         self._after_bind: protocol.ClientFrame | None = None
-        self._backlog_todo: collections.deque[tuple[str, str]] = collections.deque()
-        self._snapshot_marks: dict[str, str] = {}
-        # What the snapshot covered (chat id -> newest message id), until `_marks_until`.
+        self._backlog_todo: collections.deque[tuple[str, int]] = collections.deque()
+        self._updates_todo: collections.deque[tuple[str, int, int]] = collections.deque()
+        self._updates_pending: set[str] = set()
+        self._snapshot_marks: dict[str, tuple[int, int]] = {}
+        # What the snapshot covered (chat id -> its version), until `_marks_until`; and the
+        # messages the backlog carried in a newer state than that (message id -> version).
         self._marks: dict[str, int] = {}
+        self._sent_versions: dict[str, int] = {}
         self._marks_until = -math.inf
         self.backlog_chats = 0
         self.backlog_messages = 0
@@ -200,6 +209,8 @@ class SessionMachine:
                 return self._subscribe_failed(event.error)
             case ev.BacklogRead():
                 return self._backlog_read(event, now)
+            case ev.UpdatesRead():
+                return self._updates_read(event, now)
             case ev.BacklogFailed():
                 self._unbind()
                 return [
@@ -218,6 +229,16 @@ class SessionMachine:
                         Receipt(self._user(), chat_ids=(chat.chat_id,)),
                     )
                 ]
+            case ev.ReadStored():
+                if event.moved:
+                    return []  # its fan-out carries the answer, with the request_id
+                receipt = attrs.evolve(event.receipt, request_id=event.frame.request_id)
+                return [ev.Reply(receipt, "receipt")]
+            case ev.ChangeStored():
+                if event.changed:
+                    return []  # its fan-out carries the acknowledgement, in commit order
+                update = protocol.MessageUpdated(event.message, event.frame.request_id)
+                return [ev.Reply(update, "message_updated")]
             case ev.ChatsListed():
                 return self._chats_listed(event)
             case ev.PageRead():
@@ -230,7 +251,7 @@ class SessionMachine:
                             event.chat_id, event.messages, event.has_more, frame.request_id
                         ),
                         "all_messages",
-                        _received(self._user(), event.messages),
+                        _received(self._user(), event.chat_id, event.messages),
                     )
                 ]
             case ev.HistoryDone():
@@ -330,7 +351,13 @@ class SessionMachine:
                         field="recipient_id",
                     )
                 return [ev.StoreChat(frame, self._user())]
-            case protocol.SendMessage() | protocol.FetchMessages():
+            case (
+                protocol.SendMessage()
+                | protocol.FetchMessages()
+                | protocol.MarkRead()
+                | protocol.EditMessage()
+                | protocol.DeleteMessage()
+            ):
                 return [ev.LoadChat(frame)]
             case protocol.FetchChats():
                 if self._fetching:
@@ -352,8 +379,13 @@ class SessionMachine:
                 raise ProtocolError(
                     ErrorCode.FORBIDDEN, "you are not a participant of this chat", field="chat_id"
                 )
-            if isinstance(frame, protocol.FetchMessages):
-                return [ev.ReadPage(frame)]
+            match frame:
+                case protocol.FetchMessages():
+                    return [ev.ReadPage(frame)]
+                case protocol.MarkRead():
+                    return [ev.StoreRead(frame, chat, user_id)]
+                case protocol.EditMessage() | protocol.DeleteMessage():
+                    return [ev.StoreChange(frame, chat, user_id)]
             if frame.recipient_id != chat.other_participant(user_id):
                 raise ProtocolError(
                     ErrorCode.BAD_REQUEST,
@@ -374,7 +406,7 @@ class SessionMachine:
                 Receipt(self._user(), chat_ids=chat_ids),
             )
         ]
-        if chats:
+        if chats and frame.limit > 0:  # `limit: 0` asks for the chat list alone
             self._fetching = True
             commands.append(ev.StreamHistories(frame, chat_ids))
         return commands
@@ -394,7 +426,7 @@ class SessionMachine:
             ev.Reply(
                 protocol.AllMessages(frame.chat_id, messages, has_more, frame.request_id),
                 "all_messages",
-                _received(self._user(), messages),
+                _received(self._user(), frame.chat_id, messages),
             )
         ]
 
@@ -427,6 +459,9 @@ class SessionMachine:
         self._user_bucket = event.bucket
         self._snapshot_marks = dict(plan.high_water)
         self._backlog_todo = collections.deque(plan.message_chats)
+        self._updates_todo = collections.deque(plan.update_chats)
+        self._updates_pending = {chat_id for chat_id, _, _ in plan.update_chats}
+        self._sent_versions = {}
         self.backlog_chats, self.backlog_messages = len(plan.chats), 0
         commands: list[ev.Command] = [ev.Reply(protocol.Authenticated(user_id), "authenticated")]
         if plan.chats:
@@ -441,26 +476,63 @@ class SessionMachine:
 
     def _next_backlog_read(self, now: ev.Instant) -> list[ev.Command]:
         """One chat at a time: each is read only once the previous one is queued, so a large
-        backlog is read as fast as the client takes it, never whole."""
+        backlog is read as fast as the client takes it, never whole. New messages first,
+        then the changes to messages the user had (the protocol's order)."""
         if self._backlog_todo:
-            chat_id, oldest = self._backlog_todo.popleft()
-            return [ev.ReadBacklog(self._user(), chat_id, oldest, self._snapshot_marks[chat_id])]
-        self._marks = {chat_id: int(newest) for chat_id, newest in self._snapshot_marks.items()}
+            chat_id, after_seq = self._backlog_todo.popleft()
+            up_to_seq = self._snapshot_marks[chat_id][0]
+            return [ev.ReadBacklog(self._user(), chat_id, after_seq, up_to_seq)]
+        if self._updates_todo:
+            chat_id, after_version, up_to_seq = self._updates_todo.popleft()
+            up_to_version = self._snapshot_marks[chat_id][1]
+            return [ev.ReadUpdates(self._user(), chat_id, after_version, up_to_version, up_to_seq)]
+        self._marks = {chat_id: version for chat_id, (_, version) in self._snapshot_marks.items()}
         self._marks_until = now.monotonic + self._rules.backlog_memory_s
         return self._replay(now)
 
     def _backlog_read(self, event: ev.BacklogRead, now: ev.Instant) -> list[ev.Command]:
         commands: list[ev.Command] = []
-        if event.messages:
-            self.backlog_messages += len(event.messages)
+        messages, chat_id = event.messages, event.chat_id
+        if messages:
+            self.backlog_messages += len(messages)
+            newest = self._note_sent(chat_id, messages)
+            last = messages[-1]
+            # Every change up to the snapshot is covered once this chat's frames arrived: here,
+            # unless an `updated_messages` frame of the chat follows.
+            version = 0 if chat_id in self._updates_pending else newest
+            mark = SeqMark(chat_id, last.seq, last.message_id, version, first=messages[0].seq)
             commands.append(
                 ev.Reply(
-                    protocol.NewMessages(event.chat_id, event.messages),
+                    protocol.NewMessages(chat_id, messages),
                     "new_messages",
-                    Receipt(self._user(), message_ids=tuple(m.message_id for m in event.messages)),
+                    Receipt(self._user(), marks=(mark,)),
                 )
             )
         return commands + self._next_backlog_read(now)
+
+    def _updates_read(self, event: ev.UpdatesRead, now: ev.Instant) -> list[ev.Command]:
+        commands: list[ev.Command] = []
+        messages, chat_id = event.messages, event.chat_id
+        if messages:
+            newest = self._note_sent(chat_id, messages)
+            commands.append(
+                ev.Reply(
+                    protocol.UpdatedMessages(chat_id, messages),
+                    "updated_messages",
+                    Receipt(self._user(), marks=(SeqMark(chat_id, version=newest),)),
+                )
+            )
+        return commands + self._next_backlog_read(now)
+
+    def _note_sent(self, chat_id: str, messages: tuple[protocol.Message, ...]) -> int:
+        """Remember the messages read in a state newer than the snapshot (changed while the
+        binding read them): their live `message_updated` up to that state is dropped. Returns
+        the chat's version in the snapshot."""
+        snapshot_version = self._snapshot_marks[chat_id][1]
+        for message in messages:
+            if message.version > snapshot_version:
+                self._sent_versions[message.message_id] = message.version
+        return snapshot_version
 
     def _replay(self, now: ev.Instant) -> list[ev.Command]:
         parked, self._parked = self._parked, collections.deque()
@@ -495,6 +567,7 @@ class SessionMachine:
         self._after_bind = None
         self._parked.clear()
         self._backlog_todo.clear()
+        self._updates_todo.clear()
 
     # ------------------------------------------------------------------ fan-out
 
@@ -519,11 +592,18 @@ class SessionMachine:
         if now > self._marks_until:
             if self._marks:
                 self._marks = {}
+                self._sent_versions = {}
             return False
+        version = item.version
+        if version is None:
+            return False  # a receipt: never part of a backlog
         newest = self._marks.get(item.chat_id or "")
         if newest is None:
             return False  # a chat created after the snapshot
-        return item.message_id is None or int(item.message_id) <= newest
+        if version <= newest:
+            return True
+        message_id = item.message_id
+        return message_id is not None and self._sent_versions.get(message_id, 0) >= version
 
 
 def _deadline_of(identity: Identity, now: ev.Instant) -> float:

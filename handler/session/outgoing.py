@@ -13,12 +13,27 @@ import attrs
 
 
 @attrs.frozen
+class SeqMark:
+    """What one frame delivers of one chat: its messages from `first` (None: `seq` alone) up
+    to `seq` (the message `message_id`), and every change up to `version`. 0 leaves that mark
+    as it is. The delivered mark only moves where the frame continues it: other members'
+    messages between the mark and `first` must have been delivered before."""
+
+    chat_id: str
+    seq: int = 0
+    message_id: str | None = None
+    version: int = 0
+    first: int | None = None
+
+
+@attrs.frozen
 class Receipt:
-    """What counts as delivered to `user_id` once the frame carrying it is written."""
+    """What counts as delivered to `user_id` once the frame carrying it is written: the
+    chats themselves (`chat_ids`) and each chat's marks."""
 
     user_id: str
     chat_ids: tuple[str, ...] = ()
-    message_ids: tuple[str, ...] = ()
+    marks: tuple[SeqMark, ...] = ()
 
 
 @attrs.frozen
@@ -29,8 +44,11 @@ class Outgoing:
     frame_type: str
     receipt: Receipt | None = None
     published_at: float | None = None  # monotonic clock, for publish-to-deliver latency
-    message_id: str | None = None  # for de-duplicating fan-out against the backlog
-    chat_id: str | None = None  # same, for new chats
+    # For de-duplicating fan-out against a binding's backlog: the chat, its `version` (0 for
+    # the chat's creation, None for what no backlog carries, like receipts) and the message.
+    message_id: str | None = None
+    chat_id: str | None = None
+    version: int | None = None
 
 
 def utf8_length(text: str) -> int:

@@ -11,21 +11,25 @@ guarantees, which the hub relies on and the contract tests check on every backen
   `open()` as a `Committed`; the hub's publisher task drains it and fans out. The channel is
   bounded: when it is full the writer waits (backpressure), nothing is dropped.
 - Within a chat, message ids and timestamps never go backwards; ids are decimal integers
-  that grow in commit order per chat.
+  that grow in commit order per chat, and so does `seq` (1, 2, 3, ... without gaps). Every
+  new message and every edit or delete takes the chat's next `version`.
 - `(sender_id, chat_id, client_message_id)` is unique: a resend returns the stored message
   with `created=False`.
-- Delivery state is per user: a chat or message is undelivered until `mark_delivered`.
+- Delivery state is per member and chat: marks (delivered and read seq, the version of the
+  changes received), never a flag per message; they only move up. A chat is undelivered to a
+  member until `mark_delivered` names it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import attrs
 import trio
 
-from handler.protocol import Chat, Message, RequestId
+from handler.protocol import Chat, ChatView, Message, ReceiptFrame, RequestId
+from handler.session.outgoing import SeqMark
 
 
 @attrs.define  # not frozen: one per message on the hot path; never changed
@@ -42,53 +46,47 @@ NO_ORIGIN = Origin()
 
 @attrs.define  # not frozen: one per message on the hot path; never changed
 class Committed:
-    """A committed write that created something: the fan-out's input, in commit order.
+    """A committed write to fan out, in commit order. One of:
 
-    `message` is None when the chat itself was created. `previous_id` is the id of the chat's
-    message committed just before `message` (None for the chat's first): a receiving node puts
-    events from several publishers back in commit order per chat with it.
+    - a new chat: `message` and `receipt` are None;
+    - a new message: `message`;
+    - a changed message (edit or delete): `message` in its new state, `update` True;
+    - a moved mark: `receipt` (its `request_id` unset: the origin's copy gets it).
     """
 
     chat: Chat
     origin: Origin = NO_ORIGIN
     message: Message | None = None
-    previous_id: str | None = None
+    update: bool = False
+    receipt: ReceiptFrame | None = None
 
 
 CommitSender = trio.MemorySendChannel[Committed]
+
+HighWater = tuple[int, int]
+"""A chat's newest `seq` and `version` in a backlog snapshot."""
 
 
 @attrs.frozen
 class BacklogPlan:
     """What a user has not yet received, without the messages themselves: a binding reads
-    the messages chat by chat (`Store.undelivered`) as the client takes them, so a large
-    backlog is never held whole in memory.
+    them chat by chat (`Store.undelivered`, `Store.updated`) as the client takes them, so a
+    large backlog is never held whole in memory.
 
-    `chats` oldest first; `message_chats` lists, for each chat with undelivered messages in the
-    order of its oldest one, that oldest message's id. `high_water` is every chat of the user
-    in the same snapshot with its newest message id ("0" if none): fan-out of such a chat, or of
-    a message at or below that id, is either in this backlog or was delivered to the user before
-    this binding, so a binding drops it (`Connection`), and the binding reads each chat's
-    undelivered messages only up to that id.
+    - `chats`: the chats not yet delivered, oldest first, as chat objects for the user;
+    - `message_chats`: `(chat_id, delivered_seq)` for each chat whose other members wrote
+      since the user's delivered mark, in the order of its oldest such message;
+    - `update_chats`: `(chat_id, version_mark, delivered_seq)` for each chat with messages the
+      user had already received that changed since the user's `version_mark`;
+    - `high_water`: every chat of the user in the same snapshot, with its newest seq and
+      version. The binding reads only up to them; fan-out at or below them is either in this
+      backlog or reached the user before, so a binding drops it.
     """
 
-    chats: tuple[Chat, ...]
-    message_chats: tuple[tuple[str, str], ...]
-    high_water: Mapping[str, str] = attrs.field(factory=dict)
-
-    @classmethod
-    def of(
-        cls,
-        chats: Iterable[Chat],
-        oldest_undelivered: Iterable[tuple[object, object]],
-        newest_per_chat: Iterable[tuple[object, object]],
-    ) -> BacklogPlan:
-        """Build a plan from a backend's three snapshot queries (shared by every backend)."""
-        return cls(
-            tuple(chats),
-            tuple((str(chat_id), str(oldest)) for chat_id, oldest in oldest_undelivered),
-            {str(chat_id): str(newest) for chat_id, newest in newest_per_chat},
-        )
+    chats: tuple[ChatView, ...]
+    message_chats: tuple[tuple[str, int], ...]
+    update_chats: tuple[tuple[str, int, int], ...] = ()
+    high_water: Mapping[str, HighWater] = attrs.field(factory=dict)
 
     @property
     def chat_ids(self) -> frozenset[str]:
@@ -99,13 +97,18 @@ class BacklogPlan:
 class Backlog:
     """A whole backlog in memory: for tests and tools, not for serving clients."""
 
-    chats: tuple[Chat, ...]
+    chats: tuple[ChatView, ...]
     messages: tuple[tuple[str, tuple[Message, ...]], ...]
-    high_water: Mapping[str, str] = attrs.field(factory=dict)
+    updates: tuple[tuple[str, tuple[Message, ...]], ...] = ()
+    high_water: Mapping[str, HighWater] = attrs.field(factory=dict)
 
     @property
     def message_ids(self) -> frozenset[str]:
         return frozenset(m.message_id for _, batch in self.messages for m in batch)
+
+    @property
+    def updated_ids(self) -> frozenset[str]:
+        return frozenset(m.message_id for _, batch in self.updates for m in batch)
 
     @property
     def chat_ids(self) -> frozenset[str]:
@@ -113,24 +116,35 @@ class Backlog:
 
 
 class BacklogReader(Protocol):
-    """The two reads `read_backlog` is made of (every `Store` has them)."""
+    """The reads `read_backlog` is made of (every `Store` has them)."""
 
     async def backlog_plan(self, user_id: str) -> BacklogPlan: ...
 
     async def undelivered(
-        self, user_id: str, chat_id: str, from_id: str, up_to_id: str
+        self, user_id: str, chat_id: str, after_seq: int, up_to_seq: int
+    ) -> tuple[Message, ...]: ...
+
+    async def updated(
+        self, user_id: str, chat_id: str, after_version: int, up_to_version: int, up_to_seq: int
     ) -> tuple[Message, ...]: ...
 
 
 async def read_backlog(store: BacklogReader, user_id: str) -> Backlog:
-    """The plan and every chat's undelivered messages (the backends' `backlog`)."""
+    """The plan and every chat's undelivered and changed messages (the backends' `backlog`)."""
     plan = await store.backlog_plan(user_id)
     messages = []
-    for chat_id, oldest in plan.message_chats:
-        batch = await store.undelivered(user_id, chat_id, oldest, plan.high_water[chat_id])
+    for chat_id, after in plan.message_chats:
+        batch = await store.undelivered(user_id, chat_id, after, plan.high_water[chat_id][0])
         if batch:
             messages.append((chat_id, batch))
-    return Backlog(plan.chats, tuple(messages), plan.high_water)
+    updates = []
+    for chat_id, after_version, up_to_seq in plan.update_chats:
+        batch = await store.updated(
+            user_id, chat_id, after_version, plan.high_water[chat_id][1], up_to_seq
+        )
+        if batch:
+            updates.append((chat_id, batch))
+    return Backlog(plan.chats, tuple(messages), tuple(updates), plan.high_water)
 
 
 class Store(Protocol):
@@ -171,6 +185,9 @@ class Store(Protocol):
     async def get_chat(self, chat_id: str) -> Chat | None:
         """The chat with this id, or None."""
 
+    async def chat_view(self, chat_id: str, user_id: str) -> ChatView | None:
+        """The chat object of one chat for one of its members (None if not a member)."""
+
     async def add_message(
         self,
         chat: Chat,
@@ -181,12 +198,38 @@ class Store(Protocol):
     ) -> tuple[Message, bool]:
         """Store a message durably; `True` when new, `False` for an idempotent resend.
 
-        A new message is handed to `commits` with `origin`, in commit order, before this
-        returns.
+        A new message takes the chat's next `seq` and `version`, moves the sender's read mark
+        up to it, and their delivered mark too unless another member's message above that
+        mark has not reached the sender yet (it moves once it has); it is handed to
+        `commits` with `origin`, in commit order, before this returns.
         """
 
-    async def chats_of(self, user_id: str) -> list[Chat]:
-        """Every chat of the user, most recently active (created or written to) first."""
+    async def edit_message(
+        self, chat: Chat, user_id: str, message_id: str, content: str, origin: Origin = NO_ORIGIN
+    ) -> Message:
+        """Replace the content of the user's own message; it takes the chat's next `version`
+        and is handed to `commits` as an update.
+
+        Raises `ProtocolError`: `bad_request` (`message_id` not of this chat, or deleted),
+        `forbidden` (not the sender). Nothing changes then.
+        """
+
+    async def delete_message(
+        self, chat: Chat, user_id: str, message_id: str, origin: Origin = NO_ORIGIN
+    ) -> tuple[Message, bool]:
+        """Make the user's own message a tombstone; `False` when it already was one (nothing
+        is changed or handed over then). Raises `ProtocolError` as `edit_message`."""
+
+    async def mark_read(
+        self, chat: Chat, user_id: str, message_id: str, origin: Origin = NO_ORIGIN
+    ) -> tuple[ReceiptFrame, bool]:
+        """Move the user's read mark (and delivered mark) up to the message; the user's read
+        mark as it is now, and `True` when it moved (then it is handed to `commits`).
+        Raises `ProtocolError` (`bad_request`) when `message_id` is not of this chat."""
+
+    async def chats_of(self, user_id: str) -> list[ChatView]:
+        """Every chat of the user as chat objects for the user, most recently active
+        (created or written to) first."""
 
     async def messages_before(
         self, chat_id: str, before_id: str | None, limit: int
@@ -198,18 +241,26 @@ class Store(Protocol):
         """What is not yet delivered to the user, as one snapshot (see `BacklogPlan`)."""
 
     async def undelivered(
-        self, user_id: str, chat_id: str, from_id: str, up_to_id: str
+        self, user_id: str, chat_id: str, after_seq: int, up_to_seq: int
     ) -> tuple[Message, ...]:
-        """The chat's messages to the user not yet delivered, with ids from `from_id` to
-        `up_to_id` (both included), oldest first."""
+        """The chat's messages of the other members with `after_seq < seq <= up_to_seq`, in
+        their current state, by seq."""
+
+    async def updated(
+        self, user_id: str, chat_id: str, after_version: int, up_to_version: int, up_to_seq: int
+    ) -> tuple[Message, ...]:
+        """The chat's messages the user had received (`seq <= up_to_seq`, or the user's own)
+        that changed with `after_version < version <= up_to_version`, by seq."""
 
     async def backlog(self, user_id: str) -> Backlog:
         """Everything not yet delivered to the user, whole (tests and tools)."""
 
     async def mark_delivered(
-        self, user_id: str, chat_ids: Sequence[str], message_ids: Sequence[str]
+        self, user_id: str, chat_ids: Sequence[str], marks: Sequence[SeqMark]
     ) -> None:
-        """Record that these chats and messages reached the user (idempotent).
+        """Record that these chats, and each chat's messages and changes up to its mark,
+        reached the user (idempotent: marks only move up). A delivered mark that moves is
+        handed to `commits` as a receipt.
 
         Returns once the mark is queued (waiting for room, never dropped), not once it is
         committed; it takes effect before any later acknowledged write of this store returns,

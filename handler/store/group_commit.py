@@ -78,7 +78,8 @@ class Op:
 
     result: Any = attrs.field(default=None, init=False)
     error: BaseException | None = attrs.field(default=None, init=False)
-    committed: Committed | None = attrs.field(default=None, init=False)
+    # One commit, or several (a batch of delivery marks moves several marks).
+    committed: Committed | tuple[Committed, ...] | None = attrs.field(default=None, init=False)
     awaited: bool = attrs.field(default=True, init=False)
     done: trio.Event = attrs.field(factory=trio.Event, init=False)
 
@@ -368,18 +369,27 @@ class GroupCommitWriter(Generic[OpT]):
         for op in batch:
             if self._commits is None:
                 return
-            if op.error is None and op.committed is not None:
+            committed = op.committed
+            if op.error is None and committed is not None:
                 try:
-                    try:
-                        self._commits.send_nowait(op.committed)
-                    except trio.WouldBlock:
-                        await self._commits.send(op.committed)  # backpressure: wait for room
+                    if isinstance(committed, tuple):
+                        for each in committed:
+                            await self._hand_one(self._commits, each)
+                    else:
+                        await self._hand_one(self._commits, committed)
                 except trio.BrokenResourceError:
                     log.warning(
                         "nobody receives the store's commits any more; new writes are"
                         " stored but not handed to the fan-out (the backlog delivers them)"
                     )
                     self._commits = None
+
+    @staticmethod
+    async def _hand_one(commits: CommitSender, committed: Committed) -> None:
+        try:
+            commits.send_nowait(committed)
+        except trio.WouldBlock:
+            await commits.send(committed)  # backpressure: wait for room
 
     def _abandon_queued(self) -> None:
         """After the task ended early (cancelled): fail what is still queued, so no caller

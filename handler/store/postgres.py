@@ -35,8 +35,10 @@ from handler.store.group_commit import GroupCommitWriter, Op, WorkerThread, Writ
 from handler.store.postgres_batch import (
     AddMessage,
     BatchCommitter,
+    ChangeMessage,
     CreateChat,
     MarkDelivered,
+    MoveReadMark,
     Probe,
     decode,
 )
@@ -47,35 +49,23 @@ from handler.store.postgres_connect import (
     describe,
     usable,
 )
-from handler.store.rows import CHAT_COLUMNS, MESSAGE_COLUMNS
 from handler.store.schema import POSTGRES_MIGRATIONS
-from handler.store.sql_store import Dialect, NewChat, NewMessage, SQLStore
+from handler.store.sql_store import (
+    Change,
+    Delivered,
+    Dialect,
+    NewChat,
+    NewMessage,
+    ReadMark,
+    SQLStore,
+)
 
 T = TypeVar("T")
 
 # Arbitrary constant naming the advisory lock that serializes migrations across processes.
 _MIGRATION_LOCK: Final = 0x6368617473746F72
 
-_DIALECT: Final = Dialect(
-    get_chat=f"SELECT {CHAT_COLUMNS} FROM chats WHERE id = %(chat)s",
-    chats_of=f"SELECT {CHAT_COLUMNS} FROM (SELECT * FROM chats WHERE user_a = %(user)s"
-    " UNION ALL SELECT * FROM chats WHERE user_b = %(user)s AND user_a <> %(user)s) c"
-    " ORDER BY activity_seq DESC",
-    has_message="SELECT 1 FROM messages WHERE id = %(message)s AND chat_id = %(chat)s",
-    page=f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = %(chat)s AND id < %(bound)s"
-    " ORDER BY id DESC LIMIT %(limit)s",
-    plan_chats=f"SELECT {CHAT_COLUMNS} FROM chats WHERE user_a = %(user)s AND NOT a_delivered"
-    f" UNION ALL SELECT {CHAT_COLUMNS} FROM chats WHERE user_b = %(user)s"
-    " AND NOT b_delivered AND user_a <> %(user)s ORDER BY id",
-    plan_oldest="SELECT chat_id, MIN(id) FROM messages WHERE recipient_id = %(user)s"
-    " AND NOT delivered GROUP BY chat_id ORDER BY MIN(id)",
-    plan_newest="SELECT id, COALESCE(last_message_id, 0) FROM chats"
-    " WHERE user_a = %(user)s OR user_b = %(user)s",
-    undelivered=f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = %(chat)s"
-    " AND id >= %(first)s AND id <= %(last)s AND recipient_id = %(user)s AND NOT delivered"
-    " ORDER BY id",
-    text=decode,
-)
+_DIALECT: Final = Dialect(pyformat=True, text=decode)
 
 
 class PostgresStore(SQLStore[Op]):
@@ -188,8 +178,14 @@ class PostgresStore(SQLStore[Op]):
     def _probe(self) -> Op:
         return Probe()  # a real write: an empty commit succeeds without writing
 
-    def _mark(self, user_id: str, chat_rows: tuple[int, ...], message_rows: tuple[int, ...]) -> Op:
-        return MarkDelivered(user_id=user_id, chat_rows=chat_rows, message_rows=message_rows)
+    def _mark(self, delivered: Delivered) -> Op:
+        return MarkDelivered(delivered)
+
+    def _change_op(self, change: Change) -> Op:
+        return ChangeMessage(change)
+
+    def _read_op(self, mark: ReadMark) -> Op:
+        return MoveReadMark(mark)
 
     def _chat_op(self, new: NewChat) -> Op:
         return CreateChat(new)

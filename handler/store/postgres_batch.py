@@ -34,7 +34,7 @@ import psycopg.errors
 from psycopg.rows import TupleRow
 
 from handler.errors import StoreUnavailable
-from handler.protocol import Message
+from handler.protocol import Chat, Message, ReceiptFrame
 from handler.store.base import Committed
 from handler.store.group_commit import Op
 from handler.store.postgres_connect import (
@@ -44,11 +44,21 @@ from handler.store.postgres_connect import (
     describe,
     usable,
 )
-from handler.store.rows import CHAT_COLUMNS, MESSAGE_COLUMNS, chat_of, message_of
-from handler.store.sql_store import NewChat, NewMessage
+from handler.store.rows import CHAT_COLUMNS, CHAT_WIDTH, MESSAGE_COLUMNS, chat_of, message_of
+from handler.store.sql_store import (
+    Change,
+    Delivered,
+    Dialect,
+    NewChat,
+    NewMessage,
+    ReadMark,
+    change_refused,
+    not_in_chat,
+)
 from handler.timefmt import format_ms
 
 _BATCH_RETRIES: Final = 5
+_SQL: Final = Dialect(pyformat=True)  # the shared write statements, in psycopg's style
 _NOW_MS: Final = "floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
 _PIPELINE: Final = psycopg.Pipeline.is_supported()
 # Retried whole: nothing was committed and the same batch can succeed on a second try.
@@ -94,13 +104,33 @@ class AddMessage(Op):
 
 
 @attrs.define(eq=False)
+class ChangeMessage(Op):
+    change: Change
+
+
+@attrs.define(eq=False)
+class MoveReadMark(Op):
+    mark: ReadMark
+
+
+@attrs.define(eq=False)
 class MarkDelivered(Op):
-    user_id: str
-    chat_rows: tuple[int, ...] = ()
-    message_rows: tuple[int, ...] = ()
+    delivered: Delivered
 
 
 # --------------------------------------------------------------------------- the batch SQL
+
+
+@attrs.define
+class _Locked:
+    """A chat row locked for the batch: its state, advanced as the batch writes to it."""
+
+    chat: Chat
+    last_ms: int
+    last_id: int | None
+    last_seq: int
+    version: int
+    version_changed: bool = False
 
 
 def apply_batch(connection: Connection, batch: Sequence[Op]) -> None:
@@ -116,59 +146,119 @@ def apply_batch(connection: Connection, batch: Sequence[Op]) -> None:
         key=lambda op: (op.new.user_a, op.new.user_b),
     )
     adds = [op for op in batch if isinstance(op, AddMessage)]
+    changes = [op for op in batch if isinstance(op, ChangeMessage)]
+    reads = [op for op in batch if isinstance(op, MoveReadMark)]
     marks = [op for op in batch if isinstance(op, MarkDelivered)]
     if any(isinstance(op, Probe) for op in batch):
         cursor.execute("UPDATE schema_version SET version = version")
 
     # 1. New chat pairs, in sorted order (the first lock class).
     for create in creates:
-        creator = create.new.creator_id
-        row = cursor.execute(
-            f"INSERT INTO chats (user_a, user_b, created_by, created_at_ms, last_activity_ms,"
-            f" a_delivered, b_delivered) SELECT %s, %s, %s, t.now, t.now, %s, %s"
-            f" FROM (SELECT {_NOW_MS} AS now) t ON CONFLICT (user_a, user_b) DO NOTHING"
-            f" RETURNING {CHAT_COLUMNS}",
-            (
-                create.new.user_a,
-                create.new.user_b,
-                creator,
-                create.new.user_a == creator,
-                create.new.user_b == creator,
-            ),
-        ).fetchone()
-        if row is not None:
-            chat = chat_of(row)
-            create.result = (chat, True)
-            create.committed = Committed(chat, create.new.origin)
-            continue
-        row = cursor.execute(
-            f"SELECT {CHAT_COLUMNS} FROM chats WHERE user_a = %s AND user_b = %s",
-            (create.new.user_a, create.new.user_b),
-        ).fetchone()
-        assert row is not None  # ON CONFLICT saw a committed or own row
-        create.result = (chat_of(row), False)
+        _create_chat(cursor, create)
 
     # 2. Chat rows, ascending (the second lock class): serializes writers of a chat across
-    #    processes, and gives each chat's last message (time, to clamp the new timestamps to;
-    #    id, for each new message to name its predecessor).
+    #    processes (members' rows are only written under their chat's lock), and gives each
+    #    chat's state: its last message (time, to clamp new timestamps to), its seq and version
+    #    counters.
     lock_rows = sorted(
-        {op.new.chat_row for op in adds} | {row for op in marks for row in op.chat_rows}
+        {op.new.chat_row for op in adds}
+        | {op.change.chat_row for op in changes}
+        | {op.mark.chat_row for op in reads}
+        | {row for op in marks for row in op.delivered.chat_rows}
+        | {mark[0] for op in marks for mark in op.delivered.marks}
     )
-    last_ms: dict[int, int] = {}
-    last_id: dict[int, int | None] = {}
+    locked: dict[int, _Locked] = {}
     now = 0
     if lock_rows:
-        for chat_row, last, last_message, clock in cursor.execute(
-            f"SELECT id, last_message_ms, last_message_id, {_NOW_MS} FROM chats"
-            " WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+        for row in cursor.execute(
+            f"SELECT {CHAT_COLUMNS}, last_message_ms, last_message_id, last_seq, version,"
+            f" {_NOW_MS} FROM chats WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
             (lock_rows,),
         ):
-            last_ms[chat_row] = last
-            last_id[chat_row] = last_message
+            last_ms, last_id, last_seq, version, clock = row[CHAT_WIDTH:]
+            locked[row[0]] = _Locked(chat_of(row), last_ms, last_id, last_seq, version)
             now = max(now, clock)
 
-    # 3. Messages: idempotent resends first (read after the lock, so a concurrent process's
-    #    committed resend is visible), then one pipelined insert for the rest.
+    # 3. Versions, in batch order (the order the commits are handed over in): new messages
+    #    (idempotent resends excepted) and the changes that are allowed.
+    inserts, resends = _plan_inserts(cursor, adds, locked, now)
+    allowed = _check_changes(cursor, changes, locked)
+    versioned: list[tuple[Op, _Locked]] = [
+        (op, locked[op.new.chat_row] if isinstance(op, AddMessage) else locked[op.change.chat_row])
+        for op in batch
+        if (isinstance(op, AddMessage) and op in inserts)
+        or (isinstance(op, ChangeMessage) and op in allowed)
+    ]
+    positions: dict[int, tuple[int, int]] = {}  # id(op) -> (seq, version)
+    for op, state in versioned:
+        state.version += 1
+        seq = 0
+        if isinstance(op, AddMessage):
+            state.last_seq += 1
+            seq = state.last_seq
+        else:
+            state.version_changed = True
+        positions[id(op)] = (seq, state.version)
+
+    # 4. Writes: messages, changes, read marks, delivery marks.
+    _insert_messages(cursor, inserts, locked, positions)
+    for resend, original in resends:
+        resend.result = (original.result[0], False)
+    for op in allowed:
+        _apply_change(cursor, op, allowed[op], positions[id(op)][1], now)
+    changed_chats = [(state.version, row) for row, state in locked.items() if state.version_changed]
+    if changed_chats:
+        cursor.executemany(
+            "UPDATE chats SET version = GREATEST(version, %s) WHERE id = %s", changed_chats
+        )
+    for read in reads:
+        _move_read_mark(cursor, read, now)
+    for mark in marks:
+        _record_delivered(cursor, mark, locked, now)
+
+
+def _create_chat(cursor: psycopg.Cursor[TupleRow], create: CreateChat) -> None:
+    new = create.new
+    creator = new.creator_id
+    row = cursor.execute(
+        f"INSERT INTO chats (user_a, user_b, created_by, created_at_ms, last_activity_ms,"
+        f" a_delivered, b_delivered) SELECT %s, %s, %s, t.now, t.now, %s, %s"
+        f" FROM (SELECT {_NOW_MS} AS now) t ON CONFLICT (user_a, user_b) DO NOTHING"
+        f" RETURNING {CHAT_COLUMNS}",
+        (new.user_a, new.user_b, creator, new.user_a == creator, new.user_b == creator),
+    ).fetchone()
+    if row is not None:
+        chat = chat_of(row)
+        cursor.executemany(
+            _SQL.sql("add_member"),
+            [
+                {"chat": row[0], "user": user, "delivered": int(user == creator)}
+                for user in chat.participants
+            ],
+        )
+        create.result = (chat, True)
+        create.committed = Committed(chat, new.origin)
+        return
+    row = cursor.execute(
+        f"SELECT {CHAT_COLUMNS} FROM chats WHERE user_a = %s AND user_b = %s",
+        (new.user_a, new.user_b),
+    ).fetchone()
+    assert row is not None  # ON CONFLICT saw a committed or own row
+    create.result = (chat_of(row), False)
+
+
+def _plan_inserts(
+    cursor: psycopg.Cursor[TupleRow],
+    adds: list[AddMessage],
+    locked: dict[int, _Locked],
+    now: int,
+) -> tuple[dict[AddMessage, int], list[tuple[AddMessage, AddMessage]]]:
+    """The messages to insert, with their timestamps, and the resends queued in the same
+    batch as their original (each with it); other resends get their stored message.
+
+    Resends are looked up after the lock, so a concurrent process's committed resend is
+    visible.
+    """
     existing: dict[tuple[str, int, bytes], Message] = {}
     keyed = [op.new for op in adds if op.new.client_message_id is not None]
     if keyed:
@@ -182,12 +272,12 @@ def apply_batch(connection: Connection, batch: Sequence[Op]) -> None:
             (senders, chat_rows, keys),
         ):
             existing[(row[2], row[1], bytes(row[6]))] = message_of(row, decode)
-
-    inserts: list[tuple[AddMessage, int]] = []
+    inserts: dict[AddMessage, int] = {}
     originals: dict[tuple[str, int, bytes], AddMessage] = {}
     resends: list[tuple[AddMessage, AddMessage]] = []
     for add in adds:
-        if add.new.chat_row not in last_ms:
+        state = locked.get(add.new.chat_row)
+        if state is None:
             add.error = StoreUnavailable(f"chat {add.new.chat.chat_id} does not exist")
             continue
         if add.new.client_message_id is not None:
@@ -199,81 +289,219 @@ def apply_batch(connection: Connection, batch: Sequence[Op]) -> None:
                 resends.append((add, originals[key]))
                 continue
             originals[key] = add
-        created = max(now, last_ms[add.new.chat_row])
-        last_ms[add.new.chat_row] = created
-        inserts.append((add, created))
-    if inserts:
-        cursor.executemany(
-            "INSERT INTO messages (chat_id, sender_id, recipient_id, content, created_at_ms,"
-            " client_message_id) VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
-            [
-                (
-                    add.new.chat_row,
-                    add.new.sender_id,
-                    add.new.recipient_id,
-                    encode(add.new.content),
-                    created,
-                    None
-                    if add.new.client_message_id is None
-                    else encode(add.new.client_message_id),
-                )
-                for add, created in inserts
-            ],
-            returning=True,
-        )
-        message_rows = [_returned_id(cursor)]
-        while cursor.nextset():  # one result set per inserted row (psycopg >= 3.1)
-            message_rows.append(_returned_id(cursor))
-        touched: dict[int, tuple[int, int]] = {}
-        for (add, created), message_row in zip(inserts, message_rows, strict=True):
-            # Rows were inserted in list order under the chat lock: per chat, that is commit
-            # order, whichever process wrote the previous message.
-            previous = last_id[add.new.chat_row]
-            last_id[add.new.chat_row] = message_row
-            message = Message(
-                str(message_row),
-                add.new.chat.chat_id,
+        created = max(now, state.last_ms)
+        state.last_ms = created
+        inserts[add] = created
+    return inserts, resends
+
+
+def _insert_messages(
+    cursor: psycopg.Cursor[TupleRow],
+    inserts: dict[AddMessage, int],
+    locked: dict[int, _Locked],
+    positions: dict[int, tuple[int, int]],
+) -> None:
+    if not inserts:
+        return
+    rows = [(add, created, *positions[id(add)]) for add, created in inserts.items()]
+    cursor.executemany(
+        "INSERT INTO messages (chat_id, sender_id, recipient_id, content, created_at_ms,"
+        " client_message_id, seq, version) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+        [
+            (
+                add.new.chat_row,
                 add.new.sender_id,
                 add.new.recipient_id,
-                add.new.content,
-                format_ms(created),
-                add.new.client_message_id,
+                encode(add.new.content),
+                created,
+                None if add.new.client_message_id is None else encode(add.new.client_message_id),
+                seq,
+                version,
             )
-            add.result = (message, True)
-            add.committed = Committed(
-                add.new.chat, add.new.origin, message, None if previous is None else str(previous)
-            )
-            touched[add.new.chat_row] = (created, message_row)
-        # In the order of each chat's newest message, so the activity sequence follows it
-        # (the rows are locked already; the order of these updates cannot deadlock).
-        cursor.executemany(
-            "UPDATE chats SET last_message_ms = %s, last_message_id = %s,"
-            " last_activity_ms = GREATEST(last_activity_ms, %s),"
-            " activity_seq = nextval('chat_activity_seq') WHERE id = %s",
-            [
-                (created, message_row, created, chat_row)
-                for chat_row, (created, message_row) in sorted(
-                    touched.items(), key=lambda item: item[1][1]
-                )
-            ],
+            for add, created, seq, version in rows
+        ],
+        returning=True,
+    )
+    message_rows = [_returned_id(cursor)]
+    while cursor.nextset():  # one result set per inserted row (psycopg >= 3.1)
+        message_rows.append(_returned_id(cursor))
+    touched: dict[int, tuple[int, int, int, int]] = {}
+    for (add, created, seq, version), message_row in zip(rows, message_rows, strict=True):
+        message = Message(
+            str(message_row),
+            add.new.chat.chat_id,
+            add.new.sender_id,
+            add.new.recipient_id,
+            add.new.content,
+            format_ms(created),
+            add.new.client_message_id,
+            seq,
+            version,
         )
-    for resend, original in resends:
-        resend.result = (original.result[0], False)
+        add.result = (message, True)
+        add.committed = Committed(add.new.chat, add.new.origin, message)
+        touched[add.new.chat_row] = (created, message_row, seq, version)
+        locked[add.new.chat_row].last_id = message_row
+    # In the order of each chat's newest message, so the activity sequence follows it
+    # (the rows are locked already; the order of these updates cannot deadlock).
+    cursor.executemany(
+        "UPDATE chats SET last_message_ms = %s, last_message_id = %s,"
+        " last_activity_ms = GREATEST(last_activity_ms, %s), last_seq = %s, version = %s,"
+        " activity_seq = nextval('chat_activity_seq') WHERE id = %s",
+        [
+            (created, message_row, created, seq, locked[chat_row].version, chat_row)
+            for chat_row, (created, message_row, seq, _) in sorted(
+                touched.items(), key=lambda item: item[1][1]
+            )
+        ],
+    )
+    # The senders' own marks, under the chat locks.
+    cursor.executemany(
+        _SQL.sql("mark_sender"),
+        [
+            {"chat": add.new.chat_row, "user": add.new.sender_id, "seq": seq, "at": created}
+            for add, created, seq, _ in rows
+        ],
+    )
 
-    # 4. Delivery marks last: chat rows are already locked; message rows go ascending.
-    for mark in marks:
-        if mark.chat_rows:
-            cursor.execute(
-                "UPDATE chats SET a_delivered = a_delivered OR user_a = %s,"
-                " b_delivered = b_delivered OR user_b = %s WHERE id = ANY(%s)",
-                (mark.user_id, mark.user_id, sorted(mark.chat_rows)),
-            )
-        if mark.message_rows:
-            cursor.execute(
-                "UPDATE messages SET delivered = TRUE WHERE id = ANY(%s) AND recipient_id = %s"
-                " AND NOT delivered",
-                (sorted(mark.message_rows), mark.user_id),
-            )
+
+def _check_changes(
+    cursor: psycopg.Cursor[TupleRow], changes: list[ChangeMessage], locked: dict[int, _Locked]
+) -> dict[ChangeMessage, Message]:
+    """The changes that may go ahead, with each message's current state; the others get
+    their refusal (or, deleting a tombstone again, the tombstone) as their result."""
+    if not changes:
+        return {}
+    current: dict[tuple[int, int], Message] = {}
+    for row in cursor.execute(
+        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ANY(%s)",
+        ([op.change.message_row for op in changes],),
+    ):
+        current[(row[1], row[0])] = message_of(row, decode)
+    allowed: dict[ChangeMessage, Message] = {}
+    for op in changes:
+        change = op.change
+        message = current.get((change.chat_row, change.message_row))
+        deleting = change.content is None
+        refused = change_refused(
+            None if message is None else message.sender_id,
+            message is not None and message.deleted,
+            change.user_id,
+            deleting=deleting,
+        )
+        if refused is not None or change.chat_row not in locked:
+            op.result = refused or not_in_chat()
+        elif deleting and message is not None and message.deleted:
+            op.result = (message, False)
+        elif message is not None:
+            allowed[op] = message
+    return allowed
+
+
+def _apply_change(
+    cursor: psycopg.Cursor[TupleRow], op: ChangeMessage, message: Message, version: int, now: int
+) -> None:
+    change = op.change
+    if change.content is None:
+        row = cursor.execute(
+            f"UPDATE messages SET content = ''::bytea, deleted = 1, changed = 1, version = %s"
+            f" WHERE id = %s RETURNING {MESSAGE_COLUMNS}",
+            (version, change.message_row),
+        ).fetchone()
+    else:
+        row = cursor.execute(
+            f"UPDATE messages SET content = %s, edited_at_ms = %s, changed = 1, version = %s"
+            f" WHERE id = %s RETURNING {MESSAGE_COLUMNS}",
+            (encode(change.content), now, version, change.message_row),
+        ).fetchone()
+    assert row is not None  # the message exists: it was read under the chat lock
+    updated = message_of(row, decode)
+    op.result = (updated, True)
+    op.committed = Committed(change.chat, change.origin, updated, update=True)
+
+
+def _move_read_mark(cursor: psycopg.Cursor[TupleRow], op: MoveReadMark, now: int) -> None:
+    mark = op.mark
+    row = cursor.execute(
+        "SELECT seq FROM messages WHERE id = %s AND chat_id = %s", (mark.message_row, mark.chat_row)
+    ).fetchone()
+    if row is None:
+        op.result = not_in_chat()
+        return
+    seq = row[0]
+    where = {"chat": mark.chat_row, "user": mark.user_id}
+    moved = cursor.execute(_SQL.sql("mark_read"), {**where, "seq": seq, "at": now}).rowcount
+    if moved:
+        receipt = ReceiptFrame(
+            mark.chat.chat_id, mark.user_id, "read", seq, str(mark.message_row), format_ms(now)
+        )
+        op.result = (receipt, True)
+        op.committed = Committed(mark.chat, mark.origin, receipt=receipt)
+        return
+    current = cursor.execute(_SQL.sql("read_mark"), where).fetchone()
+    read_seq, read_at, message_row = current if current is not None else (0, now, None)
+    op.result = (
+        ReceiptFrame(
+            mark.chat.chat_id,
+            mark.user_id,
+            "read",
+            read_seq,
+            None if message_row is None else str(message_row),
+            format_ms(read_at or now),
+        ),
+        False,
+    )
+
+
+def _record_delivered(
+    cursor: psycopg.Cursor[TupleRow], op: MarkDelivered, locked: dict[int, _Locked], now: int
+) -> None:
+    """Move the user's marks in three statements; delivered marks that moved become receipts."""
+    delivered = op.delivered
+    user = delivered.user_id
+    if delivered.chat_rows:
+        cursor.execute(
+            "UPDATE members SET chat_delivered = 1 WHERE user_id = %s AND chat_id = ANY(%s)"
+            " AND chat_delivered = 0",
+            (user, sorted(delivered.chat_rows)),
+        )
+    versions = [(row, version) for row, _, _, _, version in delivered.marks if version]
+    if versions:
+        cursor.execute(
+            "UPDATE members m SET version_mark = v.version FROM unnest(%s::bigint[],"
+            " %s::bigint[]) AS v(chat, version) WHERE m.chat_id = v.chat AND m.user_id = %s"
+            " AND m.version_mark < v.version",
+            ([row for row, _ in versions], [version for _, version in versions], user),
+        )
+    seqs = [mark for mark in delivered.marks if mark[2]]
+    if not seqs:
+        return
+    message_ids = {row: message_id for row, _, _, message_id, _ in seqs}
+    moved = cursor.execute(
+        "UPDATE members m SET delivered_seq = v.seq, delivered_at_ms = %s FROM unnest(%s::bigint[],"
+        " %s::bigint[], %s::bigint[]) AS v(chat, seq, first) WHERE m.chat_id = v.chat"
+        " AND m.user_id = %s AND m.delivered_seq < v.seq AND NOT EXISTS (SELECT 1 FROM"
+        " messages x WHERE x.chat_id = v.chat AND x.seq > m.delivered_seq AND x.seq < v.first"
+        " AND x.sender_id <> m.user_id) RETURNING m.chat_id, m.delivered_seq",
+        (
+            now,
+            [mark[0] for mark in seqs],
+            [mark[2] for mark in seqs],
+            [mark[1] for mark in seqs],
+            user,
+        ),
+    ).fetchall()
+    receipts = []
+    for chat_row, seq in sorted(moved):
+        state = locked.get(chat_row)
+        if state is None:
+            continue
+        receipt = ReceiptFrame(
+            state.chat.chat_id, user, "delivered", seq, message_ids.get(chat_row), format_ms(now)
+        )
+        receipts.append(Committed(state.chat, receipt=receipt))
+    if receipts:
+        op.committed = tuple(receipts)
 
 
 # --------------------------------------------------------------------------- the policy

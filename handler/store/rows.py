@@ -13,10 +13,38 @@ from typing import Any, Final
 from handler.protocol import Chat, Message
 from handler.timefmt import format_ms
 
-CHAT_COLUMNS: Final = "id, user_a, user_b, created_by, created_at_ms"
-MESSAGE_COLUMNS: Final = (
-    "id, chat_id, sender_id, recipient_id, content, created_at_ms, client_message_id"
+_CHAT_FIELDS: Final = ("id", "user_a", "user_b", "created_by", "created_at_ms", "kind", "title")
+_MESSAGE_FIELDS: Final = (
+    "id",
+    "chat_id",
+    "sender_id",
+    "recipient_id",
+    "content",
+    "created_at_ms",
+    "client_message_id",
+    "seq",
+    "version",
+    "edited_at_ms",
+    "deleted",
 )
+
+
+def chat_columns(alias: str = "") -> str:
+    """The columns `chat_of` reads, qualified by `alias` for joins."""
+    prefix = f"{alias}." if alias else ""
+    return ", ".join(prefix + name for name in _CHAT_FIELDS)
+
+
+def message_columns(alias: str = "") -> str:
+    """The columns `message_of` reads, qualified by `alias` for joins."""
+    prefix = f"{alias}." if alias else ""
+    return ", ".join(prefix + name for name in _MESSAGE_FIELDS)
+
+
+CHAT_COLUMNS: Final = chat_columns()
+MESSAGE_COLUMNS: Final = message_columns()
+CHAT_WIDTH: Final = len(_CHAT_FIELDS)
+MESSAGE_WIDTH: Final = len(_MESSAGE_FIELDS)
 
 
 def int_id(value: str) -> int | None:
@@ -28,7 +56,7 @@ def int_id(value: str) -> int | None:
 
 def chat_of(row: Sequence[Any]) -> Chat:
     """A `CHAT_COLUMNS` row as a `Chat`."""
-    return Chat(str(row[0]), (row[1], row[2]), row[3], format_ms(row[4]))
+    return Chat(str(row[0]), (row[1], row[2]), row[3], format_ms(row[4]), row[5], row[6])
 
 
 def as_text(value: Any) -> str:
@@ -38,6 +66,7 @@ def as_text(value: Any) -> str:
 
 def message_of(row: Sequence[Any], text: Callable[[Any], str] = as_text) -> Message:
     """A `MESSAGE_COLUMNS` row as a `Message`; `text` decodes the content and the client's id."""
+    edited = row[9]
     return Message(
         str(row[0]),
         str(row[1]),
@@ -46,7 +75,22 @@ def message_of(row: Sequence[Any], text: Callable[[Any], str] = as_text) -> Mess
         text(row[4]),
         format_ms(row[5]),
         None if row[6] is None else text(row[6]),
+        row[7],
+        row[8],
+        None if edited is None else format_ms(edited),
+        bool(row[10]),
     )
 
 
-__all__ = ["CHAT_COLUMNS", "MESSAGE_COLUMNS", "as_text", "chat_of", "int_id", "message_of"]
+__all__ = [
+    "CHAT_COLUMNS",
+    "CHAT_WIDTH",
+    "MESSAGE_COLUMNS",
+    "MESSAGE_WIDTH",
+    "as_text",
+    "chat_columns",
+    "chat_of",
+    "int_id",
+    "message_columns",
+    "message_of",
+]

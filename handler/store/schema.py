@@ -53,6 +53,60 @@ SQLITE_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     # 3: one row the health check rewrites while writes are failing, to learn whether the disk
     # has room again for as much as a client frame.
     ("CREATE TABLE health_probe (id INTEGER PRIMARY KEY, data BLOB NOT NULL)",),
+    # 4: version 2's model. Per chat: `seq` numbers its messages 1, 2, 3, ... without gaps,
+    # and `version` counts its changes (every new message and every edit or delete takes the
+    # next one), so a chat's events have one order on every node. Per member (`members`, one
+    # row per chat and user, ready for groups): marks instead of a flag per message
+    # (`delivered_seq`, `read_seq`), `version_mark` (every change up to it reached the user),
+    # and whether the chat itself was delivered. The backlog is then an index range scan per
+    # chat (`seq > delivered_seq`); changed messages are found through a partial index.
+    # Existing data: messages are numbered in id order; a member's delivered mark is the seq
+    # below their oldest undelivered message (every undelivered message stays undelivered);
+    # what was delivered counts as read, since version 1 kept no read state.
+    (
+        "ALTER TABLE chats ADD COLUMN kind TEXT NOT NULL DEFAULT 'direct'",
+        "ALTER TABLE chats ADD COLUMN title TEXT",
+        "ALTER TABLE chats ADD COLUMN last_seq INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE chats ADD COLUMN version INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE messages ADD COLUMN seq INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE messages ADD COLUMN version INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE messages ADD COLUMN edited_at_ms INTEGER",
+        "ALTER TABLE messages ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE messages ADD COLUMN changed INTEGER NOT NULL DEFAULT 0",
+        "UPDATE messages SET seq = ranked.n, version = ranked.n FROM (SELECT id, ROW_NUMBER()"
+        " OVER (PARTITION BY chat_id ORDER BY id) AS n FROM messages) AS ranked"
+        " WHERE ranked.id = messages.id",
+        "UPDATE chats SET last_seq = COALESCE((SELECT MAX(seq) FROM messages"
+        " WHERE chat_id = chats.id), 0)",
+        "UPDATE chats SET version = last_seq",
+        "CREATE UNIQUE INDEX messages_by_seq ON messages (chat_id, seq)",
+        "CREATE INDEX messages_changed ON messages (chat_id, version) WHERE changed = 1",
+        "DROP INDEX messages_undelivered",
+        """
+        CREATE TABLE members (
+            chat_id INTEGER NOT NULL REFERENCES chats (id),
+            user_id TEXT NOT NULL,
+            chat_delivered INTEGER NOT NULL DEFAULT 0,
+            delivered_seq INTEGER NOT NULL DEFAULT 0,
+            delivered_at_ms INTEGER NOT NULL DEFAULT 0,
+            read_seq INTEGER NOT NULL DEFAULT 0,
+            read_at_ms INTEGER NOT NULL DEFAULT 0,
+            version_mark INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (chat_id, user_id)
+        )
+        """,
+        "CREATE INDEX members_by_user ON members (user_id, chat_id)",
+        "CREATE INDEX members_undelivered ON members (user_id) WHERE chat_delivered = 0",
+        "INSERT INTO members (chat_id, user_id, chat_delivered) SELECT id, user_a, a_delivered"
+        " FROM chats UNION ALL SELECT id, user_b, b_delivered FROM chats WHERE user_b <> user_a",
+        "UPDATE members SET delivered_seq = COALESCE((SELECT MIN(seq) - 1 FROM messages"
+        " WHERE messages.chat_id = members.chat_id AND recipient_id = members.user_id"
+        " AND delivered = 0), (SELECT last_seq FROM chats WHERE id = members.chat_id))",
+        "UPDATE members SET read_seq = delivered_seq, version_mark = (SELECT version FROM chats"
+        " WHERE id = members.chat_id), delivered_at_ms = (SELECT last_activity_ms FROM chats"
+        " WHERE id = members.chat_id), read_at_ms = (SELECT last_activity_ms FROM chats"
+        " WHERE id = members.chat_id)",
+    ),
 )
 
 # PostgreSQL keeps the SQLite shape, with two differences that matter:
@@ -116,5 +170,53 @@ POSTGRES_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "SELECT setval('chat_activity_seq', COALESCE(MAX(activity_seq), 0) + 1, false) FROM chats",
         "ALTER TABLE chats ALTER COLUMN activity_seq SET DEFAULT nextval('chat_activity_seq')",
         "CREATE INDEX chats_by_activity ON chats (activity_seq)",
+    ),
+    # 4: version 2's model, as in SQLite's migration 4 (the new flags are SMALLINT 0/1, so
+    # both backends share their reads' SQL). `last_message_id` stays: the writer reads it.
+    (
+        "ALTER TABLE chats ADD COLUMN kind TEXT NOT NULL DEFAULT 'direct'",
+        "ALTER TABLE chats ADD COLUMN title TEXT",
+        "ALTER TABLE chats ADD COLUMN last_seq BIGINT NOT NULL DEFAULT 0",
+        "ALTER TABLE chats ADD COLUMN version BIGINT NOT NULL DEFAULT 0",
+        "ALTER TABLE messages ADD COLUMN seq BIGINT NOT NULL DEFAULT 0",
+        "ALTER TABLE messages ADD COLUMN version BIGINT NOT NULL DEFAULT 0",
+        "ALTER TABLE messages ADD COLUMN edited_at_ms BIGINT",
+        "ALTER TABLE messages ADD COLUMN deleted SMALLINT NOT NULL DEFAULT 0",
+        "ALTER TABLE messages ADD COLUMN changed SMALLINT NOT NULL DEFAULT 0",
+        "UPDATE messages SET seq = ranked.n, version = ranked.n FROM (SELECT id, ROW_NUMBER()"
+        " OVER (PARTITION BY chat_id ORDER BY id) AS n FROM messages) AS ranked"
+        " WHERE ranked.id = messages.id",
+        "UPDATE chats SET last_seq = COALESCE((SELECT MAX(seq) FROM messages"
+        " WHERE chat_id = chats.id), 0)",
+        "UPDATE chats SET version = last_seq",
+        "CREATE UNIQUE INDEX messages_by_seq ON messages (chat_id, seq)",
+        "CREATE INDEX messages_changed ON messages (chat_id, version) WHERE changed = 1",
+        "DROP INDEX messages_undelivered",
+        "DROP INDEX chats_undelivered_a",
+        "DROP INDEX chats_undelivered_b",
+        """
+        CREATE TABLE members (
+            chat_id BIGINT NOT NULL REFERENCES chats (id),
+            user_id TEXT NOT NULL,
+            chat_delivered SMALLINT NOT NULL DEFAULT 0,
+            delivered_seq BIGINT NOT NULL DEFAULT 0,
+            delivered_at_ms BIGINT NOT NULL DEFAULT 0,
+            read_seq BIGINT NOT NULL DEFAULT 0,
+            read_at_ms BIGINT NOT NULL DEFAULT 0,
+            version_mark BIGINT NOT NULL DEFAULT 0,
+            PRIMARY KEY (chat_id, user_id)
+        )
+        """,
+        "CREATE INDEX members_by_user ON members (user_id, chat_id)",
+        "CREATE INDEX members_undelivered ON members (user_id) WHERE chat_delivered = 0",
+        "INSERT INTO members (chat_id, user_id, chat_delivered) SELECT id, user_a,"
+        " a_delivered::int FROM chats UNION ALL SELECT id, user_b, b_delivered::int FROM chats"
+        " WHERE user_b <> user_a",
+        "UPDATE members SET delivered_seq = COALESCE((SELECT MIN(seq) - 1 FROM messages"
+        " WHERE messages.chat_id = members.chat_id AND recipient_id = members.user_id"
+        " AND NOT delivered), (SELECT last_seq FROM chats WHERE id = members.chat_id))",
+        "UPDATE members SET read_seq = delivered_seq, version_mark = c.version,"
+        " delivered_at_ms = c.last_activity_ms, read_at_ms = c.last_activity_ms"
+        " FROM chats c WHERE c.id = members.chat_id",
     ),
 )

@@ -11,14 +11,16 @@ something, which the writer hands to `commits` (see `group_commit`).
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 import attrs
 import trio
 
-from handler.errors import StoreUnavailable
-from handler.protocol import Chat, Message
+from handler.errors import ErrorCode, ProtocolError, StoreUnavailable
+from handler.protocol import Chat, ChatView, Message, ReceiptFrame
+from handler.session.outgoing import SeqMark
 from handler.store.base import (
     NO_ORIGIN,
     Backlog,
@@ -28,7 +30,17 @@ from handler.store.base import (
     read_backlog,
 )
 from handler.store.group_commit import GroupCommitWriter, OpT
-from handler.store.rows import as_text, chat_of, int_id, message_of
+from handler.store.rows import (
+    CHAT_COLUMNS,
+    CHAT_WIDTH,
+    MESSAGE_COLUMNS,
+    as_text,
+    chat_columns,
+    chat_of,
+    int_id,
+    message_columns,
+    message_of,
+)
 
 T = TypeVar("T")
 
@@ -48,30 +60,193 @@ class Database(Protocol):
     def execute(self, query: str, params: Mapping[str, Any], /) -> Cursor: ...
 
 
+# The shared reads, in SQLite's parameter style; `Dialect.sql` turns them into a backend's.
+# A chat object needs three queries over the user's member rows (`{only}` narrows them):
+# the chats with the user's unread count, every participant's marks, the last messages.
+_VIEW_CHATS: Final = (
+    f"SELECT {chat_columns('c')}, (SELECT COUNT(*) FROM messages x WHERE x.chat_id = c.id"
+    " AND x.seq > m.read_seq AND x.sender_id <> :user AND x.deleted = 0)"
+    " FROM members m JOIN chats c ON c.id = m.chat_id WHERE m.user_id = :user {only}"
+)
+_VIEW_MARKS: Final = (
+    "SELECT p.chat_id, p.user_id, p.read_seq, p.delivered_seq FROM members m"
+    " JOIN members p ON p.chat_id = m.chat_id WHERE m.user_id = :user {only}"
+)
+_VIEW_LAST: Final = (
+    f"SELECT {message_columns('x')} FROM members m JOIN chats c ON c.id = m.chat_id"
+    " JOIN messages x ON x.chat_id = c.id AND x.seq = c.last_seq WHERE m.user_id = :user {only}"
+)
+_ALL: Final = ""
+_ONE: Final = "AND m.chat_id = :chat"
+_UNDELIVERED_CHATS: Final = "AND m.chat_delivered = 0"
+
+_QUERIES: Final = {
+    "get_chat": f"SELECT {CHAT_COLUMNS} FROM chats WHERE id = :chat",
+    "has_message": "SELECT 1 FROM messages WHERE id = :message AND chat_id = :chat",
+    "page": f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = :chat AND id < :bound"
+    " ORDER BY id DESC LIMIT :limit",
+    "all_chats": _VIEW_CHATS.format(only=_ALL) + " ORDER BY c.activity_seq DESC",
+    "all_marks": _VIEW_MARKS.format(only=_ALL),
+    "all_last": _VIEW_LAST.format(only=_ALL),
+    "one_chats": _VIEW_CHATS.format(only=_ONE),
+    "one_marks": _VIEW_MARKS.format(only=_ONE),
+    "one_last": _VIEW_LAST.format(only=_ONE),
+    "new_chats": _VIEW_CHATS.format(only=_UNDELIVERED_CHATS) + " ORDER BY c.id",
+    "new_marks": _VIEW_MARKS.format(only=_UNDELIVERED_CHATS),
+    "new_last": _VIEW_LAST.format(only=_UNDELIVERED_CHATS),
+    # Chats where another member wrote above the user's delivered mark, with the id of the
+    # oldest such message (the order of the `new_messages` frames).
+    "plan_messages": "SELECT m.chat_id, m.delivered_seq, (SELECT x.id FROM messages x"
+    " WHERE x.chat_id = m.chat_id AND x.seq > m.delivered_seq AND x.sender_id <> :user"
+    " ORDER BY x.seq LIMIT 1) FROM members m JOIN chats c ON c.id = m.chat_id"
+    " WHERE m.user_id = :user AND c.last_seq > m.delivered_seq",
+    # Chats with a message the user had received that changed since the user's version mark
+    # (through the partial index of changed messages).
+    "plan_updates": "SELECT m.chat_id, m.version_mark, m.delivered_seq FROM members m"
+    " JOIN chats c ON c.id = m.chat_id WHERE m.user_id = :user AND c.version > m.version_mark"
+    " AND EXISTS (SELECT 1 FROM messages x WHERE x.chat_id = m.chat_id AND x.changed = 1"
+    " AND x.version > m.version_mark AND x.version <= c.version"
+    " AND (x.seq <= m.delivered_seq OR x.sender_id = :user)) ORDER BY m.chat_id",
+    "plan_newest": "SELECT c.id, c.last_seq, c.version FROM members m"
+    " JOIN chats c ON c.id = m.chat_id WHERE m.user_id = :user",
+    "undelivered": f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = :chat"
+    " AND seq > :after AND seq <= :last AND sender_id <> :user ORDER BY seq",
+    "updated": f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = :chat AND changed = 1"
+    " AND version > :after AND version <= :last AND (seq <= :seq OR sender_id = :user)"
+    " ORDER BY seq",
+}
+
+
+# Whether a new message at `:seq` may move its sender's delivered mark up to it: no message of
+# another member lies between (one that arrived at the same moment may not have reached the
+# sender yet; the mark then moves once it has).
+_DELIVERED_MOVES: Final = (
+    "delivered_seq < :seq AND NOT EXISTS (SELECT 1 FROM messages x WHERE x.chat_id = :chat"
+    " AND x.seq > members.delivered_seq AND x.seq < :seq AND x.sender_id <> :user)"
+)
+
+# The writes both backends run alike (inside their writer's transaction).
+_QUERIES.update(
+    {
+        # A new message moves its sender's own marks (see `Store.add_message`).
+        "mark_sender": "UPDATE members SET"
+        f" delivered_seq = CASE WHEN {_DELIVERED_MOVES} THEN :seq ELSE delivered_seq END,"
+        f" delivered_at_ms = CASE WHEN {_DELIVERED_MOVES} THEN :at ELSE delivered_at_ms END,"
+        # Writing in a chat reads it (the protocol's rule): the read mark moves at once.
+        " read_at_ms = CASE WHEN read_seq < :seq THEN :at ELSE read_at_ms END,"
+        " read_seq = CASE WHEN read_seq < :seq THEN :seq ELSE read_seq END"
+        " WHERE chat_id = :chat AND user_id = :user",
+        "mark_read": "UPDATE members SET read_seq = :seq, read_at_ms = :at,"
+        " delivered_at_ms = CASE WHEN delivered_seq < :seq THEN :at ELSE delivered_at_ms END,"
+        " delivered_seq = CASE WHEN delivered_seq < :seq THEN :seq ELSE delivered_seq END"
+        " WHERE chat_id = :chat AND user_id = :user AND read_seq < :seq",
+        "read_mark": "SELECT m.read_seq, m.read_at_ms, (SELECT x.id FROM messages x"
+        " WHERE x.chat_id = m.chat_id AND x.seq = m.read_seq) FROM members m"
+        " WHERE m.chat_id = :chat AND m.user_id = :user",
+        "mark_chat_delivered": "UPDATE members SET chat_delivered = 1"
+        " WHERE chat_id = :chat AND user_id = :user AND chat_delivered = 0",
+        "mark_delivered": "UPDATE members SET delivered_seq = :seq, delivered_at_ms = :at"
+        " WHERE chat_id = :chat AND user_id = :user AND delivered_seq < :seq"
+        " AND NOT EXISTS (SELECT 1 FROM messages x WHERE x.chat_id = :chat"
+        " AND x.seq > members.delivered_seq AND x.seq < :first AND x.sender_id <> :user)",
+        "mark_versions": "UPDATE members SET version_mark = :version"
+        " WHERE chat_id = :chat AND user_id = :user AND version_mark < :version",
+        "add_member": "INSERT INTO members (chat_id, user_id, chat_delivered)"
+        " VALUES (:chat, :user, :delivered)",
+        "message_by_id": f"SELECT {MESSAGE_COLUMNS} FROM messages"
+        " WHERE id = :message AND chat_id = :chat",
+    }
+)
+
+_PARAMETER: Final = re.compile(r"(?<!:):(\w+)")
+
+
 @attrs.frozen
 class Dialect:
-    """One backend's SQL for the shared reads, with named parameters (`:user` in SQLite,
-    `%(user)s` in psycopg), and how text columns come back (`text`).
+    """How one backend runs the shared reads: its parameter style (`:user` in SQLite,
+    `%(user)s` in psycopg, `pyformat`), and how text columns come back (`text`)."""
 
-    Parameters: `get_chat` (chat); `chats_of` (user), most recently active first;
-    `has_message` (message, chat); `page` (chat, bound, limit), newest first, below `bound`;
-    `plan_chats`, `plan_oldest`, `plan_newest` (user), the three queries of
-    `BacklogPlan.of`; `undelivered` (chat, first, last, user), ids from first to last
-    (both included), oldest first.
-    """
-
-    get_chat: str
-    chats_of: str
-    has_message: str
-    page: str
-    plan_chats: str
-    plan_oldest: str
-    plan_newest: str
-    undelivered: str
+    pyformat: bool = False
     text: Callable[[Any], str] = as_text
+    _sql: dict[str, str] = attrs.field(init=False, factory=dict)
+
+    def sql(self, name: str) -> str:
+        """The shared query `name` in this backend's parameter style."""
+        query = self._sql.get(name)
+        if query is None:
+            query = _QUERIES[name]
+            if self.pyformat:
+                query = _PARAMETER.sub(r"%(\1)s", query)
+            self._sql[name] = query
+        return query
 
     def message(self, row: Sequence[Any]) -> Message:
         return message_of(row, self.text)
+
+    def views(self, db: Database, which: str, params: Mapping[str, Any]) -> list[ChatView]:
+        """Chat objects for `params["user"]`: `which` is "all", "one" or "new"."""
+        rows = db.execute(self.sql(f"{which}_chats"), params).fetchall()
+        if not rows:
+            return []
+        read: dict[str, dict[str, int]] = {}
+        delivered: dict[str, dict[str, int]] = {}
+        for chat_id, user_id, read_seq, delivered_seq in db.execute(
+            self.sql(f"{which}_marks"), params
+        ).fetchall():
+            read.setdefault(str(chat_id), {})[user_id] = read_seq
+            delivered.setdefault(str(chat_id), {})[user_id] = delivered_seq
+        last = {
+            message.chat_id: message
+            for message in map(
+                self.message, db.execute(self.sql(f"{which}_last"), params).fetchall()
+            )
+        }
+        views = []
+        for row in rows:
+            chat = chat_of(row)
+            chat_id = chat.chat_id
+            views.append(
+                ChatView(
+                    chat,
+                    last.get(chat_id),
+                    row[CHAT_WIDTH],
+                    _per_participant(chat, read.get(chat_id, {})),
+                    _per_participant(chat, delivered.get(chat_id, {})),
+                )
+            )
+        return views
+
+
+def _per_participant(chat: Chat, marks: Mapping[str, int]) -> tuple[tuple[str, int], ...]:
+    return tuple((user, marks.get(user, 0)) for user in chat.participants)
+
+
+def change_refused(
+    sender_id: str | None, deleted: bool, user_id: str, *, deleting: bool
+) -> ProtocolError | None:
+    """Why a user may not edit or delete a message (`sender_id` None: not in the chat)."""
+    if sender_id is None:
+        return ProtocolError(
+            ErrorCode.BAD_REQUEST, "message_id is not a message of this chat", field="message_id"
+        )
+    if sender_id != user_id:
+        action = "delete" if deleting else "edit"
+        return ProtocolError(
+            ErrorCode.FORBIDDEN, f"you can only {action} your own messages", field="message_id"
+        )
+    if deleted and not deleting:
+        return ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            "the message was deleted; it cannot be edited",
+            field="message_id",
+        )
+    return None
+
+
+def not_in_chat() -> ProtocolError:
+    return ProtocolError(
+        ErrorCode.BAD_REQUEST, "message_id is not a message of this chat", field="message_id"
+    )
 
 
 @attrs.frozen
@@ -95,6 +270,40 @@ class NewMessage:
     content: str
     client_message_id: str | None
     origin: Origin
+
+
+@attrs.frozen
+class Change:
+    """What `edit_message` (`content` set) or `delete_message` (`content` None) asks the
+    backend to write."""
+
+    chat: Chat
+    chat_row: int
+    message_row: int
+    user_id: str
+    content: str | None
+    origin: Origin
+
+
+@attrs.frozen
+class ReadMark:
+    """What `mark_read` asks the backend to write."""
+
+    chat: Chat
+    chat_row: int
+    message_row: int
+    user_id: str
+    origin: Origin
+
+
+@attrs.frozen
+class Delivered:
+    """What `mark_delivered` asks the backend to write: chat rows, and per chat row the marks
+    delivered to `user_id`: `(chat_row, first, seq, message_id, version)` (see `SeqMark`)."""
+
+    user_id: str
+    chat_rows: tuple[int, ...]
+    marks: tuple[tuple[int, int, int, str | None, int], ...]
 
 
 class SQLStore(abc.ABC, Generic[OpT]):
@@ -148,8 +357,18 @@ class SQLStore(abc.ABC, Generic[OpT]):
         """A write that needs the database to write (the health check)."""
 
     @abc.abstractmethod
-    def _mark(self, user_id: str, chat_rows: tuple[int, ...], message_rows: tuple[int, ...]) -> OpT:
-        """The write that records these chats and messages as delivered to the user."""
+    def _change_op(self, change: Change) -> OpT:
+        """The write that edits or deletes a message: result the `Message` in its new state
+        and whether it changed, or the `ProtocolError` that refuses it."""
+
+    @abc.abstractmethod
+    def _read_op(self, mark: ReadMark) -> OpT:
+        """The write that moves a read mark: result `(ReceiptFrame, moved)` or the
+        `ProtocolError` that refuses it."""
+
+    @abc.abstractmethod
+    def _mark(self, delivered: Delivered) -> OpT:
+        """The write that records deliveries to the user (marks only move up)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -194,27 +413,78 @@ class SQLStore(abc.ABC, Generic[OpT]):
         client_message_id: str | None,
         origin: Origin = NO_ORIGIN,
     ) -> tuple[Message, bool]:
-        chat_row = int_id(chat.chat_id)
-        if chat_row is None:
-            raise StoreUnavailable(f"chat {chat.chat_id!r} is not a chat id of this store")
         recipient_id = chat.other_participant(sender_id)
         op = self._message_op(
-            NewMessage(chat, chat_row, sender_id, recipient_id, content, client_message_id, origin)
+            NewMessage(
+                chat, _chat_row(chat), sender_id, recipient_id, content, client_message_id, origin
+            )
         )
         result: tuple[Message, bool] = await self._writer.submit(op)
         return result
 
+    async def edit_message(
+        self, chat: Chat, user_id: str, message_id: str, content: str, origin: Origin = NO_ORIGIN
+    ) -> Message:
+        message, _ = await self._change(chat, user_id, message_id, content, origin)
+        return message
+
+    async def delete_message(
+        self, chat: Chat, user_id: str, message_id: str, origin: Origin = NO_ORIGIN
+    ) -> tuple[Message, bool]:
+        return await self._change(chat, user_id, message_id, None, origin)
+
+    async def _change(
+        self, chat: Chat, user_id: str, message_id: str, content: str | None, origin: Origin
+    ) -> tuple[Message, bool]:
+        message_row = int_id(message_id)
+        if message_row is None:
+            raise not_in_chat()
+        op = self._change_op(Change(chat, _chat_row(chat), message_row, user_id, content, origin))
+        result: tuple[Message, bool] | ProtocolError = await self._writer.submit(op)
+        if isinstance(result, ProtocolError):
+            raise result
+        return result
+
+    async def mark_read(
+        self, chat: Chat, user_id: str, message_id: str, origin: Origin = NO_ORIGIN
+    ) -> tuple[ReceiptFrame, bool]:
+        message_row = int_id(message_id)
+        if message_row is None:
+            raise not_in_chat()
+        op = self._read_op(ReadMark(chat, _chat_row(chat), message_row, user_id, origin))
+        result: tuple[ReceiptFrame, bool] | ProtocolError = await self._writer.submit(op)
+        if isinstance(result, ProtocolError):
+            raise result
+        return result
+
     async def mark_delivered(
-        self, user_id: str, chat_ids: Sequence[str], message_ids: Sequence[str]
+        self, user_id: str, chat_ids: Sequence[str], marks: Sequence[SeqMark]
     ) -> None:
         chat_rows = tuple(row for row in map(int_id, chat_ids) if row is not None)
-        message_rows = tuple(row for row in map(int_id, message_ids) if row is not None)
-        if not chat_rows and not message_rows:
+        # One mark per chat: what the frames delivered, from the lowest first to the highest
+        # seq (a user's connections each get every message in order, so these ranges join).
+        best: dict[int, tuple[int, int, int, str | None, int]] = {}
+        for mark in marks:
+            row = int_id(mark.chat_id)
+            if row is None:
+                continue
+            seq, message_id, version = mark.seq, mark.message_id, mark.version
+            first = seq if mark.first is None else mark.first
+            known = best.get(row)
+            if known is not None:
+                if known[2] > seq:
+                    seq, message_id = known[2], known[3]
+                first = min(first, known[1]) if first and known[1] else first or known[1]
+                version = max(version, known[4])
+            best[row] = (row, first, seq, message_id, version)
+        if not chat_rows and not best:
             return
         # Delivery marks are not acknowledgements: nobody waits for their commit (a full queue
         # is waited for, though: they are never dropped). One that fails is reported by the
         # next `flush`; lost in a crash, it only means the item is offered again.
-        await self._writer.enqueue(self._mark(user_id, chat_rows, message_rows))
+        await self._writer.enqueue(
+            self._mark(Delivered(user_id, chat_rows, tuple(best[row] for row in sorted(best))))
+        )
 
     # ------------------------------------------------------------------ reads
 
@@ -222,7 +492,7 @@ class SQLStore(abc.ABC, Generic[OpT]):
         row_id = int_id(chat_id)
         if row_id is None:
             return None
-        sql = self._dialect.get_chat
+        sql = self._dialect.sql("get_chat")
         row = await self._read(
             lambda db: db.execute(sql, {"chat": row_id}).fetchone(), snapshot=False
         )
@@ -231,11 +501,20 @@ class SQLStore(abc.ABC, Generic[OpT]):
     # Rows become records in the worker thread, not on the Trio loop: a page or a backlog
     # can be long.
 
-    async def chats_of(self, user_id: str) -> list[Chat]:
-        sql = self._dialect.chats_of
-        return await self._read(
-            lambda db: [chat_of(row) for row in db.execute(sql, {"user": user_id}).fetchall()]
+    async def chats_of(self, user_id: str) -> list[ChatView]:
+        dialect = self._dialect
+        return await self._read(lambda db: dialect.views(db, "all", {"user": user_id}))
+
+    async def chat_view(self, chat_id: str, user_id: str) -> ChatView | None:
+        """The chat object of one chat for one of its members (None if not a member)."""
+        row_id = int_id(chat_id)
+        if row_id is None:
+            return None
+        dialect = self._dialect
+        views = await self._read(
+            lambda db: dialect.views(db, "one", {"user": user_id, "chat": row_id})
         )
+        return views[0] if views else None
 
     async def messages_before(
         self, chat_id: str, before_id: str | None, limit: int
@@ -249,13 +528,13 @@ class SQLStore(abc.ABC, Generic[OpT]):
         def query(db: Database) -> tuple[tuple[Message, ...], bool] | None:
             if before_row is not None:
                 found = db.execute(
-                    dialect.has_message, {"message": before_row, "chat": chat_row}
+                    dialect.sql("has_message"), {"message": before_row, "chat": chat_row}
                 ).fetchone()
                 if found is None:
                     return None
             bound = _NO_BOUND if before_row is None else before_row
             rows = db.execute(
-                dialect.page, {"chat": chat_row, "bound": bound, "limit": limit + 1}
+                dialect.sql("page"), {"chat": chat_row, "bound": bound, "limit": limit + 1}
             ).fetchall()
             page = tuple(dialect.message(row) for row in reversed(rows[:limit]))
             return page, len(rows) > limit
@@ -267,26 +546,61 @@ class SQLStore(abc.ABC, Generic[OpT]):
         user = {"user": user_id}
 
         def query(db: Database) -> BacklogPlan:
-            return BacklogPlan.of(
-                [chat_of(row) for row in db.execute(dialect.plan_chats, user).fetchall()],
-                db.execute(dialect.plan_oldest, user).fetchall(),
-                db.execute(dialect.plan_newest, user).fetchall(),
+            chats = dialect.views(db, "new", user)
+            oldest = [
+                (row[2], str(row[0]), row[1])
+                for row in db.execute(dialect.sql("plan_messages"), user).fetchall()
+                if row[2] is not None
+            ]
+            oldest.sort()
+            updates = tuple(
+                (str(chat_id), mark, seq)
+                for chat_id, mark, seq in db.execute(dialect.sql("plan_updates"), user).fetchall()
+            )
+            newest = {
+                str(chat_id): (last_seq, version)
+                for chat_id, last_seq, version in db.execute(
+                    dialect.sql("plan_newest"), user
+                ).fetchall()
+            }
+            return BacklogPlan(
+                tuple(chats),
+                tuple((chat_id, after) for _, chat_id, after in oldest),
+                updates,
+                newest,
             )
 
         return await self._read(query)
 
     async def undelivered(
-        self, user_id: str, chat_id: str, from_id: str, up_to_id: str
+        self, user_id: str, chat_id: str, after_seq: int, up_to_seq: int
     ) -> tuple[Message, ...]:
-        chat_row, from_row, to_row = int_id(chat_id), int_id(from_id), int_id(up_to_id)
-        if chat_row is None or from_row is None or to_row is None:
+        chat_row = int_id(chat_id)
+        if chat_row is None:
             return ()
+        bounds = {"chat": chat_row, "after": after_seq, "last": up_to_seq, "user": user_id}
+        return await self._messages("undelivered", bounds)
+
+    async def updated(
+        self, user_id: str, chat_id: str, after_version: int, up_to_version: int, up_to_seq: int
+    ) -> tuple[Message, ...]:
+        chat_row = int_id(chat_id)
+        if chat_row is None:
+            return ()
+        bounds = {
+            "chat": chat_row,
+            "after": after_version,
+            "last": up_to_version,
+            "seq": up_to_seq,
+            "user": user_id,
+        }
+        return await self._messages("updated", bounds)
+
+    async def _messages(self, name: str, params: Mapping[str, Any]) -> tuple[Message, ...]:
         dialect = self._dialect
-        bounds = {"chat": chat_row, "first": from_row, "last": to_row, "user": user_id}
+        sql = dialect.sql(name)
         return await self._read(
-            lambda db: tuple(
-                dialect.message(row) for row in db.execute(dialect.undelivered, bounds).fetchall()
-            ),
+            lambda db: tuple(dialect.message(row) for row in db.execute(sql, params).fetchall()),
             snapshot=False,
         )
 
@@ -294,4 +608,22 @@ class SQLStore(abc.ABC, Generic[OpT]):
         return await read_backlog(self, user_id)
 
 
-__all__ = ["Database", "Dialect", "NewChat", "NewMessage", "SQLStore"]
+def _chat_row(chat: Chat) -> int:
+    row = int_id(chat.chat_id)
+    if row is None:
+        raise StoreUnavailable(f"chat {chat.chat_id!r} is not a chat id of this store")
+    return row
+
+
+__all__ = [
+    "Change",
+    "Database",
+    "Delivered",
+    "Dialect",
+    "NewChat",
+    "NewMessage",
+    "ReadMark",
+    "SQLStore",
+    "change_refused",
+    "not_in_chat",
+]

@@ -26,12 +26,22 @@ import trio
 
 from handler.config import StorageConfig
 from handler.errors import StoreUnavailable
-from handler.protocol import Chat, Message
+from handler.protocol import Chat, Message, ReceiptFrame
 from handler.store.base import Committed
 from handler.store.group_commit import DedicatedThread, GroupCommitWriter, Op, WriterOptions
 from handler.store.rows import CHAT_COLUMNS, MESSAGE_COLUMNS, chat_of, message_of
 from handler.store.schema import SQLITE_MIGRATIONS
-from handler.store.sql_store import Dialect, NewChat, NewMessage, SQLStore
+from handler.store.sql_store import (
+    Change,
+    Delivered,
+    Dialect,
+    NewChat,
+    NewMessage,
+    ReadMark,
+    SQLStore,
+    change_refused,
+    not_in_chat,
+)
 from handler.timefmt import format_ms, now_ms
 
 T = TypeVar("T")
@@ -44,7 +54,7 @@ _NEXT_SEQ: Final = "(SELECT COALESCE(MAX(activity_seq), 0) + 1 FROM chats)"
 
 
 # What a write returns: its result, and the `Committed` to hand over if it created something.
-Written = tuple[Any, Committed | None]
+Written = tuple[Any, Committed | tuple[Committed, ...] | None]
 
 
 @attrs.define(eq=False)
@@ -94,22 +104,7 @@ def _apply_alone(connection: sqlite3.Connection, op: _Write) -> str | None:
             connection.execute("ROLLBACK")
 
 
-_DIALECT: Final = Dialect(
-    get_chat=f"SELECT {CHAT_COLUMNS} FROM chats WHERE id = :chat",
-    chats_of=f"SELECT {CHAT_COLUMNS} FROM chats WHERE user_a = :user OR user_b = :user"
-    " ORDER BY activity_seq DESC",
-    has_message="SELECT 1 FROM messages WHERE id = :message AND chat_id = :chat",
-    page=f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = :chat AND id < :bound"
-    " ORDER BY id DESC LIMIT :limit",
-    plan_chats=f"SELECT {CHAT_COLUMNS} FROM chats WHERE (user_a = :user AND a_delivered = 0)"
-    " OR (user_b = :user AND b_delivered = 0) ORDER BY id",
-    plan_oldest="SELECT chat_id, MIN(id) FROM messages WHERE recipient_id = :user"
-    " AND delivered = 0 GROUP BY chat_id ORDER BY MIN(id)",
-    plan_newest="SELECT id, COALESCE((SELECT MAX(id) FROM messages WHERE chat_id = chats.id),"
-    " 0) FROM chats WHERE user_a = :user OR user_b = :user",
-    undelivered=f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = :chat AND id >= :first"
-    " AND id <= :last AND recipient_id = :user AND delivered = 0 ORDER BY id",
-)
+_DIALECT: Final = Dialect()
 
 
 class SQLiteStore(SQLStore[_Write]):
@@ -190,23 +185,9 @@ class SQLiteStore(SQLStore[_Write]):
         # that has no room for a message.
         return _Write(_probe_write)
 
-    def _mark(
-        self, user_id: str, chat_rows: tuple[int, ...], message_rows: tuple[int, ...]
-    ) -> _Write:
+    def _mark(self, delivered: Delivered) -> _Write:
         def run(db: sqlite3.Connection) -> Written:
-            for row_id in chat_rows:
-                db.execute(
-                    "UPDATE chats SET a_delivered = CASE WHEN user_a = ? THEN 1 ELSE a_delivered"
-                    " END, b_delivered = CASE WHEN user_b = ? THEN 1 ELSE b_delivered END"
-                    " WHERE id = ?",
-                    (user_id, user_id, row_id),
-                )
-            db.executemany(
-                "UPDATE messages SET delivered = 1 WHERE id = ? AND recipient_id = ?"
-                " AND delivered = 0",
-                [(row_id, user_id) for row_id in message_rows],
-            )
-            return None, None
+            return None, _record_delivered(db, delivered)
 
         return _Write(run)
 
@@ -235,7 +216,13 @@ class SQLiteStore(SQLStore[_Write]):
                     int(user_b == creator_id),
                 ),
             )
-            chat = Chat(str(cursor.lastrowid), (user_a, user_b), creator_id, format_ms(created))
+            chat_row = cursor.lastrowid
+            add_member = _DIALECT.sql("add_member")
+            for user in (user_a, user_b):
+                db.execute(
+                    add_member, {"chat": chat_row, "user": user, "delivered": user == creator_id}
+                )
+            chat = Chat(str(chat_row), (user_a, user_b), creator_id, format_ms(created))
             return (chat, True), Committed(chat, new.origin)
 
         return _Write(run)
@@ -252,21 +239,33 @@ class SQLiteStore(SQLStore[_Write]):
                 ).fetchone()
                 if row is not None:
                     return (message_of(row), False), None
-            last_ms, previous_id = db.execute(
-                "SELECT last_message_ms, (SELECT MAX(id) FROM messages WHERE chat_id = chats.id)"
-                " FROM chats WHERE id = ?",
-                (chat_row,),
+            last_ms, last_seq, version = db.execute(
+                "SELECT last_message_ms, last_seq, version FROM chats WHERE id = ?", (chat_row,)
             ).fetchone()
             created = max(now_ms(), last_ms)
+            seq, version = last_seq + 1, version + 1
             cursor = db.execute(
                 "INSERT INTO messages (chat_id, sender_id, recipient_id, content, created_at_ms,"
-                " client_message_id) VALUES (?, ?, ?, ?, ?, ?)",
-                (chat_row, sender_id, new.recipient_id, new.content, created, client_message_id),
+                " client_message_id, seq, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    chat_row,
+                    sender_id,
+                    new.recipient_id,
+                    new.content,
+                    created,
+                    client_message_id,
+                    seq,
+                    version,
+                ),
             )
             db.execute(
                 f"UPDATE chats SET last_message_ms = ?, last_activity_ms = ?,"
-                f" activity_seq = {_NEXT_SEQ} WHERE id = ?",
-                (created, created, chat_row),
+                f" activity_seq = {_NEXT_SEQ}, last_seq = ?, version = ? WHERE id = ?",
+                (created, created, seq, version, chat_row),
+            )
+            db.execute(
+                _DIALECT.sql("mark_sender"),
+                {"chat": chat_row, "user": sender_id, "seq": seq, "at": created},
             )
             message = Message(
                 str(cursor.lastrowid),
@@ -276,11 +275,112 @@ class SQLiteStore(SQLStore[_Write]):
                 new.content,
                 format_ms(created),
                 client_message_id,
+                seq,
+                version,
             )
-            previous = None if previous_id is None else str(previous_id)
-            return (message, True), Committed(new.chat, new.origin, message, previous)
+            return (message, True), Committed(new.chat, new.origin, message)
 
         return _Write(run)
+
+    def _change_op(self, change: Change) -> _Write:
+        def run(db: sqlite3.Connection) -> Written:
+            where = {"message": change.message_row, "chat": change.chat_row}
+            row = db.execute(_DIALECT.sql("message_by_id"), where).fetchone()
+            current = None if row is None else message_of(row)
+            deleting = change.content is None
+            refused = change_refused(
+                None if current is None else current.sender_id,
+                current is not None and current.deleted,
+                change.user_id,
+                deleting=deleting,
+            )
+            if refused is not None:
+                return refused, None
+            assert current is not None
+            if deleting and current.deleted:
+                return (current, False), None  # deleting again changes nothing
+            (version,) = db.execute(
+                "UPDATE chats SET version = version + 1 WHERE id = ? RETURNING version",
+                (change.chat_row,),
+            ).fetchone()
+            if deleting:
+                db.execute(
+                    "UPDATE messages SET content = '', deleted = 1, changed = 1, version = ?"
+                    " WHERE id = ?",
+                    (version, change.message_row),
+                )
+            else:
+                db.execute(
+                    "UPDATE messages SET content = ?, edited_at_ms = ?, changed = 1, version = ?"
+                    " WHERE id = ?",
+                    (change.content, now_ms(), version, change.message_row),
+                )
+            message = message_of(db.execute(_DIALECT.sql("message_by_id"), where).fetchone())
+            return (message, True), Committed(change.chat, change.origin, message, update=True)
+
+        return _Write(run)
+
+    def _read_op(self, mark: ReadMark) -> _Write:
+        def run(db: sqlite3.Connection) -> Written:
+            row = db.execute(
+                "SELECT seq FROM messages WHERE id = ? AND chat_id = ?",
+                (mark.message_row, mark.chat_row),
+            ).fetchone()
+            if row is None:
+                return not_in_chat(), None
+            seq, at = row[0], now_ms()
+            where = {"chat": mark.chat_row, "user": mark.user_id}
+            moved = db.execute(_DIALECT.sql("mark_read"), {**where, "seq": seq, "at": at})
+            if moved.rowcount:
+                receipt = ReceiptFrame(
+                    mark.chat.chat_id,
+                    mark.user_id,
+                    "read",
+                    seq,
+                    str(mark.message_row),
+                    format_ms(at),
+                )
+                return (receipt, True), Committed(mark.chat, mark.origin, receipt=receipt)
+            current = db.execute(_DIALECT.sql("read_mark"), where).fetchone()
+            read_seq, read_at, message_row = current if current is not None else (0, at, None)
+            receipt = ReceiptFrame(
+                mark.chat.chat_id,
+                mark.user_id,
+                "read",
+                read_seq,
+                None if message_row is None else str(message_row),
+                format_ms(read_at or at),
+            )
+            return (receipt, False), None
+
+        return _Write(run)
+
+
+def _record_delivered(db: sqlite3.Connection, delivered: Delivered) -> tuple[Committed, ...]:
+    """Move the user's marks; the delivered marks that moved, as receipts to hand over."""
+    user = delivered.user_id
+    for chat_row in delivered.chat_rows:
+        db.execute(_DIALECT.sql("mark_chat_delivered"), {"chat": chat_row, "user": user})
+    at = now_ms()
+    moved: list[Committed] = []
+    for chat_row, first, seq, message_id, version in delivered.marks:
+        where = {"chat": chat_row, "user": user}
+        if version:
+            db.execute(_DIALECT.sql("mark_versions"), {**where, "version": version})
+        if (
+            seq
+            and db.execute(
+                _DIALECT.sql("mark_delivered"), {**where, "seq": seq, "first": first, "at": at}
+            ).rowcount
+        ):
+            row = db.execute(_DIALECT.sql("get_chat"), where).fetchone()
+            if row is not None:
+                chat = chat_of(row)
+                receipt = ReceiptFrame(
+                    chat.chat_id, user, "delivered", seq, message_id, format_ms(at)
+                )
+                moved.append(Committed(chat, receipt=receipt))
+    return tuple(moved)
 
 
 def _probe_write(db: sqlite3.Connection) -> Written:

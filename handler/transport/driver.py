@@ -29,7 +29,15 @@ from handler.store.base import Origin
 log = logging.getLogger("handler.session")
 
 
-_REQUESTS: Final = (ev.LoadChat, ev.StoreChat, ev.StoreMessage, ev.ListChats, ev.ReadPage)
+_REQUESTS: Final = (
+    ev.LoadChat,
+    ev.StoreChat,
+    ev.StoreMessage,
+    ev.StoreRead,
+    ev.StoreChange,
+    ev.ListChats,
+    ev.ReadPage,
+)
 
 
 def rules_of(services: Services) -> SessionRules:
@@ -147,11 +155,33 @@ class SessionDriver:
                     Origin(connection.id, command.frame.request_id),
                 )
                 services.chats.put(chat)
-                return ev.ChatStored(command.frame, chat, created)
+                view = None if created else await store.chat_view(chat.chat_id, command.user_id)
+                return ev.ChatStored(command.frame, view or protocol.ChatView.fresh(chat), created)
+            case ev.StoreRead():
+                read = command.frame
+                receipt, moved = await store.mark_read(
+                    command.chat,
+                    command.user_id,
+                    read.message_id,
+                    Origin(connection.id, read.request_id),
+                )
+                return ev.ReadStored(read, receipt, moved)
+            case ev.StoreChange():
+                change = command.frame
+                origin = Origin(connection.id, change.request_id)
+                if isinstance(change, protocol.EditMessage):
+                    message = await store.edit_message(
+                        command.chat, command.user_id, change.message_id, change.content, origin
+                    )
+                    return ev.ChangeStored(change, message, True)
+                message, changed = await store.delete_message(
+                    command.chat, command.user_id, change.message_id, origin
+                )
+                return ev.ChangeStored(change, message, changed)
             case ev.ListChats():
                 chats = await store.chats_of(command.user_id)
-                for chat in chats:
-                    services.chats.put(chat)
+                for view in chats:
+                    services.chats.put(view.chat)
                 return ev.ChatsListed(command.frame, tuple(chats))
             case ev.ReadPage():
                 frame = command.frame
@@ -173,9 +203,18 @@ class SessionDriver:
                 await connection.writer.retire()  # restarted here when there is a reply
             case ev.ReadBacklog():
                 messages = await store.undelivered(
-                    command.user_id, command.chat_id, command.from_id, command.up_to_id
+                    command.user_id, command.chat_id, command.after_seq, command.up_to_seq
                 )
                 return ev.BacklogRead(command.chat_id, messages)
+            case ev.ReadUpdates():
+                messages = await store.updated(
+                    command.user_id,
+                    command.chat_id,
+                    command.after_version,
+                    command.up_to_version,
+                    command.up_to_seq,
+                )
+                return ev.UpdatesRead(command.chat_id, messages)
             case ev.StreamHistories():
                 self._home.start_soon(self._stream_histories, command)
             case ev.ReportInternal():
@@ -264,6 +303,6 @@ def _failed(command: ev.Command, error: Exception) -> ev.Event:
     """The event reporting that a store request raised; anything else is a fault."""
     if isinstance(command, _REQUESTS):
         return ev.RequestFailed(command.frame, error)
-    if isinstance(command, ev.ReadBacklog):
+    if isinstance(command, ev.ReadBacklog | ev.ReadUpdates):
         return ev.BacklogFailed(error)
     raise error
