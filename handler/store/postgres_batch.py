@@ -430,8 +430,9 @@ def _move_read_mark(cursor: psycopg.Cursor[TupleRow], op: MoveReadMark, now: int
         return
     seq = row[0]
     where = {"chat": mark.chat_row, "user": mark.user_id}
-    moved = cursor.execute(_SQL.sql("mark_read"), {**where, "seq": seq, "at": now}).rowcount
-    if moved:
+    # (A result, not `rowcount`: in pipeline mode that is only known once results are read.)
+    moved = cursor.execute(_SQL.sql("mark_read"), {**where, "seq": seq, "at": now}).fetchone()
+    if moved is not None:
         receipt = ReceiptFrame(
             mark.chat.chat_id, mark.user_id, "read", seq, str(mark.message_row), format_ms(now)
         )

@@ -139,7 +139,7 @@ _QUERIES.update(
         "mark_read": "UPDATE members SET read_seq = :seq, read_at_ms = :at,"
         " delivered_at_ms = CASE WHEN delivered_seq < :seq THEN :at ELSE delivered_at_ms END,"
         " delivered_seq = CASE WHEN delivered_seq < :seq THEN :seq ELSE delivered_seq END"
-        " WHERE chat_id = :chat AND user_id = :user AND read_seq < :seq",
+        " WHERE chat_id = :chat AND user_id = :user AND read_seq < :seq RETURNING read_seq",
         "read_mark": "SELECT m.read_seq, m.read_at_ms, (SELECT x.id FROM messages x"
         " WHERE x.chat_id = m.chat_id AND x.seq = m.read_seq) FROM members m"
         " WHERE m.chat_id = :chat AND m.user_id = :user",

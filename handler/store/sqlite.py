@@ -331,7 +331,7 @@ class SQLiteStore(SQLStore[_Write]):
             seq, at = row[0], now_ms()
             where = {"chat": mark.chat_row, "user": mark.user_id}
             moved = db.execute(_DIALECT.sql("mark_read"), {**where, "seq": seq, "at": at})
-            if moved.rowcount:
+            if moved.fetchone() is not None:
                 receipt = ReceiptFrame(
                     mark.chat.chat_id,
                     mark.user_id,
