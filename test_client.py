@@ -13,11 +13,13 @@ It is also the reference for talking to the handler from a desktop program, so i
 three layers, top to bottom:
 
 1. Pure helpers (no I/O, unit-tested): endpoint resolution, frame templates checked against the
-   server's own decoder (`handler.protocol`), the context that fills in the last chat id, the
-   sent-frame history, formatting of the frame log, reconnect backoff.
+   server's own decoder (`handler.protocol`), the context that fills in the last chat and
+   message ids, the sent-frame history, formatting of the frame log (with a one-line summary
+   of each frame: seq, receipts, edits and deletes, unread counts), reconnect backoff.
 2. `Link`: the WebSocket connection in Trio with trio-websocket. One reader, one writer fed by a
    bounded channel (so the keep-alive `ping` and the person's frames never interleave badly),
-   reconnect with exponential backoff and jitter. It knows nothing about Tk.
+   reconnect with exponential backoff and jitter, each time with the token it holds then
+   (`use_token`). It knows nothing about Tk.
 3. `App`: the Tk window. Trio runs in *guest mode* inside Tk's event loop: Trio tasks run on the
    Tk thread between Tk events, so they update widgets directly, and Tk callbacks hand work to
    Trio with `TrioToken.run_sync_soon`. No thread ever touches a socket or a widget it does not own.
@@ -87,8 +89,25 @@ HTTP_TIMEOUT_S: Final = 10.0
 MAX_LOG_ENTRIES: Final = 2000
 OUTGOING_CAPACITY: Final = 64
 
-# The template buttons, in the order a conversation usually needs them.
-TEMPLATE_TYPES: Final = ("create_chat", "send_message", "fetch_chats", "fetch_messages", "ping")
+# The client frame types there is a template for (every one the server knows).
+TEMPLATE_TYPES: Final = (
+    "create_chat",
+    "send_message",
+    "mark_read",
+    "edit_message",
+    "delete_message",
+    "fetch_chats",
+    "fetch_messages",
+    "ping",
+)
+# `fetch_chats` with `limit: 0`: only the chat list (`all_chats`, with unread counts and marks).
+CHAT_LIST: Final = "fetch_chats limit 0"
+# The template buttons, in two rows: writing to a chat, then reading. The order in a row is the
+# order a conversation usually needs them.
+TEMPLATE_ROWS: Final = (
+    ("create_chat", "send_message", "mark_read", "edit_message", "delete_message"),
+    ("fetch_chats", CHAT_LIST, "fetch_messages", "ping"),
+)
 
 
 # =============================================================================== pure helpers
@@ -174,23 +193,27 @@ class Closed:
 class Step(enum.Enum):
     """What the link does when a connection has ended."""
 
-    RECONNECT = "reconnect"  # after a backoff, with the same token
+    RECONNECT = "reconnect"  # after a backoff, with the link's token
     RENEW = "renew"  # get a new token, then try once more at once
     STOP = "stop"  # and ask the person for a new token
 
 
-def after_close(closed: Closed | None, *, can_renew: bool, renewed: bool) -> Step:
+def after_close(
+    closed: Closed | None, *, can_renew: bool, renewed: bool, new_token: bool = False
+) -> Step:
     """The step after a connection ended (`closed` is None when it never opened).
 
     1008 is the server's policy close: the token was refused (the connection stayed unbound
     until `auth_timeout_s`) or expired, the connection was idle, or the user has too many.
     The same token gets the same answer, so reconnecting with it would loop forever while
     looking connected. Renew the token once when the client can (a dev token it fetched
-    itself; `renewed` says that was already tried since the last binding), else stop. Every
-    other end is worth retrying with backoff: 1001 (server going away), 1006 (dropped), 1011
-    (server error), 1013 (try again later), a refused or timed-out connection.
+    itself; `renewed` says that was already tried since the last binding), else stop. But
+    when the person gave a new token while that connection was open (`new_token`), the
+    refusal was of the old one: reconnect with the new one. Every other end is worth
+    retrying with backoff: 1001 (server going away), 1006 (dropped), 1011 (server error),
+    1013 (try again later), a refused or timed-out connection.
     """
-    if closed is None or closed.code != POLICY_VIOLATION:
+    if closed is None or closed.code != POLICY_VIOLATION or new_token:
         return Step.RECONNECT
     return Step.RENEW if can_renew and not renewed else Step.STOP
 
@@ -214,6 +237,14 @@ class SignIn:
             return True
         return False
 
+
+# Header colours of arriving frames that are not messages as such: receipts, and the edits
+# and deletes of messages already shown (errors are red both ways).
+HEADER_TAGS: Final = {
+    "receipt": "receipt",
+    "message_updated": "update",
+    "updated_messages": "update",
+}
 
 AMBER: Final = "#b26a00"
 GREEN: Final = "#1b8a4b"
@@ -241,14 +272,18 @@ def status_view(state: str, detail: str, sign_in: SignIn) -> tuple[str, str]:
 
 @dataclass
 class Context:
-    """What the frames seen so far tell us: who we are, the last chat and the other person in it.
+    """What the frames seen so far tell us: who we are, the last chat and the other person in
+    it, the newest message seen in that chat, and the last message this user sent.
 
-    Templates read it so that, after `create_chat`, a `send_message` is ready to go.
+    Templates read it so that, after `create_chat`, a `send_message` is ready to go, and after
+    a message, `mark_read`, `edit_message` and `delete_message` name it.
     """
 
     user_id: str | None = None
     chat_id: str | None = None
     peer: str | None = None
+    message_id: str | None = None  # the newest message seen in `chat_id`
+    own_message: tuple[str, str] | None = None  # (chat_id, message_id) this user sent last
 
     def observe_sent(self, frame: Mapping[str, Any]) -> None:
         if frame.get("type") == "create_chat" and isinstance(frame.get("recipient_id"), str):
@@ -258,22 +293,35 @@ class Context:
         kind = frame.get("type")
         data = frame.get("data")
         if kind == "authenticated" and isinstance(frame.get("user_id"), str):
+            if frame["user_id"] != self.user_id:
+                self.own_message = None  # someone else's message now: not ours to edit
             self.user_id = frame["user_id"]
         elif kind in ("new_chats", "all_chats") and isinstance(data, list) and data:
             # all_chats is most recent first; new_chats (a reply or the backlog) oldest first.
             chat = data[0] if kind == "all_chats" else data[-1]
             if isinstance(chat, Mapping):
                 self._use_chat(chat.get("chat_id"), chat.get("participants"))
+                last = chat.get("last_message")
+                if isinstance(last, Mapping) and last.get("chat_id") == self.chat_id:
+                    self._use_message_id(last)
         elif kind == "message":
             self._use_message(frame)
         elif kind == "new_messages" and isinstance(data, list) and data:
             last = data[-1]
             if isinstance(last, Mapping):
                 self._use_message(last)
+        elif kind == "message_updated":
+            self._forget_if_deleted(frame)
+        elif kind == "updated_messages" and isinstance(data, list):
+            for message in data:
+                if isinstance(message, Mapping):
+                    self._forget_if_deleted(message)
 
     def _use_chat(self, chat_id: Any, participants: Any) -> None:
         if not isinstance(chat_id, str):
             return
+        if chat_id != self.chat_id:
+            self.message_id = None  # the one seen was of the previous chat
         self.chat_id = chat_id
         if isinstance(participants, list):
             others = [user for user in participants if user != self.user_id]
@@ -283,18 +331,55 @@ class Context:
     def _use_message(self, message: Mapping[str, Any]) -> None:
         sender, recipient = message.get("sender_id"), message.get("recipient_id")
         self._use_chat(message.get("chat_id"), None)
+        if message.get("chat_id") == self.chat_id:
+            self._use_message_id(message)
         other = recipient if sender == self.user_id else sender
         if isinstance(other, str):
             self.peer = other
 
+    def _use_message_id(self, message: Mapping[str, Any]) -> None:
+        """`message` (of `chat_id`) is the newest one seen there."""
+        message_id, chat_id = message.get("message_id"), message.get("chat_id")
+        if not isinstance(message_id, str) or not isinstance(chat_id, str):
+            return
+        self.message_id = message_id
+        own = self.user_id is not None and message.get("sender_id") == self.user_id
+        if own and message.get("deleted") is not True:
+            self.own_message = (chat_id, message_id)
 
-def frame_template(frame_type: str, context: Context) -> dict[str, Any]:
-    """A ready-to-send client frame of `frame_type`, filled in from `context`.
+    def _forget_if_deleted(self, message: Mapping[str, Any]) -> None:
+        # A tombstone cannot be edited: the templates should not offer it.
+        if message.get("deleted") is True and self.own_message == (
+            message.get("chat_id"),
+            message.get("message_id"),
+        ):
+            self.own_message = None
 
+
+def context_line(context: Context) -> str:
+    """What the templates will fill in, as the window shows it next to their buttons."""
+    text = f"last chat: {context.chat_id or 'none yet'}  with: {context.peer or '?'}"
+    if context.message_id is not None:
+        text += f"  message: {context.message_id}"
+    if context.own_message is not None:
+        chat_id, message_id = context.own_message
+        where = "" if chat_id == context.chat_id else f" (chat {chat_id})"
+        text += f"  yours: {message_id}{where}"
+    return text
+
+
+def frame_template(name: str, context: Context) -> dict[str, Any]:
+    """A ready-to-send client frame: of type `name`, or the `CHAT_LIST` one; filled in from
+    `context`.
+
+    `mark_read` names the newest message seen in the last chat; `edit_message` and
+    `delete_message` the last message this user sent (only the sender may change one).
     The tests check every template against `handler.protocol.decode`, the server's own decoder.
     """
     chat_id = context.chat_id or "CHAT_ID"
     peer = context.peer or "bob"
+    message_id = context.message_id or "MESSAGE_ID"
+    own_chat_id, own_message_id = context.own_message or (chat_id, "MESSAGE_ID")
     templates: dict[str, dict[str, Any]] = {
         "create_chat": {"type": "create_chat", "recipient_id": peer},
         "send_message": {
@@ -305,11 +390,24 @@ def frame_template(frame_type: str, context: Context) -> dict[str, Any]:
             # A resend with the same id is stored once: safe to press Send twice.
             "client_message_id": uuid.uuid4().hex,
         },
+        "mark_read": {"type": "mark_read", "chat_id": chat_id, "message_id": message_id},
+        "edit_message": {
+            "type": "edit_message",
+            "chat_id": own_chat_id,
+            "message_id": own_message_id,
+            "content": "Hello! (edited)",
+        },
+        "delete_message": {
+            "type": "delete_message",
+            "chat_id": own_chat_id,
+            "message_id": own_message_id,
+        },
         "fetch_chats": {"type": "fetch_chats"},
+        CHAT_LIST: {"type": "fetch_chats", "limit": 0},
         "fetch_messages": {"type": "fetch_messages", "chat_id": chat_id, "limit": 50},
         "ping": {"type": "ping"},
     }
-    return templates[frame_type]
+    return templates[name]
 
 
 def check_frame(text: str) -> str | None:
@@ -356,6 +454,66 @@ def pretty(text: str) -> str:
     return json.dumps(shorten_tokens(value), indent=2, ensure_ascii=False)
 
 
+def _seq(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def message_summary(message: Mapping[str, Any]) -> str:
+    """`seq 3, alice → bob`, and `edited` or `deleted` when the message is."""
+    parts = []
+    seq = _seq(message.get("seq"))
+    if seq is not None:
+        parts.append(f"seq {seq}")
+    sender, recipient = message.get("sender_id"), message.get("recipient_id")
+    if isinstance(sender, str):
+        parts.append(f"{sender} → {recipient}" if isinstance(recipient, str) else sender)
+    if message.get("deleted") is True:
+        parts.append("deleted")
+    elif message.get("edited_at"):
+        parts.append("edited")
+    return ", ".join(parts)
+
+
+def frame_summary(frame: Mapping[str, Any]) -> str:
+    """One line on what a server frame says, for the log's header line ("" when nothing)."""
+    kind = frame.get("type")
+    data = frame.get("data")
+    if kind in ("message", "message_updated"):
+        return message_summary(frame)
+    if kind == "receipt":
+        user, seq = frame.get("user_id"), _seq(frame.get("seq"))
+        upto = "" if seq is None else f" up to seq {seq}"
+        if frame.get("kind") == "read":
+            return f"{user} read{upto}"
+        if frame.get("kind") == "delivered":
+            return f"delivered to {user}{upto}"
+        return ""
+    if not isinstance(data, list):
+        return ""
+    items = [item for item in data if isinstance(item, Mapping)]
+    if kind in ("all_chats", "new_chats"):
+        unread = [_seq(chat.get("unread_count")) for chat in items]
+        counts = [count for count in unread if count is not None]
+        text = _plural(len(data), "chat")
+        return f"{text}, {sum(counts)} unread" if counts else text
+    if kind in ("all_messages", "new_messages"):
+        seqs = [seq for seq in (_seq(item.get("seq")) for item in items) if seq is not None]
+        text = _plural(len(data), "message")
+        if not seqs:
+            return text
+        span = f"seq {seqs[0]}" if len(seqs) == 1 else f"seq {seqs[0]}..{seqs[-1]}"
+        return f"{text}, {span}"
+    if kind == "updated_messages":
+        changes = [message_summary(item) for item in items[:5]]
+        more = ", …" if len(items) > 5 else ""
+        return f"{_plural(len(data), 'message')}: {'; '.join(changes)}{more}"
+    return ""
+
+
 @dataclass(frozen=True)
 class LogEntry:
     """One line of the frame log: a frame in or out, or a note from the client itself."""
@@ -373,9 +531,23 @@ class LogEntry:
         clock = f"{self.at:%H:%M:%S}.{self.at.microsecond // 1000:03d}"
         frame = self.frame
         kind = str(frame.get("type", "?")) if frame is not None else ""
-        if self.direction == "in" and frame is not None and frame.get("type") == "error":
-            kind = f"error {frame.get('code', '')}".rstrip()
+        if self.direction == "in" and frame is not None:
+            if frame.get("type") == "error":
+                kind = f"error {frame.get('code', '')}".rstrip()
+            else:
+                summary = frame_summary(frame)
+                kind = f"{kind}  {summary}" if summary else kind
         return f"{clock}  {arrow}  {kind}".rstrip()
+
+    @property
+    def tag(self) -> str:
+        """The log's colour for the header: by direction, and by kind for what arrives."""
+        frame = self.frame
+        if frame is not None and frame.get("type") == "error":
+            return "error"
+        if self.direction != "in" or frame is None:
+            return self.direction
+        return HEADER_TAGS.get(str(frame.get("type")), "in")
 
     def body(self) -> str:
         return pretty(self.text) if self.direction != "note" else self.text
@@ -490,7 +662,8 @@ class Link:
     """One logical connection to the handler that survives drops.
 
     `run()` connects and, while `auto_reconnect` is set, reconnects after a backoff whenever the
-    socket closes, except after a 1008 (see `after_close`). States reported: "connecting",
+    socket closes, except after a 1008 (see `after_close`). Every (re)connect uses `token` as
+    it is then: `use_token()` changes it for the next one. States reported: "connecting",
     "connected" (again when the sign-in changes: `sign_in`), "renewing" (getting a new token),
     "waiting" (backoff) and "disconnected" (with the close that made it stop, if any). Frames
     to send go through a bounded channel to the one writer task, so the person's frames and the
@@ -504,6 +677,11 @@ class Link:
         self.auto_reconnect = True
         self.state = "disconnected"
         self.sign_in = SignIn()
+        # What the next (re)connect binds with, and how to get a new one after a 1008.
+        self.token = ""
+        self.renew_token: Callable[[], Awaitable[str | None]] | None = None
+        # A renewal was tried since the last binding or the last `use_token()`.
+        self._renewed = False
         # The close that made `run()` give up on its token (a 1008), for the window to ask for
         # a new one; None while running and after any other end.
         self.refused: Closed | None = None
@@ -527,6 +705,15 @@ class Link:
             return False
         return True
 
+    def use_token(
+        self, token: str, renew_token: Callable[[], Awaitable[str | None]] | None = None
+    ) -> None:
+        """Bind with `token` from the next (re)connect on, renewing it with `renew_token`.
+
+        A connection that is open stays as it is: the server never rebinds a bound one.
+        """
+        self.token, self.renew_token, self._renewed = token, renew_token, False
+
     async def run(
         self,
         url: str,
@@ -540,34 +727,42 @@ class Link:
         It stops after a drop when `auto_reconnect` is off, and after a 1008 close (the token
         was refused or expired). `renew_token`, when given, is asked once for a new token after
         a 1008 instead (once more only after a connection bound); None from it means stop.
+        A token given with `use_token()` meanwhile is the one every later connect uses.
         """
+        self.use_token(token, renew_token)
         task_status.started()
         self.refused = None
         attempt = 0
-        renewed = False
         end = ""
         try:
             while True:
                 self.sign_in = SignIn()
                 self._set_state("connecting", url.split("?")[0])
                 closed: Closed | None = None
+                used = self.token
                 try:
-                    closed = await self._session(with_token(url, token))
+                    closed = await self._session(with_token(url, used))
                     attempt = 0  # it was up: the next drop starts the backoff afresh
                 except (OSError, trio_websocket.HandshakeError) as error:
                     self._note(f"cannot connect: {describe(error)}")
                 if self.sign_in.user_id is not None:
-                    renewed = False  # that token worked: a later 1008 may renew it again
+                    self._renewed = False  # that token worked: a later 1008 may renew it again
                 if not self.auto_reconnect:
                     end = "" if closed is None else str(closed)
                     return
-                step = after_close(closed, can_renew=renew_token is not None, renewed=renewed)
-                if step is Step.RENEW and renew_token is not None:
-                    renewed = True
+                renew = self.renew_token
+                step = after_close(
+                    closed,
+                    can_renew=renew is not None,
+                    renewed=self._renewed,
+                    new_token=self.token != used,
+                )
+                if step is Step.RENEW and renew is not None:
+                    self._renewed = True
                     self._set_state("renewing", f"{closed}: getting a new token")
-                    new_token = await renew_token()
+                    new_token = await renew()
                     if new_token is not None:
-                        token = new_token
+                        self.token = new_token
                         continue
                     step = Step.STOP
                 if step is Step.STOP:
@@ -579,7 +774,8 @@ class Link:
                 delay = backoff_delay(attempt)
                 attempt += 1
                 why = "" if closed is None else f"{closed}; "
-                self._set_state("waiting", f"{why}reconnecting in {delay:.1f} s")
+                how = " with the new token" if self.token != used else ""
+                self._set_state("waiting", f"{why}reconnecting{how} in {delay:.1f} s")
                 await trio.sleep(delay)
         finally:
             self._set_state("disconnected", end)
@@ -771,18 +967,21 @@ class App:
 
         templates = ttk.Frame(root, padding=(8, 4))
         templates.grid(row=2, column=0, sticky="ew")
-        ttk.Label(templates, text="Template:").pack(side="left", padx=(0, 4))
+        templates.columnconfigure(1, weight=1)
+        ttk.Label(templates, text="Template:").grid(row=0, column=0, padx=(0, 4), sticky="w")
         self.template_buttons: dict[str, ttk.Button] = {}
-        for frame_type in TEMPLATE_TYPES:
-            button = ttk.Button(
-                templates,
-                text=frame_type,
-                command=functools.partial(self.fill_template, frame_type),
-            )
-            button.pack(side="left", padx=2)
-            self.template_buttons[frame_type] = button
-        self.context_label = ttk.Label(templates, text="", foreground=GREY)
-        self.context_label.pack(side="right")
+        for row, names in enumerate(TEMPLATE_ROWS):
+            buttons = ttk.Frame(templates)
+            buttons.grid(row=row, column=1, sticky="ew", pady=(0 if row == 0 else 2, 0))
+            for name in names:
+                button = ttk.Button(
+                    buttons, text=name, command=functools.partial(self.fill_template, name)
+                )
+                button.pack(side="left", padx=2)
+                self.template_buttons[name] = button
+        # What the templates fill in; on the second row, right of its buttons.
+        self.context_label = ttk.Label(buttons, text="", foreground=GREY)
+        self.context_label.pack(side="right", padx=(8, 0))
 
         editor = ttk.Frame(root, padding=(8, 2))
         editor.grid(row=3, column=0, sticky="ew")
@@ -818,6 +1017,8 @@ class App:
         self.log.tag_configure("out", foreground="#2456c9", font=bold)
         self.log.tag_configure("note", foreground="#7a7f8a")
         self.log.tag_configure("error", foreground="#c62828", font=bold)
+        self.log.tag_configure("receipt", foreground="#00838f", font=bold)
+        self.log.tag_configure("update", foreground="#7b3fb5", font=bold)
         self.log.tag_configure("body", lmargin1=24, lmargin2=24)
 
         self.fill_template("ping")
@@ -875,7 +1076,19 @@ class App:
         if not user:
             self._add_entry(LogEntry(datetime.now(), "note", "type a user id first"))
             return
-        self._spawn(self.load_dev_token, user)
+        self._spawn(self._new_dev_token, user)
+
+    async def _new_dev_token(self, user: str) -> None:
+        """Get dev token: the token field, and the link's next (re)connect, use the new one."""
+        token = await self.load_dev_token(user)
+        if token is None or self._link_scope is None:
+            return  # not connected: Connect takes it from the token field
+        self.link.use_token(token, self.renew_dev_token)
+        bound = self.link.sign_in.user_id
+        now = f"this connection stays signed in as {bound!r}" if bound else "not signed in now"
+        self._add_entry(
+            LogEntry(datetime.now(), "note", f"the next reconnect signs in with it ({now})")
+        )
 
     async def load_dev_token(self, user: str) -> str | None:
         """Ask the server for a dev token for `user`, put it in the token field and return it."""
@@ -997,9 +1210,7 @@ class App:
     def link_state(self, state: str, detail: str) -> None:
         text, colour = status_view(state, detail, self.link.sign_in)
         self.state_label.configure(text=f"● {text}", fg=colour)
-        if state == "connecting":
-            self.context.user_id = None
-        elif state == "disconnected" and self.link.refused is not None:
+        if state == "disconnected" and self.link.refused is not None:
             self._ask_for_token(self.link.refused)
 
     def _ask_for_token(self, closed: Closed) -> None:
@@ -1021,11 +1232,9 @@ class App:
     def _add_entry(self, entry: LogEntry) -> None:
         self.entries.append(entry)
         del self.entries[:-MAX_LOG_ENTRIES]
-        frame = entry.frame
-        is_error = frame is not None and frame.get("type") == "error"
         at_end = self.log.yview()[1] >= 0.999
         self.log.configure(state="normal")
-        self.log.insert("end", entry.header() + "\n", "error" if is_error else entry.direction)
+        self.log.insert("end", entry.header() + "\n", entry.tag)
         body_tags = ("body", "note") if entry.direction == "note" else ("body",)
         self.log.insert("end", entry.body() + "\n\n", body_tags)
         if int(self.log.index("end-1c").split(".")[0]) > MAX_LOG_ENTRIES * 12:
@@ -1034,9 +1243,7 @@ class App:
         if at_end:
             self.log.see("end")
         self.log_title.configure(text=f"Frames in and out ({len(self.entries)})")
-        chat = self.context.chat_id or "none yet"
-        peer = self.context.peer or "?"
-        self.context_label.configure(text=f"last chat: {chat}  with: {peer}")
+        self.context_label.configure(text=context_line(self.context))
 
 
 # =============================================================================== entry point

@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -108,12 +109,71 @@ def test_send_message_template_uses_the_context_and_a_fresh_client_message_id() 
     assert first["client_message_id"] != second["client_message_id"]
 
 
+def test_every_template_has_a_button_and_the_chat_list_asks_for_chats_only() -> None:
+    buttons = [name for row in tc.TEMPLATE_ROWS for name in row]
+    assert sorted(buttons) == sorted([*tc.TEMPLATE_TYPES, tc.CHAT_LIST])
+    frame = tc.frame_template(tc.CHAT_LIST, tc.Context())
+    decoded = protocol.decode(json.dumps(frame))
+    assert (decoded.type, decoded.limit) == ("fetch_chats", 0)
+
+
+def test_receipt_edit_and_delete_templates_name_the_messages_seen() -> None:
+    context = tc.Context()
+    # Before any message: placeholders the server's decoder accepts (and the server refuses).
+    assert tc.frame_template("mark_read", context)["message_id"] == "MESSAGE_ID"
+    context.observe_received({"type": "authenticated", "user_id": "alice"})
+    context.observe_received({"type": "message", **message("c1", "bob", "alice", "m1")})
+    assert tc.frame_template("mark_read", context) == {
+        "type": "mark_read",
+        "chat_id": "c1",
+        "message_id": "m1",
+    }
+    # Only the sender may edit or delete: those templates name this user's own last message.
+    assert tc.frame_template("edit_message", context)["message_id"] == "MESSAGE_ID"
+    context.observe_received({"type": "message", **message("c1", "alice", "bob", "m2")})
+    context.observe_received({"type": "message", **message("c2", "dave", "alice", "m3")})
+    assert tc.frame_template("mark_read", context)["message_id"] == "m3"
+    edit = tc.frame_template("edit_message", context)
+    assert (edit["chat_id"], edit["message_id"]) == ("c1", "m2")
+    assert edit["content"]
+    delete = tc.frame_template("delete_message", context)
+    assert delete == {"type": "delete_message", "chat_id": "c1", "message_id": "m2"}
+    for name in ("mark_read", "edit_message", "delete_message"):
+        assert protocol.decode(json.dumps(tc.frame_template(name, context))).type == name
+    # An edit of it changes nothing; once deleted there is nothing of ours left to edit.
+    edited = {**message("c1", "alice", "bob", "m2"), "edited_at": "2024-01-01T00:00:00.000Z"}
+    context.observe_received({"type": "message_updated", **edited})
+    assert context.own_message == ("c1", "m2")
+    tombstone = {**message("c1", "alice", "bob", "m2"), "content": "", "deleted": True}
+    context.observe_received({"type": "message_updated", **tombstone})
+    assert tc.frame_template("delete_message", context)["message_id"] == "MESSAGE_ID"
+    assert context.message_id == "m3"  # changes to older messages do not move the chat on
+
+
+def test_context_takes_the_last_message_of_a_chat_object() -> None:
+    context = tc.Context(user_id="alice")
+    last = {**message("c5", "alice", "gina", "m9"), "seq": 4}
+    chats = [{**chat("c5", "alice", "gina"), "last_message": last, "unread_count": 0}]
+    context.observe_received({"type": "all_chats", "data": chats})
+    assert (context.chat_id, context.message_id, context.own_message) == ("c5", "m9", ("c5", "m9"))
+    # A new chat has no messages yet: the message seen before was of another chat.
+    fresh = {**chat("c6", "alice", "hugo"), "last_message": None}
+    context.observe_received({"type": "new_chats", "data": [fresh]})
+    assert (context.chat_id, context.message_id) == ("c6", None)
+    assert tc.context_line(context) == "last chat: c6  with: hugo  yours: m9 (chat c5)"
+    # Signed in as someone else: that message is not theirs to edit.
+    context.observe_received({"type": "authenticated", "user_id": "bob"})
+    assert context.own_message is None
+    assert tc.context_line(tc.Context()) == "last chat: none yet  with: ?"
+
+
 def chat(chat_id: str, *users: str) -> dict[str, Any]:
     return {"chat_id": chat_id, "participants": sorted(users), "created_by": users[0]}
 
 
-def message(chat_id: str, sender: str, recipient: str) -> dict[str, Any]:
-    return {"chat_id": chat_id, "sender_id": sender, "recipient_id": recipient, "content": "x"}
+def message(chat_id: str, sender: str, recipient: str, message_id: str = "") -> dict[str, Any]:
+    frame = {"chat_id": chat_id, "sender_id": sender, "recipient_id": recipient, "content": "x"}
+    return {**frame, "message_id": message_id} if message_id else frame
 
 
 def test_context_follows_the_conversation() -> None:
@@ -185,6 +245,84 @@ def test_log_entry_headers() -> None:
     assert tc.LogEntry(at, "in", "[1, 2]").frame is None
 
 
+@pytest.mark.parametrize(
+    ("frame", "header"),
+    [
+        (
+            {"type": "message", "seq": 3, **message("c1", "alice", "bob", "m3")},
+            "message  seq 3, alice → bob",
+        ),
+        (
+            {"type": "message_updated", "seq": 2, "edited_at": "t", **message("c", "a", "b")},
+            "message_updated  seq 2, a → b, edited",
+        ),
+        (
+            {"type": "message_updated", "seq": 2, "deleted": True, **message("c", "a", "b")},
+            "message_updated  seq 2, a → b, deleted",
+        ),
+        (
+            {"type": "receipt", "user_id": "bob", "kind": "read", "seq": 4, "chat_id": "c"},
+            "receipt  bob read up to seq 4",
+        ),
+        (
+            {"type": "receipt", "user_id": "bob", "kind": "delivered", "seq": 5},
+            "receipt  delivered to bob up to seq 5",
+        ),
+        ({"type": "receipt", "user_id": "bob", "kind": "later"}, "receipt"),
+        (
+            {
+                "type": "updated_messages",
+                "chat_id": "c",
+                "data": [
+                    {"seq": 1, "edited_at": "t", **message("c", "a", "b")},
+                    {"seq": 2, "deleted": True, **message("c", "a", "b")},
+                ],
+            },
+            "updated_messages  2 messages: seq 1, a → b, edited; seq 2, a → b, deleted",
+        ),
+        (
+            {
+                "type": "all_chats",
+                "data": [{**chat("c1", "a", "b"), "unread_count": 2}, chat("c2", "a", "c")],
+            },
+            "all_chats  2 chats, 2 unread",
+        ),
+        ({"type": "new_chats", "data": [chat("c1", "a", "b")]}, "new_chats  1 chat"),
+        (
+            {"type": "new_messages", "data": [{"seq": 4}, {"seq": 5}, {"seq": 6}]},
+            "new_messages  3 messages, seq 4..6",
+        ),
+        ({"type": "all_messages", "data": [{"seq": 1}]}, "all_messages  1 message, seq 1"),
+        ({"type": "all_messages", "data": []}, "all_messages  0 messages"),
+        # Version 1 frames (no seq, no counts) and frames the client does not know.
+        ({"type": "message", **message("c1", "alice", "bob")}, "message  alice → bob"),
+        ({"type": "all_chats", "data": "junk"}, "all_chats"),
+        ({"type": "pong"}, "pong"),
+        ({"type": "something_new", "seq": 1}, "something_new"),
+    ],
+)
+def test_log_headers_say_what_the_frame_says(frame: dict[str, Any], header: str) -> None:
+    entry = tc.LogEntry(datetime(2024, 1, 2, 3, 4, 5), "in", json.dumps(frame))
+    assert entry.header() == f"03:04:05.000  ← in   {header}"
+
+
+def test_log_colours_receipts_and_changes_apart() -> None:
+    at = datetime(2024, 1, 2)
+    tags = {
+        text: tc.LogEntry(at, direction, text).tag
+        for direction, text in [
+            ("in", '{"type": "receipt"}'),
+            ("in", '{"type": "message_updated"}'),
+            ("in", '{"type": "updated_messages"}'),
+            ("in", '{"type": "message"}'),
+            ("in", '{"type": "error"}'),
+            ("out", '{"type": "mark_read"}'),
+            ("note", "hello"),
+        ]
+    }
+    assert list(tags.values()) == ["receipt", "update", "update", "in", "error", "out", "note"]
+
+
 def test_history_browses_like_a_shell() -> None:
     history = tc.SentHistory(limit=3)
     assert history.older("draft") is None
@@ -229,6 +367,15 @@ def test_after_close_stops_on_1008_and_reconnects_otherwise(
 ) -> None:
     closed = None if code is None else tc.Closed(code, "why")
     assert tc.after_close(closed, can_renew=can_renew, renewed=renewed) is step
+
+
+@pytest.mark.parametrize("code", [None, 1001, 1008])
+def test_after_close_reconnects_when_a_new_token_came_meanwhile(code: int | None) -> None:
+    # The refusal was of the old token: the new one gets its own try, renewal or not.
+    closed = None if code is None else tc.Closed(code, "why")
+    for can_renew, renewed in [(False, False), (True, False), (True, True)]:
+        step = tc.after_close(closed, can_renew=can_renew, renewed=renewed, new_token=True)
+        assert step is RECONNECT
 
 
 def test_closed_reads_as_code_reason_and_token_problem() -> None:
@@ -550,6 +697,65 @@ async def test_link_stops_on_a_1008_close_of_a_bound_connection_too() -> None:
     assert link.refused == tc.Closed(1008, "closing with 1008")
 
 
+@pytest.mark.parametrize("code", [1001, 1008])
+async def test_link_reconnects_with_the_token_given_while_it_was_connected(code: int) -> None:
+    # A new token (Get dev token while connected) is the one the next connect binds with, also
+    # after a 1008, which refused the old one and says nothing about the new one.
+    paths: list[str] = []
+    gate = trio.Event()
+
+    async def close(request: trio_websocket.WebSocketRequest) -> None:
+        paths.append(request.path)
+        ws = await request.accept()
+        await gate.wait()
+        await ws.aclose(code, f"closing with {code}")
+
+    recorder = Recorder()
+    link = tc.Link(recorder)
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            functools.partial(
+                trio_websocket.serve_websocket, close, "127.0.0.1", 0, ssl_context=None
+            )
+        )
+        url = f"ws://127.0.0.1:{server.port}/ws"
+        nursery.start_soon(functools.partial(link.run, url, token="old"))
+        await recorder.wait_for(lambda: "connected" in recorder.states)
+        link.use_token("new")
+        gate.set()
+        await recorder.wait_for(lambda: len(paths) >= 2)
+        nursery.cancel_scope.cancel()
+    assert paths[:2] == ["/ws?token=old", "/ws?token=new"]
+    assert "renewing" not in recorder.states
+    assert any("reconnecting with the new token in" in detail for detail in recorder.details)
+    assert link.refused is None
+
+
+async def test_link_binds_with_a_new_token_after_the_old_one_was_refused(server_url: str) -> None:
+    recorder = Recorder()
+    link = tc.Link(recorder)
+    renewals: list[str] = []
+
+    async def renew() -> str | None:
+        renewals.append("alice")
+        return None
+
+    ws_url = tc.resolve_endpoints(server_url).ws
+    good = await tc.fetch_dev_token(server_url, "alice")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            functools.partial(link.run, ws_url, token=foreign_token("alice"), renew_token=renew)
+        )
+        await recorder.wait_for(lambda: recorder.received("error"))
+        assert link.sign_in.problem is not None  # refused: red, and 1008 follows
+        link.use_token(good)
+        await recorder.wait_for(lambda: link.sign_in.user_id == "alice")
+        nursery.cancel_scope.cancel()
+    assert renewals == []  # the new token was used, not a renewal of the refused one
+    assert recorder.states.count("connecting") == 2
+    assert link.refused is None
+
+
 # ----------------------------------------------------------------------------- the window
 
 
@@ -649,7 +855,7 @@ def test_window_connects_sends_and_shows_the_reply(
         assert "fetch_messages" in app.editor.get("1.0", "end")
         app.root.event_generate("<Motion>", warp=True, x=WINDOW[0] - 1, y=WINDOW[1] - 1)
         await trio.sleep(0.2)  # let Tk paint before the screenshot
-        save_screenshot(xvfb.screenshot(), "screenshot-tk.png", docs=True)
+        save_screenshot(xvfb.screenshot(), "screenshot-tk-first-message.png")
         app.close()
 
     app.start(person)
@@ -657,6 +863,135 @@ def test_window_connects_sends_and_shows_the_reply(
     assert app.trio_outcome is not None
     app.trio_outcome.unwrap()
     assert steps == ["connected", "chat created", "message acknowledged", "error shown"]
+
+
+class Peer:
+    """The other person of a window test: a plain WebSocket, bound with a dev token."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self.ws = ws
+        self.frames: list[dict[str, Any]] = []
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, server: HandlerProcess, user_id: str) -> AsyncIterator[Peer]:
+        token = await trio.to_thread.run_sync(server.dev_token, user_id)
+        url = tc.with_token(tc.resolve_endpoints(server.url).ws, token)
+        async with trio_websocket.open_websocket_url(url) as ws, trio.open_nursery() as nursery:
+            peer = cls(ws)
+            nursery.start_soon(peer._read)
+            await wait_until(lambda: peer.received("authenticated"))
+            yield peer
+            nursery.cancel_scope.cancel()
+
+    async def _read(self) -> None:
+        while True:
+            self.frames.append(json.loads(await self.ws.get_message()))
+
+    def received(self, frame_type: str) -> list[dict[str, Any]]:
+        return [frame for frame in self.frames if frame.get("type") == frame_type]
+
+    async def send(self, **frame: Any) -> None:
+        await self.ws.send_message(json.dumps(frame))
+
+
+@pytest.mark.gui
+def test_window_reads_edits_and_deletes_with_its_templates(
+    xvfb: Xvfb, handler_process: HandlerProcess
+) -> None:
+    # Version 2 through the window: every frame below is a template's, unchanged, and the
+    # server's answers (receipts, message_updated, the chat list with its unread count) are
+    # shown in the log with what they say in their header line.
+    app = open_window(xvfb, handler_process.url, user="alice")
+
+    def received(frame_type: str) -> list[dict[str, Any]]:
+        return window_received(app, frame_type)
+
+    def send_template(name: str) -> dict[str, Any]:
+        app.template_buttons[name].invoke()
+        frame: dict[str, Any] = json.loads(app.editor.get("1.0", "end"))
+        app.send_button.invoke()
+        return frame
+
+    def read_receipts(frames: list[dict[str, Any]]) -> list[tuple[str, int]]:
+        return [(r["user_id"], r["seq"]) for r in frames if r.get("kind") == "read"]
+
+    async def person(app: tc.App) -> None:
+        app.dev_token_button.invoke()
+        await wait_until(app.token_var.get)
+        app.connect_button.invoke()
+        await wait_until(lambda: app.link.sign_in.user_id == "alice")
+        async with Peer.connect(handler_process, "bob") as bob:
+            await bob.send(type="create_chat", recipient_id="alice")
+            await wait_until(lambda: bob.received("new_chats"))
+            chat_id = bob.received("new_chats")[0]["data"][0]["chat_id"]
+            await bob.send(type="send_message", chat_id=chat_id, recipient_id="alice", content="1")
+            await wait_until(lambda: received("message"))
+            first = received("message")[0]
+            assert (first["seq"], first["sender_id"]) == (1, "bob")
+
+            mark = send_template("mark_read")
+            assert (mark["chat_id"], mark["message_id"]) == (chat_id, first["message_id"])
+            await wait_until(lambda: read_receipts(received("receipt")))
+            assert read_receipts(received("receipt")) == [("alice", 1)]
+            await wait_until(lambda: read_receipts(bob.received("receipt")) == [("alice", 1)])
+
+            sent = send_template("send_message")
+            assert (sent["chat_id"], sent["recipient_id"]) == (chat_id, "bob")
+            await wait_until(lambda: len(received("message")) == 2)
+            mine = received("message")[1]
+            assert (mine["seq"], mine["sender_id"]) == (2, "alice")
+            await bob.send(type="send_message", chat_id=chat_id, recipient_id="alice", content="3")
+            await wait_until(lambda: len(received("message")) == 3)
+            # Delivery receipts are coalesced (sent up to ~100 ms later): let any about this
+            # message come now, so that the screenshot below shows the same frames every time.
+            with trio.move_on_after(0.5):
+                await wait_until(lambda: any(r["seq"] == 3 for r in received("receipt")))
+
+            send_template(tc.CHAT_LIST)
+            await wait_until(lambda: received("all_chats"))
+            listed = received("all_chats")[0]["data"]
+            assert [(c["chat_id"], c["unread_count"]) for c in listed] == [(chat_id, 1)]
+            assert listed[0]["read_up_to"]["alice"] == 2  # her own message moved it
+
+            edit = send_template("edit_message")
+            assert (edit["chat_id"], edit["message_id"]) == (chat_id, mine["message_id"])
+            await wait_until(lambda: received("message_updated"))
+            edited = received("message_updated")[0]
+            assert (edited["content"], edited["seq"]) == (edit["content"], 2)
+            assert edited["edited_at"]
+            delete = send_template("delete_message")
+            assert delete["message_id"] == mine["message_id"]
+            await wait_until(lambda: len(received("message_updated")) == 2)
+            assert received("message_updated")[1]["deleted"] is True
+            await wait_until(lambda: len(bob.received("message_updated")) == 2)
+            # The tombstone is not offered for editing again.
+            app.template_buttons["edit_message"].invoke()
+            assert json.loads(app.editor.get("1.0", "end"))["message_id"] == "MESSAGE_ID"
+
+            mark = send_template("mark_read")
+            assert mark["message_id"] == received("message")[2]["message_id"]
+            await wait_until(lambda: ("alice", 3) in read_receipts(received("receipt")))
+        assert received("all_messages") == []  # limit 0: the chat list only
+        shown = app.log.get("1.0", "end")
+        for header in (
+            "→ out  mark_read",
+            "← in   receipt  alice read up to seq 1",
+            "← in   message  seq 1, bob → alice",
+            "← in   all_chats  1 chat, 1 unread",
+            "← in   message_updated  seq 2, alice → bob, edited",
+            "← in   message_updated  seq 2, alice → bob, deleted",
+            "← in   receipt  alice read up to seq 3",
+        ):
+            assert header in shown, header
+        # The screenshot shows the delete's answer, the mark_read and its receipt.
+        app.log.yview(app.log.search("message_updated  seq 2, alice → bob, deleted", "1.0"))
+        app.root.event_generate("<Motion>", warp=True, x=WINDOW[0] - 1, y=WINDOW[1] - 1)
+        await trio.sleep(0.2)  # let Tk paint before the screenshot
+        save_screenshot(xvfb.screenshot(), "screenshot-tk.png", docs=True)
+        app.close()
+
+    run_window(app, person)
 
 
 @pytest.mark.gui
@@ -718,6 +1053,92 @@ def test_window_renews_its_dev_token_after_the_server_changed_its_secret(
         assert "connection closed: 1001 server shutting down" in shown
         assert "connection closed: 1008 not authenticated in time (invalid token" in shown
         assert shown.count("the server refused the token: a new one for 'alice'") == 1
+        app.close()
+
+    run_window(app, person)
+
+
+def record_statuses(app: tc.App) -> list[tuple[str, str]]:
+    """Every status line the window shows from now on, with its colour, in order."""
+    shown: list[tuple[str, str]] = []
+    link_state = app.link_state
+
+    def recording(state: str, detail: str) -> None:
+        link_state(state, detail)
+        shown.append(status(app))
+
+    app.link_state = recording
+    return shown
+
+
+@pytest.mark.gui
+def test_window_is_not_green_when_its_token_is_stale_on_reconnect(
+    xvfb: Xvfb, handler_process: HandlerProcess
+) -> None:
+    # Signed in with a pasted token; the server restarts with a new secret, so on reconnect the
+    # same token is stale: the status must say the connection is open but not signed in (red,
+    # with the server's reason), then stop, never green.
+    token = handler_process.dev_token("alice")
+    app = open_window(xvfb, handler_process.url, user="alice", token=token)
+    shown = record_statuses(app)
+    refusal = "1008 not authenticated in time (invalid token: InvalidSignatureError)"
+
+    async def person(app: tc.App) -> None:
+        app.connect_button.invoke()
+        await wait_until(lambda: app.link.sign_in.user_id == "alice")
+        assert status(app) == ("● connected as alice", tc.GREEN)
+        handler_process.use_secret("a-new-secret-after-a-redeploy-0123456789")
+        await trio.to_thread.run_sync(handler_process.stop)
+        await wait_until(lambda: app.link.state == "waiting")
+        since = len(shown)
+        await trio.to_thread.run_sync(handler_process.start)
+        await wait_until(lambda: window_received(app, "error"), timeout=30)
+        assert status(app) == (
+            "● connected, not signed in: invalid token: InvalidSignatureError",
+            tc.RED,
+        )
+        await wait_until(lambda: status(app)[0].startswith("● disconnected"))
+        assert status(app) == (f"● disconnected: {refusal}", tc.RED)
+        after = shown[since:]
+        assert all(colour != tc.GREEN for _, colour in after), after
+        assert ("● connected, not signed in", tc.AMBER) in after  # open, not yet answered
+        assert len(window_received(app, "authenticated")) == 1  # only the first connection
+        assert app.token_entry.selection_present()
+        await trio.sleep(0.2)  # let Tk paint before the screenshot
+        save_screenshot(xvfb.screenshot(), "screenshot-tk-stale-token.png")
+        app.close()
+
+    run_window(app, person)
+
+
+@pytest.mark.gui
+def test_window_uses_a_new_dev_token_on_the_next_connect(
+    xvfb: Xvfb, handler_process: HandlerProcess
+) -> None:
+    # Get dev token while connected: the open connection stays as it is (the server does not
+    # rebind it), and the reconnect after the server restarted signs in with the new token.
+    app = open_window(xvfb, handler_process.url, user="alice")
+
+    async def person(app: tc.App) -> None:
+        app.dev_token_button.invoke()
+        await wait_until(app.token_var.get)
+        app.connect_button.invoke()
+        await wait_until(lambda: app.link.sign_in.user_id == "alice")
+        alice_token = app.token_var.get()
+        app.user_var.set("bob")
+        app.dev_token_button.invoke()
+        await wait_until(lambda: app.token_var.get() != alice_token)
+        await wait_until(lambda: "the next reconnect signs in with it" in app.log.get("1.0", "end"))
+        assert "this connection stays signed in as 'alice'" in app.log.get("1.0", "end")
+        assert status(app) == ("● connected as alice", tc.GREEN)
+        assert app.link.token == app.token_var.get()
+        await trio.to_thread.run_sync(handler_process.stop)
+        await wait_until(lambda: app.link.state == "waiting")
+        await trio.to_thread.run_sync(handler_process.start)
+        await wait_until(lambda: app.link.sign_in.user_id == "bob", timeout=30)
+        assert status(app) == ("● connected as bob", tc.GREEN)
+        signed_in = [frame["user_id"] for frame in window_received(app, "authenticated")]
+        assert signed_in == ["alice", "bob"]
         app.close()
 
     run_window(app, person)
