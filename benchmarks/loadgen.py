@@ -615,8 +615,10 @@ async def job_backlog(gen: Generator) -> dict[str, Any]:
 
 
 async def job_fetch(gen: Generator) -> dict[str, Any]:
-    """`fetch_chats` for one user, `repeats` times on the same connection."""
+    """`fetch_chats` for one user, `repeats` times on the same connection; with `limit` 0
+    only the chat list (`all_chats`) comes back."""
     job = gen.job
+    limit = job.get("limit")
     user = await gen.connect(job["user_id"])
     await trio.sleep(job.get("settle_s", 0.2))
     user.pending.clear()
@@ -625,12 +627,15 @@ async def job_fetch(gen: Generator) -> dict[str, Any]:
         before = user.conn.bytes_received
         await gen.checkpoint(f"fetch_{index}_start")
         t0 = trio.current_time()
-        await user.send({"type": "fetch_chats", "request_id": index})
+        request: dict[str, Any] = {"type": "fetch_chats", "request_id": index}
+        if limit is not None:
+            request["limit"] = limit
+        await user.send(request)
         listing = await user.wait_for("all_chats")
         chats = len(listing["data"])
         messages = 0
         with trio.fail_after(job.get("timeout_s", 300.0)):
-            for _ in range(chats):
+            for _ in range(chats if limit != 0 else 0):
                 page = await user.wait_for("all_messages")
                 messages += len(page["data"])
         elapsed = trio.current_time() - t0

@@ -53,6 +53,7 @@ PROFILES: Final = {
             "e": {"chats": 100, "per_chat": 100},
             "f": {"chats": 200, "per_chat": 1000, "repeats": 2},
             "g": {**_RELAY, "warmup_s": 3, "duration_s": 10},
+            "h": {"chats": 1000, "per_chat": 5, "repeats": 5},
         },
     ),
     "quick": Profile(
@@ -67,6 +68,7 @@ PROFILES: Final = {
             "e": {"chats": 100, "per_chat": 100},
             "f": {"chats": 200, "per_chat": 100, "repeats": 2},
             "g": {**_RELAY, "warmup_s": 2, "duration_s": 5},
+            "h": {"chats": 1000, "per_chat": 5, "repeats": 5},
         },
     ),
     "smoke": Profile(
@@ -88,6 +90,7 @@ PROFILES: Final = {
             "e": {"chats": 3, "per_chat": 10},
             "f": {"chats": 3, "per_chat": 20, "repeats": 2},
             "g": {"pairs": 3, "window": 4, "warmup_s": 0.2, "duration_s": 0.6},
+            "h": {"chats": 3, "per_chat": 2, "repeats": 2},
         },
         stop_grace_s=1.0,
     ),
@@ -632,6 +635,62 @@ SCENARIO_F: Final = Scenario(
 )
 
 
+# ----------------------------------------------------------------------------- (h)
+
+
+def _h_run(run: Measured) -> dict[str, Any]:
+    rounds = run.result["rounds"]
+    repeats = sorted(r["elapsed_s"] for r in rounds[1:]) or [rounds[0]["elapsed_s"]]
+    return {
+        "first_s": rounds[0]["elapsed_s"],
+        "repeat_s": repeats[len(repeats) // 2],
+        "chats": rounds[0]["chats"],
+        "bytes": rounds[0]["bytes"],
+    }
+
+
+def _h_rows(out: Outcome, ctx: Context) -> None:
+    chats = out.median("chats")
+    repeat = out.median("repeat_s")
+    out.rows += [
+        Row("chat list, first on a fresh server", out.median("first_s"), "s"),
+        Row(
+            "chat list, repeated (median)",
+            repeat,
+            "s",
+            target="< 0.05 s",
+            ok=None if repeat is None else repeat < 0.05,
+        ),
+        Row("bytes received", out.median("bytes"), "B"),
+        Row(
+            "chats listed",
+            chats,
+            "chats",
+            target=f"= {out.params['chats']:,}",
+            ok=None if chats is None else chats == out.params["chats"],
+        ),
+    ]
+
+
+SCENARIO_H: Final = Scenario(
+    key="h",
+    summary="The chat list with counts: `fetch_chats` with `limit: 0` for a user with many chats.",
+    title=lambda p: (
+        f"(h) Chat list: fetch_chats limit 0 for a user with {p['chats']:,} chats"
+        f" ({p['per_chat']} unread each)"
+    ),
+    variants=lambda _ctx, p: [
+        Variant(
+            job={"kind": "fetch", "user_id": "lister", "repeats": p["repeats"], "limit": 0},
+            measure=_h_run,
+        )
+    ],
+    rows=_h_rows,
+    dataset=Dataset(owner="lister", sender="peer"),
+    headline=(Headline("chat list s", "repeat_s"),),
+)
+
+
 # ----------------------------------------------------------------------------- (g)
 
 _SCALE_MODULES: Final = ("handler.app", "handler.store.postgres", "handler.bus.redis")
@@ -773,5 +832,6 @@ SCENARIOS: Final[dict[str, Scenario]] = {
         SCENARIO_E,
         SCENARIO_F,
         SCENARIO_G,
+        SCENARIO_H,
     )
 }

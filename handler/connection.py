@@ -30,6 +30,7 @@ from handler.errors import CloseCode
 from handler.session.outgoing import (
     CLOSE_AFTER,
     CLOSE_ITEM,
+    MARK_ONLY,
     PING,
     PING_ITEM,
     RETIRE,
@@ -41,6 +42,7 @@ from handler.session.outgoing import (
 
 __all__ = [
     "CLOSE_AFTER",
+    "MARK_ONLY",
     "PING",
     "RETIRE",
     "Connection",

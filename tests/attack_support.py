@@ -466,9 +466,10 @@ def _bulk_fill(db_path: Path, chats: Sequence[Any], sender: str, per_chat: int, 
     """Add messages with the store's own INSERT (the columns its `add_message` writes), in one
     transaction: 200k messages take seconds this way instead of most of a minute.
 
-    Only the message rows and the chat's message times are written; anything else the store
-    keeps per chat (e.g. its place in the order of activity) stays as the store set it for
-    the chat's first message, which is all these tests need.
+    Only the message rows (with their seq and version) and the chat's message times and
+    counters are written; anything else the store keeps per chat (e.g. its place in the order
+    of activity, the sender's marks) stays as the store set it for the chat's first message,
+    which is all these tests need.
     """
     db = sqlite3.connect(db_path, isolation_level=None)
     try:
@@ -477,25 +478,33 @@ def _bulk_fill(db_path: Path, chats: Sequence[Any], sender: str, per_chat: int, 
             for chat in chats:
                 chat_row = int(chat.chat_id)
                 recipient = chat.other_participant(sender)
-                (start_ms,) = db.execute(
-                    "SELECT last_message_ms FROM chats WHERE id = ?", (chat_row,)
+                start_ms, have, version = db.execute(
+                    "SELECT last_message_ms, last_seq, version FROM chats WHERE id = ?",
+                    (chat_row,),
                 ).fetchone()
-                have = db.execute(
-                    "SELECT COUNT(*) FROM messages WHERE chat_id = ?", (chat_row,)
-                ).fetchone()[0]
                 rows = [
-                    (chat_row, sender, recipient, _content(chat_row, n, size), start_ms + n)
+                    (
+                        chat_row,
+                        sender,
+                        recipient,
+                        _content(chat_row, n, size),
+                        start_ms + n,
+                        n + 1,
+                        version + n + 1 - have,
+                    )
                     for n in range(have, per_chat)
                 ]
                 db.executemany(
                     "INSERT INTO messages (chat_id, sender_id, recipient_id, content,"
-                    " created_at_ms, client_message_id) VALUES (?, ?, ?, ?, ?, NULL)",
+                    " created_at_ms, client_message_id, seq, version)"
+                    " VALUES (?, ?, ?, ?, ?, NULL, ?, ?)",
                     rows,
                 )
                 last = start_ms + per_chat
                 db.execute(
-                    "UPDATE chats SET last_message_ms = ?, last_activity_ms = ? WHERE id = ?",
-                    (last, last, chat_row),
+                    "UPDATE chats SET last_message_ms = ?, last_activity_ms = ?, last_seq = ?,"
+                    " version = ? WHERE id = ?",
+                    (last, last, per_chat, version + per_chat - have, chat_row),
                 )
             db.execute("COMMIT")
         except BaseException:

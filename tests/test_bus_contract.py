@@ -9,6 +9,10 @@ server, or a full publisher queue, using a throwaway redis-server they can stop.
 Hub-side view: an event reaches user U on a node when U is among `event.recipients` and U is
 subscribed there; `received()` expands events that way, since the local bus hands the whole
 event to the sink while Redis narrows each copy to its channel's user.
+
+Events are modelled as the store makes them: one chat per pair of users, and every change of a
+chat (a new message, an edit, a delete) at the chat's next version, which is where the Redis
+bus's order gate puts it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import signal
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.lowlevel
@@ -37,7 +42,7 @@ from handler.bus.local import LocalBus
 from handler.bus.redis import RedisBus
 from handler.config import BusConfig, StorageConfig
 from handler.errors import BusUnavailable
-from handler.protocol import Chat, Message
+from handler.protocol import Chat, Message, ReceiptFrame
 from handler.store.base import Committed
 
 TIMEOUT_S = 10.0
@@ -87,11 +92,18 @@ class Node:
         self.subscribed.discard(user)
 
     def received(self, user: str | None = None) -> list[tuple[str, str]]:
-        """(user, message id or chat id) for every copy that reached a subscribed user."""
+        """(user, key) for every copy that reached a subscribed user; the key is the message id
+        of a message, `edit:<version>` of an update, `<kind>:<seq>` of a receipt, and the chat
+        id of a chat."""
         pairs = []
         for event in self.events:
-            if event.message is not None:
+            if event.kind == "update":
+                assert event.message is not None
+                key = f"edit:{event.message.version}"
+            elif event.message is not None:
                 key = event.message.message_id
+            elif event.receipt is not None:
+                key = f"{event.receipt.kind}:{event.receipt.seq}"
             else:
                 assert event.chat is not None
                 key = event.chat.chat_id
@@ -103,6 +115,13 @@ class Node:
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = TIMEOUT_S) -> None:
         """Wait until `predicate()` holds, checking it again whenever this node saw something."""
         await wait_until(predicate, timeout, changed=lambda: self._changed.wait())
+
+
+def received_count(node: Node, count: int, *, at_least: bool = False) -> Callable[[], bool]:
+    """A `wait_for` predicate: the node received exactly (or at least) `count` copies."""
+    if at_least:
+        return lambda: len(node.received()) >= count
+    return lambda: len(node.received()) == count
 
 
 class StartNode:
@@ -118,30 +137,69 @@ class StartNode:
         return await _start(self.nursery, self.backend, self.url, self.prefix, **options)
 
 
+WHEN = "2026-01-01T00:00:00.000Z"
+
+
+def chat_of(a: str, b: str) -> str:
+    """The one chat of a pair of users."""
+    first, second = sorted((a, b))
+    return f"{first}|{second}"
+
+
 def message_event(
     key: str,
     sender: str,
     recipient: str,
     content: str = "hi",
     *,
+    version: int = 1,
     origin: str | None = None,
     request_id: str | None = None,
-    previous: str | None = None,
 ) -> Delivery:
-    message = Message(key, "7", sender, recipient, content, "2026-01-01T00:00:00.000Z")
+    """The pair's chat's new message `key` at `version` (also its seq)."""
+    message = Message(
+        key,
+        chat_of(sender, recipient),
+        sender,
+        recipient,
+        content,
+        WHEN,
+        seq=version,
+        version=version,
+    )
     return Delivery(
         "message",
         (recipient, sender),
         message=message,
         origin_connection=origin,
         origin_request_id=request_id,
-        prev_message_id=previous,
     )
+
+
+def update_event(
+    original: Delivery, version: int, content: str = "edited", *, deleted: bool = False
+) -> Delivery:
+    """An edit (or a delete) of `original`'s message, at the chat's `version`."""
+    assert original.message is not None
+    message = attrs.evolve(
+        original.message,
+        content="" if deleted else content,
+        version=version,
+        edited_at="2026-01-01T00:00:09.000Z",
+        deleted=deleted,
+    )
+    return Delivery("update", original.recipients, message=message)
+
+
+def receipt_event(reader: str, other: str, kind: str = "read", seq: int = 1) -> Delivery:
+    receipt = ReceiptFrame(chat_of(reader, other), reader, kind, seq, str(seq), WHEN)
+    recipients = (other, reader) if kind == "read" else (other,)
+    return Delivery("receipt", recipients, receipt=receipt)
 
 
 def chat_event(chat_id: str, creator: str, recipient: str) -> Delivery:
     users = sorted((creator, recipient))
-    chat = Chat(chat_id, (users[0], users[1]), creator, "2026-01-01T00:00:00.000Z")
+    chat = Chat(chat_id, (users[0], users[1]), creator, WHEN)
     return Delivery("chat", (recipient, creator), chat=chat)
 
 
@@ -203,14 +261,16 @@ async def test_delivers_only_to_subscribed_users(start_node: StartNode) -> None:
 async def test_keeps_publish_order_per_user(start_node: StartNode) -> None:
     publisher, node = await publisher_and_subscriber(start_node)
     await node.subscribe("alice", "bob")
-    expected_alice = []
+    expected_alice: list[tuple[str, str]] = []
     for index in range(300):
         key = str(index)
         if index % 3:
-            publisher.bus.publish_nowait(message_event(key, "zed", "alice"))
+            version = len(expected_alice) + 1
+            publisher.bus.publish_nowait(message_event(key, "zed", "alice", version=version))
             expected_alice.append(("alice", key))
         else:
-            publisher.bus.publish_nowait(message_event(key, "zed", "bob"))
+            version = index // 3 + 1
+            publisher.bus.publish_nowait(message_event(key, "zed", "bob", version=version))
         if index % 50 == 0:
             await trio.lowlevel.checkpoint()  # let the publisher interleave batches with new events
     await node.wait_for(lambda: len(node.received()) == 300)
@@ -235,7 +295,7 @@ async def test_unsubscribe_stops_delivery(start_node: StartNode) -> None:
     publisher.bus.publish_nowait(message_event("1", "zed", "alice"))
     await node.wait_for(lambda: len(node.received()) == 1)
     await node.unsubscribe("alice")
-    publisher.bus.publish_nowait(message_event("2", "zed", "alice"))
+    publisher.bus.publish_nowait(message_event("2", "zed", "alice", version=2))
     publisher.bus.publish_nowait(message_event("3", "zed", "bob"))  # a marker after it
     await node.wait_for(lambda: ("bob", "3") in node.received())
     assert [event.message.message_id for event in node.events if event.message] == ["1", "3"]
@@ -245,7 +305,7 @@ async def test_publisher_node_receives_its_own_event_once(start_node: StartNode)
     other, node = await publisher_and_subscriber(start_node)
     await node.subscribe("alice")
     node.bus.publish_nowait(message_event("own", "bob", "alice", origin="conn-1", request_id="r"))
-    other.bus.publish_nowait(message_event("marker", "bob", "alice"))
+    other.bus.publish_nowait(message_event("marker", "bob", "alice", version=2))
     await node.wait_for(lambda: ("alice", "marker") in node.received())
     own = [event for event in node.events if event.message and event.message.message_id == "own"]
     assert len(own) == 1
@@ -269,13 +329,48 @@ async def test_chat_events_and_odd_text_survive_the_bus(start_node: StartNode) -
     assert chat_copy.chat == chat_event("c", "bob", user).chat
 
 
-async def test_previous_message_id_survives_the_bus(start_node: StartNode) -> None:
+async def test_every_kind_of_event_survives_the_bus(start_node: StartNode) -> None:
+    """A message, its edit and its delete, and receipts, with odd text: what the frames and the
+    order gate need (seq, version, the change, the mark) arrives intact, and the kind with it."""
     publisher, node = await publisher_and_subscriber(start_node)
-    await node.subscribe("alice")
-    publisher.bus.publish_nowait(message_event("1", "bob", "alice"))
-    publisher.bus.publish_nowait(message_event("2", "bob", "alice", previous="1"))
-    await node.wait_for(lambda: len(node.received()) == 2)
-    assert [event.prev_message_id for event in node.events] == [None, "1"]
+    user = "ünïcødé 😀"
+    await node.subscribe(user, "bob")
+    content = 'a\x00b 😀 \ufeff \U0010ffff \r\n "quoted"'
+    first = message_event("1", "bob", user, content)
+    events = [
+        first,
+        update_event(first, 2, content + " (edited)"),
+        receipt_event(user, "bob", "read", 1),
+        receipt_event(user, "bob", "delivered", 1),  # to the other member only
+        update_event(first, 3, deleted=True),
+    ]
+    for event in events:
+        publisher.bus.publish_nowait(event)
+    await node.wait_for(lambda: len(node.received()) == 9)
+    for recipient in (user, "bob"):  # the local bus hands over whole events, Redis narrows them
+        assert [
+            (event.kind, event.message, event.receipt)
+            for event in node.events
+            if recipient in event.recipients
+        ] == [
+            (event.kind, event.message, event.receipt)
+            for event in events
+            if recipient in event.recipients
+        ]
+    assert [key for _, key in node.received(user)] == ["1", "edit:2", "read:1", "edit:3"]
+    assert [key for _, key in node.received("bob")] == [
+        "1",
+        "edit:2",
+        "read:1",
+        "delivered:1",
+        "edit:3",
+    ]
+    for copy in node.events:
+        if copy.message is not None:
+            assert (copy.position, copy.previous) == (
+                str(copy.message.version),
+                str(copy.message.version - 1),
+            )
 
 
 async def test_settle_with_no_other_node_returns_at_once(start_node: StartNode) -> None:
@@ -302,13 +397,16 @@ async def test_redis_routes_by_user_across_nodes(start_redis_node: StartNode) ->
         await node.subscribe(user)
     users = sorted(homes)
     sent: list[tuple[str, str, str]] = []
+    versions: dict[str, int] = {}  # the next version of each pair's chat
     for index in range(60):
         sender, recipient = users[index % 6], users[(index * 5 + 1) % 6]
         if sender == recipient:
             continue
         key = f"k{index}"
+        chat = chat_of(sender, recipient)
+        versions[chat] = versions.get(chat, 0) + 1
         nodes[index % 3].bus.publish_nowait(
-            message_event(key, sender, recipient, origin=f"origin-{index}")
+            message_event(key, sender, recipient, version=versions[chat], origin=f"origin-{index}")
         )
         sent.append((key, sender, recipient))
     for node in nodes:
@@ -320,7 +418,7 @@ async def test_redis_routes_by_user_across_nodes(start_redis_node: StartNode) ->
             if user in mine
         ]
         count = len(expected)
-        await node.wait_for(lambda node=node, count=count: len(node.received()) >= count)
+        await node.wait_for(received_count(node, count, at_least=True))
         assert sorted(node.received()) == sorted(expected)
         for user in mine:  # per user, each publisher's order is kept
             keys = [int(key[1:]) for _, key in node.received(user)]
@@ -348,9 +446,9 @@ async def test_redis_full_publisher_queue_resyncs_the_recipients(
     node = await start_redis_node()
     await node.subscribe("alice")
     for index in range(50):  # no checkpoint: the queue overflows
-        publisher.bus.publish_nowait(message_event(str(index), "zed", "alice"))
+        publisher.bus.publish_nowait(message_event(str(index), "zed", "alice", version=index + 1))
     await node.wait_for(lambda: len(node.received()) >= 4)
-    publisher.bus.publish_nowait(message_event("next", "zed", "alice"))
+    publisher.bus.publish_nowait(message_event("next", "yan", "alice"))  # another chat
     await node.wait_for(lambda: ("alice",) in node.resyncs)
     assert isinstance(publisher.bus, RedisBus)
     # Every event either went through (before the resync notice) or was dropped and repaired.
@@ -451,16 +549,48 @@ async def test_redis_holds_an_event_until_its_predecessor_arrives(
     await node.subscribe("alice")
     other.bus.publish_nowait(message_event("1", "bob", "alice"))
     await node.wait_for(lambda: len(node.received()) == 1)
-    node.bus.publish_nowait(message_event("3", "alice", "bob", previous="2"))
+    node.bus.publish_nowait(message_event("3", "alice", "bob", version=3))
     # The subject, not a wait: a window (well inside the hold time) in which nothing may come
     # out, neither the held copy nor its echo from Redis (our own: skipped).
     await trio.sleep(0.05)
     assert node.received() == [("alice", "1")]  # held: "2" has not come yet
-    other.bus.publish_nowait(message_event("2", "bob", "alice", previous="1"))
+    other.bus.publish_nowait(message_event("2", "bob", "alice", version=2))
     await node.wait_for(lambda: len(node.received()) == 3)
     assert node.received() == [("alice", "1"), ("alice", "2"), ("alice", "3")]
     # The held local copy is the published event narrowed to its user, origin kept.
     assert node.events[-1].recipients == ("alice",)
+    assert node.resyncs == []
+
+
+@pytest.mark.scale
+async def test_redis_updates_wait_in_the_chat_chain_and_receipts_do_not(
+    start_redis_node: StartNode,
+) -> None:
+    """An edit is a change of its chat like a message: published (locally) before the message
+    that precedes it in the chat, it waits for it. A receipt has no place in the chain and is
+    passed on at once, even while something of its chat is held."""
+    other = await start_redis_node()
+    node = await start_redis_node()
+    await node.subscribe("alice")
+    first = message_event("1", "bob", "alice")
+    other.bus.publish_nowait(first)
+    await node.wait_for(lambda: len(node.received()) == 1)
+    node.bus.publish_nowait(update_event(first, 3))  # version 2 has not come yet
+    node.bus.publish_nowait(receipt_event("bob", "alice", "read", 1))
+    await node.wait_for(lambda: len(node.received()) == 2)
+    # The subject, not a wait: a window (well inside the hold time) in which the held edit
+    # must not come out.
+    await trio.sleep(0.05)
+    assert node.received() == [("alice", "1"), ("alice", "read:1")]
+    other.bus.publish_nowait(message_event("2", "bob", "alice", version=2))
+    await node.wait_for(lambda: len(node.received()) == 4)
+    assert node.received() == [
+        ("alice", "1"),
+        ("alice", "read:1"),
+        ("alice", "2"),
+        ("alice", "edit:3"),
+    ]
+    assert node.events[-1].kind == "update"
     assert node.resyncs == []
 
 
@@ -472,8 +602,8 @@ async def test_redis_missing_predecessor_is_released_with_a_resync(
     node = await start_redis_node(order_hold_s=0.1)
     await node.subscribe("alice")
     publisher.bus.publish_nowait(message_event("1", "bob", "alice"))
-    publisher.bus.publish_nowait(message_event("9", "bob", "alice", previous="8"))  # 8 is lost
-    publisher.bus.publish_nowait(message_event("10", "bob", "alice", previous="9"))
+    publisher.bus.publish_nowait(message_event("9", "bob", "alice", version=9))  # 8 is lost
+    publisher.bus.publish_nowait(message_event("10", "bob", "alice", version=10))
     await node.wait_for(lambda: node.resyncs != [])
     assert node.resyncs == [("alice",)]
     assert node.received("alice") == [("alice", "1"), ("alice", "9"), ("alice", "10")]
@@ -492,7 +622,7 @@ async def test_redis_order_state_is_dropped_on_unsubscribe(start_redis_node: Sta
     await node.unsubscribe("alice")
     await node.subscribe("alice")
     # A fresh subscription knows no predecessor: the first event goes straight through.
-    publisher.bus.publish_nowait(message_event("5", "bob", "alice", previous="4"))
+    publisher.bus.publish_nowait(message_event("5", "bob", "alice", version=5))
     await node.wait_for(lambda: len(node.received()) == 2)
     # The subject, not a wait: past the hold time (0.1 s), no resync may have come.
     await trio.sleep(0.15)
@@ -549,7 +679,7 @@ async def test_redis_outage_then_restart_resyncs_and_recovers(
     await node.wait_for(lambda: ("alice", "before") in node.received())
 
     await throwaway_redis.stop()
-    publisher.bus.publish_nowait(message_event("during", "bob", "alice"))  # queued or lost
+    publisher.bus.publish_nowait(message_event("during", "bob", "alice", version=2))  # or lost
     await wait_until(functools.partial(_unavailable, node), TIMEOUT_S)  # noticed on its own
     with pytest.raises(BusUnavailable):
         await node.bus.subscribe("carol")
@@ -602,7 +732,9 @@ async def test_redis_bus_throughput(
     started = trio.current_time()
     assert isinstance(publisher.bus, RedisBus)
     for index in range(total):
-        publisher.bus.publish_nowait(message_event(str(index), "bob", "alice", "x" * 100))
+        publisher.bus.publish_nowait(
+            message_event(str(index), "bob", "alice", "x" * 100, version=index + 1)
+        )
         # The subject, not a wait: pacing the publisher under the queue's capacity (no event
         # announces its length), every millisecond so the pacing does not cap the number.
         while publisher.bus.statistics().queued > 1000:  # noqa: ASYNC110
@@ -618,18 +750,14 @@ async def test_redis_bus_throughput(
 
 
 async def _publish_commits(commits: trio.MemoryReceiveChannel[Committed], node: Node) -> None:
-    """What the hub's publisher does: each new message, in commit order, onto the node's bus."""
+    """What the hub's publisher does: each new message, in commit order, onto the node's bus
+    (its place in the chat is the version the store gave it)."""
     async with commits:
         async for committed in commits:
             message = committed.message
-            if message is not None:
+            if message is not None and not committed.update:
                 node.bus.publish_nowait(
-                    Delivery(
-                        "message",
-                        (message.recipient_id, message.sender_id),
-                        message=message,
-                        prev_message_id=committed.previous_id,
-                    )
+                    Delivery("message", (message.recipient_id, message.sender_id), message=message)
                 )
 
 
@@ -667,14 +795,14 @@ async def test_redis_chat_order_with_writers_in_two_processes(
 
         first, _ = await nodes[0][2].add_message(chat, "xavier", "first", None)
         for _, node, _ in nodes:
-            await node.wait_for(lambda node=node: len(node.received()) == 1)
+            await node.wait_for(received_count(node, 1))
 
         with trio.fail_after(60):
             async with trio.open_nursery() as senders:
                 for user, _, store in nodes:
                     senders.start_soon(sender, user, store)
             for _, node, _ in nodes:
-                await node.wait_for(lambda node=node: len(node.received()) == 2 * per_user + 1)
+                await node.wait_for(received_count(node, 2 * per_user + 1))
         late: dict[str, int] = {}
         timeouts = 0
         for user, node, store in nodes:

@@ -234,7 +234,8 @@ async def test_edit_and_delete_reach_every_device_live(server: RunningServer) ->
             1,
             acks[0]["timestamp"],
         )
-        assert "edited_at" in edited and "deleted" not in edited
+        assert "edited_at" in edited
+        assert "deleted" not in edited
         for other in (alice_desktop, bob):
             update = await other.recv_until("message_updated")
             assert "request_id" not in update

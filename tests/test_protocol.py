@@ -22,18 +22,25 @@ from handler.protocol import (
     AllMessages,
     Authenticated,
     Chat,
+    ChatView,
     CreateChat,
+    DeleteMessage,
+    EditMessage,
     ErrorFrame,
     FetchChats,
     FetchMessages,
     Limits,
+    MarkRead,
     Message,
     MessageEvent,
+    MessageUpdated,
     NewChats,
     NewMessages,
     Ping,
     Pong,
+    ReceiptFrame,
     SendMessage,
+    UpdatedMessages,
     decode,
     encode,
 )
@@ -67,6 +74,17 @@ def send(**fields: Any) -> dict[str, Any]:
 
 
 _MISSING: Any = object()
+
+# The frames of version 2 that name a message of a chat, with valid fields.
+MARK_READ: dict[str, Any] = {"type": "mark_read", "chat_id": "1", "message_id": "5"}
+EDIT: dict[str, Any] = {"type": "edit_message", "chat_id": "1", "message_id": "5", "content": "hi"}
+DELETE: dict[str, Any] = {"type": "delete_message", "chat_id": "1", "message_id": "5"}
+
+
+def with_fields(base: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """`base` with `fields` set (`_MISSING`: removed)."""
+    frame = {**base, **fields}
+    return {key: value for key, value in frame.items() if value is not _MISSING}
 
 
 # --------------------------------------------------------------------------- bad_json
@@ -152,8 +170,11 @@ def test_missing_or_unknown_type(frame: dict[str, Any]) -> None:
 def test_client_frame_types() -> None:
     assert protocol.CLIENT_FRAME_TYPES == (
         "create_chat",
+        "delete_message",
+        "edit_message",
         "fetch_chats",
         "fetch_messages",
+        "mark_read",
         "ping",
         "send_message",
     )
@@ -255,14 +276,13 @@ def test_request_id_is_read_before_type_so_every_error_quotes_it() -> None:
 # --------------------------------------------------------------------------- token
 
 
-@pytest.mark.parametrize(
-    "frame_type", ["ping", "create_chat", "send_message", "fetch_chats", "fetch_messages"]
-)
+@pytest.mark.parametrize("frame_type", protocol.CLIENT_FRAME_TYPES)
 def test_every_frame_type_carries_a_token(frame_type: str) -> None:
     frame: dict[str, Any] = {
         "type": frame_type,
         "recipient_id": "bob",
         "chat_id": "1",
+        "message_id": "5",
         "content": "x",
         "token": "a.b.c",
     }
@@ -474,6 +494,7 @@ def test_fields_are_validated_in_declaration_order() -> None:
     [
         (_MISSING, 1000),
         (None, 1000),
+        (0, 0),  # version 2: the chat list alone
         (1, 1),
         (999, 999),
         (1000, 1000),
@@ -498,15 +519,30 @@ def test_fetch_chats_limit_follows_the_configured_history_limit() -> None:
     assert decode('{"type": "fetch_chats"}', limits) == FetchChats(limit=5)
     assert decode('{"type": "fetch_chats", "limit": 50}', limits) == FetchChats(limit=5)
     assert decode('{"type": "fetch_chats", "limit": 3}', limits) == FetchChats(limit=3)
+    assert decode('{"type": "fetch_chats", "limit": 0}', limits) == FetchChats(limit=0)
 
 
-BAD_LIMITS = [0, -1, -(2**63), 1.0, 2.5, "10", True, False, [], {}]
+def test_fetch_chats_limit_0_asks_for_the_chat_list_alone() -> None:
+    assert decode(dumps({"type": "fetch_chats", "limit": 0, "request_id": "z"})) == FetchChats(
+        limit=0, request_id="z"
+    )
+    # Not a float, not a boolean: only the integer 0.
+    for zero in (0.0, False, "0", -0.0):
+        error = error_of({"type": "fetch_chats", "limit": zero})
+        assert (error.code, error.field) == ("bad_request", "limit")
+
+
+BAD_LIMITS = [-1, -(2**63), -(2**64), 1.0, 2.5, "10", True, False, [], {}]
 
 
 @pytest.mark.parametrize("limit", BAD_LIMITS, ids=repr)
 def test_fetch_chats_bad_limit(limit: Any) -> None:
     error = error_of({"type": "fetch_chats", "limit": limit, "request_id": 1})
     assert (error.code, error.field, error.request_id) == ("bad_request", "limit", 1)
+
+
+def test_fetch_chats_negative_limit_names_the_bound() -> None:
+    assert ">= 0" in error_of({"type": "fetch_chats", "limit": -1}).message
 
 
 # --------------------------------------------------------------------------- fetch_messages
@@ -551,6 +587,129 @@ def test_fetch_messages_field_rules(field: str, value: Any) -> None:
         frame[field] = value
     error = error_of(frame)
     assert (error.code, error.field, error.request_id) == ("bad_request", field, "f")
+
+
+# --------------------------------------------------------------------------- mark_read, edits
+
+
+def test_mark_read() -> None:
+    assert decode(dumps(MARK_READ)) == MarkRead("1", "5")
+    assert decode(
+        dumps(with_fields(MARK_READ, token="t", request_id=8, content="ignored", seq=3))
+    ) == MarkRead("1", "5", token="t", request_id=8)
+
+
+def test_edit_message() -> None:
+    assert decode(dumps(EDIT)) == EditMessage("1", "5", "hi")
+    assert decode(
+        dumps(with_fields(EDIT, token="t", request_id="e", recipient_id=5, deleted=True))
+    ) == EditMessage("1", "5", "hi", token="t", request_id="e")
+
+
+def test_delete_message() -> None:
+    assert decode(dumps(DELETE)) == DeleteMessage("1", "5")
+    assert decode(dumps(with_fields(DELETE, token="t", request_id=0, content=""))) == DeleteMessage(
+        "1", "5", token="t", request_id=0
+    )
+
+
+BAD_IDS = [
+    pytest.param(_MISSING, id="missing"),
+    pytest.param(None, id="null"),
+    pytest.param("", id="empty"),
+    pytest.param(5, id="int"),
+    pytest.param(True, id="bool"),
+    pytest.param(["5"], id="list"),
+    pytest.param({"id": "5"}, id="object"),
+    pytest.param("i" * 129, id="129-chars"),
+    pytest.param(EMOJI * 129, id="129-astral"),
+    pytest.param("\ud800", id="lone-surrogate"),
+    pytest.param("ok \udfff", id="lone-low-surrogate"),
+]
+
+
+@pytest.mark.parametrize("value", BAD_IDS)
+@pytest.mark.parametrize("field", ["chat_id", "message_id"])
+@pytest.mark.parametrize("base", [MARK_READ, EDIT, DELETE], ids=["mark_read", "edit", "delete"])
+def test_version_2_id_field_rules(base: dict[str, Any], field: str, value: Any) -> None:
+    error = error_of(with_fields(base, **{field: value}, request_id="v2"))
+    assert (error.code, error.field, error.request_id) == ("bad_request", field, "v2")
+
+
+@pytest.mark.parametrize("base", [MARK_READ, EDIT, DELETE], ids=["mark_read", "edit", "delete"])
+def test_version_2_ids_are_opaque_up_to_128_characters(base: dict[str, Any]) -> None:
+    for value in ("0", "abc", "i" * 128, EMOJI * 128, " padded "):
+        frame = decode(dumps(with_fields(base, chat_id=value, message_id=value)))
+        assert isinstance(frame, MarkRead | EditMessage | DeleteMessage)
+        assert (frame.chat_id, frame.message_id) == (value, value)
+
+
+@pytest.mark.parametrize(
+    ("value", "code"),
+    [
+        (_MISSING, "bad_request"),
+        (None, "bad_request"),
+        ("", "bad_request"),
+        (5, "bad_request"),
+        (["hi"], "bad_request"),
+        ({"text": "hi"}, "bad_request"),
+        (True, "bad_request"),
+        ("\ud800", "bad_request"),
+        ("ok \udfff ok", "bad_request"),
+        ("x" * 4097, "too_large"),
+        (EMOJI * 4097, "too_large"),
+        (E_ACUTE * 4097, "too_large"),
+    ],
+    ids=lambda value: repr(value)[:20],
+)
+def test_edit_message_content_rules_are_send_messages(value: Any, code: str) -> None:
+    error = error_of(with_fields(EDIT, content=value, request_id="c"))
+    assert (error.code, error.field, error.request_id) == (code, "content", "c")
+    # The same answer as send_message gives for the same content.
+    same = error_of(send(content=value, request_id="c"))
+    assert (same.code, same.field) == (error.code, error.field)
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["x", " ", "\u0000" * 4096, EMOJI * 4096, E_ACUTE * 4096, "a" + EMOJI * 4095, "\ufeffbom"],
+    ids=lambda c: f"{len(c)}:{c[:3]!r}",
+)
+def test_edit_message_content_counts_code_points(content: str) -> None:
+    for ascii_only in (True, False):
+        frame = decode(dumps(with_fields(EDIT, content=content), ascii_only=ascii_only))
+        assert frame == EditMessage("1", "5", content)
+
+
+def test_edit_message_content_follows_the_configured_limit() -> None:
+    limits = Limits(max_message_chars=10)
+    assert decode(dumps(with_fields(EDIT, content=EMOJI * 10)), limits) == EditMessage(
+        "1", "5", EMOJI * 10
+    )
+    error = error_of(with_fields(EDIT, content=EMOJI * 11), limits)
+    assert (error.code, error.field) == ("too_large", "content")
+
+
+@pytest.mark.parametrize(
+    ("frame", "field"),
+    [
+        ({"type": "mark_read"}, "chat_id"),
+        ({"type": "mark_read", "chat_id": "1"}, "message_id"),
+        ({"type": "edit_message"}, "chat_id"),
+        ({"type": "edit_message", "chat_id": "1"}, "message_id"),
+        ({"type": "edit_message", "chat_id": "1", "message_id": "5"}, "content"),
+        ({"type": "edit_message", "chat_id": "1", "content": "x" * 5000}, "message_id"),
+        ({"type": "delete_message"}, "chat_id"),
+        ({"type": "delete_message", "chat_id": "1"}, "message_id"),
+        ({"type": "delete_message", "chat_id": 1, "message_id": 5}, "chat_id"),
+    ],
+    ids=repr,
+)
+def test_version_2_fields_are_validated_in_declaration_order(
+    frame: dict[str, Any], field: str
+) -> None:
+    error = error_of(frame)
+    assert (error.code, error.field) == ("bad_request", field)
 
 
 # --------------------------------------------------------------------------- ping, extras
@@ -620,13 +779,9 @@ def test_frames_are_immutable() -> None:
 # --------------------------------------------------------------------------- encode
 
 CHAT = Chat("c1", ("alice", "bob"), "alice", "2023-10-01T12:34:56.789Z")
-CHAT_WIRE = {
-    "chat_id": "c1",
-    "participants": ["alice", "bob"],
-    "created_by": "alice",
-    "created_at": "2023-10-01T12:34:56.789Z",
-}
-MESSAGE = Message("m1", "c1", "alice", "bob", "hi \u0000 " + EMOJI, "2023-10-01T12:34:57.000Z")
+MESSAGE = Message(
+    "m1", "c1", "alice", "bob", "hi \u0000 " + EMOJI, "2023-10-01T12:34:57.000Z", seq=1, version=1
+)
 MESSAGE_WIRE = {
     "message_id": "m1",
     "chat_id": "c1",
@@ -634,8 +789,85 @@ MESSAGE_WIRE = {
     "recipient_id": "bob",
     "content": "hi \u0000 " + EMOJI,
     "timestamp": "2023-10-01T12:34:57.000Z",
+    "seq": 1,
 }
-MESSAGE_WITH_ID = Message("m2", "c1", "bob", "alice", "yo", "2023-10-01T12:34:58.000Z", "cm")
+MESSAGE_WITH_ID = Message(
+    "m2", "c1", "bob", "alice", "yo", "2023-10-01T12:34:58.000Z", "cm", seq=2, version=2
+)
+MESSAGE_WITH_ID_WIRE = {
+    "message_id": "m2",
+    "chat_id": "c1",
+    "sender_id": "bob",
+    "recipient_id": "alice",
+    "content": "yo",
+    "timestamp": "2023-10-01T12:34:58.000Z",
+    "seq": 2,
+    "client_message_id": "cm",
+}
+EDITED = Message(
+    "m2",
+    "c1",
+    "bob",
+    "alice",
+    "yo!",
+    "2023-10-01T12:34:58.000Z",
+    "cm",
+    seq=2,
+    version=4,
+    edited_at="2023-10-01T12:40:00.000Z",
+)
+EDITED_WIRE = {**MESSAGE_WITH_ID_WIRE, "content": "yo!", "edited_at": "2023-10-01T12:40:00.000Z"}
+TOMBSTONE = Message(
+    "m2",
+    "c1",
+    "bob",
+    "alice",
+    "",
+    "2023-10-01T12:34:58.000Z",
+    "cm",
+    seq=2,
+    version=5,
+    edited_at="2023-10-01T12:40:00.000Z",
+    deleted=True,
+)
+TOMBSTONE_WIRE = {**EDITED_WIRE, "content": "", "deleted": True}
+# A chat object is the chat with its server state for the user it is sent to.
+VIEW = ChatView(
+    CHAT,
+    last_message=MESSAGE_WITH_ID,
+    unread_count=1,
+    read_up_to=(("alice", 1), ("bob", 2)),
+    delivered_up_to=(("alice", 2), ("bob", 2)),
+)
+CHAT_WIRE = {
+    "chat_id": "c1",
+    "kind": "direct",
+    "title": None,
+    "participants": ["alice", "bob"],
+    "created_by": "alice",
+    "created_at": "2023-10-01T12:34:56.789Z",
+    "last_message": MESSAGE_WITH_ID_WIRE,
+    "unread_count": 1,
+    "read_up_to": {"alice": 1, "bob": 2},
+    "delivered_up_to": {"alice": 2, "bob": 2},
+}
+FRESH_CHAT_WIRE = {
+    **CHAT_WIRE,
+    "last_message": None,
+    "unread_count": 0,
+    "read_up_to": {"alice": 0, "bob": 0},
+    "delivered_up_to": {"alice": 0, "bob": 0},
+}
+RECEIPT = ReceiptFrame("c1", "bob", "read", 2, "m2", "2023-10-01T12:41:00.000Z")
+RECEIPT_WIRE = {
+    "type": "receipt",
+    "chat_id": "c1",
+    "user_id": "bob",
+    "kind": "read",
+    "seq": 2,
+    "message_id": "m2",
+    "timestamp": "2023-10-01T12:41:00.000Z",
+}
 
 
 @pytest.mark.parametrize(
@@ -643,9 +875,13 @@ MESSAGE_WITH_ID = Message("m2", "c1", "bob", "alice", "yo", "2023-10-01T12:34:58
     [
         (Authenticated("alice"), {"type": "authenticated", "user_id": "alice"}),
         (AllChats(()), {"type": "all_chats", "data": []}),
-        (AllChats((CHAT,), 1), {"type": "all_chats", "data": [CHAT_WIRE], "request_id": 1}),
-        (NewChats((CHAT,)), {"type": "new_chats", "data": [CHAT_WIRE]}),
-        (NewChats((CHAT,), "r"), {"type": "new_chats", "data": [CHAT_WIRE], "request_id": "r"}),
+        (AllChats((VIEW,), 1), {"type": "all_chats", "data": [CHAT_WIRE], "request_id": 1}),
+        (
+            AllChats((VIEW, ChatView.fresh(CHAT))),
+            {"type": "all_chats", "data": [CHAT_WIRE, FRESH_CHAT_WIRE]},
+        ),
+        (NewChats((ChatView.fresh(CHAT),)), {"type": "new_chats", "data": [FRESH_CHAT_WIRE]}),
+        (NewChats((VIEW,), "r"), {"type": "new_chats", "data": [CHAT_WIRE], "request_id": "r"}),
         (
             AllMessages("c1", (MESSAGE,), False),
             {"type": "all_messages", "chat_id": "c1", "data": [MESSAGE_WIRE], "has_more": False},
@@ -676,8 +912,46 @@ MESSAGE_WITH_ID = Message("m2", "c1", "bob", "alice", "yo", "2023-10-01T12:34:58
                 "recipient_id": "alice",
                 "content": "yo",
                 "timestamp": "2023-10-01T12:34:58.000Z",
+                "seq": 2,
                 "client_message_id": "cm",
                 "request_id": "r",
+            },
+        ),
+        (
+            AllMessages("c1", (MESSAGE, TOMBSTONE), False),
+            {
+                "type": "all_messages",
+                "chat_id": "c1",
+                "data": [MESSAGE_WIRE, TOMBSTONE_WIRE],
+                "has_more": False,
+            },
+        ),
+        (MessageUpdated(EDITED), {"type": "message_updated", **EDITED_WIRE}),
+        (
+            MessageUpdated(TOMBSTONE, "d"),
+            {"type": "message_updated", **TOMBSTONE_WIRE, "request_id": "d"},
+        ),
+        (
+            UpdatedMessages("c1", (EDITED, TOMBSTONE)),
+            {"type": "updated_messages", "chat_id": "c1", "data": [EDITED_WIRE, TOMBSTONE_WIRE]},
+        ),
+        (
+            UpdatedMessages("c1", ()),
+            {"type": "updated_messages", "chat_id": "c1", "data": []},
+        ),
+        (RECEIPT, RECEIPT_WIRE),
+        (
+            ReceiptFrame("c1", "bob", "delivered", 2, "m2", "2023-10-01T12:41:00.000Z", 7),
+            {**RECEIPT_WIRE, "kind": "delivered", "request_id": 7},
+        ),
+        (
+            ReceiptFrame("c1", "alice", "read", 0, None, "2023-10-01T12:41:00.000Z", "q"),
+            {
+                **RECEIPT_WIRE,
+                "user_id": "alice",
+                "seq": 0,
+                "message_id": None,
+                "request_id": "q",
             },
         ),
         (Pong(), {"type": "pong"}),
@@ -756,6 +1030,49 @@ def test_encode_keeps_content_exactly() -> None:
 def test_chat_helpers() -> None:
     assert CHAT.other_participant("alice") == "bob"
     assert CHAT.other_participant("bob") == "alice"
+    assert (CHAT.kind, CHAT.title) == ("direct", None)
+    assert VIEW.chat_id == "c1"
+    assert ChatView.fresh(CHAT) == ChatView(
+        CHAT, None, 0, (("alice", 0), ("bob", 0)), (("alice", 0), ("bob", 0))
+    )
+
+
+@pytest.mark.parametrize(
+    ("message", "wire"),
+    [
+        (MESSAGE, MESSAGE_WIRE),
+        (MESSAGE_WITH_ID, MESSAGE_WITH_ID_WIRE),
+        (EDITED, EDITED_WIRE),
+        (TOMBSTONE, TOMBSTONE_WIRE),
+        # Deleted without an edit before: `deleted` alone.
+        (
+            Message(
+                "m3", "c1", "bob", "alice", "", "2023-10-01T12:34:59.000Z", seq=3, deleted=True
+            ),
+            {
+                "message_id": "m3",
+                "chat_id": "c1",
+                "sender_id": "bob",
+                "recipient_id": "alice",
+                "content": "",
+                "timestamp": "2023-10-01T12:34:59.000Z",
+                "seq": 3,
+                "deleted": True,
+            },
+        ),
+    ],
+    ids=["plain", "client-id", "edited", "tombstone", "deleted-unedited"],
+)
+def test_message_object_fields(message: Message, wire: dict[str, Any]) -> None:
+    """`seq` always; `edited_at` and `deleted` only when set; the internal `version` never."""
+    assert message.to_wire() == wire
+    assert "version" not in json.loads(encode(MessageEvent(message)))
+
+
+def test_chat_object_marks_are_objects_of_every_participant() -> None:
+    wire = json.loads(encode(AllChats((VIEW,))))["data"][0]
+    assert wire == CHAT_WIRE
+    assert set(wire["read_up_to"]) == set(wire["delivered_up_to"]) == set(CHAT.participants)
 
 
 # --------------------------------------------------------------------------- properties
@@ -767,6 +1084,7 @@ _FIELDS = [
     "token",
     "recipient_id",
     "chat_id",
+    "message_id",
     "content",
     "client_message_id",
     "limit",
@@ -811,13 +1129,29 @@ def _check(text: str | bytes) -> None:
         # The error must be encodable: it is what the client gets.
         json.loads(encode(ErrorFrame.from_error(failure)))
         return
-    assert isinstance(frame, CreateChat | SendMessage | FetchChats | FetchMessages | Ping)
-    if isinstance(frame, SendMessage):
+    assert isinstance(
+        frame,
+        CreateChat
+        | SendMessage
+        | FetchChats
+        | FetchMessages
+        | Ping
+        | MarkRead
+        | EditMessage
+        | DeleteMessage,
+    )
+    if isinstance(frame, SendMessage | EditMessage):
         assert 1 <= len(frame.content) <= protocol.MAX_MESSAGE_CHARS
         frame.content.encode()
     if isinstance(frame, CreateChat | SendMessage):
         protocol.validate_user_id(frame.recipient_id, "recipient_id")
-    if isinstance(frame, FetchChats | FetchMessages):
+    if isinstance(frame, MarkRead | EditMessage | DeleteMessage):
+        for value in (frame.chat_id, frame.message_id):
+            assert 1 <= len(value) <= protocol.MAX_ID_CHARS
+            value.encode()
+    if isinstance(frame, FetchChats):
+        assert 0 <= frame.limit <= protocol.HISTORY_LIMIT  # 0: the chat list alone
+    if isinstance(frame, FetchMessages):
         assert 1 <= frame.limit <= protocol.HISTORY_LIMIT
     if isinstance(frame.request_id, str):
         assert 1 <= len(frame.request_id) <= 64
@@ -907,6 +1241,42 @@ def test_valid_send_message_round_trips(
     assert decode(json.dumps(frame, ensure_ascii=ascii_only)) == SendMessage(
         chat_id, recipient_id, content, client_message_id, request_id=request_id
     )
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    frame_type=st.sampled_from(["mark_read", "edit_message", "delete_message"]),
+    chat_id=st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=128),
+    message_id=st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=128),
+    content=st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=4096),
+    request_id=st.none()
+    | st.integers(-(2**63 - 1), 2**63 - 1)
+    | st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=64),
+    ascii_only=st.booleans(),
+)
+def test_valid_version_2_frames_round_trip(
+    frame_type: str,
+    chat_id: str,
+    message_id: str,
+    content: str,
+    request_id: str | int | None,
+    ascii_only: bool,
+) -> None:
+    frame = {
+        "type": frame_type,
+        "chat_id": chat_id,
+        "message_id": message_id,
+        "content": content,
+        "request_id": request_id,
+    }
+    expected: protocol.ClientFrame
+    if frame_type == "mark_read":
+        expected = MarkRead(chat_id, message_id, request_id=request_id)
+    elif frame_type == "edit_message":
+        expected = EditMessage(chat_id, message_id, content, request_id=request_id)
+    else:
+        expected = DeleteMessage(chat_id, message_id, request_id=request_id)
+    assert decode(json.dumps(frame, ensure_ascii=ascii_only)) == expected
 
 
 # --------------------------------------------------------------------------- layering

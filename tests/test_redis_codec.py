@@ -1,7 +1,9 @@
 """The Redis bus's wire format (`handler.bus.redis_codec`): pure tables, no Redis.
 
-Nodes of one cluster may run different releases during a rolling upgrade, so the bytes are
-pinned here, and so is reading what older nodes publish.
+Every node of a cluster speaks the same format, so the bytes are pinned here. Version 2
+replaced the message arrays (seq and version instead of the previous message's id), and a
+cluster upgrades all its nodes together: a version 1 payload is refused as malformed rather
+than misread.
 """
 
 from __future__ import annotations
@@ -16,70 +18,139 @@ from hypothesis import strategies as st
 from handler.bus import redis_codec
 from handler.bus.base import Delivery
 from handler.bus.redis_codec import Channels, MalformedPayload, Outgoing
-from handler.protocol import Chat, Message
+from handler.protocol import Chat, Message, ReceiptFrame
 
 WHEN = "2026-01-01T00:00:00.000Z"
-MESSAGE = Message("12", "7", "bob", "alice", "hi", WHEN, "client-1")
+EDITED = "2026-01-01T00:00:01.500Z"
+ODD_TEXT = 'a\x00b \ufeff \U0010ffff \r\n "q" \U0001f600'
+MESSAGE = Message("12", "7", "bob", "alice", "hi", WHEN, "client-1", seq=5, version=9)
+EDITED_MESSAGE = Message(
+    "12", "7", "bob", "alice", "hi again", WHEN, "client-1", seq=5, version=10, edited_at=EDITED
+)
+TOMBSTONE = Message(
+    "12", "7", "bob", "alice", "", WHEN, seq=5, version=11, edited_at=EDITED, deleted=True
+)
+RECEIPT = ReceiptFrame("7", "alice", "read", 5, "12", WHEN)
 CHAT = Chat("7", ("alice", "bob"), "bob", WHEN)
 
 
-def message_event(message: Message = MESSAGE, previous: str | None = "11") -> Delivery:
+def message_event(message: Message = MESSAGE) -> Delivery:
     return Delivery(
         "message",
         ("alice", "bob"),
         message=message,
         origin_connection="conn-1",
         origin_request_id="r-1",
-        prev_message_id=previous,
+    )
+
+
+def update_event(message: Message = EDITED_MESSAGE) -> Delivery:
+    return Delivery(
+        "update",
+        ("alice", "bob"),
+        message=message,
+        origin_connection="conn-1",
+        origin_request_id="r-2",
+    )
+
+
+def receipt_event(receipt: ReceiptFrame = RECEIPT) -> Delivery:
+    return Delivery(
+        "receipt", ("bob", "alice"), receipt=receipt, origin_connection="c", origin_request_id=3
     )
 
 
 # --------------------------------------------------------------------------- events
 
 
-def test_a_message_event_is_pinned_to_its_bytes() -> None:
-    assert redis_codec.encode_event("n1", message_event()) == (
-        b'{"o":"n1","m":["12","7","bob","alice","hi","2026-01-01T00:00:00.000Z","client-1","11"]}'
-    )
-
-
-def test_a_chat_event_is_pinned_to_its_bytes() -> None:
-    event = Delivery("chat", ("alice", "bob"), chat=CHAT)
-    assert redis_codec.encode_event("n1", event) == (
-        b'{"o":"n1","c":["7",["alice","bob"],"bob","2026-01-01T00:00:00.000Z"]}'
-    )
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        (
+            message_event(),
+            b'{"o":"n1","m":["12","7","bob","alice","hi","2026-01-01T00:00:00.000Z",'
+            b'"client-1",5,9,null,false]}',
+        ),
+        (
+            update_event(),
+            b'{"o":"n1","u":["12","7","bob","alice","hi again","2026-01-01T00:00:00.000Z",'
+            b'"client-1",5,10,"2026-01-01T00:00:01.500Z",false]}',
+        ),
+        (
+            update_event(TOMBSTONE),
+            b'{"o":"n1","u":["12","7","bob","alice","","2026-01-01T00:00:00.000Z",'
+            b'null,5,11,"2026-01-01T00:00:01.500Z",true]}',
+        ),
+        (
+            receipt_event(),
+            b'{"o":"n1","k":["7","alice","read",5,"12","2026-01-01T00:00:00.000Z"]}',
+        ),
+        (
+            Delivery("chat", ("alice", "bob"), chat=CHAT),
+            b'{"o":"n1","c":["7",["alice","bob"],"bob","2026-01-01T00:00:00.000Z"]}',
+        ),
+    ],
+    ids=["message", "update", "tombstone", "receipt", "chat"],
+)
+def test_an_event_is_pinned_to_its_bytes(event: Delivery, expected: bytes) -> None:
+    assert redis_codec.encode_event("n1", event) == expected
 
 
 @pytest.mark.parametrize(
     "event",
     [
         message_event(),
-        message_event(previous=None),
-        message_event(Message("1", "7", "bob", "alice", "hi", WHEN)),  # no client id
-        message_event(
-            Message("2", "7", "bob", "ünï 😀", 'a\x00b \ufeff \U0010ffff \r\n "q"', WHEN)
+        message_event(Message("1", "7", "bob", "alice", "hi", WHEN, seq=1, version=1)),
+        message_event(Message("2", "7", "bob", "ünï 😀", ODD_TEXT, WHEN, "ç 😀", seq=2, version=2)),
+        update_event(),
+        update_event(TOMBSTONE),
+        update_event(
+            Message("2", "7", "bob", "alice", ODD_TEXT, WHEN, seq=2, version=3, edited_at=EDITED)
         ),
+        receipt_event(),
+        receipt_event(ReceiptFrame("7", "bob", "delivered", 0, None, WHEN)),
+        receipt_event(ReceiptFrame("7", "ünï 😀", "delivered", 2**40, "99", WHEN)),
         Delivery("chat", ("alice", "bob"), chat=CHAT),
+        Delivery("chat", ("alice", "bob"), chat=Chat("8", ("ünï 😀", "bob"), "ünï 😀", WHEN)),
     ],
-    ids=["message", "first-of-chat", "no-client-id", "odd-text", "chat"],
+    ids=[
+        "message",
+        "first-of-chat",
+        "odd-text",
+        "update",
+        "tombstone",
+        "update-odd-text",
+        "receipt",
+        "receipt-at-zero",
+        "receipt-odd-text",
+        "chat",
+        "chat-odd-text",
+    ],
 )
 def test_a_remote_copy_is_narrowed_to_the_channels_user(event: Delivery) -> None:
     decoded = redis_codec.decode_event(orjson.loads(redis_codec.encode_event("n1", event)), "bob")
     # Recipients come from the channel; the origin connection stays on the publishing node.
     assert decoded == Delivery(
-        event.kind,
-        ("bob",),
-        message=event.message,
-        chat=event.chat,
-        prev_message_id=event.prev_message_id,
+        event.kind, ("bob",), message=event.message, chat=event.chat, receipt=event.receipt
     )
+    # Every field the order gate and the frames need survives: seq, version, the change.
+    if event.message is not None:
+        assert decoded.message is not None
+        assert (decoded.position, decoded.previous) == (event.position, event.previous)
+        assert decoded.message.to_wire() == event.message.to_wire()
 
 
-def test_an_older_nodes_message_without_its_predecessor_decodes() -> None:
-    older = {"o": "n0", "m": ["12", "7", "bob", "alice", "hi", WHEN, None]}
-    assert redis_codec.decode_event(older, "alice") == Delivery(
-        "message", ("alice",), message=Message("12", "7", "bob", "alice", "hi", WHEN)
-    )
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"o": "n0", "m": ["12", "7", "bob", "alice", "hi", WHEN, None]},
+        {"o": "n0", "m": ["12", "7", "bob", "alice", "hi", WHEN, "client-1", "11"]},
+    ],
+    ids=["no-predecessor", "with-predecessor"],
+)
+def test_a_version_1_message_is_refused_not_misread(payload: dict[str, Any]) -> None:
+    with pytest.raises(MalformedPayload):
+        redis_codec.decode_event(payload, "alice")
 
 
 @pytest.mark.parametrize(
@@ -91,14 +162,33 @@ def test_a_payload_without_an_event_decodes_to_none(payload: dict[str, Any]) -> 
     assert redis_codec.decode_event(payload, "alice") is None
 
 
+FULL = ["12", "7", "bob", "alice", "hi", WHEN, None, 5, 9, None, False]
+
+
 @pytest.mark.parametrize(
     "payload",
     [
-        {"m": ["12", "7", "bob", "alice", "hi", WHEN]},  # cut short: no client id
+        {"m": FULL[:10]},  # cut short: no deleted flag
+        {"m": FULL[:8]},  # no version
+        {"m": [*FULL[:7], None, 9, None, False]},  # seq null
+        {"m": [*FULL[:7], 5, "nine", None, False]},  # version not a number
+        {"m": [*FULL[:7], [5], 9, None, False]},
         {"m": []},
         {"m": None},
         {"m": 12},
         {"m": {"0": "12"}},
+        {"u": FULL[:10]},
+        {"u": [*FULL[:7], 5, None, None, False]},  # an update without its version
+        {"u": []},
+        {"u": None},
+        {"u": 5},
+        {"k": ["7", "alice", "read", 5, "12"]},  # no timestamp
+        {"k": ["7", "alice", "read", "five", "12", WHEN]},
+        {"k": ["7", "alice", "read", None, "12", WHEN]},
+        {"k": []},
+        {"k": None},
+        {"k": 7},
+        {"k": {"chat": "7"}},
         {"c": ["7", ["alice"], "bob", WHEN]},  # one participant
         {"c": ["7", "a", "bob", WHEN]},  # participants not a pair
         {"c": ["7", ["alice", "bob"], "bob"]},  # no creation time
@@ -106,11 +196,27 @@ def test_a_payload_without_an_event_decodes_to_none(payload: dict[str, Any]) -> 
         {"c": 7},
     ],
     ids=[
-        "message-short",
+        "message-no-deleted",
+        "message-no-version",
+        "message-seq-null",
+        "message-version-text",
+        "message-seq-list",
         "message-empty",
         "message-null",
         "message-number",
         "message-object",
+        "update-short",
+        "update-version-null",
+        "update-empty",
+        "update-null",
+        "update-number",
+        "receipt-short",
+        "receipt-seq-text",
+        "receipt-seq-null",
+        "receipt-empty",
+        "receipt-null",
+        "receipt-number",
+        "receipt-object",
         "chat-one-participant",
         "chat-participants-string",
         "chat-short",
@@ -130,12 +236,16 @@ def test_the_malformed_error_is_a_value_error() -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-    lambda inner: st.lists(inner, max_size=9) | st.dictionaries(st.text(), inner, max_size=4),
+    lambda inner: st.lists(inner, max_size=11) | st.dictionaries(st.text(), inner, max_size=4),
     max_leaves=20,
 )
 
 
-@given(st.dictionaries(st.sampled_from(["o", "m", "c", "r", "s", "a"]) | st.text(), json_values))
+@given(
+    st.dictionaries(
+        st.sampled_from(["o", "m", "u", "k", "c", "r", "s", "a"]) | st.text(), json_values
+    )
+)
 def test_any_decoded_payload_yields_an_event_none_or_the_one_error(payload: dict[str, Any]) -> None:
     try:
         result = redis_codec.decode_event(payload, "alice")
@@ -149,8 +259,10 @@ def test_any_decoded_payload_yields_an_event_none_or_the_one_error(payload: dict
     ["\ud800", "lone \udfff surrogate"],
     ids=["lone-high", "lone-low"],
 )
-def test_what_json_cannot_carry_raises_an_encode_error(content: str) -> None:
-    event = message_event(Message("1", "7", "bob", "alice", content, WHEN))
+@pytest.mark.parametrize("kind", ["message", "update"])
+def test_what_json_cannot_carry_raises_an_encode_error(content: str, kind: str) -> None:
+    message = Message("1", "7", "bob", "alice", content, WHEN, seq=1, version=2)
+    event = message_event(message) if kind == "message" else update_event(message)
     with pytest.raises((TypeError, orjson.JSONEncodeError)):
         redis_codec.encode_event("n1", event)
 

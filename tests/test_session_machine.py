@@ -2,6 +2,10 @@
 
 No sockets, no sleeps, no trio: each test feeds events with explicit times and checks the
 commands. The end-to-end suites check the same rules through a real server.
+
+In these tables a message's id, seq and version are the same number unless a row says
+otherwise: every change of a chat (a new message, an edit, a delete) takes the chat's next
+version, and the binding rule compares versions, never ids.
 """
 
 from __future__ import annotations
@@ -9,11 +13,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import attrs
 import pytest
 
 from handler import protocol
 from handler.auth import Identity
-from handler.errors import CloseCode, ConnectionLimitReached, ErrorCode, ProtocolError
+from handler.errors import (
+    CloseCode,
+    ConnectionLimitReached,
+    ErrorCode,
+    ProtocolError,
+    StoreUnavailable,
+)
 from handler.ratelimit import TokenBucket
 from handler.session import events as ev
 from handler.session.machine import (
@@ -23,10 +34,12 @@ from handler.session.machine import (
     State,
     internal_error,
 )
-from handler.session.outgoing import Outgoing, Receipt
+from handler.session.outgoing import MARK_ONLY, Outgoing, Receipt, SeqMark
 from handler.store.base import BacklogPlan
 
 WALL0 = 1_700_000_000.0
+WHEN = "2026-01-01T00:00:00.000Z"
+EDITED = "2026-01-01T00:05:00.000Z"
 RULES = SessionRules(
     auth_timeout_s=10.0, idle_timeout_s=60.0, rate_per_s=20.0, rate_burst=40, park_capacity=4
 )
@@ -53,20 +66,58 @@ def machine(rules: SessionRules = RULES) -> SessionMachine:
 
 
 def chat(chat_id: str, a: str = "alice", b: str = "bob") -> protocol.Chat:
-    return protocol.Chat(chat_id, tuple(sorted((a, b))), a, "2026-01-01T00:00:00.000Z")
+    return protocol.Chat(chat_id, tuple(sorted((a, b))), a, WHEN)
 
 
-def message(message_id: str, chat_id: str = "1", sender: str = "bob") -> protocol.Message:
+def view(chat_id: str, a: str = "alice", b: str = "bob") -> protocol.ChatView:
+    return protocol.ChatView.fresh(chat(chat_id, a, b))
+
+
+def message(
+    message_id: str,
+    chat_id: str = "1",
+    sender: str = "bob",
+    *,
+    seq: int | None = None,
+    version: int | None = None,
+    edited: bool = False,
+    deleted: bool = False,
+) -> protocol.Message:
+    """A message; its seq is its id and its version its seq, unless given."""
     recipient = "alice" if sender == "bob" else "bob"
+    seq = int(message_id) if seq is None else seq
     return protocol.Message(
-        message_id, chat_id, sender, recipient, f"m{message_id}", "2026-01-01T00:00:00.000Z"
+        message_id,
+        chat_id,
+        sender,
+        recipient,
+        "" if deleted else f"m{message_id}",
+        WHEN,
+        seq=seq,
+        version=seq if version is None else version,
+        edited_at=EDITED if edited or deleted else None,
+        deleted=deleted,
     )
 
 
-def fan_out(message_id: str | None, chat_id: str = "1") -> Outgoing:
+def fan_out(message_id: str | None, chat_id: str = "1", *, version: int | None = None) -> Outgoing:
+    """The hub's item for a new message (version: its id unless given), or for a new chat."""
+    if message_id is None:
+        return Outgoing(f"live chat {chat_id}", "new_chats", None, 0.0, None, chat_id, 0)
     text = f"live {chat_id}/{message_id}"
-    kind = "message" if message_id is not None else "new_chats"
-    return Outgoing(text, kind, None, 0.0, message_id=message_id, chat_id=chat_id)
+    version = int(message_id) if version is None else version
+    return Outgoing(text, "message", None, 0.0, message_id, chat_id, version)
+
+
+def updated(message_id: str, version: int, chat_id: str = "1") -> Outgoing:
+    """The hub's item for an edit or delete of `message_id` that took the chat's `version`."""
+    text = f"live update {chat_id}/{message_id}@{version}"
+    return Outgoing(text, "message_updated", None, 0.0, message_id, chat_id, version)
+
+
+def receipt_item(seq: int = 1, chat_id: str | None = None) -> Outgoing:
+    """The hub's item for a receipt: no version (no backlog ever carries one)."""
+    return Outgoing(f"live receipt {seq}", "receipt", None, 0.0, None, chat_id, None)
 
 
 def frame(obj: dict[str, Any]) -> ev.FrameReceived:
@@ -84,27 +135,54 @@ def types(commands: list[ev.Command]) -> list[str]:
     return out
 
 
+def state_of(m: SessionMachine) -> State:
+    """The machine's state, read afresh (no narrowing across the events in between)."""
+    return m.state
+
+
+def error_frame(command: ev.Command) -> protocol.ErrorFrame:
+    assert isinstance(command, ev.Reply)
+    assert isinstance(command.frame, protocol.ErrorFrame)
+    return command.frame
+
+
 def error_code(command: ev.Command) -> ErrorCode:
     assert isinstance(command, ev.Reply)
     assert isinstance(command.frame, protocol.ErrorFrame)
     return command.frame.code
 
 
+def error_of(commands: list[ev.Command]) -> tuple[ErrorCode, str | None, protocol.RequestId | None]:
+    """(code, field, request_id) of the one error reply."""
+    (reply,) = commands
+    assert isinstance(reply, ev.Reply)
+    assert isinstance(reply.frame, protocol.ErrorFrame)
+    return reply.frame.code, reply.frame.field, reply.frame.request_id
+
+
+# Chat 1 holds seq 1..7 at version 7 in the snapshot; alice had it up to seq 4. Chat 2 is new.
 PLAN = BacklogPlan(
-    chats=(chat("2", "carol", "alice"),),
-    message_chats=(("1", "5"),),
-    high_water={"1": "7", "2": "0"},
+    chats=(view("2", "carol", "alice"),),
+    message_chats=(("1", 4),),
+    high_water={"1": (7, 7), "2": (0, 0)},
 )
 
 
 def bind(m: SessionMachine, token: str = "alice", plan: BacklogPlan = PLAN, t: float = 1.0) -> None:
-    """Drive a binding through to BOUND with the plan's backlog: chat 1 holds 5..7."""
+    """Drive a binding through to BOUND with an empty read of each chat of the plan."""
     assert types(m.handle(ev.Opened(token), at(t))) == ["Subscribe"]
     m.handle(ev.Subscribed(plan, TokenBucket(20.0, 40)), at(t))
     for chat_id, _ in plan.message_chats:
         m.handle(ev.BacklogRead(chat_id, ()), at(t))
+    for chat_id, _, _ in plan.update_chats:
+        m.handle(ev.UpdatesRead(chat_id, ()), at(t))
     assert m.handle(ev.Replayed(), at(t)) == []
-    assert m.state is State.BOUND
+    assert state_of(m) is State.BOUND
+
+
+def start_binding(m: SessionMachine, plan: BacklogPlan = PLAN, t: float = 1.0) -> list[ev.Command]:
+    m.handle(ev.Opened("alice"), at(t))
+    return m.handle(ev.Subscribed(plan, TokenBucket(20.0, 40)), at(t))
 
 
 # --------------------------------------------------------------------------- binding
@@ -113,22 +191,38 @@ def bind(m: SessionMachine, token: str = "alice", plan: BacklogPlan = PLAN, t: f
 def test_binding_sends_authenticated_then_backlog_chat_by_chat_then_replays() -> None:
     m = machine()
     assert m.handle(ev.Opened("alice"), at(1)) == [ev.Subscribe(Identity("alice", None))]
-    assert m.state is State.BINDING
+    assert state_of(m) is State.BINDING
     commands = m.handle(ev.Subscribed(PLAN, TokenBucket(20.0, 40)), at(1))
     assert types(commands) == ["Reply:authenticated", "Reply:new_chats", "ReadBacklog"]
     assert commands[1] == ev.Reply(
         protocol.NewChats(PLAN.chats), "new_chats", Receipt("alice", chat_ids=("2",))
     )
-    # Each chat's undelivered messages are read only up to the snapshot's mark.
-    assert commands[2] == ev.ReadBacklog("alice", "1", "5", "7")
+    # Each chat's undelivered messages are read after the user's mark, up to the snapshot's.
+    assert commands[2] == ev.ReadBacklog("alice", "1", 4, 7)
     backlog = (message("5"), message("7"))
     commands = m.handle(ev.BacklogRead("1", backlog), at(1))
     assert types(commands) == ["Reply:new_messages", "Replay"]
+    # The frame delivers seq 5..7 and, with no updated_messages of the chat to follow, every
+    # change of it up to the snapshot's version.
     assert commands[0] == ev.Reply(
-        protocol.NewMessages("1", backlog), "new_messages", Receipt("alice", message_ids=("5", "7"))
+        protocol.NewMessages("1", backlog),
+        "new_messages",
+        Receipt("alice", marks=(SeqMark("1", 7, "7", 7, first=5),)),
     )
     assert m.handle(ev.Replayed(), at(1)) == []
-    assert m.state is State.BOUND
+    assert state_of(m) is State.BOUND
+    assert (m.backlog_chats, m.backlog_messages) == (1, 2)
+
+
+def test_a_binding_with_nothing_to_send_goes_straight_to_the_replay() -> None:
+    m = machine()
+    plan = BacklogPlan(chats=(), message_chats=(), high_water={"1": (3, 5)})
+    assert start_binding(m, plan) == [
+        ev.Reply(protocol.Authenticated("alice"), "authenticated"),
+        ev.Replay(),
+    ]
+    assert m.handle(ev.Replayed(), at(1)) == []
+    assert state_of(m) is State.BOUND
 
 
 # The binding race, as a table: fan-out that arrives while binding is parked, then replayed
@@ -136,12 +230,35 @@ def test_binding_sends_authenticated_then_backlog_chat_by_chat_then_replays() ->
 @pytest.mark.parametrize(
     ("item", "expected"),
     [
-        (fan_out("6"), False),  # at or below chat 1's mark 7: in the backlog or delivered
+        (fan_out("6"), False),  # at or below chat 1's version 7: in the backlog or delivered
         (fan_out("7"), False),
         (fan_out("8"), True),  # committed after the snapshot: only fan-out carries it
         (fan_out(None, "2"), False),  # chat 2 is in the snapshot (new_chats or delivered)
         (fan_out(None, "9"), True),  # a chat created after the snapshot
         (fan_out("1", "9"), True),  # a message of that new chat
+        # By version, not by id: ids are global, versions count a chat's changes.
+        (fan_out("99", version=6), False),
+        (fan_out("3", version=8), True),
+        (updated("3", 7), False),  # an edit the snapshot saw: the backlog has its state
+        (updated("3", 8), True),  # an edit after the snapshot
+        (updated("1", 2, "9"), True),  # an edit in a chat created after the snapshot
+        (receipt_item(), True),  # a receipt is never in a backlog
+        (receipt_item(chat_id="1"), True),  # not even with a chat of the snapshot
+    ],
+    ids=[
+        "message-below",
+        "message-at",
+        "message-above",
+        "chat-of-snapshot",
+        "chat-after",
+        "message-of-new-chat",
+        "big-id-low-version",
+        "small-id-high-version",
+        "update-at",
+        "update-above",
+        "update-of-new-chat",
+        "receipt",
+        "receipt-with-chat",
     ],
 )
 def test_binding_race_parked_and_live(item: Outgoing, expected: bool) -> None:
@@ -171,9 +288,27 @@ def test_parked_items_keep_their_order_and_late_ones_are_replayed_next() -> None
     # Arrives while the replay is being written: parked, never pushed ahead of it.
     assert m.handle(ev.FanOut(third), at(1)) == []
     assert m.handle(ev.Replayed(), at(1)) == [ev.Write(third), ev.Replay()]
-    assert m.state is State.BINDING
+    assert state_of(m) is State.BINDING
     assert m.handle(ev.Replayed(), at(1)) == []
-    assert m.state is State.BOUND
+    assert state_of(m) is State.BOUND
+
+
+def test_receipts_are_parked_while_binding_and_replayed_in_their_place() -> None:
+    m = machine()
+    m.handle(ev.Opened("alice"), at(1))
+    items = [receipt_item(3), fan_out("6"), updated("2", 8), receipt_item(4, "1")]
+    for item in items:
+        assert m.handle(ev.FanOut(item), at(1)) == []
+    m.handle(ev.Subscribed(PLAN, TokenBucket(20.0, 40)), at(1))
+    commands = m.handle(ev.BacklogRead("1", ()), at(1))
+    # Message 6 is covered by the snapshot; the receipts are not, whatever their chat.
+    assert commands == [ev.Write(items[0]), ev.Write(items[2]), ev.Write(items[3]), ev.Replay()]
+    # One that arrives while the replay is written is parked and replayed next, too.
+    late = receipt_item(5)
+    assert m.handle(ev.FanOut(late), at(1)) == []
+    assert m.handle(ev.Replayed(), at(1)) == [ev.Write(late), ev.Replay()]
+    assert m.handle(ev.Replayed(), at(1)) == []
+    assert m.handle(ev.FanOut(receipt_item(6, "1")), at(2)) == [ev.Push(receipt_item(6, "1"))]
 
 
 def test_parking_is_bounded_by_the_outbox_capacity() -> None:
@@ -181,7 +316,7 @@ def test_parking_is_bounded_by_the_outbox_capacity() -> None:
     m.handle(ev.Opened("alice"), at(1))
     for n in range(RULES.park_capacity):
         assert m.handle(ev.FanOut(fan_out(str(10 + n))), at(1)) == []
-    assert m.handle(ev.FanOut(fan_out("99")), at(1)) == [ev.DropSlow()]
+    assert m.handle(ev.FanOut(receipt_item()), at(1)) == [ev.DropSlow()]  # receipts count too
 
 
 def test_snapshot_marks_are_forgotten_after_the_backlog_memory() -> None:
@@ -189,8 +324,12 @@ def test_snapshot_marks_are_forgotten_after_the_backlog_memory() -> None:
     bind(m, t=1.0)
     covered = fan_out("6")
     assert m.handle(ev.FanOut(covered), at(1 + BACKLOG_MEMORY_S - 0.001)) == []
+    assert m.handle(ev.FanOut(updated("2", 7)), at(1 + BACKLOG_MEMORY_S - 0.001)) == []
     # Long after the binding, late fan-out cannot be a duplicate any more.
     assert m.handle(ev.FanOut(covered), at(1 + BACKLOG_MEMORY_S + 0.001)) == [ev.Push(covered)]
+    assert m.handle(ev.FanOut(updated("2", 7)), at(1 + BACKLOG_MEMORY_S + 0.002)) == [
+        ev.Push(updated("2", 7))
+    ]
 
 
 def test_late_fan_out_for_a_failed_binding_is_ignored() -> None:
@@ -198,9 +337,10 @@ def test_late_fan_out_for_a_failed_binding_is_ignored() -> None:
     m.handle(ev.Opened("alice"), at(1))
     commands = m.handle(ev.SubscribeFailed(RuntimeError("bus down")), at(1))
     assert types(commands) == ["Unsubscribe", "ReportInternal"]
-    assert m.state is State.UNBOUND
+    assert state_of(m) is State.UNBOUND
     assert m.user_id is None
     assert m.handle(ev.FanOut(fan_out("8")), at(1)) == []
+    assert m.handle(ev.FanOut(receipt_item()), at(1)) == []
 
 
 def test_the_frame_that_carried_the_token_is_answered_after_the_backlog() -> None:
@@ -212,14 +352,22 @@ def test_the_frame_that_carried_the_token_is_answered_after_the_backlog() -> Non
     assert m.handle(ev.Replayed(), at(1)) == [ev.Reply(protocol.Pong(7), "pong")]
 
 
+def test_a_mark_read_that_carried_the_token_is_served_after_the_backlog() -> None:
+    m = machine()
+    mark = frame({"type": "mark_read", "chat_id": "1", "message_id": "5", "token": "alice"})
+    assert types(m.handle(mark, at(1))) == ["Subscribe"]
+    m.handle(ev.Subscribed(PLAN, TokenBucket(20.0, 40)), at(1))
+    m.handle(ev.BacklogRead("1", ()), at(1))
+    assert m.handle(ev.Replayed(), at(1)) == [ev.LoadChat(mark.frame)]  # type: ignore[arg-type]
+
+
 def test_too_many_connections_is_answered_then_closed() -> None:
     m = machine()
     m.handle(frame({"type": "ping", "token": "alice", "request_id": "r"}), at(1))
     commands = m.handle(ev.SubscribeFailed(ConnectionLimitReached(10)), at(1))
     assert types(commands) == ["Unsubscribe", "Reply:error", "CloseWhenWritten"]
     assert error_code(commands[1]) is ErrorCode.RATE_LIMITED
-    assert isinstance(commands[1], ev.Reply)
-    assert commands[1].frame.request_id == "r"
+    assert error_frame(commands[1]).request_id == "r"
     assert commands[2] == ev.CloseWhenWritten(CloseCode.POLICY_VIOLATION, "too many connections")
 
 
@@ -230,7 +378,197 @@ def test_a_failed_backlog_read_unbinds_and_closes_1011() -> None:
     commands = m.handle(ev.BacklogFailed(RuntimeError("disk")), at(1))
     assert types(commands) == ["Unsubscribe", "ReportInternal", "Close"]
     assert commands[2] == ev.Close(CloseCode.INTERNAL_ERROR, "backlog unavailable; reconnect")
-    assert m.state is State.UNBOUND
+    assert state_of(m) is State.UNBOUND
+
+
+# --------------------------------------------------------------------------- binding: changes
+
+# Chat 1: alice had seq 1..4 and the changes up to version 2; since then seq 5..7 came and
+# messages she had were edited or deleted, up to version 12. Chat 3 is all new to her. Chat 4
+# only had changes (version 15) to messages she had (up to seq 10). Chat 2 is a new chat.
+PLAN_WITH_UPDATES = BacklogPlan(
+    chats=(view("2", "carol", "alice"),),
+    message_chats=(("1", 4), ("3", 0)),
+    update_chats=(("1", 2, 4), ("4", 5, 10)),
+    high_water={"1": (7, 12), "2": (0, 0), "3": (2, 2), "4": (10, 15)},
+)
+
+
+def test_binding_sends_new_messages_of_every_chat_then_their_updates() -> None:
+    m = machine()
+    commands = start_binding(m, PLAN_WITH_UPDATES)
+    assert types(commands) == ["Reply:authenticated", "Reply:new_chats", "ReadBacklog"]
+    assert commands[2] == ev.ReadBacklog("alice", "1", 4, 7)
+
+    chat_1 = (message("5"), message("7", version=9))
+    commands = m.handle(ev.BacklogRead("1", chat_1), at(1))
+    # updated_messages of chat 1 follow: this frame does not cover the chat's changes.
+    assert commands == [
+        ev.Reply(
+            protocol.NewMessages("1", chat_1),
+            "new_messages",
+            Receipt("alice", marks=(SeqMark("1", 7, "7", 0, first=5),)),
+        ),
+        ev.ReadBacklog("alice", "3", 0, 2),
+    ]
+
+    chat_3 = (message("31", "3", seq=1), message("32", "3", seq=2))
+    commands = m.handle(ev.BacklogRead("3", chat_3), at(1))
+    # No update of chat 3 follows: its new_messages covers every change up to the snapshot.
+    assert commands == [
+        ev.Reply(
+            protocol.NewMessages("3", chat_3),
+            "new_messages",
+            Receipt("alice", marks=(SeqMark("3", 2, "32", 2, first=1),)),
+        ),
+        ev.ReadUpdates("alice", "1", 2, 12, 4),  # after her version mark, up to the snapshot
+    ]
+
+    changes_1 = (message("3", version=10, edited=True), message("4", version=12, deleted=True))
+    commands = m.handle(ev.UpdatesRead("1", changes_1), at(1))
+    assert commands == [
+        ev.Reply(
+            protocol.UpdatedMessages("1", changes_1),
+            "updated_messages",
+            Receipt("alice", marks=(SeqMark("1", version=12),)),
+        ),
+        ev.ReadUpdates("alice", "4", 5, 15, 10),
+    ]
+
+    changes_4 = (message("41", "4", seq=8, version=14, edited=True),)
+    commands = m.handle(ev.UpdatesRead("4", changes_4), at(1))
+    assert commands == [
+        ev.Reply(
+            protocol.UpdatedMessages("4", changes_4),
+            "updated_messages",
+            Receipt("alice", marks=(SeqMark("4", version=15),)),
+        ),
+        ev.Replay(),
+    ]
+    assert m.handle(ev.Replayed(), at(1)) == []
+    assert state_of(m) is State.BOUND
+    # The counters are of new chats and new messages; changes are not new messages.
+    assert (m.backlog_chats, m.backlog_messages) == (1, 4)
+
+
+def test_empty_reads_send_nothing_and_go_on_to_the_next_chat() -> None:
+    m = machine()
+    start_binding(m, PLAN_WITH_UPDATES)
+    assert m.handle(ev.BacklogRead("1", ()), at(1)) == [ev.ReadBacklog("alice", "3", 0, 2)]
+    assert m.handle(ev.BacklogRead("3", ()), at(1)) == [ev.ReadUpdates("alice", "1", 2, 12, 4)]
+    assert m.handle(ev.UpdatesRead("1", ()), at(1)) == [ev.ReadUpdates("alice", "4", 5, 15, 10)]
+    assert m.handle(ev.UpdatesRead("4", ()), at(1)) == [ev.Replay()]
+    assert (m.backlog_chats, m.backlog_messages) == (1, 0)
+
+
+def test_a_chat_with_only_updates_is_read_after_every_new_message() -> None:
+    m = machine()
+    plan = BacklogPlan(
+        chats=(),
+        message_chats=(("5", 1),),
+        update_chats=(("4", 5, 10),),
+        high_water={"4": (10, 15), "5": (3, 3)},
+    )
+    assert types(start_binding(m, plan)) == ["Reply:authenticated", "ReadBacklog"]
+    commands = m.handle(ev.BacklogRead("5", (message("52", "5", seq=2),)), at(1))
+    assert types(commands) == ["Reply:new_messages", "ReadUpdates"]
+    assert commands[1] == ev.ReadUpdates("alice", "4", 5, 15, 10)
+
+
+def test_a_failed_updates_read_unbinds_and_closes_1011() -> None:
+    m = machine()
+    start_binding(m, PLAN_WITH_UPDATES)
+    m.handle(ev.BacklogRead("1", ()), at(1))
+    assert types(m.handle(ev.BacklogRead("3", ()), at(1))) == ["ReadUpdates"]
+    commands = m.handle(ev.BacklogFailed(RuntimeError("disk")), at(1))
+    assert types(commands) == ["Unsubscribe", "ReportInternal", "Close"]
+    assert state_of(m) is State.UNBOUND
+    assert m.handle(ev.FanOut(updated("3", 13)), at(1)) == []
+
+
+# The race of a change: the backlog reads messages in their current state, so one changed
+# after the snapshot (here message 5 of chat 1, edited at version 8 while chat 1 was at 7 in
+# the snapshot) reaches the client in that newer state. Its message_updated up to that state
+# is then a duplicate and dropped, parked or live; a later change of it, or a change of
+# another message, is sent.
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        (updated("5", 8), False),  # the state the backlog carried
+        (updated("5", 10), True),  # a later change of the same message
+        (updated("6", 9), True),  # another message's change after the snapshot
+        (updated("6", 7), False),  # a change the snapshot saw
+        (fan_out("8", version=11), True),  # a new message after the snapshot
+        (receipt_item(chat_id="1"), True),
+    ],
+    ids=["same-state", "later-change", "other-message", "covered", "new-message", "receipt"],
+)
+@pytest.mark.parametrize("read_in", ["new_messages", "updated_messages"])
+def test_a_message_read_in_a_newer_state_drops_its_older_updates(
+    item: Outgoing, expected: bool, read_in: str
+) -> None:
+    m = machine()
+    plan = BacklogPlan(
+        chats=(),
+        message_chats=(("1", 4),),
+        update_chats=(("1", 2, 4),),
+        high_water={"1": (7, 7)},
+    )
+    start_binding(m, plan)
+    assert m.handle(ev.FanOut(item), at(1)) == []
+    newer = message("5", version=8, edited=True)
+    if read_in == "new_messages":
+        m.handle(ev.BacklogRead("1", (newer, message("7"))), at(1))
+        commands = m.handle(ev.UpdatesRead("1", ()), at(1))
+    else:
+        m.handle(ev.BacklogRead("1", ()), at(1))
+        commands = m.handle(ev.UpdatesRead("1", (message("2", edited=True), newer)), at(1))
+    assert [c for c in commands if isinstance(c, ev.Write)] == (
+        [ev.Write(item)] if expected else []
+    )
+    assert types(commands)[-1] == "Replay"
+    assert m.handle(ev.Replayed(), at(1)) == []
+    # Live, once bound (e.g. the same change through another node): the same decision.
+    assert m.handle(ev.FanOut(item), at(2)) == ([ev.Push(item)] if expected else [])
+    # Once the binding's memory is gone, nothing is dropped any more.
+    later = at(1 + BACKLOG_MEMORY_S + 0.001)
+    assert m.handle(ev.FanOut(updated("5", 8)), later) == [ev.Push(updated("5", 8))]
+
+
+def test_the_newer_state_read_in_the_backlog_is_remembered_per_message() -> None:
+    m = machine()
+    plan = BacklogPlan(
+        chats=(), message_chats=(("1", 0), ("3", 0)), high_water={"1": (7, 7), "3": (2, 2)}
+    )
+    start_binding(m, plan)
+    # Message 5 read at version 9 (edited twice after the snapshot), message 31 at its own.
+    m.handle(ev.BacklogRead("1", (message("5", version=9, edited=True),)), at(1))
+    m.handle(ev.BacklogRead("3", (message("31", "3", seq=1, version=1),)), at(1))
+    m.handle(ev.Replayed(), at(1))
+    assert m.handle(ev.FanOut(updated("5", 8)), at(2)) == []  # an older state than the client's
+    assert m.handle(ev.FanOut(updated("5", 9)), at(2)) == []
+    assert m.handle(ev.FanOut(updated("5", 10)), at(2)) == [ev.Push(updated("5", 10))]
+    # Message 31 was read in its snapshot state: its first change after it is sent.
+    assert m.handle(ev.FanOut(updated("31", 3, "3")), at(2)) == [ev.Push(updated("31", 3, "3"))]
+
+
+def test_a_change_the_backlog_carried_still_reports_its_delivery() -> None:
+    """The change is not sent again, but its receipt is, as a frame of no bytes in its place
+    in the stream: otherwise the user's change mark would never cover it, and the next
+    binding would offer it again in `updated_messages`."""
+    m = machine()
+    plan = BacklogPlan(chats=(), message_chats=(("1", 4),), high_water={"1": (7, 7)})
+    start_binding(m, plan)
+    mark = Receipt("alice", marks=(SeqMark("1", version=8),))
+    parked = attrs.evolve(updated("5", 8), receipt=mark)
+    assert m.handle(ev.FanOut(parked), at(1)) == []  # parked while binding
+    commands = m.handle(ev.BacklogRead("1", (message("5", version=8, edited=True),)), at(1))
+    writes = [c for c in commands if isinstance(c, ev.Write)]
+    assert writes == [ev.Write(Outgoing("", MARK_ONLY, mark))]
+    assert m.handle(ev.Replayed(), at(1)) == []
+    # Live, the same: a receipt-only push; an item without a receipt is dropped outright.
+    assert m.handle(ev.FanOut(parked), at(2)) == [ev.Push(Outgoing("", MARK_ONLY, mark))]
+    assert m.handle(ev.FanOut(updated("5", 8)), at(2)) == []
 
 
 # --------------------------------------------------------------------------- authentication
@@ -241,15 +579,14 @@ def test_unbound_serves_ping_and_refuses_everything_else() -> None:
     assert m.handle(frame({"type": "ping"}), at(1)) == [ev.Reply(protocol.Pong(), "pong")]
     commands = m.handle(frame({"type": "fetch_chats", "request_id": 3}), at(1))
     assert error_code(commands[0]) is ErrorCode.UNAUTHORIZED
-    assert isinstance(commands[0], ev.Reply)
-    assert commands[0].frame.request_id == 3
+    assert error_frame(commands[0]).request_id == 3
 
 
 def test_an_invalid_query_token_leaves_the_connection_open_and_unbound() -> None:
     m = machine()
     commands = m.handle(ev.Opened("bad"), at(1))
     assert [error_code(c) for c in commands] == [ErrorCode.UNAUTHORIZED]
-    assert m.state is State.UNBOUND
+    assert state_of(m) is State.UNBOUND
 
 
 def test_a_token_for_another_user_is_forbidden_and_changes_nothing() -> None:
@@ -342,8 +679,7 @@ def test_rate_limit_counts_every_frame_even_invalid_ones() -> None:
     assert [error_code(c) for c in m.handle(bad, at(1))] == [ErrorCode.BAD_JSON]
     commands = m.handle(frame({"type": "ping", "request_id": 1}), at(1))
     assert [error_code(c) for c in commands] == [ErrorCode.RATE_LIMITED]
-    assert isinstance(commands[0], ev.Reply)
-    assert commands[0].frame.retry_after_ms == 1000
+    assert error_frame(commands[0]).retry_after_ms == 1000
 
 
 def test_a_bound_connection_shares_its_users_bucket() -> None:
@@ -364,6 +700,7 @@ def test_send_message_checks_the_chat_then_stores_and_replies_only_to_resends() 
     send = {"type": "send_message", "chat_id": "1", "recipient_id": "bob", "content": "hi"}
     (load,) = m.handle(frame({**send, "request_id": 1}), at(2))
     assert isinstance(load, ev.LoadChat)
+    assert isinstance(load.frame, protocol.SendMessage)
     (store,) = m.handle(ev.ChatLoaded(load.frame, chat("1")), at(2))
     assert store == ev.StoreMessage(load.frame, chat("1"), "alice")
     stored = message("9", sender="alice")
@@ -395,26 +732,121 @@ def test_send_message_refusals(
     assert (reply.frame.code, reply.frame.field, reply.frame.request_id) == (code, field, "q")
 
 
+def test_create_chat_replies_with_the_chat_object_and_counts_it_delivered() -> None:
+    m = machine()
+    bind(m)
+    (store,) = m.handle(
+        frame({"type": "create_chat", "recipient_id": "bob", "request_id": 3}), at(2)
+    )
+    assert isinstance(store, ev.StoreChat)
+    created = view("5")
+    assert m.handle(ev.ChatStored(store.frame, created, True), at(2)) == [
+        ev.Reply(protocol.NewChats((created,), 3), "new_chats", Receipt("alice", chat_ids=("5",)))
+    ]
+
+
 def test_fetch_chats_streams_one_answer_at_a_time() -> None:
     m = machine()
     bind(m)
     (listing,) = m.handle(frame({"type": "fetch_chats", "limit": 5}), at(2))
     assert isinstance(listing, ev.ListChats)
-    chats = (chat("1"), chat("2", "carol", "alice"))
+    chats = (view("1"), view("2", "carol", "alice"))
     commands = m.handle(ev.ChatsListed(listing.frame, chats), at(2))
-    assert types(commands) == ["Reply:all_chats", "StreamHistories"]
-    assert commands[1] == ev.StreamHistories(listing.frame, ("1", "2"))
+    assert commands == [
+        ev.Reply(protocol.AllChats(chats), "all_chats", Receipt("alice", chat_ids=("1", "2"))),
+        ev.StreamHistories(listing.frame, ("1", "2")),
+    ]
     # A second fetch while the first is streaming is refused with a retry hint.
     refused = m.handle(frame({"type": "fetch_chats", "request_id": 2}), at(2))
     assert [error_code(c) for c in refused] == [ErrorCode.RATE_LIMITED]
     page = (message("3"), message("4", sender="alice"))
     (reply,) = m.handle(ev.HistoryRead(listing.frame, "1", page, True), at(2))
-    # What it returns counts as delivered: the messages addressed to the user.
+    # What it returns counts as delivered: the page's seq range, never the changes' mark.
     assert isinstance(reply, ev.Reply)
-    assert reply.receipt == Receipt("alice", message_ids=("3",))
+    assert reply.receipt == Receipt("alice", marks=(SeqMark("1", 4, "4", 0, first=3),))
     assert m.handle(ev.HistoryDone(listing.frame), at(2)) == []
     (again,) = m.handle(frame({"type": "fetch_chats"}), at(2))
     assert isinstance(again, ev.ListChats)
+
+
+def test_fetch_chats_limit_0_lists_the_chats_alone() -> None:
+    m = machine()
+    bind(m)
+    (listing,) = m.handle(frame({"type": "fetch_chats", "limit": 0, "request_id": "z"}), at(2))
+    assert listing == ev.ListChats(protocol.FetchChats(0, request_id="z"), "alice")
+    assert isinstance(listing, ev.ListChats)
+    chats = (view("1"), view("2", "carol", "alice"))
+    # Only the chats count as delivered then; no history is streamed.
+    assert m.handle(ev.ChatsListed(listing.frame, chats), at(2)) == [
+        ev.Reply(protocol.AllChats(chats, "z"), "all_chats", Receipt("alice", chat_ids=("1", "2")))
+    ]
+    # Nothing is in progress: the next fetch_chats is served, not refused.
+    for limit in (0, 5):
+        (again,) = m.handle(frame({"type": "fetch_chats", "limit": limit}), at(2))
+        assert isinstance(again, ev.ListChats)
+        assert types(m.handle(ev.ChatsListed(again.frame, chats), at(2)))[0] == "Reply:all_chats"
+
+
+def test_fetch_chats_with_no_chats_streams_nothing() -> None:
+    m = machine()
+    bind(m)
+    (listing,) = m.handle(frame({"type": "fetch_chats"}), at(2))
+    assert isinstance(listing, ev.ListChats)
+    assert types(m.handle(ev.ChatsListed(listing.frame, ()), at(2))) == ["Reply:all_chats"]
+    (again,) = m.handle(frame({"type": "fetch_chats"}), at(2))
+    assert isinstance(again, ev.ListChats)
+
+
+@pytest.mark.parametrize(
+    ("page", "receipt"),
+    [
+        ((), None),
+        ((message("3"),), Receipt("alice", marks=(SeqMark("1", 3, "3", 0, first=3),))),
+        (
+            (message("10", sender="alice"), message("11"), message("12", deleted=True)),
+            Receipt("alice", marks=(SeqMark("1", 12, "12", 0, first=10),)),
+        ),
+        # A message read in a newer state: the page still moves no changes' mark.
+        (
+            (message("6", version=30, edited=True),),
+            Receipt("alice", marks=(SeqMark("1", 6, "6", 0, first=6),)),
+        ),
+    ],
+    ids=["empty", "one", "range-with-own-and-tombstone", "edited"],
+)
+def test_a_history_page_delivers_its_seq_range(
+    page: tuple[protocol.Message, ...], receipt: Receipt | None
+) -> None:
+    m = machine()
+    bind(m)
+    fetch = {"type": "fetch_messages", "chat_id": "1", "before": "13", "request_id": 6}
+    (load,) = m.handle(frame(fetch), at(2))
+    assert isinstance(load, ev.LoadChat)
+    assert isinstance(load.frame, protocol.FetchMessages)
+    assert m.handle(ev.ChatLoaded(load.frame, chat("1")), at(2)) == [ev.ReadPage(load.frame)]
+    assert m.handle(ev.PageRead(load.frame, (page, True)), at(2)) == [
+        ev.Reply(protocol.AllMessages("1", page, True, 6), "all_messages", receipt)
+    ]
+    # The same receipt for the same page of a fetch_chats answer.
+    (listing,) = m.handle(frame({"type": "fetch_chats"}), at(2))
+    assert isinstance(listing, ev.ListChats)
+    m.handle(ev.ChatsListed(listing.frame, (view("1"),)), at(2))
+    (reply,) = m.handle(ev.HistoryRead(listing.frame, "1", page, False), at(2))
+    assert isinstance(reply, ev.Reply)
+    assert reply.receipt == receipt
+
+
+def test_a_page_before_a_message_of_another_chat_is_bad_request() -> None:
+    m = machine()
+    bind(m)
+    (load,) = m.handle(frame({"type": "fetch_messages", "chat_id": "1", "before": "x"}), at(2))
+    assert isinstance(load, ev.LoadChat)
+    assert isinstance(load.frame, protocol.FetchMessages)
+    assert error_of(m.handle(ev.PageRead(load.frame, None), at(2))) == (
+        ErrorCode.BAD_REQUEST,
+        "before",
+        None,
+    )
 
 
 def test_a_store_fault_answers_internal_and_a_protocol_error_answers_itself() -> None:
@@ -427,6 +859,162 @@ def test_a_store_fault_answers_internal_and_a_protocol_error_answers_itself() ->
     refusal = ProtocolError(ErrorCode.NOT_FOUND, "no such chat", field="chat_id")
     commands = m.handle(ev.RequestFailed(load.frame, refusal), at(2))
     assert [error_code(c) for c in commands] == [ErrorCode.NOT_FOUND]
+
+
+# --------------------------------------------------------------------------- receipts, edits
+
+MARK_READ = {"type": "mark_read", "chat_id": "1", "message_id": "5", "request_id": "mr"}
+EDIT = {
+    "type": "edit_message",
+    "chat_id": "1",
+    "message_id": "5",
+    "content": "new",
+    "request_id": 8,
+}
+DELETE = {"type": "delete_message", "chat_id": "1", "message_id": "5", "request_id": "del"}
+CHANGES = [pytest.param(EDIT, id="edit"), pytest.param(DELETE, id="delete")]
+MESSAGE_FRAMES = [pytest.param(MARK_READ, id="mark_read"), *CHANGES]
+
+
+def loaded(
+    m: SessionMachine, obj: dict[str, Any], loaded_chat: protocol.Chat | None
+) -> list[ev.Command]:
+    """Send the frame; it must ask for its chat first; feed the chat back."""
+    (load,) = m.handle(frame(obj), at(2))
+    assert load == ev.LoadChat(protocol.decode(json.dumps(obj)))  # type: ignore[arg-type]
+    assert isinstance(load, ev.LoadChat)
+    return m.handle(ev.ChatLoaded(load.frame, loaded_chat), at(2))
+
+
+@pytest.mark.parametrize(
+    "loaded_chat",
+    [chat("1"), chat("1", "carol", "alice")],  # no recipient to check: any chat of the user
+    ids=["with-bob", "with-carol"],
+)
+@pytest.mark.parametrize("obj", MESSAGE_FRAMES)
+def test_message_frames_load_the_chat_then_store(
+    obj: dict[str, Any], loaded_chat: protocol.Chat
+) -> None:
+    m = machine()
+    bind(m)
+    decoded = protocol.decode(json.dumps(obj))
+    expected: ev.Command
+    if isinstance(decoded, protocol.MarkRead):
+        expected = ev.StoreRead(decoded, loaded_chat, "alice")
+    else:
+        assert isinstance(decoded, protocol.EditMessage | protocol.DeleteMessage)
+        expected = ev.StoreChange(decoded, loaded_chat, "alice")
+    assert loaded(m, obj, loaded_chat) == [expected]
+
+
+@pytest.mark.parametrize(
+    ("loaded_chat", "code"),
+    [
+        (None, ErrorCode.NOT_FOUND),
+        (chat("1", "carol", "dave"), ErrorCode.FORBIDDEN),
+    ],
+    ids=["not-found", "forbidden"],
+)
+@pytest.mark.parametrize("obj", MESSAGE_FRAMES)
+def test_message_frame_refusals_store_nothing(
+    obj: dict[str, Any], loaded_chat: protocol.Chat | None, code: ErrorCode
+) -> None:
+    m = machine()
+    bind(m)
+    assert error_of(loaded(m, obj, loaded_chat)) == (code, "chat_id", obj["request_id"])
+
+
+def test_message_frames_need_a_bound_connection() -> None:
+    m = machine()
+    for obj in (MARK_READ, EDIT, DELETE):
+        assert error_of(m.handle(frame(obj), at(1))) == (
+            ErrorCode.UNAUTHORIZED,
+            "token",
+            obj["request_id"],
+        )
+
+
+READ_MARK = protocol.ReceiptFrame("1", "alice", "read", 6, "6", WHEN)
+
+
+def test_a_mark_read_that_moved_is_answered_by_its_fan_out() -> None:
+    m = machine()
+    bind(m)
+    (store,) = loaded(m, MARK_READ, chat("1"))
+    assert isinstance(store, ev.StoreRead)
+    assert m.handle(ev.ReadStored(store.frame, READ_MARK, True), at(2)) == []
+
+
+def test_a_mark_read_that_did_not_move_answers_the_current_mark() -> None:
+    m = machine()
+    bind(m)
+    (store,) = loaded(m, MARK_READ, chat("1"))
+    assert isinstance(store, ev.StoreRead)
+    # Message 5 is below the read mark (6): the answer is the mark as it is, with the
+    # request_id, and delivers nothing.
+    assert m.handle(ev.ReadStored(store.frame, READ_MARK, False), at(2)) == [
+        ev.Reply(protocol.ReceiptFrame("1", "alice", "read", 6, "6", WHEN, "mr"), "receipt")
+    ]
+
+
+@pytest.mark.parametrize("obj", CHANGES)
+def test_a_change_is_acknowledged_by_its_fan_out(obj: dict[str, Any]) -> None:
+    m = machine()
+    bind(m)
+    (store,) = loaded(m, obj, chat("1"))
+    assert isinstance(store, ev.StoreChange)
+    changed = message("5", sender="alice", version=9, edited=True)
+    assert m.handle(ev.ChangeStored(store.frame, changed, True), at(2)) == []
+
+
+@pytest.mark.parametrize("obj", CHANGES)
+def test_a_change_that_changed_nothing_is_answered_with_the_message(obj: dict[str, Any]) -> None:
+    """Deleting a tombstone again: answered the same, with the message as it is."""
+    m = machine()
+    bind(m)
+    (store,) = loaded(m, obj, chat("1"))
+    assert isinstance(store, ev.StoreChange)
+    tombstone = message("5", sender="alice", version=9, deleted=True)
+    assert m.handle(ev.ChangeStored(store.frame, tombstone, False), at(2)) == [
+        ev.Reply(protocol.MessageUpdated(tombstone, obj["request_id"]), "message_updated")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (
+            ProtocolError(ErrorCode.BAD_REQUEST, "not a message of this chat", field="message_id"),
+            (ErrorCode.BAD_REQUEST, "message_id"),
+        ),
+        (
+            ProtocolError(ErrorCode.BAD_REQUEST, "the message is deleted", field="message_id"),
+            (ErrorCode.BAD_REQUEST, "message_id"),
+        ),
+        (
+            ProtocolError(ErrorCode.FORBIDDEN, "only its sender may change a message"),
+            (ErrorCode.FORBIDDEN, None),
+        ),
+        (RuntimeError("boom"), None),
+        (StoreUnavailable("database down"), None),
+    ],
+    ids=["not-of-chat", "deleted", "forbidden", "fault", "unavailable"],
+)
+@pytest.mark.parametrize("obj", MESSAGE_FRAMES)
+def test_store_refusals_answer_their_code_and_faults_answer_internal(
+    obj: dict[str, Any], error: Exception, expected: tuple[ErrorCode, str | None] | None
+) -> None:
+    m = machine()
+    bind(m)
+    (store,) = loaded(m, obj, chat("1"))
+    assert isinstance(store, ev.StoreRead | ev.StoreChange)
+    commands = m.handle(ev.RequestFailed(store.frame, error), at(2))
+    if expected is None:
+        assert commands == [ev.ReportInternal(error, obj["request_id"])]
+    else:
+        assert error_of(commands) == (*expected, obj["request_id"])
+    assert state_of(m) is State.BOUND  # recoverable: the connection goes on
+    assert types(m.handle(frame({"type": "ping"}), at(3))) == ["Reply:pong"]
 
 
 def test_internal_error_quotes_the_correlation_id() -> None:

@@ -108,6 +108,9 @@ def bubbles(page: Page) -> Any:
     return page.locator("#message-list .bubble .content")
 
 
+ACKNOWLEDGED = ", ".join(f'[data-state="{state}"]' for state in ("sent", "delivered", "read"))
+
+
 def logged(page: Page, direction: str, frame_type: str) -> Any:
     return page.locator(f'#frame-list li[data-direction="{direction}"][data-type="{frame_type}"]')
 
@@ -120,8 +123,10 @@ def test_two_users_create_a_chat_and_talk_both_ways(open_page: Callable[..., Pag
     expect(alice.locator("#conversation-title")).to_have_text("bob")
     send(alice, "Hi Bob, lunch at noon?")
     mine = alice.locator(".bubble.own")
-    expect(mine).to_have_attribute("data-state", "sent")  # the server acknowledged it
-    expect(mine.locator(".delivery")).to_have_text("✓ Sent")
+    # Version 2: the server acknowledged it, and bob is online, so it is delivered at once
+    # (a `receipt` of kind delivered): two grey ticks.
+    expect(mine).to_have_attribute("data-state", "delivered")
+    expect(mine.locator(".delivery")).to_have_text("Delivered")
 
     chat_with_alice = bob.locator(".chat-item", has_text="alice")
     expect(chat_with_alice.locator(".badge")).to_have_text("1")
@@ -129,6 +134,8 @@ def test_two_users_create_a_chat_and_talk_both_ways(open_page: Callable[..., Pag
     expect(bubbles(bob)).to_have_text(["Hi Bob, lunch at noon?"])
     expect(bob.locator(".bubble.theirs .sender")).to_have_text("alice")
     expect(chat_with_alice.locator(".badge")).to_have_count(0)
+    expect(mine).to_have_attribute("data-state", "read")  # bob opened the chat: mark_read
+    expect(mine.locator(".delivery")).to_have_text("Read")
 
     # Shift+Enter is a new line, Enter sends.
     box = bob.get_by_label("Message", exact=True)
@@ -139,7 +146,8 @@ def test_two_users_create_a_chat_and_talk_both_ways(open_page: Callable[..., Pag
     expect(bubbles(alice)).to_have_text(
         ["Hi Bob, lunch at noon?", "Sure!\nGrüße from the second line."]
     )
-    expect(bob.locator(".bubble.own")).to_have_attribute("data-state", "sent")
+    # Acknowledged, and read at once: alice has the chat open on screen.
+    expect(bob.locator(".bubble.own")).to_have_attribute("data-state", "read")
 
     # The list is ordered by last activity: a newer chat goes on top, a reply brings bob back.
     start_chat(alice, "carol")
@@ -155,6 +163,7 @@ def test_two_users_create_a_chat_and_talk_both_ways(open_page: Callable[..., Pag
     expect(logged(alice, "out", "create_chat")).to_have_count(2)
     expect(logged(alice, "out", "send_message")).to_have_count(2)
     expect(logged(alice, "in", "message").first).to_contain_text('"sender_id": "alice"')
+    alice.locator("#frame-log summary").click()  # folded again for the screenshot
     alice.get_by_label("Message", exact=True).fill("See you both there")
     save_screenshot(alice.screenshot(), "screenshot-web.png", docs=True)
 
@@ -174,7 +183,7 @@ def test_offline_user_sees_the_backlog_after_signing_in(open_page: Callable[...,
     chat_with_dave.click()
     expect(bubbles(erin)).to_have_text(["First, while you were away", "Second, still away"])
     expect(erin.locator(".chat-list")).to_be_hidden()  # phone width: one pane at a time
-    save_screenshot(erin.screenshot(), "screenshot-web-phone.png")
+    save_screenshot(erin.screenshot(), "screenshot-web-phone.png", docs=True)
     erin.get_by_role("button", name="Back to chats").click()
     expect(chat_with_dave).to_be_visible()
     expect(chat_with_dave.locator(".badge")).to_have_count(0)
@@ -232,7 +241,8 @@ def test_server_restart_loses_nothing_and_duplicates_nothing(
     ]
     for page in (frank, grace):
         expect(page.locator("#connection")).to_have_text("Online", timeout=RECONNECT_TIMEOUT_MS)
-        expect(page.locator('.bubble.own:not([data-state="sent"])')).to_have_count(0)
+        # Every own message acknowledged (version 2 shows sent, delivered or read for those).
+        expect(page.locator(f".bubble.own:not({ACKNOWLEDGED})")).to_have_count(0)
     for page in (frank, grace):
         # Same set on both sides; the two offline messages may be stored in either order.
         expect(bubbles(page)).to_have_count(5)
@@ -253,6 +263,7 @@ def test_error_frames_are_shown_to_the_person(
     start_chat(heidi, "heidi")
     toast = heidi.locator('.toast[data-code="bad_request"]')
     expect(toast).to_be_visible()
+    expect(toast.locator("strong")).to_have_text("The server did not accept that request.")
     expect(toast).to_contain_text("yourself")
     expect(toast).to_contain_text("recipient_id")
     expect(logged(heidi, "in", "error")).to_have_count(1)
@@ -344,3 +355,408 @@ def test_chat_client_outbox_contract(open_page: Callable[..., Page]) -> None:
         "limited:sending",
     ]
     assert result["refused"] == ["invalid token", "stopped"]
+
+
+def test_chat_client_model_contract(open_page: Callable[..., Page]) -> None:
+    """Marks, unread counts and ticks of chat-client.js, from scripted server frames."""
+    model = open_page().evaluate(CONTRACT_JS)["model"]
+    assert model["syncOnBind"] == [0]  # fetch_chats {limit: 0}: the list with counts
+    assert model["fromChatObject"] == 3  # unread_count of the chat object
+    assert model["liveFromOther"] == 4
+    assert model["askedAgain"] == [0, 0]  # read elsewhere, a message in between not held
+    assert model["unreadWhileAsking"] == 4  # not guessed meanwhile
+    assert model["afterAnswer"] == 3
+    assert model["openFetch"] == ["c", 2, False]
+    assert model["hasOlder"] is True
+    assert model["olderBefore"] == "m3"
+    assert model["held"] == [1, 2, 3, 4]
+    assert model["hasOlderAfter"] is False
+    assert model["countedHeld"] == 3  # all held: counted by the client, seqs 2..4 from bob
+    assert model["markOnView"] == ["c", "m4", 0]
+    assert model["viewedLive"] == [0, 1]  # on screen: not counted, one mark_read in flight
+    assert model["secondMark"] == "m5"  # sent once the first was answered
+    assert model["afterReceipts"] == 0
+    assert model["twoNew"] == 2
+    assert model["afterDelete"] == [1, True]  # a deleted message is not unread
+    assert model["afterOwn"] == [0, 8]  # sending moves the sender's own read mark
+    assert model["ticks"] == ["sent", "delivered", "read"]
+    assert model["editSent"] == ["m8", "fixed", 1]
+    assert model["heldBeforeAck"] == "text 8"  # the server's state until message_updated
+    assert model["editDone"] == ["sent", 0, "fixed"]
+    assert model["resync"] == [0]
+    assert model["gapFetch"] == [[2, False]]  # the open chat's newest page, again
+    assert model["afterGap"] == [[11, 12], True]
+    assert model["gapMark"] == ["m12"]
+    assert model["refresh"] == [[None, 2], ["m11", 2]]  # the newest page, then what is held
+    assert model["refreshed"] == [[9, True], [10, False], [11, False], [12, False]]
+    assert model["restored"] == model["expected"]
+    assert model["restoredResent"] == [True]
+    assert model["storageAfter"] == {}
+
+
+def hold_sends_route(control: dict[str, Any]) -> Callable[[WebSocketRoute], None]:
+    """A WebSocket route that can hold the page's `send_message` frames (the link is slow),
+    drop them (they never reach the server), or drop the server's acknowledgements."""
+
+    def route(ws: WebSocketRoute) -> None:
+        upstream = ws.connect_to_server()
+
+        def to_server(message: str | bytes) -> None:
+            frame = json.loads(message)
+            if frame.get("type") == "send_message":
+                if control.get("mode") == "hold":
+                    control.setdefault("held", []).append((upstream, message))
+                    return
+                if control.get("mode") == "drop_sends":
+                    return
+                if control.get("mode") == "sabotage":
+                    message = json.dumps({**frame, "recipient_id": "nobody-at-all"})
+            upstream.send(message)
+
+        def to_page(message: str | bytes) -> None:
+            frame = json.loads(message)
+            own_ack = frame.get("type") == "message" and frame.get("request_id") is not None
+            if control.get("mode") == "drop_acks" and own_ack:
+                return
+            ws.send(message)
+
+        ws.on_message(to_server)
+        upstream.on_message(to_page)
+
+    return route
+
+
+def release_held(control: dict[str, Any]) -> None:
+    control["mode"] = None
+    for upstream, message in control.pop("held", []):
+        upstream.send(message)
+
+
+def chat_item(page: Page, name: str) -> Any:
+    exact = page.locator(".chat-name", has_text=re.compile(f"^{re.escape(name)}$"))
+    return page.locator(".chat-item", has=exact)
+
+
+def test_ticks_and_unread_badges_follow_the_server_across_devices(
+    open_page: Callable[..., Page],
+) -> None:
+    control: dict[str, Any] = {"mode": "hold"}
+    kim = sign_in(open_page(route=hold_sends_route(control)), "kim")
+    start_chat(kim, "lee")
+    expect(kim.locator("#conversation-title")).to_have_text("lee")
+    expect(kim.locator("#message-input")).to_be_focused()
+    send(kim, "Are you there?")
+    first = kim.locator(".bubble.own").first
+    # sending (a clock) -> sent (stored; lee has never connected) -> delivered -> read
+    expect(first).to_have_attribute("data-state", "sending")
+    expect(first.locator(".delivery")).to_have_text("Sending…")
+    release_held(control)
+    expect(first).to_have_attribute("data-state", "sent")
+    expect(first.locator(".delivery")).to_have_text("Sent")
+    expect(first.locator(".content")).to_have_attribute("dir", "auto")
+
+    lee_phone = sign_in(open_page(PHONE), "lee")  # the backlog delivers it
+    expect(first).to_have_attribute("data-state", "delivered")
+    expect(chat_item(lee_phone, "kim").locator(".badge")).to_have_text("1")
+    expect(lee_phone).to_have_title("(1) Chat")
+
+    lee_desk = sign_in(open_page(), "lee")
+    # Already delivered to lee, so no backlog here: the count comes from the chat object.
+    expect(chat_item(lee_desk, "kim").locator(".badge")).to_have_text("1")
+    expect(logged(lee_desk, "in", "all_chats")).to_have_count(1)
+    expect(logged(lee_desk, "in", "new_messages")).to_have_count(0)
+    expect(logged(lee_desk, "out", "fetch_chats")).to_contain_text('"limit": 0')
+
+    chat_item(lee_desk, "kim").click()
+    expect(lee_desk.locator("#message-input")).to_be_focused()
+    expect(lee_desk.locator("#message-list .divider")).to_have_text("New messages")
+    expect(bubbles(lee_desk)).to_have_text(["Are you there?"])
+    expect(logged(lee_desk, "out", "mark_read")).to_have_count(1)
+    expect(first).to_have_attribute("data-state", "read")
+    expect(first.locator(".delivery")).to_have_text("Read")
+    # The other device's badge clears live (a receipt of kind read for lee himself).
+    expect(chat_item(lee_phone, "kim").locator(".badge")).to_have_count(0)
+    expect(lee_phone).to_have_title("Chat")
+    expect(chat_item(lee_desk, "kim").locator(".badge")).to_have_count(0)
+
+    # A message into a chat that is open on screen is read at once; the phone stays clear.
+    send(kim, "Great, see you at the station.")
+    second = kim.locator(".bubble.own").nth(1)
+    expect(second).to_have_attribute("data-state", "read")
+    expect(bubbles(lee_desk)).to_have_text(["Are you there?", "Great, see you at the station."])
+    expect(chat_item(lee_phone, "kim").locator(".chat-preview")).to_have_text(
+        "Great, see you at the station."
+    )
+    expect(chat_item(lee_phone, "kim").locator(".badge")).to_have_count(0)
+    expect(chat_item(kim, "lee").locator(".chat-preview .tick-read")).to_have_count(1)
+    # The day separator above the first message, and the two bubbles of kim are one group.
+    expect(lee_desk.locator(".day-separator")).to_have_text("Today")
+    expect(lee_desk.locator(".bubble.theirs.group-start")).to_have_count(1)
+
+    # lee replies from the phone; kim's unread badge counts it, and opening clears it.
+    start_chat(kim, "lee-two")
+    expect(kim.locator("#conversation-title")).to_have_text("lee-two")
+    chat_item(lee_phone, "kim").click()
+    expect(lee_phone.locator("#message-list .divider")).to_have_count(0)  # nothing was unread
+    send(lee_phone, "On my way")
+    send(lee_phone, "Platform 4")
+    expect(chat_item(kim, "lee").locator(".badge")).to_have_text("2")
+    lee_phone.get_by_role("button", name="Back to chats").click()
+    expect(chat_item(lee_phone, "kim").locator(".chat-preview .tick-delivered")).to_have_count(1)
+    chat_item(kim, "lee").click()
+    expect(chat_item(kim, "lee").locator(".badge")).to_have_count(0)
+    expect(chat_item(lee_phone, "kim").locator(".chat-preview .tick-read")).to_have_count(1)
+    save_screenshot(lee_phone.screenshot(), "screenshot-web-phone-list.png", docs=True)
+
+
+def open_message_menu(page: Page, text: str) -> None:
+    bubble = page.locator(".bubble.own", has=page.locator(".content", has_text=text))
+    bubble.hover()
+    bubble.get_by_role("button", name="Message actions").click()
+    expect(page.get_by_role("menu")).to_be_visible()
+
+
+def test_edit_and_delete_are_live_on_every_device(open_page: Callable[..., Page]) -> None:
+    offline = {"on": False, "sockets": []}
+
+    def flaky(ws: WebSocketRoute) -> None:
+        if offline["on"]:
+            ws.close(code=4001, reason="offline")
+            return
+        offline["sockets"].append((ws, ws.connect_to_server()))
+
+    mia_desk = sign_in(open_page(), "mia")
+    mia_phone = sign_in(open_page(PHONE), "mia")
+    ned = sign_in(open_page(route=flaky), "ned")
+    start_chat(mia_desk, "ned")
+    send(mia_desk, "See you at 5")
+    send(mia_desk, "Bring the the map")
+    chat_item(ned, "mia").click()
+    chat_item(mia_phone, "ned").click()
+    for page in (mia_desk, mia_phone, ned):
+        expect(bubbles(page)).to_have_text(["See you at 5", "Bring the the map"])
+
+    # Edit from the bubble's menu, in the composer.
+    open_message_menu(mia_desk, "Bring the the map")
+    mia_desk.get_by_role("menuitem", name="Edit").click()
+    box = mia_desk.get_by_label("Message", exact=True)
+    expect(box).to_have_value("Bring the the map")
+    expect(box).to_be_focused()
+    expect(mia_desk.locator("#edit-bar")).to_contain_text("Edit message")
+    box.fill("Bring the map")
+    save_screenshot(mia_desk.screenshot(), "screenshot-web-edit.png", docs=True)
+    box.press("Enter")
+    expect(logged(mia_desk, "out", "edit_message")).to_have_count(1)
+    expect(box).to_have_value("")
+    for page in (mia_desk, mia_phone, ned):
+        expect(bubbles(page)).to_have_text(["See you at 5", "Bring the map"])
+        expect(page.locator(".bubble", has_text="Bring the map").locator(".edited")).to_have_text(
+            "edited"
+        )
+
+    # Delete from the other device, with a right click.
+    target = mia_phone.locator(".bubble.own", has=mia_phone.locator(".content", has_text="at 5"))
+    target.click(button="right")
+    mia_phone.get_by_role("menuitem", name="Delete").click()
+    dialog = mia_phone.locator("#delete-dialog")
+    expect(dialog).to_be_visible()
+    dialog.get_by_role("button", name="Delete").click()
+    for page in (mia_desk, mia_phone, ned):
+        expect(bubbles(page)).to_have_text(["Message deleted", "Bring the map"])
+        expect(page.locator(".bubble.deleted")).to_have_count(1)
+    expect(mia_desk.locator(".bubble.deleted .bubble-actions")).to_have_count(0)
+
+    # ned is away while mia changes two more messages: they arrive in one updated_messages
+    # frame when he is back, each in its final state.
+    send(mia_desk, "Third, to be deleted")
+    expect(bubbles(ned)).to_have_count(3)
+    offline["on"] = True
+    for ws, upstream in offline["sockets"]:
+        ws.close(code=4001, reason="offline")
+        upstream.close()
+    expect(ned.locator("#connection")).to_have_attribute("data-state", "waiting")
+    open_message_menu(mia_desk, "Bring the map")
+    mia_desk.get_by_role("menuitem", name="Edit").click()
+    mia_desk.get_by_label("Message", exact=True).fill("Bring the map, please")
+    mia_desk.get_by_label("Message", exact=True).press("Enter")
+    open_message_menu(mia_desk, "Third, to be deleted")
+    mia_desk.get_by_role("menuitem", name="Delete").click()
+    mia_desk.locator("#delete-dialog").get_by_role("button", name="Delete").click()
+    expected = ["Message deleted", "Bring the map, please", "Message deleted"]
+    expect(bubbles(mia_phone)).to_have_text(expected)
+    expect(bubbles(ned)).to_have_text(["Message deleted", "Bring the map", "Third, to be deleted"])
+    offline["on"] = False
+    expect(ned.locator("#connection")).to_have_text("Online", timeout=RECONNECT_TIMEOUT_MS)
+    expect(bubbles(ned)).to_have_text(expected)
+    expect(logged(ned, "in", "updated_messages")).to_have_count(1)
+    expect(chat_item(ned, "mia").locator(".chat-preview")).to_have_text("Message deleted")
+    expect(mia_desk.locator(".bubble[data-change]")).to_have_count(0)
+
+
+def test_unsent_messages_survive_a_reload_and_are_sent_once(
+    open_page: Callable[..., Page], browser: Browser, server: HandlerProcess
+) -> None:
+    control: dict[str, Any] = {"mode": None}
+    oli = sign_in(open_page(route=hold_sends_route(control)), "oli")
+    pat = sign_in(open_page(), "pat")
+    start_chat(oli, "pat")
+    send(oli, "hello")
+    chat_item(pat, "oli").click()
+    expect(bubbles(pat)).to_have_text(["hello"])
+
+    control["mode"] = "drop_sends"  # never reaches the server
+    send(oli, "typed while the link is down")
+    control["mode"] = "drop_acks"  # stored, but the acknowledgement is lost
+    send(oli, "stored, but the ack is lost")
+    expect(bubbles(pat)).to_have_text(["hello", "stored, but the ack is lost"])
+    pending = oli.locator('.bubble.own[data-state="sending"]')
+    expect(pending).to_have_count(2)
+    oli.get_by_label("Message", exact=True).fill("a draft, not sent yet")
+
+    dialogs: list[str] = []
+
+    def on_dialog(dialog: Any) -> None:
+        dialogs.append(dialog.type)
+        dialog.accept()
+
+    oli.on("dialog", on_dialog)
+    control["mode"] = None
+    oli.reload()
+    assert dialogs == ["beforeunload"]  # warned: something typed was not acknowledged
+
+    expect(oli.locator("#connection")).to_have_text("Online")
+    expect(oli.locator("#conversation-title")).to_have_text("pat")  # the open chat is kept
+    expect(oli.get_by_label("Message", exact=True)).to_have_value("a draft, not sent yet")
+    expected = ["hello", "stored, but the ack is lost", "typed while the link is down"]
+    expect(bubbles(oli)).to_have_text(expected)
+    expect(oli.locator(f".bubble.own:not({ACKNOWLEDGED})")).to_have_count(0)
+    expect(bubbles(pat)).to_have_text(expected)  # the resend of the stored one is not pushed
+    assert oli.evaluate("JSON.parse(localStorage.getItem('chat.outbox.oli')).entries") == {}
+
+    # The server's history has each message once.
+    fresh = browser.new_context(viewport=DESKTOP)
+    try:
+        page = fresh.new_page()
+        page.goto(server.url)
+        sign_in(page, "pat")
+        chat_item(page, "oli").click()
+        expect(bubbles(page)).to_have_text(expected)
+    finally:
+        fresh.close()
+    expect(bubbles(pat)).to_have_count(3)
+
+
+def test_long_texts_and_refused_sends_are_never_lost(open_page: Callable[..., Page]) -> None:
+    control: dict[str, Any] = {"mode": None}
+    quin = sign_in(open_page(route=hold_sends_route(control)), "quin")
+    start_chat(quin, "rae")
+    box = quin.get_by_label("Message", exact=True)
+    counter = quin.locator("#char-count")
+    box.fill("x" * 3000)
+    expect(counter).to_be_hidden()
+    box.fill("é" * 4100)  # a paste over the limit is kept whole and counted, not cut
+    expect(counter).to_have_text("4100 / 4096: 4 too many")
+    expect(quin.locator("#send-button")).to_be_disabled()
+    box.press("Enter")
+    expect(box).to_have_value("é" * 4100)
+    expect(quin.locator(".bubble")).to_have_count(0)
+    box.press("Control+End")
+    for _ in range(4):
+        box.press("Backspace")
+    expect(counter).to_have_text("4096 / 4096")
+    box.press("Enter")
+    expect(quin.locator(".bubble.own")).to_have_attribute("data-state", "sent")
+    expect(counter).to_be_hidden()
+
+    # A send the server refuses stays on screen, and can be retried (same client_message_id)
+    # or taken back into the composer.
+    control["mode"] = "sabotage"
+    send(quin, "refused the first time")
+    failed = quin.locator('.bubble.own[data-state="failed"]')
+    expect(failed).to_have_count(1)
+    expect(failed.locator(".failure")).to_contain_text("Not sent: The server did not accept")
+    control["mode"] = None
+    failed.get_by_role("button", name="Retry").click()
+    expect(failed).to_have_count(0)
+    expect(bubbles(quin).last).to_have_text("refused the first time")
+    expect(quin.locator(".bubble.own").last).to_have_attribute("data-state", "sent")
+
+    control["mode"] = "sabotage"
+    send(quin, "fix me")
+    expect(failed).to_have_count(1)
+    control["mode"] = None
+    failed.get_by_role("button", name="Edit").click()
+    expect(failed).to_have_count(0)
+    expect(box).to_have_value("fix me")
+    box.fill("fixed")
+    box.press("Enter")
+    expect(bubbles(quin).last).to_have_text("fixed")
+    expect(bubbles(quin)).to_have_count(3)
+
+
+def test_history_pages_keep_the_reading_position(open_page: Callable[..., Page]) -> None:
+    sam = sign_in(open_page(), "sam")
+    start_chat(sam, "tia")
+    expect(sam.locator("#conversation-title")).to_have_text("tia")
+    chat_id = sam.evaluate("sessionStorage.getItem('chat.openChat')")
+    # 70 messages, paced under the rate limit, through a second socket of sam's.
+    sent = sam.evaluate(
+        """async ({chatId, count}) => {
+            const {token} = JSON.parse(sessionStorage.getItem("chat.session"));
+            const url = new URL("/ws", location.href);
+            url.protocol = "ws:";
+            url.searchParams.set("token", token);
+            const ws = new WebSocket(url);
+            let acks = 0;
+            const done = new Promise((resolve) => ws.addEventListener("message", (event) => {
+                const frame = JSON.parse(event.data);
+                if (frame.type === "message" && ++acks === count) resolve(acks);
+            }));
+            await new Promise((resolve) => ws.addEventListener("open", resolve));
+            for (let n = 1; n <= count; n += 1) {
+                ws.send(JSON.stringify({type: "send_message", chat_id: chatId,
+                    recipient_id: "tia", content: `number ${n}`, client_message_id: `h${n}`}));
+                await new Promise((resolve) => setTimeout(resolve, 60));
+            }
+            const result = await done;
+            ws.close();
+            return result;
+        }""",
+        {"chatId": chat_id, "count": 70},
+    )
+    assert sent == 70
+
+    # Delivered to a first device of tia's (her backlog), so the second one holds none of
+    # them and pages through the server's history.
+    first_device = sign_in(open_page(), "tia")
+    expect(chat_item(first_device, "sam").locator(".badge")).to_have_text("70")
+    tia = sign_in(open_page(), "tia")
+    expect(chat_item(tia, "sam").locator(".badge")).to_have_text("70")
+    chat_item(tia, "sam").click()
+    expect(bubbles(tia)).to_have_count(50)  # the newest page
+    expect(bubbles(tia).first).to_have_text("number 21")
+    older = tia.get_by_role("button", name="Load older messages")
+    expect(older).to_be_visible()
+    expect(tia.locator("#message-list .divider")).to_be_visible()  # all unread: at the top
+
+    older.scroll_into_view_if_needed()
+    anchor = tia.locator('.bubble[data-seq="21"]')  # the oldest one held, right below it
+    before = anchor.bounding_box()
+    older.click()
+    expect(bubbles(tia)).to_have_count(70)
+    expect(bubbles(tia).first).to_have_text("number 1")
+    expect(older).to_be_hidden()
+    after = anchor.bounding_box()
+    assert before is not None
+    assert after is not None
+    assert abs(after["y"] - before["y"]) < 2  # the page grew above, the reading stayed put
+
+    # Scrolled up, a new message shows the jump button instead of pulling the view down.
+    send(sam, "number 71")
+    jump = tia.get_by_role("button", name=re.compile("New messages"))
+    expect(jump).to_be_visible()
+    expect(jump).to_contain_text("1")
+    jump.click()
+    expect(jump).to_be_hidden()
+    expect(bubbles(tia).last).to_be_in_viewport()
+    expect(chat_item(tia, "sam").locator(".badge")).to_have_count(0)

@@ -1,30 +1,47 @@
 /**
  * app.js: the browser chat UI.
  *
- * Every protocol concern (socket, reconnect, keep-alive, tokens, safe resends) lives in
- * chat-client.js; this file only keeps a small UI model (chats, messages, unread counts) fed by
- * the client's events, and renders it. Rendering is a plain rebuild of the visible lists,
- * batched per animation frame: simple to read, and fast enough for a chat window.
+ * Every protocol concern (socket, reconnect, keep-alive, tokens, safe resends, the chat model
+ * with its messages, marks and unread counts) lives in chat-client.js; this file renders that
+ * model and turns what the person does into client calls. What it keeps itself is only what is
+ * about the screen: the open chat, the "new messages" divider, the message being edited, drafts.
+ * Rendering rebuilds the visible lists from the model, batched per animation frame, reusing the
+ * DOM node of every bubble whose content did not change.
  */
-import { ChatClient, fetchDevToken, jwtClaims } from "./chat-client.js";
+import {
+  ChatClient,
+  MAX_MESSAGE_CHARS,
+  characterCount,
+  errorSentence,
+  fetchDevToken,
+  jwtClaims,
+} from "./chat-client.js";
 
 const SESSION_KEY = "chat.session"; // sessionStorage: survives a reload, not a closed tab
-const HISTORY_PAGE = 50; // messages per chat on sign-in and per "load older" click
+const OPEN_CHAT_KEY = "chat.openChat"; // sessionStorage: the chat this tab shows
 const MAX_LOGGED_FRAMES = 500;
 const ERROR_TOAST_MS = 20_000;
+const COUNTER_FROM = MAX_MESSAGE_CHARS - 500; // show the character counter this close to the limit
+const GROUP_GAP_MS = 5 * 60_000; // bubbles of one sender this close together form a group
+const NEAR_BOTTOM_PX = 80;
 
 const $ = (id) => document.getElementById(id);
 
-/** The UI model. Messages are keyed by `message_id`, or `local:<client_message_id>` until acked. */
 const model = {
   session: null, // {token, userId, dev}
   client: null,
-  chats: new Map(), // chat_id -> {chat, messages: Map<key, record>, hasMore}
   openChatId: null,
+  divider: null, // {chatId, afterSeq, untilSeq}: the messages that were unread on opening
+  dividerPending: false, // the chat was opened before its chat object arrived
+  initialScroll: null, // "divider" or "end", done once the opened chat's history is there
+  seenSeq: 0, // the newest message of the open chat that was on screen at the bottom
+  editing: null, // {chatId, messageId, seq, stash}: the message the composer is editing
+  menuFor: null, // {chatId, message} of the open message menu
+  menuButton: null, // the bubble button that opened it
   pendingOpen: null, // request_id of the create_chat whose reply should open that chat
-  lastRead: {}, // chat_id -> timestamp of the newest message the person has seen
-  arrival: 0, // tie-breaker for messages with equal timestamps
   retryAt: null,
+  drafts: {}, // chat_id -> unsent text of the composer
+  reported: new Set(), // request_ids of errors already shown on a bubble or by their own toast
 };
 
 // ---------------------------------------------------------------------------- sign in / out
@@ -45,12 +62,15 @@ function signInWithJwt(token) {
 function startSession(session) {
   model.session = session;
   sessionStorage.setItem(SESSION_KEY, JSON.stringify(session));
-  model.lastRead = JSON.parse(localStorage.getItem(lastReadKey()) ?? "{}");
+  model.drafts = readJson(localStorage, draftsKey(), {});
   const client = new ChatClient({
     url: "/ws",
     token: session.token,
     // Dev tokens can be re-issued by the server; a pasted JWT cannot be refreshed by us.
     getToken: session.dev ? () => fetchDevToken(session.userId) : null,
+    // Unsent messages survive a reload; the server deduplicates the resend.
+    storage: localStorage,
+    storageKey: `chat.outbox.${session.userId}`,
   });
   model.client = client;
   wireClient(client);
@@ -61,6 +81,8 @@ function startSession(session) {
   $("whoami").textContent = session.userId;
   $("sign-in-error").textContent = "";
   client.start();
+  const reopen = sessionStorage.getItem(OPEN_CHAT_KEY);
+  if (reopen) openChat(reopen, { focus: false });
   render();
 }
 
@@ -68,10 +90,13 @@ function signOut(reason = "") {
   model.client?.stop();
   model.client = null;
   model.session = null;
-  model.chats.clear();
   model.openChatId = null;
-  bubbleCache.clear(); // "You" in a cached bubble meant the previous user
+  model.divider = null;
+  model.editing = null;
+  closeMenu();
+  bubbleCache.clear(); // a cached bubble is "own" for the previous user
   sessionStorage.removeItem(SESSION_KEY);
+  sessionStorage.removeItem(OPEN_CHAT_KEY);
   $("chat").hidden = true;
   $("sign-in").hidden = false;
   $("whoami").hidden = true;
@@ -82,8 +107,8 @@ function signOut(reason = "") {
   render();
 }
 
-function lastReadKey() {
-  return `chat.lastRead.${model.session.userId}`;
+function draftsKey() {
+  return `chat.drafts.${model.session.userId}`;
 }
 
 // ---------------------------------------------------------------------------- client events
@@ -98,179 +123,265 @@ function wireClient(client) {
   on("state", ({ state, delayMs }) => {
     model.retryAt = state === "waiting" ? Date.now() + delayMs : null;
     setConnectionPill(state);
+    render();
   });
-  on("authenticated", () => {
-    // The backlog (new_chats/new_messages) follows on its own; fetch_chats also brings what
-    // another tab of this user already received, so every tab shows the same history.
-    client.fetchChats({ limit: HISTORY_PAGE });
+  on("change", () => render());
+  on("all_chats", () => {
+    // A remembered chat that is not among the user's chats any more: back to the list.
+    if (model.openChatId && !client.chat(model.openChatId)?.known) closeChat();
+    placeDivider();
   });
-  on("all_chats", (frame) => frame.data.forEach(upsertChat));
   on("new_chats", (frame) => {
-    frame.data.forEach(upsertChat);
+    placeDivider();
     if (frame.request_id !== undefined && frame.request_id === model.pendingOpen) {
       model.pendingOpen = null;
       $("new-chat-user").value = "";
       openChat(frame.data[0].chat_id);
     }
   });
-  on("all_messages", (frame) => {
-    const chat = chatEntry(frame.chat_id);
-    const oldest = oldestMessage(chat);
-    frame.data.forEach((message) => upsertMessage(message, "received"));
-    // has_more describes the page's older side: only trust it when the page reaches back
-    // at least as far as what we already hold.
-    if (!oldest || frame.data.length === 0 || frame.data[0].timestamp <= oldest.timestamp) {
-      chat.hasMore = Boolean(frame.has_more);
+  on("outbox", ({ entry }) => {
+    if (entry.state === "failed") model.reported.add(entry.requestId);
+    // What the person just sent here stays in view (not what another device of theirs sent).
+    const own = entry.kind === "send" && entry.chatId === model.openChatId;
+    if (entry.state === "failed" && entry.kind !== "send") {
+      showError(
+        entry.error,
+        entry.kind === "edit" ? "Your edit was not saved." : "The message was not deleted.",
+      );
+      // Nothing typed is lost: a refused edit goes back to the composer.
+      const input = $("message-input");
+      if (entry.kind === "edit" && entry.chatId === model.openChatId && !input.value) {
+        input.value = entry.frame.content;
+        composerChanged();
+      }
     }
+    render({ scrollToEnd: own && entry.state === "sent" });
   });
-  on("new_messages", (frame) =>
-    frame.data.forEach((message) => upsertMessage(message, "received")),
-  );
-  on("message", (frame) => upsertMessage(frame, "received"));
-  on("outbox", ({ entry }) => updatePending(entry));
   on("error", (frame) => {
     if (frame.request_id !== undefined && frame.request_id === model.pendingOpen)
       model.pendingOpen = null;
-    showError(frame);
+    // A refused send is shown on its bubble, a refused change by its own toast.
+    if (!model.reported.delete(frame.request_id)) showError(frame);
+    if (frame.code === "forbidden" || frame.code === "not_found") {
+      if (model.openChatId && !client.chat(model.openChatId)?.known) closeChat();
+    }
   });
   on("auth-failed", ({ message }) => signOut(message));
 }
 
-// ---------------------------------------------------------------------------- model updates
-
-function chatEntry(chatId, participants = null) {
-  let entry = model.chats.get(chatId);
-  if (!entry) {
-    entry = {
-      chat: { chat_id: chatId, participants: participants ?? [], created_by: "", created_at: "" },
-      messages: new Map(),
-      hasMore: false,
-    };
-    model.chats.set(chatId, entry);
-  }
-  return entry;
-}
-
-function upsertChat(chat) {
-  chatEntry(chat.chat_id).chat = chat;
-  render();
-}
-
-function upsertMessage(message, state) {
-  const entry = chatEntry(message.chat_id, [message.sender_id, message.recipient_id].sort());
-  if (message.client_message_id) entry.messages.delete(`local:${message.client_message_id}`);
-  const own = message.sender_id === model.session.userId;
-  const previous = entry.messages.get(message.message_id);
-  entry.messages.set(message.message_id, {
-    key: message.message_id,
-    messageId: message.message_id,
-    clientMessageId: message.client_message_id ?? null,
-    senderId: message.sender_id,
-    content: message.content,
-    timestamp: message.timestamp,
-    // Anything of ours that came back from the server is stored, i.e. sent.
-    state: own ? "sent" : state,
-    error: null,
-    arrival: previous?.arrival ?? ++model.arrival,
-  });
-  if (entry.chat.chat_id === model.openChatId) markRead();
-  render();
-}
-
-/** Mirror an outbox entry of the client as a local message until the server's copy replaces it. */
-function updatePending(outboxEntry) {
-  const { frame, state, error, message } = outboxEntry;
-  if (state === "sent" && message) {
-    upsertMessage(message, "sent");
-    return;
-  }
-  const entry = chatEntry(frame.chat_id);
-  entry.messages.set(`local:${outboxEntry.clientMessageId}`, {
-    key: `local:${outboxEntry.clientMessageId}`,
-    messageId: null,
-    clientMessageId: outboxEntry.clientMessageId,
-    senderId: model.session.userId,
-    content: frame.content,
-    timestamp: null,
-    createdAt: outboxEntry.createdAt,
-    state,
-    error,
-    arrival: entry.messages.get(`local:${outboxEntry.clientMessageId}`)?.arrival ?? ++model.arrival,
-  });
-  render();
-}
-
-function sortedMessages(entry) {
-  // Stored messages in server order (timestamps never go backwards within a chat), then ours
-  // that are still on their way, in the order they were typed.
-  return [...entry.messages.values()].sort((a, b) => {
-    if (!a.timestamp !== !b.timestamp) return a.timestamp ? -1 : 1;
-    if (a.timestamp && a.timestamp !== b.timestamp) return a.timestamp < b.timestamp ? -1 : 1;
-    return a.arrival - b.arrival;
-  });
-}
-
-function oldestMessage(entry) {
-  return sortedMessages(entry).find((record) => record.timestamp) ?? null;
-}
-
-function lastActivity(entry) {
-  let latest = entry.chat.created_at || "";
-  for (const record of entry.messages.values()) {
-    const at = record.timestamp ?? record.createdAt?.toISOString() ?? "";
-    if (at > latest) latest = at;
-  }
-  return latest;
-}
-
-function unreadCount(entry) {
-  const seen = model.lastRead[entry.chat.chat_id] ?? "";
-  let count = 0;
-  for (const record of entry.messages.values()) {
-    if (record.senderId !== model.session.userId && record.timestamp > seen) count += 1;
-  }
-  return count;
-}
-
-function markRead() {
-  const entry = model.chats.get(model.openChatId);
-  if (!entry || document.visibilityState !== "visible") return;
-  let newest = model.lastRead[entry.chat.chat_id] ?? "";
-  for (const record of entry.messages.values()) {
-    if (record.timestamp && record.timestamp > newest) newest = record.timestamp;
-  }
-  model.lastRead[entry.chat.chat_id] = newest;
-  localStorage.setItem(lastReadKey(), JSON.stringify(model.lastRead));
-}
-
-function otherParticipant(chat) {
-  const me = model.session.userId;
-  return chat.participants.find((user) => user !== me) ?? me;
-}
-
 // ---------------------------------------------------------------------------- actions
 
-function openChat(chatId) {
-  model.openChatId = chatId;
+function openChat(chatId, { focus = true } = {}) {
+  if (model.openChatId !== chatId) {
+    stopEditing(); // the draft from before the edit comes back, and is kept
+    saveDraft();
+    const chat = model.client.chat(chatId);
+    model.openChatId = chatId;
+    model.divider = null;
+    model.dividerPending = true;
+    placeDivider();
+    model.initialScroll = model.divider ? "divider" : "end";
+    model.seenSeq = chat?.newest ?? 0;
+    sessionStorage.setItem(OPEN_CHAT_KEY, chatId);
+    const input = $("message-input");
+    input.value = model.drafts[chatId] ?? "";
+    composerChanged({ save: false });
+  }
   document.body.classList.add("conversation-open");
-  markRead();
-  render({ scrollToEnd: true });
-  $("message-input").focus();
+  model.client.openChat(chatId);
+  updateViewing();
+  closeMenu();
+  render({ scrollToEnd: model.initialScroll === "end" });
+  if (focus) {
+    const input = $("message-input");
+    input.disabled = false;
+    input.focus();
+  }
 }
 
-function sendTypedMessage() {
+/**
+ * Where "new messages" starts: after the read mark the chat had when it was opened, before
+ * the client marked it read. Placed once, as soon as the chat's object is there.
+ */
+function placeDivider() {
+  const chat = model.openChatId && model.client.chat(model.openChatId);
+  if (!model.dividerPending || !chat?.known) return;
+  model.dividerPending = false;
+  const afterSeq = chat.readUpTo[model.session.userId] ?? 0;
+  if (chat.newest > afterSeq) {
+    model.divider = { chatId: chat.chatId, afterSeq, untilSeq: chat.newest };
+    model.initialScroll = "divider";
+  }
+}
+
+function closeChat() {
+  stopEditing();
+  saveDraft();
+  closeMenu();
+  model.openChatId = null;
+  model.divider = null;
+  model.dividerPending = false;
+  sessionStorage.removeItem(OPEN_CHAT_KEY);
+  document.body.classList.remove("conversation-open");
+  updateViewing();
+  render();
+}
+
+/** Tell the client which chat is on screen: that one is kept read. */
+function updateViewing() {
+  const visible = document.visibilityState === "visible";
+  model.client?.setViewing(visible ? model.openChatId : null);
+}
+
+function submitComposer() {
   const input = $("message-input");
-  const entry = model.chats.get(model.openChatId);
+  const chat = model.client.chat(model.openChatId);
   const content = input.value;
-  if (!entry || !content.trim()) return;
-  model.client.sendMessage({
-    chatId: entry.chat.chat_id,
-    recipientId: otherParticipant(entry.chat),
-    content,
-  });
-  input.value = "";
-  autoResize(input);
+  if (!chat || !content.trim()) return;
+  if (characterCount(content) > MAX_MESSAGE_CHARS) {
+    composerChanged();
+    return;
+  }
+  if (model.editing) {
+    const { chatId, messageId, original, stash } = model.editing;
+    if (content !== original) model.client.editMessage({ chatId, messageId, content });
+    model.editing = null;
+    input.value = stash;
+  } else {
+    model.client.sendMessage({
+      chatId: chat.chatId,
+      recipientId: otherParticipant(chat),
+      content,
+    });
+    input.value = "";
+    model.divider = null; // replying means everything above has been read
+  }
+  composerChanged();
   render({ scrollToEnd: true });
+}
+
+function startEditing(chatId, message) {
+  const input = $("message-input");
+  const pending = model.client.pendingChange(chatId, message.message_id);
+  const current = pending?.kind === "edit" ? pending.frame.content : message.content;
+  const stash = model.editing ? model.editing.stash : input.value;
+  model.editing = {
+    chatId,
+    messageId: message.message_id,
+    seq: message.seq,
+    original: current,
+    stash,
+  };
+  input.value = current;
+  composerChanged({ save: false });
+  input.focus();
+  input.setSelectionRange(input.value.length, input.value.length);
+  render();
+}
+
+/** Leave editing; the composer gets back what it held before. */
+function stopEditing() {
+  if (!model.editing) return;
+  $("message-input").value = model.editing.stash;
+  model.editing = null;
+  composerChanged();
+  render();
+}
+
+/** The person's newest own message in the open chat that can still be edited. */
+function lastEditableMessage() {
+  const me = model.session.userId;
+  const messages = model.client.messages(model.openChatId);
+  for (let index = messages.length - 1; index >= 0; index -= 1) {
+    const message = messages[index];
+    if (message.sender_id === me && !message.deleted) return message;
+  }
+  return null;
+}
+
+function saveDraft() {
+  const chatId = model.openChatId;
+  if (!chatId || !model.session || model.editing) return;
+  const text = $("message-input").value;
+  if (text) model.drafts[chatId] = text;
+  else delete model.drafts[chatId];
+  try {
+    localStorage.setItem(draftsKey(), JSON.stringify(model.drafts));
+  } catch {
+    // Storage full: the draft stays in memory.
+  }
+}
+
+/** The composer's text changed: size, counter, draft. */
+function composerChanged({ save = true } = {}) {
+  const input = $("message-input");
+  autoResize(input);
+  const count = characterCount(input.value);
+  const counter = $("char-count");
+  const over = count - MAX_MESSAGE_CHARS;
+  counter.hidden = count < COUNTER_FROM;
+  counter.classList.toggle("over", over > 0);
+  counter.textContent =
+    over > 0
+      ? `${count} / ${MAX_MESSAGE_CHARS}: ${over} too many`
+      : `${count} / ${MAX_MESSAGE_CHARS}`;
+  $("send-button").disabled = !model.openChatId || over > 0;
+  $("composer-status").textContent =
+    over > 0 ? "Too long to send: shorten it or split it into several messages." : "";
+  if (save) saveDraft();
+}
+
+// ---------------------------------------------------------------------------- message menu
+
+function openMenu(target, chatId, message, at = null) {
+  const menu = $("message-menu");
+  model.menuFor = { chatId, message };
+  menu.hidden = false;
+  const box = target.getBoundingClientRect();
+  const width = menu.offsetWidth;
+  const height = menu.offsetHeight;
+  let left = at ? at.x : box.right - width;
+  let top = at ? at.y : box.bottom + 4;
+  left = Math.max(8, Math.min(left, window.innerWidth - width - 8));
+  if (top + height > window.innerHeight - 8) top = Math.max(8, (at ? at.y : box.top) - height - 4);
+  menu.style.left = `${left}px`;
+  menu.style.top = `${top}px`;
+  menu.querySelector("button").focus();
+}
+
+function closeMenu() {
+  model.menuButton?.removeAttribute("aria-expanded");
+  model.menuButton = null;
+  model.menuFor = null;
+  $("message-menu").hidden = true;
+}
+
+async function menuAction(action) {
+  const target = model.menuFor;
+  closeMenu();
+  if (!target) return;
+  const { chatId, message } = target;
+  if (action === "edit") {
+    startEditing(chatId, message);
+  } else if (action === "copy") {
+    if (navigator.clipboard) await navigator.clipboard.writeText(message.content).catch(() => {});
+    $("message-input").focus();
+  } else if (action === "delete") {
+    const dialog = $("delete-dialog");
+    dialog.returnValue = "";
+    dialog.showModal();
+    dialog.addEventListener(
+      "close",
+      () => {
+        if (dialog.returnValue === "delete") {
+          if (model.editing?.messageId === message.message_id) stopEditing();
+          model.client.deleteMessage({ chatId, messageId: message.message_id });
+        }
+        $("message-input").focus();
+      },
+      { once: true },
+    );
+  }
 }
 
 // ---------------------------------------------------------------------------- rendering
@@ -284,81 +395,294 @@ function render({ scrollToEnd = false } = {}) {
   renderQueued = true;
   requestAnimationFrame(() => {
     renderQueued = false;
-    if (!model.session) return;
-    const list = $("messages");
-    const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
+    if (!model.session || !model.client) return;
     renderChatList();
     renderConversation();
-    if (scrollQueued || nearBottom) list.scrollTop = list.scrollHeight;
-    scrollQueued = false;
   });
+}
+
+function otherParticipant(chat) {
+  const me = model.session.userId;
+  return chat.participants.find((user) => user !== me) ?? me;
+}
+
+function chatName(chat) {
+  return chat.title ?? otherParticipant(chat);
+}
+
+/** Sends of this chat not stored yet, in the order they were typed. */
+function unsentOf(chatId) {
+  return [...model.client.outbox, ...model.client.failed]
+    .filter((entry) => entry.kind === "send" && entry.chatId === chatId)
+    .sort((a, b) => a.createdAt - b.createdAt);
+}
+
+function lastActivity(chat) {
+  const unsent = unsentOf(chat.chatId).at(-1);
+  const stored = chat.lastMessage?.timestamp ?? chat.createdAt ?? "";
+  const local = unsent ? unsent.createdAt.toISOString() : "";
+  return local > stored ? local : stored;
 }
 
 function renderChatList() {
-  const entries = [...model.chats.values()].sort((a, b) =>
-    lastActivity(a) < lastActivity(b) ? 1 : -1,
-  );
-  const items = entries.map((entry) => {
-    const chatId = entry.chat.chat_id;
-    const last = sortedMessages(entry).at(-1);
-    const unread = unreadCount(entry);
-    const button = el("button", { type: "button", class: "chat-item", "data-chat-id": chatId });
-    if (chatId === model.openChatId) button.setAttribute("aria-current", "true");
+  const client = model.client;
+  const me = model.session.userId;
+  const chats = client.chatList().sort((a, b) => {
+    const [x, y] = [lastActivity(a), lastActivity(b)];
+    return x < y ? 1 : x > y ? -1 : 0;
+  });
+  const items = chats.map((chat) => {
+    const name = chatName(chat);
+    const unsent = unsentOf(chat.chatId).at(-1);
+    const last = chat.lastMessage;
+    const button = el("button", {
+      type: "button",
+      class: "chat-item",
+      "data-chat-id": chat.chatId,
+    });
+    if (chat.chatId === model.openChatId) button.setAttribute("aria-current", "true");
+    const preview = el("span", { class: "chat-preview", dir: "auto" });
+    let time = last?.timestamp ?? "";
+    if (unsent && unsent.createdAt.toISOString() > (last?.timestamp ?? "")) {
+      time = unsent.createdAt.toISOString();
+      preview.append(
+        statusIcon(unsent.state === "failed" ? "failed" : "sending"),
+        `You: ${unsent.frame.content}`,
+      );
+    } else if (!last) {
+      preview.append(el("em", {}, "No messages yet"));
+    } else if (last.deleted) {
+      preview.append(el("em", {}, "Message deleted"));
+    } else if (last.sender_id === me) {
+      preview.append(statusIcon(receiptOf(chat, last)), `You: ${last.content}`);
+    } else {
+      preview.append(last.content);
+    }
     button.append(
-      el("span", { class: "chat-name" }, otherParticipant(entry.chat)),
-      el("span", { class: "chat-time" }, last?.timestamp ? formatTime(last.timestamp) : ""),
-      el("span", { class: "chat-preview" }, last ? last.content : "No messages yet"),
+      avatar(name),
+      el("span", { class: "chat-name" }, name),
+      el("span", { class: "chat-time" }, time ? formatListTime(time) : ""),
+      preview,
     );
-    if (unread > 0) {
+    if (chat.unread > 0) {
+      button.classList.add("has-unread");
       button.append(
-        el("span", { class: "badge", "aria-label": `${unread} unread` }, String(unread)),
+        el("span", { class: "badge", "aria-label": `${chat.unread} unread` }, String(chat.unread)),
       );
     }
-    button.addEventListener("click", () => openChat(chatId));
+    button.addEventListener("click", () => openChat(chat.chatId));
     return el("li", {}, button);
   });
   $("chat-list").replaceChildren(...items);
-  $("no-chats").hidden = entries.length > 0;
-  const totalUnread = entries.reduce((sum, entry) => sum + unreadCount(entry), 0);
+  $("no-chats").hidden = chats.length > 0;
+  const totalUnread = chats.reduce((sum, chat) => sum + chat.unread, 0);
   document.title = totalUnread > 0 ? `(${totalUnread}) Chat` : "Chat";
 }
 
+function receiptOf(chat, message) {
+  return model.client.status(chat.chatId, message);
+}
+
 function renderConversation() {
-  const entry = model.chats.get(model.openChatId);
-  $("message-input").disabled = !entry;
-  $("send-button").disabled = !entry;
-  $("back").hidden = !entry;
-  if (!entry) {
-    $("conversation-title").textContent = "Select a chat";
+  const client = model.client;
+  const found = model.openChatId ? client.chat(model.openChatId) : null;
+  const chat = found?.known ? found : null;
+  const list = $("messages");
+  const input = $("message-input");
+  input.disabled = !chat;
+  $("back").hidden = !model.openChatId;
+  $("pick-chat").hidden = Boolean(model.openChatId);
+  $("edit-bar").hidden = !model.editing;
+  $("composer").classList.toggle("editing", Boolean(model.editing));
+  $("send-button").setAttribute("aria-label", model.editing ? "Save" : "Send");
+  if (model.editing) $("edit-original").textContent = model.editing.original;
+  input.placeholder = model.editing ? "Edit message" : "Message";
+  if (!chat) {
+    $("conversation-title").textContent = model.openChatId ? "Loading\u2026" : "Select a chat";
     $("conversation-id").textContent = "";
+    $("conversation-avatar").hidden = true;
     syncChildren($("message-list"), []);
     $("no-messages").hidden = true;
     $("load-older").hidden = true;
+    $("jump").hidden = true;
+    $("send-button").disabled = true;
     return;
   }
-  $("conversation-title").textContent = otherParticipant(entry.chat);
-  $("conversation-id").textContent = `chat ${entry.chat.chat_id}`;
-  $("load-older").hidden = !entry.hasMore;
-  const records = sortedMessages(entry);
-  $("no-messages").hidden = records.length > 0;
-  syncChildren($("message-list"), records.map(messageNode));
+  const name = chatName(chat);
+  $("conversation-title").textContent = name;
+  $("conversation-id").textContent = `chat ${chat.chatId}`;
+  const avatarNode = $("conversation-avatar");
+  avatarNode.hidden = false;
+  avatarNode.textContent = initials(name);
+  avatarNode.style.setProperty("--hue", hue(name));
+  $("send-button").disabled = characterCount(input.value) > MAX_MESSAGE_CHARS;
+
+  // Keep what the person is reading in place: remember the first bubble on screen.
+  const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < NEAR_BOTTOM_PX;
+  const anchor = nearBottom ? null : firstVisibleItem(list);
+
+  const items = conversationItems(chat);
+  $("load-older").hidden = !client.hasOlder(chat.chatId);
+  $("load-older").disabled = Boolean(chat.olderRequest);
+  $("load-older").textContent = chat.olderRequest ? "Loading\u2026" : "Load older messages";
+  $("no-messages").hidden = items.length > 0 || chat.newest > 0;
+  const nodes = items.map(itemNode);
+  syncChildren($("message-list"), nodes);
+
+  const ready = chat.loaded || chat.newest === 0;
+  if (model.initialScroll && ready) {
+    const divider =
+      model.initialScroll === "divider" && $("message-list").querySelector(".divider");
+    if (divider) list.scrollTop = Math.max(0, divider.offsetTop - 12);
+    else list.scrollTop = list.scrollHeight;
+    model.initialScroll = null;
+    scrollQueued = false;
+    model.seenSeq = chat.newest;
+  } else if (scrollQueued || nearBottom) {
+    list.scrollTop = list.scrollHeight;
+    scrollQueued = false;
+  } else if (anchor) {
+    const node = $("message-list").querySelector(`[data-key="${CSS.escape(anchor.key)}"]`);
+    if (node) list.scrollTop = node.offsetTop - anchor.offset;
+  }
+  updateJump(chat);
 }
 
-/** Rendered bubbles by message key, rebuilt only when what they show changes. */
+/** The bubbles, date separators and the "new messages" divider of a chat, in order. */
+function conversationItems(chat) {
+  const client = model.client;
+  const me = model.session.userId;
+  const records = client.messages(chat.chatId).map((message) => {
+    const own = message.sender_id === me;
+    const change = own ? client.pendingChange(chat.chatId, message.message_id) : null;
+    return {
+      key: keyOf(message),
+      message,
+      own,
+      senderId: message.sender_id,
+      at: message.timestamp,
+      state: own ? receiptOf(chat, message) : "received",
+      change,
+    };
+  });
+  const held = new Set(records.map((record) => record.key));
+  for (const entry of unsentOf(chat.chatId)) {
+    const key = `c:${me}:${entry.clientMessageId}`;
+    if (held.has(key)) continue;
+    records.push({
+      key,
+      entry,
+      own: true,
+      senderId: me,
+      at: entry.createdAt.toISOString(),
+      state: entry.state,
+      change: null,
+    });
+  }
+  const items = [];
+  const divider = model.divider?.chatId === chat.chatId ? model.divider : null;
+  let dividerPlaced = false;
+  let previous = null;
+  records.forEach((record, index) => {
+    const day = dayKey(record.at);
+    if (!previous || dayKey(previous.at) !== day) {
+      items.push({ kind: "day", key: `day:${day}`, label: dayLabel(record.at) });
+      previous = null;
+    }
+    const message = record.message;
+    if (dividerBefore(record, divider, dividerPlaced)) {
+      items.push({ kind: "divider", key: "divider" });
+      dividerPlaced = true;
+      previous = null;
+    }
+    const next = records[index + 1];
+    record.groupStart = !continues(previous, record);
+    record.groupEnd = !continues(record, next) || dividerBefore(next ?? {}, divider, dividerPlaced);
+    items.push({ kind: "bubble", ...record });
+    previous = record;
+  });
+  return items;
+}
+
+function dividerBefore(record, divider, placed) {
+  const seq = record.message?.seq;
+  return Boolean(
+    divider && !placed && seq && !record.own && seq > divider.afterSeq && seq <= divider.untilSeq,
+  );
+}
+
+function continues(previous, record) {
+  if (!previous || !record || previous.senderId !== record.senderId) return false;
+  if (dayKey(previous.at) !== dayKey(record.at)) return false;
+  return new Date(record.at) - new Date(previous.at) < GROUP_GAP_MS;
+}
+
+function keyOf(message) {
+  return message.client_message_id
+    ? `c:${message.sender_id}:${message.client_message_id}`
+    : `s:${message.seq}`;
+}
+
+/** The first bubble on screen (separators move when older messages come in above). */
+function firstVisibleItem(list) {
+  const top = list.getBoundingClientRect().top;
+  for (const node of $("message-list").querySelectorAll(":scope > .bubble")) {
+    const box = node.getBoundingClientRect();
+    if (box.bottom > top) return { key: node.dataset.key, offset: node.offsetTop - list.scrollTop };
+  }
+  return null;
+}
+
+function updateJump(chat) {
+  const list = $("messages");
+  const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < NEAR_BOTTOM_PX;
+  if (atBottom) {
+    model.seenSeq = Math.max(model.seenSeq, chat.newest);
+    $("jump").hidden = true;
+    return;
+  }
+  const me = model.session.userId;
+  let arrived = 0;
+  for (const message of chat.messages.values()) {
+    if (message.seq > model.seenSeq && message.sender_id !== me) arrived += 1;
+  }
+  $("jump").hidden = arrived === 0;
+  $("jump-count").textContent = arrived > 0 ? String(arrived) : "";
+}
+
+/** Rendered nodes by item key, rebuilt only when what they show changes. */
 const bubbleCache = new Map();
 
-function messageNode(record) {
-  const signature = JSON.stringify([
-    record.state,
-    record.messageId,
-    record.timestamp,
-    record.content,
-    record.error?.code,
-  ]);
-  const cached = bubbleCache.get(record.key);
+function itemNode(item) {
+  const signature = JSON.stringify(
+    item.kind === "bubble"
+      ? [
+          item.state,
+          item.groupStart,
+          item.groupEnd,
+          item.message ?? null,
+          item.entry ? [item.entry.frame.content, item.entry.error?.code] : null,
+          item.change ? [item.change.kind, item.change.frame.content ?? null] : null,
+        ]
+      : [item.kind, item.label],
+  );
+  const cached = bubbleCache.get(item.key);
   if (cached?.signature === signature) return cached.node;
-  const node = renderMessage(record);
-  bubbleCache.set(record.key, { signature, node });
+  const node =
+    item.kind === "bubble"
+      ? renderBubble(item)
+      : item.kind === "divider"
+        ? el(
+            "li",
+            { class: "divider", "data-key": item.key, role: "separator" },
+            el("span", {}, "New messages"),
+          )
+        : el(
+            "li",
+            { class: "day-separator", "data-key": item.key, role: "separator" },
+            el("span", {}, item.label),
+          );
+  bubbleCache.set(item.key, { signature, node });
   return node;
 }
 
@@ -381,42 +705,165 @@ const STATE_LABELS = {
   queued: "Waiting for connection",
   sending: "Sending\u2026",
   sent: "Sent",
+  delivered: "Delivered",
+  read: "Read",
   failed: "Not sent",
 };
 
-function renderMessage(record) {
-  const own = record.senderId === model.session.userId;
-  const item = el("li", {
-    class: `bubble ${own ? "own" : "theirs"}`,
-    "data-state": own ? record.state : "received",
-    "data-message-id": record.messageId ?? "",
-    "data-client-message-id": record.clientMessageId ?? "",
+function renderBubble(item) {
+  const { message, entry, own, change } = item;
+  const deleted = Boolean(message?.deleted);
+  const classes = ["bubble", own ? "own" : "theirs"];
+  if (item.groupStart) classes.push("group-start");
+  if (item.groupEnd) classes.push("group-end");
+  if (deleted) classes.push("deleted");
+  const node = el("li", {
+    class: classes.join(" "),
+    "data-key": item.key,
+    "data-state": item.state,
+    "data-message-id": message?.message_id ?? "",
+    "data-seq": message ? String(message.seq) : "",
+    "data-client-message-id": message?.client_message_id ?? entry?.clientMessageId ?? "",
   });
-  const meta = el(
-    "div",
-    { class: "meta" },
-    el("span", { class: "sender" }, own ? "You" : record.senderId),
-  );
-  const at = record.timestamp ?? record.createdAt?.toISOString();
-  if (at)
-    meta.append(el("time", { datetime: at, title: new Date(at).toLocaleString() }, formatTime(at)));
-  if (own) {
-    const label = STATE_LABELS[record.state] ?? record.state;
-    meta.append(
-      el("span", { class: "delivery" }, record.state === "sent" ? `\u2713 ${label}` : label),
+  if (change) node.dataset.change = change.kind;
+  if (!own && item.groupStart) {
+    node.append(
+      el("span", { class: "sender", style: `--hue: ${hue(item.senderId)}` }, item.senderId),
     );
   }
-  item.append(meta, el("div", { class: "content" }, record.content));
-  if (record.state === "failed") {
-    const reason = record.error ? `${record.error.code}: ${record.error.message}` : "refused";
-    const dismiss = el("button", { type: "button", class: "link-button" }, "Remove");
-    dismiss.addEventListener("click", () => {
-      model.chats.get(model.openChatId)?.messages.delete(record.key);
-      render();
-    });
-    item.append(el("div", { class: "failure" }, `${reason} `, dismiss));
+  let text = message ? message.content : entry.frame.content;
+  if (change?.kind === "edit") text = change.frame.content;
+  node.append(
+    deleted
+      ? el("div", { class: "content", dir: "auto" }, "Message deleted")
+      : el("div", { class: "content", dir: "auto" }, text),
+  );
+
+  const meta = el("span", { class: "meta" });
+  if (change) {
+    meta.append(
+      el("span", { class: "change" }, change.kind === "edit" ? "Saving\u2026" : "Deleting\u2026"),
+    );
+  } else if (message?.edited_at && !deleted) {
+    meta.append(
+      el(
+        "span",
+        { class: "edited", title: `Edited ${new Date(message.edited_at).toLocaleString()}` },
+        "edited",
+      ),
+    );
   }
-  return item;
+  const at = item.at;
+  meta.append(el("time", { datetime: at, title: new Date(at).toLocaleString() }, formatTime(at)));
+  if (own && !deleted) {
+    const label = STATE_LABELS[item.state] ?? item.state;
+    const delivery = el(
+      "span",
+      { class: "delivery", "data-status": item.state, title: label },
+      statusIcon(item.state),
+      el("span", { class: item.state === "queued" ? "delivery-label" : "visually-hidden" }, label),
+    );
+    meta.append(delivery);
+  }
+  node.append(meta);
+
+  if (own && message && !deleted) {
+    const actions = el(
+      "button",
+      {
+        type: "button",
+        class: "bubble-actions",
+        "aria-label": "Message actions",
+        "aria-haspopup": "menu",
+      },
+      "\u22ef",
+    );
+    actions.addEventListener("click", (event) => {
+      event.stopPropagation();
+      openMenu(node, message.chat_id, message);
+      actions.setAttribute("aria-expanded", "true");
+      model.menuButton = actions;
+    });
+    node.addEventListener("contextmenu", (event) => {
+      event.preventDefault();
+      openMenu(node, message.chat_id, message, { x: event.clientX, y: event.clientY });
+    });
+    node.append(actions);
+  }
+
+  if (entry && entry.state === "failed") {
+    const reason = entry.error ? errorSentence(entry.error) : "The server refused it.";
+    const detail = entry.error?.message ? ` (${entry.error.message})` : "";
+    const retry = el("button", { type: "button", class: "link-button" }, "Retry");
+    retry.addEventListener("click", () => model.client.retry(entry.clientMessageId));
+    const edit = el("button", { type: "button", class: "link-button" }, "Edit");
+    edit.addEventListener("click", () => {
+      const input = $("message-input");
+      const draft = input.value;
+      model.client.discard(entry.clientMessageId);
+      stopEditing();
+      input.value = draft ? `${entry.frame.content}\n${draft}` : entry.frame.content;
+      composerChanged();
+      input.focus();
+    });
+    const dismiss = el("button", { type: "button", class: "link-button" }, "Remove");
+    dismiss.addEventListener("click", () => model.client.discard(entry.clientMessageId));
+    node.append(
+      el(
+        "div",
+        { class: "failure" },
+        el("span", {}, `Not sent: ${reason}${detail} `),
+        retry,
+        edit,
+        dismiss,
+      ),
+    );
+  }
+  return node;
+}
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+const CLOCK = ["M8 2a6 6 0 1 0 0 12A6 6 0 0 0 8 2Z", "M8 5v3.2l2.2 1.4"];
+const ICON_PATHS = {
+  queued: CLOCK, // not acknowledged by the server yet: a clock
+  sending: CLOCK,
+  sent: ["M2.5 8.5 6 12l8.5-8.5"], // stored: one tick
+  delivered: ["M1 8.5 4.5 12 13 3.5", "M7.6 10.6 9 12l8.5-8.5"], // two ticks
+  read: ["M1 8.5 4.5 12 13 3.5", "M7.6 10.6 9 12l8.5-8.5"], // two ticks, coloured
+  failed: ["M8 2a6 6 0 1 0 0 12A6 6 0 0 0 8 2Z", "M8 5v3.6", "M8 10.8v.2"],
+};
+
+function statusIcon(state) {
+  const svg = document.createElementNS(SVG_NS, "svg");
+  const wide = state === "delivered" || state === "read";
+  svg.setAttribute("viewBox", wide ? "0 0 19 16" : "0 0 16 16");
+  svg.setAttribute("class", `tick tick-${state}`);
+  svg.setAttribute("aria-hidden", "true");
+  for (const d of ICON_PATHS[state] ?? []) {
+    const path = document.createElementNS(SVG_NS, "path");
+    path.setAttribute("d", d);
+    svg.append(path);
+  }
+  return svg;
+}
+
+function avatar(name) {
+  return el(
+    "span",
+    { class: "avatar", "aria-hidden": "true", style: `--hue: ${hue(name)}` },
+    initials(name),
+  );
+}
+
+function initials(name) {
+  const letters = [...name.trim()];
+  return (letters[0] ?? "?").toUpperCase();
+}
+
+function hue(text) {
+  let hash = 0;
+  for (const char of text) hash = (hash * 31 + char.codePointAt(0)) >>> 0;
+  return String(hash % 360);
 }
 
 function setConnectionPill(state) {
@@ -438,16 +885,19 @@ function setConnectionPill(state) {
   }
 }
 
-function showError(frame) {
-  const parts = [frame.message ?? "The server reported an error."];
-  if (frame.field) parts.push(`(field: ${frame.field})`);
-  if (frame.retry_after_ms) parts.push(`Retry in ${Math.ceil(frame.retry_after_ms / 1000)} s.`);
-  const toast = el(
+/** A toast for an error frame: what it means in words first, the server's details after. */
+function showError(frame, heading = null) {
+  const details = [];
+  if (frame?.message) details.push(frame.message);
+  if (frame?.field) details.push(`Field: ${frame.field}.`);
+  if (frame?.retry_after_ms) details.push(`Retry in ${Math.ceil(frame.retry_after_ms / 1000)} s.`);
+  const text = el(
     "div",
-    { class: "toast", "data-code": frame.code ?? "" },
-    el("strong", {}, frame.code ?? "error"),
-    ` ${parts.join(" ")}`,
+    { class: "toast-text" },
+    el("strong", {}, heading ?? errorSentence(frame)),
+    el("span", {}, heading ? [errorSentence(frame), ...details].join(" ") : details.join(" ")),
   );
+  const toast = el("div", { class: "toast", "data-code": frame?.code ?? "" }, text);
   const close = el(
     "button",
     { type: "button", class: "icon-button", "aria-label": "Dismiss" },
@@ -504,7 +954,39 @@ function el(tag, attributes = {}, ...children) {
   return node;
 }
 
+function readJson(storage, key, fallback) {
+  try {
+    const value = JSON.parse(storage.getItem(key) ?? "null");
+    return value && typeof value === "object" ? value : fallback;
+  } catch {
+    return fallback;
+  }
+}
+
+function dayKey(iso) {
+  const date = new Date(iso);
+  return `${date.getFullYear()}-${date.getMonth() + 1}-${date.getDate()}`;
+}
+
+function dayLabel(iso) {
+  const date = new Date(iso);
+  const today = new Date();
+  const yesterday = new Date(today.getFullYear(), today.getMonth(), today.getDate() - 1);
+  if (dayKey(iso) === dayKey(today.toISOString())) return "Today";
+  if (dayKey(iso) === dayKey(yesterday.toISOString())) return "Yesterday";
+  return date.toLocaleDateString([], {
+    weekday: "long",
+    month: "long",
+    day: "numeric",
+    ...(date.getFullYear() === today.getFullYear() ? {} : { year: "numeric" }),
+  });
+}
+
 function formatTime(iso) {
+  return new Date(iso).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+}
+
+function formatListTime(iso) {
   const date = new Date(iso);
   const today = new Date().toDateString() === date.toDateString();
   return today
@@ -546,11 +1028,7 @@ function setUp() {
     }
   });
   $("sign-out").addEventListener("click", () => signOut());
-  $("back").addEventListener("click", () => {
-    document.body.classList.remove("conversation-open");
-    model.openChatId = null;
-    render();
-  });
+  $("back").addEventListener("click", () => closeChat());
   $("new-chat").addEventListener("submit", (event) => {
     event.preventDefault();
     const recipient = $("new-chat-user").value.trim();
@@ -558,34 +1036,81 @@ function setUp() {
   });
   $("composer").addEventListener("submit", (event) => {
     event.preventDefault();
-    sendTypedMessage();
+    submitComposer();
   });
   const input = $("message-input");
   input.addEventListener("keydown", (event) => {
-    // Enter sends, Shift+Enter is a new line; never interrupt an IME composition.
-    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    if (event.isComposing) return; // never interrupt an IME composition
+    // Enter sends, Shift+Enter is a new line.
+    if (event.key === "Enter" && !event.shiftKey) {
       event.preventDefault();
-      sendTypedMessage();
+      submitComposer();
+    } else if (event.key === "Escape" && model.editing) {
+      event.preventDefault();
+      stopEditing();
+    } else if (event.key === "ArrowUp" && !input.value && !model.editing && model.openChatId) {
+      const message = lastEditableMessage();
+      if (message) {
+        event.preventDefault();
+        startEditing(model.openChatId, message);
+      }
     }
   });
-  input.addEventListener("input", () => autoResize(input));
-  $("load-older").addEventListener("click", () => {
-    const entry = model.chats.get(model.openChatId);
-    const oldest = entry && oldestMessage(entry);
-    if (oldest)
-      model.client.fetchMessages(entry.chat.chat_id, {
-        before: oldest.messageId,
-        limit: HISTORY_PAGE,
-      });
+  input.addEventListener("input", () => composerChanged());
+  $("cancel-edit").addEventListener("click", () => {
+    stopEditing();
+    input.focus();
   });
+  $("load-older").addEventListener("click", () => {
+    if (model.openChatId) model.client.loadOlder(model.openChatId);
+    render();
+  });
+  $("messages").addEventListener("scroll", () => {
+    const chat = model.openChatId && model.client?.chat(model.openChatId);
+    if (chat) updateJump(chat);
+  });
+  $("jump").addEventListener("click", () => {
+    const list = $("messages");
+    list.scrollTo({ top: list.scrollHeight, behavior: "smooth" });
+    $("jump").hidden = true;
+  });
+  const menu = $("message-menu");
+  menu.addEventListener("click", (event) => {
+    const action = event.target.closest("[data-action]")?.dataset.action;
+    if (action) menuAction(action);
+  });
+  menu.addEventListener("keydown", (event) => {
+    const items = [...menu.querySelectorAll("button")];
+    const index = items.indexOf(document.activeElement);
+    if (event.key === "Escape") {
+      closeMenu();
+      input.focus();
+    } else if (event.key === "ArrowDown" || event.key === "ArrowUp") {
+      event.preventDefault();
+      const step = event.key === "ArrowDown" ? 1 : -1;
+      items[(index + step + items.length) % items.length].focus();
+    }
+  });
+  document.addEventListener("click", (event) => {
+    if (!menu.hidden && !menu.contains(event.target)) closeMenu();
+  });
+  window.addEventListener("resize", closeMenu);
   $("clear-log").addEventListener("click", () => {
     $("frame-list").replaceChildren();
     $("frame-log").dataset.count = "0";
     $("frame-count").textContent = "(0)";
   });
   document.addEventListener("visibilitychange", () => {
-    markRead();
+    updateViewing();
     render();
+  });
+  // Warn before leaving while something typed has not reached the server yet. It is kept in
+  // localStorage and sent after the next load anyway, but only if the person comes back.
+  window.addEventListener("beforeunload", (event) => {
+    if (model.client && model.client.outbox.length > 0) {
+      event.preventDefault();
+      event.returnValue = "";
+    }
   });
   setInterval(() => {
     if (model.client?.state === "waiting") setConnectionPill("waiting");

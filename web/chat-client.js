@@ -1,13 +1,17 @@
 /**
- * chat-client.js: a dependency-free client for the handler's WebSocket protocol (PROTOCOL.md).
+ * chat-client.js: a dependency-free client for the handler's WebSocket protocol (PROTOCOL.md,
+ * version 1 and the receipts, unread counts, edits and deletes of version 2).
  *
  * Lift this file into your own front end: it has no DOM code and no framework. It keeps one
- * WebSocket open, reconnects when it drops, keeps it alive, refreshes the token in-band, and
- * makes sends safe to retry. Your UI listens to events and calls a handful of methods:
+ * WebSocket open, reconnects when it drops, keeps it alive, refreshes the token in-band, makes
+ * sends safe to retry (and, given a `storage`, keeps them across a reload), and keeps a model of
+ * every chat that is fed by server frames only. Your UI listens to events and calls methods:
  *
- *   const client = new ChatClient({ url: "/ws", token, getToken });
- *   client.addEventListener("message", (event) => show(event.detail));
+ *   const client = new ChatClient({ url: "/ws", token, getToken, storage: localStorage });
+ *   client.addEventListener("change", () => render(client.chatList()));
  *   client.start();
+ *   client.openChat(chatId);     // load its history
+ *   client.setViewing(chatId);   // it is on screen: mark it read, keep it read
  *   client.sendMessage({ chatId, recipientId, content });
  *
  * Theory of operation
@@ -17,16 +21,30 @@
  * goes to "waiting" and reconnects after an exponential backoff with jitter; "stopped" is final.
  *
  * Binding: the token rides on the upgrade request (`/ws?token=...`). The server answers
- * `authenticated`, then the backlog (`new_chats`, `new_messages`) of everything this user missed.
- * If the server says `unauthorized` before binding and a `getToken` callback was given, the client
- * fetches a fresh token and binds in-band by sending it in a `ping`; otherwise it stops and emits
- * `auth-failed`, because retrying a bad token would only loop.
+ * `authenticated`, then the backlog (`new_chats`, `new_messages`, `updated_messages`) of
+ * everything this device missed. If the server says `unauthorized` before binding and a
+ * `getToken` callback was given, the client fetches a fresh token and binds in-band by sending it
+ * in a `ping`; otherwise it stops and emits `auth-failed`, because retrying a bad token would only
+ * loop. Once bound it loads the chat list with counts and marks (`fetch_chats` with `limit: 0`),
+ * then the newest page of the chat on screen (`fetch_messages`); other chats load when opened.
  *
  * Sends: every `send_message` carries a `client_message_id`. The frame stays in the outbox until
  * the server's own copy of the `message` (the acknowledgement) comes back. Whatever is in the
  * outbox when the client comes online is (re)sent; the server stores a resend with the same
- * `client_message_id` only once, so a retry after a reconnect never duplicates a message.
+ * `client_message_id` only once, so a retry after a reconnect or a reload never duplicates a
+ * message. Edits and deletes wait in the same outbox until their `message_updated` comes back.
+ * With `storage` (anything with getItem/setItem, e.g. `localStorage`) the outbox and the sends the
+ * server refused are kept there, so nothing typed is lost by a reload; several tabs may share it.
  * Other requests made while offline are queued and sent once, in order, on the next bind.
+ *
+ * The chat model: per chat, the messages this client holds by `seq` (always one gapless range
+ * that reaches the newest message it knows of), every participant's read and delivered marks,
+ * the unread count and the last message. All of it comes from server frames: chat objects
+ * (`all_chats`, `new_chats`), `message`, `new_messages`, `all_messages`, `receipt`,
+ * `message_updated` and `updated_messages`. Because `seq` has no gaps, the client knows when it
+ * holds every message after the user's read mark and then counts the unread ones itself;
+ * otherwise it keeps the server's count up to date (one more per new message from someone else)
+ * and asks the server again (`fetch_chats` with `limit: 0`) when it cannot tell.
  *
  * Liveness: a `ping` every 25 s keeps the server's idle timeout (60 s) from closing the socket;
  * if the `pong` is not back within `pongTimeoutMs`, the socket is presumed dead and replaced.
@@ -36,9 +54,12 @@
  * Events (all `CustomEvent`s; read `event.detail`):
  *   "state"          {state, previous, attempt, delayMs}    connection state changes
  *   "frame"          {direction: "in" | "out", text, frame, at}   every frame on the wire
+ *   "change"         {chatIds}   the model of these chats changed (messages, marks, counts, list)
  *   "authenticated", "all_chats", "new_chats", "all_messages", "new_messages", "message",
- *   "pong", "error"  the server frame of that type, as parsed JSON
- *   "outbox"         {entry}   a send changed state: "queued", "sending", "sent" or "failed"
+ *   "receipt", "message_updated", "updated_messages", "pong", "error"
+ *                    the server frame of that type, as parsed JSON, after the model took it in
+ *   "outbox"         {entry}   a send, edit or delete changed state: "queued", "sending",
+ *                    "sent" (acknowledged) or "failed" (refused for good; `entry.error`)
  *   "auth-failed"    {message}   the token was refused and cannot be refreshed: sign in again
  */
 
@@ -50,6 +71,9 @@ export const SERVER_FRAME_TYPES = Object.freeze([
   "all_messages",
   "new_messages",
   "message",
+  "receipt",
+  "message_updated",
+  "updated_messages",
   "pong",
   "error",
 ]);
@@ -65,6 +89,34 @@ const FINAL_ERROR_CODES = new Set([
   "unauthorized",
 ]);
 
+/** What each error code means, in words a person can act on. */
+export const ERROR_SENTENCES = Object.freeze({
+  bad_json: "The server could not read a request from this page.",
+  bad_request: "The server did not accept that request.",
+  unknown_type: "This server does not support that action.",
+  unauthorized: "Your sign-in is not valid any more. Sign in again.",
+  forbidden: "You are not allowed to do that.",
+  not_found: "That chat does not exist.",
+  too_large: "That message is too long.",
+  rate_limited: "You are sending too fast. Wait a moment and it will go out.",
+  internal: "The server had a problem. Try again in a moment.",
+});
+
+/** A sentence for an `error` frame (or a `{code}`), never just the raw code. */
+export function errorSentence(error) {
+  return ERROR_SENTENCES[error?.code] ?? "Something went wrong.";
+}
+
+/** The protocol's default `limits.max_message_chars`; characters are Unicode code points. */
+export const MAX_MESSAGE_CHARS = 4096;
+
+/** Length in code points, the unit of the server's content limit. */
+export function characterCount(text) {
+  let count = 0;
+  for (const _ of text) count += 1;
+  return count;
+}
+
 const DEFAULT_OPTIONS = Object.freeze({
   pingIntervalMs: 25_000,
   pongTimeoutMs: 10_000,
@@ -73,6 +125,7 @@ const DEFAULT_OPTIONS = Object.freeze({
   refreshMarginMs: 60_000,
   minRefreshMs: 30_000,
   maxInternalRetries: 3,
+  pageSize: 50,
 });
 
 /**
@@ -140,19 +193,59 @@ export async function fetchDevToken(userId, base = globalThis.location?.href) {
   return body.token;
 }
 
+/**
+ * Where one of `userId`'s own messages stands for the others of the chat: "read" once every
+ * other participant's read mark reached it, "delivered" once every one's delivery mark did
+ * (reading implies delivery), else "sent" (the server stored it).
+ */
+export function receiptStatus(chat, message, userId) {
+  const others = chat.participants.filter((user) => user !== userId);
+  if (others.length === 0) return "sent";
+  const read = (user) => chat.readUpTo[user] ?? 0;
+  const delivered = (user) => Math.max(chat.deliveredUpTo[user] ?? 0, read(user));
+  if (others.every((user) => read(user) >= message.seq)) return "read";
+  if (others.every((user) => delivered(user) >= message.seq)) return "delivered";
+  return "sent";
+}
+
+/** The message object of a `message` or `message_updated` frame (without type, request_id). */
+function messageObject(frame) {
+  const { type: _type, request_id: _requestId, ...message } = frame;
+  return message;
+}
+
+function raise(marks, user, seq) {
+  if (typeof user === "string" && Number.isInteger(seq) && seq > (marks[user] ?? 0)) {
+    marks[user] = seq;
+  }
+}
+
+function activityOf(chat) {
+  return chat.lastMessage?.timestamp ?? chat.createdAt ?? "";
+}
+
 export class ChatClient extends EventTarget {
   #path;
   #token;
   #getToken;
   #options;
   #WebSocket;
+  #storage;
+  #storageKey;
   #socket = null;
   #state = "idle";
   #userId = null;
   #attempt = 0;
   #requestSeq = 0;
   #queue = []; // non-message frames waiting for the next bind, in order
-  #outbox = new Map(); // client_message_id -> entry, until the server acknowledges it
+  #outbox = new Map(); // entry id -> entry, until the server acknowledges it
+  #failed = new Map(); // client_message_id -> send the server refused for good
+  #chats = new Map(); // chat_id -> chat state (see #chatState)
+  #viewing = null; // the chat on screen, which is kept read
+  #pending = new Map(); // request_id -> {kind, chatId} of fetches and marks in flight
+  #chatsRequest = null; // request_id of the fetch_chats in flight (the server allows one)
+  #chatsAgain = false; // ask once more when it is answered
+  #changed = new Set(); // chat ids changed while handling the current frame
   #timers = { reconnect: null, ping: null, pongDeadline: null, refresh: null };
   #refreshingAuth = false;
 
@@ -161,12 +254,17 @@ export class ChatClient extends EventTarget {
    * @param {string} [options.url="/ws"]  the endpoint, absolute or relative to the page
    * @param {string} options.token  a JWT whose `sub` is the user
    * @param {() => Promise<string>} [options.getToken]  returns a fresh token; enables refresh
+   * @param {Storage} [options.storage]  keeps the outbox across reloads (e.g. `localStorage`)
+   * @param {string} [options.storageKey]  the storage key; one per user
+   * @param {number} [options.pageSize=50]  messages per history page
    * @param {typeof WebSocket} [options.WebSocket]  for tests or non-browser runtimes
    */
   constructor({
     url = "/ws",
     token,
     getToken = null,
+    storage = null,
+    storageKey = `chat.outbox.${jwtClaims(token ?? "").sub ?? "anonymous"}`,
     WebSocket: Socket = globalThis.WebSocket,
     ...rest
   }) {
@@ -175,7 +273,10 @@ export class ChatClient extends EventTarget {
     this.#token = token;
     this.#getToken = getToken;
     this.#WebSocket = Socket;
+    this.#storage = storage;
+    this.#storageKey = storageKey;
     this.#options = { ...DEFAULT_OPTIONS, ...rest };
+    this.#restoreOutbox();
   }
 
   /** One of "idle", "connecting", "open", "online", "waiting", "stopped". */
@@ -188,9 +289,52 @@ export class ChatClient extends EventTarget {
     return this.#userId;
   }
 
-  /** Messages not acknowledged yet, oldest first. */
+  /** Sends, edits and deletes not acknowledged yet, oldest first. */
   get outbox() {
     return [...this.#outbox.values()];
+  }
+
+  /** Sends the server refused for good, kept until `retry()` or `discard()`. */
+  get failed() {
+    return [...this.#failed.values()];
+  }
+
+  /**
+   * The chat with that id, or undefined. A chat state is a plain object; read it, do not change
+   * it: {chatId, kind, title, participants, createdBy, createdAt, messages (Map seq -> message
+   * object), low, high (the held range), newest (highest seq known), lastMessage, unread,
+   * readUpTo, deliveredUpTo (user id -> seq), known (a chat object arrived), loaded (holds the
+   * newest page since the last bind)}.
+   */
+  chat(chatId) {
+    return this.#chats.get(chatId);
+  }
+
+  /** Every chat, most recently active first. */
+  chatList() {
+    return [...this.#chats.values()]
+      .filter((chat) => chat.known)
+      .sort((a, b) => (activityOf(a) < activityOf(b) ? 1 : activityOf(a) > activityOf(b) ? -1 : 0));
+  }
+
+  /** The messages held for a chat, by seq. */
+  messages(chatId) {
+    const chat = this.#chats.get(chatId);
+    if (!chat) return [];
+    return [...chat.messages.values()].sort((a, b) => a.seq - b.seq);
+  }
+
+  /** True when the chat has messages older than the ones held ("load older"). */
+  hasOlder(chatId) {
+    const chat = this.#chats.get(chatId);
+    if (!chat) return false;
+    return chat.messages.size > 0 ? chat.low > 1 : chat.newest > 0;
+  }
+
+  /** "sent", "delivered" or "read" for one of the user's own messages. */
+  status(chatId, message) {
+    const chat = this.#chats.get(chatId);
+    return chat ? receiptStatus(chat, message, this.#userId) : "sent";
   }
 
   /** Connect and stay connected until `stop()`. */
@@ -198,7 +342,7 @@ export class ChatClient extends EventTarget {
     if (this.#state === "idle" || this.#state === "stopped") this.#connect();
   }
 
-  /** Close for good; pending sends stay in `outbox` but are not retried. */
+  /** Close for good; pending sends stay in `outbox` (and storage) but are not retried. */
   stop() {
     this.#clearTimers();
     this.#setState("stopped");
@@ -224,32 +368,106 @@ export class ChatClient extends EventTarget {
    * (the server stored it and echoed it back) or "failed" (the server refused it for good).
    */
   sendMessage({ chatId, recipientId, content, clientMessageId = newId() }) {
-    const entry = {
-      clientMessageId,
-      requestId: this.#nextRequestId(),
-      frame: {
-        type: "send_message",
-        chat_id: chatId,
-        recipient_id: recipientId,
-        content,
-        client_message_id: clientMessageId,
-      },
-      state: "queued",
-      createdAt: new Date(),
-      message: null,
-      error: null,
-      internalRetries: 0,
+    const frame = {
+      type: "send_message",
+      chat_id: chatId,
+      recipient_id: recipientId,
+      content,
+      client_message_id: clientMessageId,
     };
-    entry.frame.request_id = entry.requestId;
-    this.#outbox.set(clientMessageId, entry);
-    if (this.#state === "online") this.#transmit(entry);
-    if (entry.state === "queued") this.#emit("outbox", { entry });
-    return entry;
+    return this.#enqueue(this.#newEntry("send", clientMessageId, frame));
   }
 
-  /** Every chat of the user, then one `all_messages` per chat with its latest messages. */
+  /** Replace the content of one of the user's messages; acknowledged by `message_updated`. */
+  editMessage({ chatId, messageId, content }) {
+    const frame = { type: "edit_message", chat_id: chatId, message_id: messageId, content };
+    return this.#enqueue(this.#newEntry("edit", `change:${chatId}:${messageId}`, frame));
+  }
+
+  /** Delete one of the user's messages (it stays as a tombstone); acknowledged likewise. */
+  deleteMessage({ chatId, messageId }) {
+    const frame = { type: "delete_message", chat_id: chatId, message_id: messageId };
+    return this.#enqueue(this.#newEntry("delete", `change:${chatId}:${messageId}`, frame));
+  }
+
+  /** The edit or delete of that message still waiting for the server, if any. */
+  pendingChange(chatId, messageId) {
+    return this.#outbox.get(`change:${chatId}:${messageId}`) ?? null;
+  }
+
+  /** Send a refused message again, with the same `client_message_id`. */
+  retry(clientMessageId) {
+    const entry = this.#failed.get(clientMessageId);
+    if (!entry) return null;
+    this.#failed.delete(clientMessageId);
+    entry.error = null;
+    entry.internalRetries = 0;
+    entry.state = "queued";
+    return this.#enqueue(entry);
+  }
+
+  /** Forget a refused message (the person removed it, or moved it back to the composer). */
+  discard(clientMessageId) {
+    const entry = this.#failed.get(clientMessageId);
+    if (!entry) return;
+    this.#failed.delete(clientMessageId);
+    this.#persist(entry, { remove: true });
+    this.#touch(entry.chatId);
+    this.#flushChanges();
+  }
+
+  /**
+   * The UI opened this chat: keep its history loaded. Fetches the newest page unless this
+   * client already holds it since the last bind.
+   */
+  openChat(chatId) {
+    const chat = this.#chatState(chatId);
+    chat.wanted = true;
+    if (!chat.loaded) this.#fetchNewest(chat);
+  }
+
+  /**
+   * The chat that is on screen and visible, or null. Its newest message is marked read now, and
+   * every message from someone else that arrives while it stays on screen.
+   */
+  setViewing(chatId) {
+    this.#viewing = chatId ?? null;
+    if (this.#viewing) {
+      this.openChat(this.#viewing);
+      this.markRead(this.#viewing);
+      this.#flushChanges();
+    }
+  }
+
+  /** Mark a chat read up to its newest message (nothing is sent when it already is). */
+  markRead(chatId) {
+    const chat = this.#chats.get(chatId);
+    if (!chat || chat.newest <= (chat.readUpTo[this.#userId] ?? 0)) return;
+    if (chat.newest > chat.readWanted) {
+      chat.readWanted = chat.newest;
+      this.#recount(chat);
+      this.#touch(chat.chatId);
+    }
+    this.#sendMark(chat);
+    this.#flushChanges();
+  }
+
+  /** The page of a chat's history older than what is held. */
+  loadOlder(chatId, limit = this.#options.pageSize) {
+    const chat = this.#chats.get(chatId);
+    const oldest = chat?.messages.get(chat.low);
+    if (!oldest || chat.low <= 1 || chat.olderRequest) return null;
+    chat.olderRequest = this.fetchMessages(chatId, { before: oldest.message_id, limit });
+    this.#pending.set(chat.olderRequest, { kind: "older", chatId });
+    return chat.olderRequest;
+  }
+
+  /**
+   * Every chat; with `limit` 0 (what this client sends by itself) only `all_chats` with counts
+   * and marks, otherwise also one `all_messages` per chat with its latest messages.
+   */
   fetchChats({ limit } = {}) {
-    return this.#request({ type: "fetch_chats", ...(limit ? { limit } : {}) });
+    return this.#request({ type: "fetch_chats", ...(limit !== undefined ? { limit } : {}) });
   }
 
   /** One page of a chat's history older than message id `before` (or the newest). */
@@ -299,6 +517,7 @@ export class ChatClient extends EventTarget {
     for (const entry of this.#outbox.values()) {
       if (entry.state === "sending") this.#changeEntry(entry, "queued");
     }
+    this.#forgetConnection();
     if (this.#state === "stopped") return;
     // 1008 is the server's policy close: auth timeout, idle timeout or an expired token.
     // A fresh token, when we can get one, is what makes the next attempt succeed.
@@ -309,6 +528,22 @@ export class ChatClient extends EventTarget {
       }
     }
     this.#scheduleReconnect();
+  }
+
+  /** What was in flight on a closed connection is unknown: ask again after the next bind. */
+  #forgetConnection() {
+    this.#pending.clear();
+    this.#chatsRequest = null;
+    this.#chatsAgain = false;
+    for (const chat of this.#chats.values()) {
+      // Messages may arrive on another device meanwhile and never be this one's backlog.
+      chat.loaded = false;
+      chat.newestRequest = null;
+      chat.olderRequest = null;
+      chat.markRequest = null;
+      chat.markSent = 0;
+      chat.readWanted = 0;
+    }
   }
 
   #scheduleReconnect() {
@@ -332,6 +567,8 @@ export class ChatClient extends EventTarget {
     for (const entry of this.#outbox.values()) {
       if (entry.state === "queued") this.#transmit(entry);
     }
+    // The chat list with every count and mark; receipts are not replayed on binding.
+    this.#refreshChats();
   }
 
   // ------------------------------------------------------------------ frames
@@ -350,8 +587,29 @@ export class ChatClient extends EventTarget {
       case "authenticated":
         this.#onAuthenticated(frame);
         break;
+      case "all_chats":
+        this.#onAllChats(frame);
+        break;
+      case "new_chats":
+        for (const object of frame.data ?? []) this.#applyChat(object);
+        break;
+      case "all_messages":
+        this.#onAllMessages(frame);
+        break;
+      case "new_messages":
+        this.#takeMessages(this.#chatState(frame.chat_id), frame.data ?? []);
+        break;
       case "message":
         this.#onMessage(frame);
+        break;
+      case "message_updated":
+        this.#applyUpdate(messageObject(frame), frame.request_id);
+        break;
+      case "updated_messages":
+        for (const message of frame.data ?? []) this.#applyUpdate(message, undefined);
+        break;
+      case "receipt":
+        this.#onReceipt(frame);
         break;
       case "error":
         this.#onError(frame);
@@ -359,20 +617,221 @@ export class ChatClient extends EventTarget {
       default:
         break;
     }
+    this.#flushChanges();
     // Unknown types are ignored, as the protocol asks of clients.
     if (SERVER_FRAME_TYPES.includes(frame.type)) this.#emit(frame.type, frame);
   }
 
-  #onMessage(frame) {
-    const entry = frame.client_message_id && this.#outbox.get(frame.client_message_id);
-    if (entry && frame.sender_id === this.#userId) {
-      this.#outbox.delete(entry.clientMessageId);
-      entry.message = frame;
-      this.#changeEntry(entry, "sent");
+  #onAllChats(frame) {
+    if (frame.request_id !== undefined && frame.request_id === this.#chatsRequest) {
+      this.#chatsRequest = null;
+      if (this.#chatsAgain) {
+        this.#chatsAgain = false;
+        this.#refreshChats();
+      }
+    }
+    const present = new Set();
+    for (const object of frame.data ?? []) {
+      present.add(object.chat_id);
+      this.#applyChat(object);
+    }
+    // `all_chats` is every chat of the user: one not in it is no longer theirs.
+    for (const [chatId, chat] of this.#chats) {
+      if (chat.known && !present.has(chatId)) {
+        this.#chats.delete(chatId);
+        this.#touch(chatId);
+      }
+    }
+    const viewing = this.#viewing && this.#chats.get(this.#viewing);
+    if (viewing) {
+      if (!viewing.loaded) this.#fetchNewest(viewing);
+      this.markRead(viewing.chatId);
     }
   }
 
+  /** A chat object: the server's state of the chat for this user. */
+  #applyChat(object) {
+    const me = this.#userId;
+    const chat = this.#chatState(object.chat_id);
+    chat.known = true;
+    chat.kind = object.kind ?? "direct";
+    chat.title = object.title ?? null;
+    chat.participants = [...(object.participants ?? chat.participants)];
+    chat.createdBy = object.created_by ?? chat.createdBy;
+    chat.createdAt = object.created_at ?? chat.createdAt;
+    // Marks only move forward: a chat object computed before a receipt we already took in
+    // cannot move one back.
+    for (const [user, seq] of Object.entries(object.read_up_to ?? {}))
+      raise(chat.readUpTo, user, seq);
+    for (const [user, seq] of Object.entries(object.delivered_up_to ?? {})) {
+      raise(chat.deliveredUpTo, user, seq);
+    }
+    const last = object.last_message ?? null;
+    const lastSeq = last?.seq ?? 0;
+    if (last) {
+      this.#hold(chat, last);
+      if (!chat.lastMessage || lastSeq >= chat.lastMessage.seq) chat.lastMessage = last;
+    }
+    if (lastSeq > chat.newest) chat.newest = lastSeq;
+    // The server's count, plus what we hold that is newer than what it counted.
+    const counted = Math.max(lastSeq, object.read_up_to?.[me] ?? 0, this.#readMark(chat));
+    let unread = Number.isInteger(object.unread_count) ? object.unread_count : 0;
+    for (const message of chat.messages.values()) {
+      if (message.seq > counted && this.#countable(message)) unread += 1;
+    }
+    chat.unread = unread;
+    const stale = (object.read_up_to?.[me] ?? 0) < (chat.readUpTo[me] ?? 0);
+    if (!this.#recount(chat) && stale) this.#refreshChats();
+    if (chat.wanted && !chat.loaded && lastSeq > chat.high && this.#state === "online") {
+      if (chat.chatId === this.#viewing) this.#fetchNewest(chat);
+    }
+    this.#touch(chat.chatId);
+  }
+
+  #onAllMessages(frame) {
+    const request = this.#pending.get(frame.request_id);
+    if (request) this.#pending.delete(frame.request_id);
+    const chat = this.#chatState(frame.chat_id);
+    this.#takeMessages(chat, frame.data ?? []);
+    if (request?.kind === "newest") {
+      chat.newestRequest = null;
+      chat.loaded = true;
+      this.#refreshHeld(chat, frame.data ?? []);
+    } else if (request?.kind === "older") {
+      chat.olderRequest = null;
+    } else if (!frame.has_more && (frame.data ?? []).length === 0) {
+      chat.loaded = true; // fetch_chats with a limit: an empty chat
+    }
+    this.#touch(chat.chatId);
+  }
+
+  #onMessage(frame) {
+    const message = messageObject(frame);
+    const chat = this.#chatState(message.chat_id);
+    if (chat.participants.length === 0) {
+      chat.participants = [message.sender_id, message.recipient_id].filter(Boolean).sort();
+    }
+    if (!chat.known) this.#refreshChats(); // its chat object brings its marks and count
+    this.#takeMessages(chat, [message]);
+  }
+
+  /** One of the user's messages came back from the server: its send is acknowledged. */
+  #acknowledge(message) {
+    const entry = message.client_message_id && this.#outbox.get(message.client_message_id);
+    if (!entry || entry.kind !== "send" || message.sender_id !== this.#userId) return;
+    this.#outbox.delete(entry.id);
+    this.#persist(entry, { remove: true });
+    entry.message = message;
+    this.#changeEntry(entry, "sent");
+  }
+
+  /** New messages (live, backlog or a fetched page) into the model. */
+  #takeMessages(chat, messages) {
+    const me = this.#userId;
+    const sorted = [...messages]
+      .filter((m) => Number.isInteger(m?.seq))
+      .sort((a, b) => a.seq - b.seq);
+    let othersArrived = false;
+    for (const message of sorted) {
+      const previous = chat.messages.get(message.seq);
+      const isNew = message.seq > chat.newest;
+      if (isNew) {
+        chat.newest = message.seq;
+        // Sending moves the sender's own marks up to the message.
+        raise(chat.readUpTo, message.sender_id, message.seq);
+        raise(chat.deliveredUpTo, message.sender_id, message.seq);
+        if (message.sender_id !== me) {
+          othersArrived = true;
+          const onScreen = this.#viewing === chat.chatId;
+          if (!onScreen && this.#countable(message)) chat.unread += 1;
+        }
+      } else if (previous && !previous.deleted && message.deleted) {
+        this.#uncount(chat, previous);
+      }
+      if (!chat.lastMessage || message.seq >= chat.lastMessage.seq) chat.lastMessage = message;
+    }
+    // Above what is held ascending, below it descending, so a batch extends the range in order.
+    for (const message of sorted)
+      if (chat.messages.size === 0 || message.seq >= chat.low) this.#hold(chat, message);
+    for (const message of sorted.reverse()) if (message.seq < chat.low) this.#hold(chat, message);
+    this.#recount(chat);
+    // Any copy of the user's own message proves it stored: the live one, or one in a page or
+    // the backlog when the acknowledgement itself was lost.
+    for (const message of messages) this.#acknowledge(message);
+    if (othersArrived && this.#viewing === chat.chatId) this.markRead(chat.chatId);
+    if (chat.wanted && !chat.loaded && chat.low > 1 && chat.chatId === this.#viewing) {
+      this.#fetchNewest(chat); // a gap closed what we held: load the page below the newest
+    }
+    this.#touch(chat.chatId);
+  }
+
+  /** An edited or deleted message, in its new state. */
+  #applyUpdate(message, requestId) {
+    if (!Number.isInteger(message?.seq)) return;
+    const chat = this.#chatState(message.chat_id);
+    const previous = chat.messages.get(message.seq);
+    if (previous) {
+      chat.messages.set(message.seq, message);
+      if (!previous.deleted && message.deleted) this.#uncount(chat, previous);
+    } else if (message.seq > chat.newest) {
+      // A change to a message we never had: our view of the chat is behind.
+      this.#takeMessages(chat, [message]);
+      this.#refreshChats();
+    } else if (message.deleted && message.sender_id !== this.#userId) {
+      // Was it counted as unread? Only the server can tell.
+      if (message.seq > this.#readMark(chat)) this.#refreshChats();
+    }
+    if (chat.lastMessage?.seq === message.seq) chat.lastMessage = message;
+    this.#recount(chat);
+    this.#touch(chat.chatId);
+    const entry = this.#outbox.get(`change:${message.chat_id}:${message.message_id}`);
+    if (entry) {
+      const done =
+        (requestId !== undefined && requestId === entry.requestId) ||
+        (entry.kind === "delete" && message.deleted) ||
+        (entry.kind === "edit" && !message.deleted && message.content === entry.frame.content);
+      if (done) {
+        this.#outbox.delete(entry.id);
+        this.#persist(entry, { remove: true });
+        entry.message = message;
+        this.#changeEntry(entry, "sent");
+      }
+    }
+  }
+
+  #onReceipt(frame) {
+    const chat = this.#chats.get(frame.chat_id);
+    if (!chat || !Number.isInteger(frame.seq)) return;
+    if (frame.kind === "read") {
+      raise(chat.readUpTo, frame.user_id, frame.seq);
+      raise(chat.deliveredUpTo, frame.user_id, frame.seq); // reading implies delivery
+    } else if (frame.kind === "delivered") {
+      raise(chat.deliveredUpTo, frame.user_id, frame.seq);
+    }
+    if (frame.request_id !== undefined && frame.request_id === chat.markRequest) {
+      this.#pending.delete(frame.request_id);
+      chat.markRequest = null;
+      this.#sendMark(chat); // newer messages were read while this one was in flight
+    }
+    if (frame.user_id === this.#userId && frame.kind === "read") {
+      // The user read this far, here or on another device. Holding every message after the
+      // mark, we count the rest ourselves; otherwise the server knows.
+      if (!this.#recount(chat)) this.#refreshChats();
+    }
+    this.#touch(chat.chatId);
+  }
+
   async #onError(frame) {
+    const pending = this.#pending.get(frame.request_id);
+    if (pending) this.#requestFailed(pending, frame);
+    if (frame.request_id !== undefined && frame.request_id === this.#chatsRequest) {
+      this.#chatsRequest = null;
+      const again = frame.code === "rate_limited" || frame.code === "internal";
+      if (again || this.#chatsAgain) {
+        this.#chatsAgain = false;
+        setTimeout(() => this.#refreshChats(), frame.retry_after_ms ?? 1000);
+      }
+    }
     const entry = this.#entryForRequest(frame.request_id);
     if (frame.code === "unauthorized" && this.#state === "open") {
       await this.#retryBinding(frame);
@@ -394,10 +853,37 @@ export class ChatClient extends EventTarget {
         1000 * entry.internalRetries,
       );
     } else if (entry && (FINAL_ERROR_CODES.has(frame.code) || frame.code === "internal")) {
-      this.#outbox.delete(entry.clientMessageId);
+      this.#outbox.delete(entry.id);
       entry.error = frame;
+      entry.state = "failed";
+      if (entry.kind === "send") {
+        this.#failed.set(entry.id, entry);
+        this.#persist(entry);
+      } else {
+        this.#persist(entry, { remove: true });
+      }
+      this.#touch(entry.chatId);
       this.#changeEntry(entry, "failed");
     }
+  }
+
+  #requestFailed(pending, frame) {
+    this.#pending.delete(frame.request_id);
+    const chat = this.#chats.get(pending.chatId);
+    if (!chat) return;
+    if (pending.kind === "newest") chat.newestRequest = null;
+    if (pending.kind === "older") chat.olderRequest = null;
+    if (pending.kind === "mark") {
+      chat.markRequest = null;
+      chat.markSent = 0;
+      chat.readWanted = 0; // not marked: the server's mark and count stand
+      this.#refreshChats();
+    }
+    if (frame.code === "forbidden" || frame.code === "not_found") {
+      chat.wanted = false;
+      if (this.#viewing === chat.chatId) this.#viewing = null;
+    }
+    this.#touch(chat.chatId);
   }
 
   /** The token on the upgrade was refused: get a fresh one and bind in-band, once. */
@@ -414,6 +900,257 @@ export class ChatClient extends EventTarget {
       this.#refreshingAuth = false;
     }
   }
+
+  // ------------------------------------------------------------------ the chat model
+
+  #chatState(chatId) {
+    let chat = this.#chats.get(chatId);
+    if (!chat) {
+      chat = {
+        chatId,
+        kind: "direct",
+        title: null,
+        participants: [],
+        createdBy: null,
+        createdAt: null,
+        messages: new Map(),
+        low: 0,
+        high: 0,
+        newest: 0,
+        lastMessage: null,
+        unread: 0,
+        readUpTo: {},
+        deliveredUpTo: {},
+        known: false,
+        loaded: false,
+        wanted: false,
+        newestRequest: null,
+        olderRequest: null,
+        markRequest: null,
+        markSent: 0,
+        readWanted: 0,
+      };
+      this.#chats.set(chatId, chat);
+    }
+    return chat;
+  }
+
+  /**
+   * Keep a message in the held range, which stays one gapless run of seqs. A message right
+   * above or below extends it; one further above means messages are missing in between (they
+   * went to another device while this one was away): what was held is dropped and the run
+   * starts again from the newest. One further below waits for "load older".
+   */
+  #hold(chat, message) {
+    const seq = message.seq;
+    if (!Number.isInteger(seq) || seq < 1) return;
+    if (chat.messages.size === 0) {
+      chat.low = seq;
+      chat.high = seq;
+    } else if (seq > chat.high + 1) {
+      chat.messages.clear();
+      chat.low = seq;
+      chat.high = seq;
+      chat.loaded = false;
+    } else if (seq < chat.low - 1) {
+      return;
+    } else {
+      chat.low = Math.min(chat.low, seq);
+      chat.high = Math.max(chat.high, seq);
+    }
+    chat.messages.set(seq, message);
+  }
+
+  /** The user's read mark, or the newer one this client is about to send. */
+  #readMark(chat) {
+    return Math.max(chat.readUpTo[this.#userId] ?? 0, chat.readWanted);
+  }
+
+  #countable(message) {
+    return message.sender_id !== this.#userId && !message.deleted;
+  }
+
+  /** A message counted as unread was deleted. */
+  #uncount(chat, previous) {
+    if (previous.sender_id !== this.#userId && previous.seq > this.#readMark(chat)) {
+      chat.unread = Math.max(0, chat.unread - 1);
+    }
+  }
+
+  /**
+   * Count the unread messages when every message after the read mark is held; returns false
+   * (and leaves the count as it is) when some are not.
+   */
+  #recount(chat) {
+    const mark = this.#readMark(chat);
+    if (chat.newest <= mark) {
+      chat.unread = 0;
+      return true;
+    }
+    if (chat.messages.size === 0 || chat.low > mark + 1 || chat.high < chat.newest) return false;
+    let unread = 0;
+    for (let seq = Math.max(mark + 1, chat.low); seq <= chat.newest; seq += 1) {
+      const message = chat.messages.get(seq);
+      if (!message) return false;
+      if (this.#countable(message)) unread += 1;
+    }
+    chat.unread = unread;
+    return true;
+  }
+
+  /**
+   * Messages held from before a reconnect, below the newest page just fetched, may have been
+   * edited or deleted meanwhile, and the change may have gone to another device of the user
+   * (changes, like messages, are delivered once per user): fetch them again, at most 1000.
+   */
+  #refreshHeld(chat, page) {
+    const seqs = page.map((message) => message?.seq).filter(Number.isInteger);
+    if (seqs.length === 0) return;
+    const pageLow = Math.min(...seqs);
+    const first = chat.messages.get(pageLow);
+    if (!first || chat.low >= pageLow) return;
+    const limit = 1000;
+    for (let seq = chat.low; seq < pageLow - limit; seq += 1) chat.messages.delete(seq);
+    chat.low = Math.max(chat.low, pageLow - limit);
+    const requestId = this.fetchMessages(chat.chatId, {
+      before: first.message_id,
+      limit: pageLow - chat.low,
+    });
+    this.#pending.set(requestId, { kind: "refresh", chatId: chat.chatId });
+  }
+
+  #fetchNewest(chat) {
+    if (chat.newestRequest || !chat.known || this.#state !== "online") return;
+    chat.newestRequest = this.fetchMessages(chat.chatId, { limit: this.#options.pageSize });
+    this.#pending.set(chat.newestRequest, { kind: "newest", chatId: chat.chatId });
+  }
+
+  /** Send `mark_read` for what the person has seen; one in flight per chat. */
+  #sendMark(chat) {
+    if (chat.markRequest || this.#state !== "online") return;
+    const seq = chat.readWanted;
+    if (seq <= (chat.readUpTo[this.#userId] ?? 0) || seq <= chat.markSent) return;
+    const message =
+      chat.messages.get(seq) ?? (chat.lastMessage?.seq === seq ? chat.lastMessage : null);
+    if (!message) return;
+    chat.markSent = seq;
+    chat.markRequest = this.#request({
+      type: "mark_read",
+      chat_id: chat.chatId,
+      message_id: message.message_id,
+    });
+    this.#pending.set(chat.markRequest, { kind: "mark", chatId: chat.chatId });
+  }
+
+  /** Ask for the chat list with counts and marks; one request at a time. */
+  #refreshChats() {
+    if (this.#state !== "online") return; // binding asks anyway
+    if (this.#chatsRequest) {
+      this.#chatsAgain = true;
+      return;
+    }
+    this.#chatsRequest = this.fetchChats({ limit: 0 });
+  }
+
+  #touch(chatId) {
+    if (chatId) this.#changed.add(chatId);
+  }
+
+  #flushChanges() {
+    if (this.#changed.size === 0) return;
+    const chatIds = [...this.#changed];
+    this.#changed.clear();
+    this.#emit("change", { chatIds });
+  }
+
+  // ------------------------------------------------------------------ outbox
+
+  #newEntry(kind, id, frame) {
+    return {
+      id,
+      kind,
+      clientMessageId: kind === "send" ? id : null,
+      chatId: frame.chat_id,
+      messageId: frame.message_id ?? null,
+      requestId: null,
+      frame,
+      state: "queued",
+      createdAt: new Date(),
+      message: null,
+      error: null,
+      internalRetries: 0,
+    };
+  }
+
+  #enqueue(entry) {
+    entry.requestId = this.#nextRequestId();
+    entry.frame.request_id = entry.requestId;
+    const replaced = this.#outbox.get(entry.id);
+    if (replaced) this.#outbox.delete(entry.id); // a newer edit or a delete wins
+    this.#outbox.set(entry.id, entry);
+    this.#persist(entry);
+    if (this.#state === "online") this.#transmit(entry);
+    if (entry.state === "queued") this.#emit("outbox", { entry });
+    this.#touch(entry.chatId);
+    this.#flushChanges();
+    return entry;
+  }
+
+  /**
+   * Mirror an entry into storage: a read-modify-write of one key, so tabs of the same user
+   * sharing the storage keep each other's entries.
+   */
+  #persist(entry, { remove = false } = {}) {
+    if (!this.#storage) return;
+    try {
+      const saved = JSON.parse(this.#storage.getItem(this.#storageKey) ?? "{}");
+      const entries = saved && typeof saved.entries === "object" ? saved.entries : {};
+      if (remove) {
+        delete entries[entry.id];
+      } else {
+        const { request_id: _requestId, ...frame } = entry.frame;
+        entries[entry.id] = {
+          kind: entry.kind,
+          frame,
+          createdAt: entry.createdAt.toISOString(),
+          failed: entry.state === "failed",
+          error: entry.error ? { code: entry.error.code, message: entry.error.message } : null,
+        };
+      }
+      this.#storage.setItem(this.#storageKey, JSON.stringify({ version: 1, entries }));
+    } catch {
+      // Storage full or unavailable (private mode): the outbox still works in memory.
+    }
+  }
+
+  #restoreOutbox() {
+    if (!this.#storage) return;
+    let entries = {};
+    try {
+      entries = JSON.parse(this.#storage.getItem(this.#storageKey) ?? "{}").entries ?? {};
+    } catch {
+      return;
+    }
+    const saved = Object.entries(entries).sort(([, a], [, b]) =>
+      a.createdAt < b.createdAt ? -1 : 1,
+    );
+    for (const [id, { kind, frame, createdAt, failed, error }] of saved) {
+      if (!frame || typeof frame.chat_id !== "string") continue;
+      const entry = this.#newEntry(kind, id, { ...frame });
+      entry.createdAt = new Date(createdAt);
+      entry.requestId = this.#nextRequestId();
+      entry.frame.request_id = entry.requestId;
+      if (failed) {
+        entry.state = "failed";
+        entry.error = error;
+        this.#failed.set(id, entry);
+      } else {
+        this.#outbox.set(id, entry);
+      }
+    }
+  }
+
+  // ------------------------------------------------------------------ writing
 
   #request(frame) {
     frame.request_id = this.#nextRequestId();

@@ -31,15 +31,17 @@ backlog or live, never both, never neither -- rests on one order of steps:
    connection of the user has just received is not offered again.
 3. Each chat's undelivered messages are read up to its mark only, so a message committed after
    the snapshot cannot be in both the backlog and the fan-out.
-4. Fan-out of an item at or below its chat's mark (a chat of the snapshot, or a message whose
-   id is at most the mark) is in the backlog or was delivered before the binding: it is
-   dropped, parked or live, for `backlog_memory_s` (long past any commit-to-publish delay,
-   even across nodes). Everything above the mark is sent.
+4. Fan-out of an item at or below its chat's mark (a chat of the snapshot, or a message or
+   change whose version is at most the chat's version in the snapshot) is in the backlog or
+   was delivered before the binding: it is dropped, parked or live, for `backlog_memory_s`
+   (long past any commit-to-publish delay, even across nodes). Everything above the mark is
+   sent, except a change the backlog already carried (a message it read in a newer state than
+   the snapshot), of which only the receipt goes.
 5. Parked items are replayed (`Write`, waiting for room) before going live; items that arrive
    while the replay is written are parked too and replayed next (`Replay` -> `Replayed`), so
    live `Push`es never overtake them.
 
-Message ids grow in commit order within a chat, which is what makes a per-chat mark enough.
+Versions grow in commit order within a chat, which is what makes a per-chat mark enough.
 An item counts as delivered only once the client's TCP stack acknowledged the frame carrying
 its `Receipt` (the transport's job); an item that never got there is offered again next time.
 
@@ -62,7 +64,7 @@ from handler import protocol
 from handler.errors import CloseCode, ConnectionLimitReached, ErrorCode, ProtocolError
 from handler.ratelimit import TokenBucket
 from handler.session import events as ev
-from handler.session.outgoing import Outgoing, Receipt, SeqMark
+from handler.session.outgoing import MARK_ONLY, Outgoing, Receipt, SeqMark
 
 if TYPE_CHECKING:
     from handler.auth import Identity
@@ -536,9 +538,11 @@ class SessionMachine:
 
     def _replay(self, now: ev.Instant) -> list[ev.Command]:
         parked, self._parked = self._parked, collections.deque()
-        writes: list[ev.Command] = [
-            ev.Write(item) for item in parked if not self._covered(item, now.monotonic)
-        ]
+        writes: list[ev.Command] = []
+        for item in parked:
+            kept = self._cover(item, now.monotonic)
+            if kept is not None:
+                writes.append(ev.Write(kept))
         return [*writes, ev.Replay()]
 
     def _replayed(self, now: ev.Instant) -> list[ev.Command]:
@@ -573,12 +577,13 @@ class SessionMachine:
 
     def fan_out(self, item: Outgoing, now: float) -> Outgoing | ev.DropSlow | None:
         """`handle(FanOut(item), now)` without the event and the lists: the hub calls it for
-        every item it fans out, synchronously. Returns `item` itself for a `Push`, `DropSlow`,
-        or None (parked or dropped): only commands that never wait. `now` is monotonic."""
+        every item it fans out, synchronously. Returns the item to push (`item` itself, or the
+        receipt it carries, see `_cover`), `DropSlow`, or None (parked or dropped): only
+        commands that never wait. `now` is monotonic."""
         state = self.state
         if state is State.BOUND:
-            if self._marks and self._covered(item, now):
-                return None
+            if self._marks:
+                return self._cover(item, now)
             return item
         if state is State.UNBOUND:
             return None  # late fan-out for a binding that failed
@@ -587,23 +592,29 @@ class SessionMachine:
         self._parked.append(item)
         return None
 
-    def _covered(self, item: Outgoing, now: float) -> bool:
-        """Whether the binding's snapshot covered `item` (step 4 of the binding rule)."""
+    def _cover(self, item: Outgoing, now: float) -> Outgoing | None:
+        """Step 4 of the binding rule: what to send of `item`. None when the snapshot covered
+        it (it is in the backlog, or reached the user before). A change the backlog already
+        carried (a message read in a newer state than the snapshot) is not sent again, but
+        its receipt is, as a frame of no bytes (`MARK_ONLY`): it records, in its place in the
+        stream, that this change reached the user."""
         if now > self._marks_until:
             if self._marks:
                 self._marks = {}
                 self._sent_versions = {}
-            return False
+            return item
         version = item.version
         if version is None:
-            return False  # a receipt: never part of a backlog
+            return item  # a receipt: never part of a backlog
         newest = self._marks.get(item.chat_id or "")
         if newest is None:
-            return False  # a chat created after the snapshot
+            return item  # a chat created after the snapshot
         if version <= newest:
-            return True
+            return None
         message_id = item.message_id
-        return message_id is not None and self._sent_versions.get(message_id, 0) >= version
+        if message_id is None or self._sent_versions.get(message_id, 0) < version:
+            return item
+        return None if item.receipt is None else Outgoing("", MARK_ONLY, item.receipt)
 
 
 def _deadline_of(identity: Identity, now: ev.Instant) -> float:

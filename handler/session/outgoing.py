@@ -65,3 +65,6 @@ CLOSE_ITEM: Final = Outgoing("", CLOSE_AFTER)
 # (a binding that failed after the writer started).
 RETIRE: Final = "retire"
 RETIRE_ITEM: Final = Outgoing("", RETIRE)
+# frame_type of an item that writes nothing but carries a receipt: it counts as delivered once
+# everything queued before it reached the client.
+MARK_ONLY: Final = "mark"

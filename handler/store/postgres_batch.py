@@ -54,6 +54,7 @@ from handler.store.sql_store import (
     ReadMark,
     change_refused,
     not_in_chat,
+    read_answer,
 )
 from handler.timefmt import format_ms
 
@@ -200,21 +201,24 @@ def apply_batch(connection: Connection, batch: Sequence[Op]) -> None:
             state.version_changed = True
         positions[id(op)] = (seq, state.version)
 
-    # 4. Writes: messages, changes, read marks, delivery marks.
+    # 4. Writes. Marks first: a mark never names a message of its own batch (a client learns
+    #    of a message once it is committed), and a mark queued before a user's own message
+    #    must count when that message moves the sender's marks. Then messages, then changes.
+    for read in reads:
+        _move_read_mark(cursor, read, now)
+    for mark in marks:
+        _record_delivered(cursor, mark, locked, now)
     _insert_messages(cursor, inserts, locked, positions)
     for resend, original in resends:
         resend.result = (original.result[0], False)
     for op in allowed:
         _apply_change(cursor, op, allowed[op], positions[id(op)][1], now)
+    _repeated_deletes(changes)
     changed_chats = [(state.version, row) for row, state in locked.items() if state.version_changed]
     if changed_chats:
         cursor.executemany(
             "UPDATE chats SET version = GREATEST(version, %s) WHERE id = %s", changed_chats
         )
-    for read in reads:
-        _move_read_mark(cursor, read, now)
-    for mark in marks:
-        _record_delivered(cursor, mark, locked, now)
 
 
 def _create_chat(cursor: psycopg.Cursor[TupleRow], create: CreateChat) -> None:
@@ -368,8 +372,10 @@ def _insert_messages(
 def _check_changes(
     cursor: psycopg.Cursor[TupleRow], changes: list[ChangeMessage], locked: dict[int, _Locked]
 ) -> dict[ChangeMessage, Message]:
-    """The changes that may go ahead, with each message's current state; the others get
-    their refusal (or, deleting a tombstone again, the tombstone) as their result."""
+    """The changes that may go ahead, with each message's state before it, checked in queue
+    order as if applied one by one (a delete makes a later change of the same message in the
+    batch see a tombstone). The others get their refusal as their result; deleting a tombstone
+    again gets the tombstone, once the batch wrote it (`_repeated_deletes`)."""
     if not changes:
         return {}
     current: dict[tuple[int, int], Message] = {}
@@ -378,10 +384,12 @@ def _check_changes(
         ([op.change.message_row for op in changes],),
     ):
         current[(row[1], row[0])] = message_of(row, decode)
+    deleted_by: dict[tuple[int, int], ChangeMessage] = {}  # deletes allowed in this batch
     allowed: dict[ChangeMessage, Message] = {}
     for op in changes:
         change = op.change
-        message = current.get((change.chat_row, change.message_row))
+        key = (change.chat_row, change.message_row)
+        message = current.get(key)
         deleting = change.content is None
         refused = change_refused(
             None if message is None else message.sender_id,
@@ -392,10 +400,23 @@ def _check_changes(
         if refused is not None or change.chat_row not in locked:
             op.result = refused or not_in_chat()
         elif deleting and message is not None and message.deleted:
-            op.result = (message, False)
+            first = deleted_by.get(key)
+            op.result = (message, False) if first is None else first
         elif message is not None:
             allowed[op] = message
+            if deleting:
+                deleted_by[key] = op
+                current[key] = attrs.evolve(message, content="", deleted=True)
     return allowed
+
+
+def _repeated_deletes(changes: list[ChangeMessage]) -> None:
+    """A delete of a message that an earlier delete of the same batch made a tombstone: its
+    answer is that tombstone, unchanged."""
+    for op in changes:
+        first = op.result
+        if isinstance(first, ChangeMessage):
+            op.result = (first.result[0], False)
 
 
 def _apply_change(
@@ -429,10 +450,10 @@ def _move_read_mark(cursor: psycopg.Cursor[TupleRow], op: MoveReadMark, now: int
         op.result = not_in_chat()
         return
     seq = row[0]
-    where = {"chat": mark.chat_row, "user": mark.user_id}
-    # (A result, not `rowcount`: in pipeline mode that is only known once results are read.)
-    moved = cursor.execute(_SQL.sql("mark_read"), {**where, "seq": seq, "at": now}).fetchone()
-    if moved is not None:
+    where = {"chat": mark.chat_row, "user": mark.user_id, "seq": seq, "at": now}
+    # (Results, not `rowcount`: in pipeline mode that is only known once results are read.)
+    delivered = cursor.execute(_SQL.sql("read_delivers"), where).fetchone()
+    if cursor.execute(_SQL.sql("mark_read"), where).fetchone() is not None:
         receipt = ReceiptFrame(
             mark.chat.chat_id, mark.user_id, "read", seq, str(mark.message_row), format_ms(now)
         )
@@ -440,18 +461,7 @@ def _move_read_mark(cursor: psycopg.Cursor[TupleRow], op: MoveReadMark, now: int
         op.committed = Committed(mark.chat, mark.origin, receipt=receipt)
         return
     current = cursor.execute(_SQL.sql("read_mark"), where).fetchone()
-    read_seq, read_at, message_row = current if current is not None else (0, now, None)
-    op.result = (
-        ReceiptFrame(
-            mark.chat.chat_id,
-            mark.user_id,
-            "read",
-            read_seq,
-            None if message_row is None else str(message_row),
-            format_ms(read_at or now),
-        ),
-        False,
-    )
+    op.result, op.committed = read_answer(mark, seq, current, now, delivered is not None)
 
 
 def _record_delivered(
@@ -474,24 +484,41 @@ def _record_delivered(
             " AND m.version_mark < v.version",
             ([row for row, _ in versions], [version for _, version in versions], user),
         )
-    seqs = [mark for mark in delivered.marks if mark[2]]
-    if not seqs:
+    # A chat's ranges apply one after the other: one statement per layer (the first range of
+    # every chat, then the second, ...).
+    layers: list[list[tuple[int, int, int, str | None, int]]] = []
+    seen: dict[int, int] = {}
+    for mark in delivered.marks:
+        if not mark[2]:
+            continue
+        depth = seen.get(mark[0], 0)
+        seen[mark[0]] = depth + 1
+        if depth == len(layers):
+            layers.append([])
+        layers[depth].append(mark)
+    if not layers:
         return
-    message_ids = {row: message_id for row, _, _, message_id, _ in seqs}
-    moved = cursor.execute(
-        "UPDATE members m SET delivered_seq = v.seq, delivered_at_ms = %s FROM unnest(%s::bigint[],"
-        " %s::bigint[], %s::bigint[]) AS v(chat, seq, first) WHERE m.chat_id = v.chat"
-        " AND m.user_id = %s AND m.delivered_seq < v.seq AND NOT EXISTS (SELECT 1 FROM"
-        " messages x WHERE x.chat_id = v.chat AND x.seq > m.delivered_seq AND x.seq < v.first"
-        " AND x.sender_id <> m.user_id) RETURNING m.chat_id, m.delivered_seq",
-        (
-            now,
-            [mark[0] for mark in seqs],
-            [mark[2] for mark in seqs],
-            [mark[1] for mark in seqs],
-            user,
-        ),
-    ).fetchall()
+    message_ids: dict[int, str | None] = {}
+    moved_to: dict[int, int] = {}
+    for layer in layers:
+        for chat_row, seq in cursor.execute(
+            "UPDATE members m SET delivered_seq = v.seq, delivered_at_ms = %s FROM"
+            " unnest(%s::bigint[], %s::bigint[], %s::bigint[]) AS v(chat, seq, first)"
+            " WHERE m.chat_id = v.chat AND m.user_id = %s AND m.delivered_seq < v.seq"
+            " AND NOT EXISTS (SELECT 1 FROM messages x WHERE x.chat_id = v.chat"
+            " AND x.seq > m.delivered_seq AND x.seq < v.first AND x.sender_id <> m.user_id)"
+            " RETURNING m.chat_id, m.delivered_seq",
+            (
+                now,
+                [mark[0] for mark in layer],
+                [mark[2] for mark in layer],
+                [mark[1] for mark in layer],
+                user,
+            ),
+        ).fetchall():
+            moved_to[chat_row] = seq
+            message_ids[chat_row] = next(m[3] for m in layer if m[0] == chat_row)
+    moved = list(moved_to.items())
     receipts = []
     for chat_row, seq in sorted(moved):
         state = locked.get(chat_row)

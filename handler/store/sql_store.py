@@ -26,6 +26,7 @@ from handler.store.base import (
     Backlog,
     BacklogPlan,
     CommitSender,
+    Committed,
     Origin,
     read_backlog,
 )
@@ -41,6 +42,7 @@ from handler.store.rows import (
     message_columns,
     message_of,
 )
+from handler.timefmt import format_ms
 
 T = TypeVar("T")
 
@@ -136,9 +138,12 @@ _QUERIES.update(
         " read_at_ms = CASE WHEN read_seq < :seq THEN :at ELSE read_at_ms END,"
         " read_seq = CASE WHEN read_seq < :seq THEN :seq ELSE read_seq END"
         " WHERE chat_id = :chat AND user_id = :user",
-        "mark_read": "UPDATE members SET read_seq = :seq, read_at_ms = :at,"
-        " delivered_at_ms = CASE WHEN delivered_seq < :seq THEN :at ELSE delivered_at_ms END,"
-        " delivered_seq = CASE WHEN delivered_seq < :seq THEN :seq ELSE delivered_seq END"
+        # Reading implies delivery: `mark_read` moves the delivered mark first, then the read
+        # mark; each only up.
+        "read_delivers": "UPDATE members SET delivered_seq = :seq, delivered_at_ms = :at"
+        " WHERE chat_id = :chat AND user_id = :user AND delivered_seq < :seq"
+        " RETURNING delivered_seq",
+        "mark_read": "UPDATE members SET read_seq = :seq, read_at_ms = :at"
         " WHERE chat_id = :chat AND user_id = :user AND read_seq < :seq RETURNING read_seq",
         "read_mark": "SELECT m.read_seq, m.read_at_ms, (SELECT x.id FROM messages x"
         " WHERE x.chat_id = m.chat_id AND x.seq = m.read_seq) FROM members m"
@@ -243,6 +248,30 @@ def change_refused(
     return None
 
 
+def read_answer(
+    mark: ReadMark, seq: int, current: Sequence[Any] | None, now_ms: int, delivered_moved: bool
+) -> tuple[tuple[ReceiptFrame, bool], Committed | None]:
+    """A `mark_read` that did not move the read mark: the answer is the mark as it is
+    (`current`: read seq, when it moved, the message at it); if it moved the delivered mark
+    (reading implies delivery), that is a delivered receipt to hand over."""
+    read_seq, read_at, message_row = current if current is not None else (0, now_ms, None)
+    chat_id = mark.chat.chat_id
+    answer = ReceiptFrame(
+        chat_id,
+        mark.user_id,
+        "read",
+        read_seq,
+        None if message_row is None else str(message_row),
+        format_ms(read_at or now_ms),
+    )
+    if not delivered_moved:
+        return (answer, False), None
+    delivered = ReceiptFrame(
+        chat_id, mark.user_id, "delivered", seq, str(mark.message_row), format_ms(now_ms)
+    )
+    return (answer, False), Committed(mark.chat, receipt=delivered)
+
+
 def not_in_chat() -> ProtocolError:
     return ProtocolError(
         ErrorCode.BAD_REQUEST, "message_id is not a message of this chat", field="message_id"
@@ -298,8 +327,9 @@ class ReadMark:
 
 @attrs.frozen
 class Delivered:
-    """What `mark_delivered` asks the backend to write: chat rows, and per chat row the marks
-    delivered to `user_id`: `(chat_row, first, seq, message_id, version)` (see `SeqMark`)."""
+    """What `mark_delivered` asks the backend to write: chat rows, and the marks delivered to
+    `user_id`: `(chat_row, first, seq, message_id, version)` (see `SeqMark`), in chat order;
+    a chat may have several, in seq order, to apply one after the other."""
 
     user_id: str
     chat_rows: tuple[int, ...]
@@ -461,30 +491,40 @@ class SQLStore(abc.ABC, Generic[OpT]):
         self, user_id: str, chat_ids: Sequence[str], marks: Sequence[SeqMark]
     ) -> None:
         chat_rows = tuple(row for row in map(int_id, chat_ids) if row is not None)
-        # One mark per chat: what the frames delivered, from the lowest first to the highest
-        # seq (a user's connections each get every message in order, so these ranges join).
-        best: dict[int, tuple[int, int, int, str | None, int]] = {}
+        # Per chat, the seq ranges the frames delivered, joined where they meet or overlap
+        # (a user's connections each get every message in order, so they usually make one);
+        # ranges that do not join are applied one after the other, each moving the mark only
+        # where it continues it. The changes' mark is the highest version.
+        ranges: dict[int, list[tuple[int, int, str | None]]] = {}
+        versions: dict[int, int] = {}
         for mark in marks:
             row = int_id(mark.chat_id)
             if row is None:
                 continue
-            seq, message_id, version = mark.seq, mark.message_id, mark.version
-            first = seq if mark.first is None else mark.first
-            known = best.get(row)
-            if known is not None:
-                if known[2] > seq:
-                    seq, message_id = known[2], known[3]
-                first = min(first, known[1]) if first and known[1] else first or known[1]
-                version = max(version, known[4])
-            best[row] = (row, first, seq, message_id, version)
+            versions[row] = max(versions.get(row, 0), mark.version)
+            if mark.seq:
+                first = mark.seq if mark.first is None else mark.first
+                ranges.setdefault(row, []).append((first, mark.seq, mark.message_id))
+        best: list[tuple[int, int, int, str | None, int]] = []
+        for row in sorted(versions):
+            joined: list[tuple[int, int, str | None]] = []
+            for first, seq, message_id in sorted(ranges.get(row, ()), key=lambda r: r[0]):
+                if joined and first <= joined[-1][1] + 1:
+                    if seq > joined[-1][1]:
+                        joined[-1] = (joined[-1][0], seq, message_id)
+                else:
+                    joined.append((first, seq, message_id))
+            if not joined:
+                best.append((row, 0, 0, None, versions[row]))
+            for index, (first, seq, message_id) in enumerate(joined):
+                last = index == len(joined) - 1
+                best.append((row, first, seq, message_id, versions[row] if last else 0))
         if not chat_rows and not best:
             return
         # Delivery marks are not acknowledgements: nobody waits for their commit (a full queue
         # is waited for, though: they are never dropped). One that fails is reported by the
         # next `flush`; lost in a crash, it only means the item is offered again.
-        await self._writer.enqueue(
-            self._mark(Delivered(user_id, chat_rows, tuple(best[row] for row in sorted(best))))
-        )
+        await self._writer.enqueue(self._mark(Delivered(user_id, chat_rows, tuple(best))))
 
     # ------------------------------------------------------------------ reads
 

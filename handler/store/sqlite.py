@@ -41,6 +41,7 @@ from handler.store.sql_store import (
     SQLStore,
     change_refused,
     not_in_chat,
+    read_answer,
 )
 from handler.timefmt import format_ms, now_ms
 
@@ -329,9 +330,9 @@ class SQLiteStore(SQLStore[_Write]):
             if row is None:
                 return not_in_chat(), None
             seq, at = row[0], now_ms()
-            where = {"chat": mark.chat_row, "user": mark.user_id}
-            moved = db.execute(_DIALECT.sql("mark_read"), {**where, "seq": seq, "at": at})
-            if moved.fetchone() is not None:
+            where = {"chat": mark.chat_row, "user": mark.user_id, "seq": seq, "at": at}
+            delivered = db.execute(_DIALECT.sql("read_delivers"), where).fetchone()
+            if db.execute(_DIALECT.sql("mark_read"), where).fetchone() is not None:
                 receipt = ReceiptFrame(
                     mark.chat.chat_id,
                     mark.user_id,
@@ -342,45 +343,33 @@ class SQLiteStore(SQLStore[_Write]):
                 )
                 return (receipt, True), Committed(mark.chat, mark.origin, receipt=receipt)
             current = db.execute(_DIALECT.sql("read_mark"), where).fetchone()
-            read_seq, read_at, message_row = current if current is not None else (0, at, None)
-            receipt = ReceiptFrame(
-                mark.chat.chat_id,
-                mark.user_id,
-                "read",
-                read_seq,
-                None if message_row is None else str(message_row),
-                format_ms(read_at or at),
-            )
-            return (receipt, False), None
+            return read_answer(mark, seq, current, at, delivered is not None)
 
         return _Write(run)
 
 
 def _record_delivered(db: sqlite3.Connection, delivered: Delivered) -> tuple[Committed, ...]:
-    """Move the user's marks; the delivered marks that moved, as receipts to hand over."""
+    """Move the user's marks (a chat's ranges in order); each chat whose delivered mark moved
+    gives one receipt to hand over, for where the mark ended."""
     user = delivered.user_id
     for chat_row in delivered.chat_rows:
         db.execute(_DIALECT.sql("mark_chat_delivered"), {"chat": chat_row, "user": user})
     at = now_ms()
-    moved: list[Committed] = []
+    moved: dict[int, tuple[int, str | None]] = {}
     for chat_row, first, seq, message_id, version in delivered.marks:
-        where = {"chat": chat_row, "user": user}
+        where = {"chat": chat_row, "user": user, "seq": seq, "first": first, "at": at}
         if version:
             db.execute(_DIALECT.sql("mark_versions"), {**where, "version": version})
-        if (
-            seq
-            and db.execute(
-                _DIALECT.sql("mark_delivered"), {**where, "seq": seq, "first": first, "at": at}
-            ).rowcount
-        ):
-            row = db.execute(_DIALECT.sql("get_chat"), where).fetchone()
-            if row is not None:
-                chat = chat_of(row)
-                receipt = ReceiptFrame(
-                    chat.chat_id, user, "delivered", seq, message_id, format_ms(at)
-                )
-                moved.append(Committed(chat, receipt=receipt))
-    return tuple(moved)
+        if seq and db.execute(_DIALECT.sql("mark_delivered"), where).rowcount:
+            moved[chat_row] = (seq, message_id)
+    receipts = []
+    for chat_row, (seq, message_id) in moved.items():
+        row = db.execute(_DIALECT.sql("get_chat"), {"chat": chat_row}).fetchone()
+        if row is not None:
+            chat = chat_of(row)
+            receipt = ReceiptFrame(chat.chat_id, user, "delivered", seq, message_id, format_ms(at))
+            receipts.append(Committed(chat, receipt=receipt))
+    return tuple(receipts)
 
 
 def _probe_write(db: sqlite3.Connection) -> Written:

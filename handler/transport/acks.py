@@ -119,7 +119,8 @@ class SentFrames:
             return  # it never began
         offset = start
         for item in batch:
-            offset += frame_wire_size(utf8_length(item.text))
+            if item.text:
+                offset += frame_wire_size(utf8_length(item.text))
             if offset > progress.written:
                 break  # this frame and the rest never reached the kernel whole
             if item.receipt is not None:

@@ -97,9 +97,11 @@ class SessionDriver:
     def deliver_nowait(self, item: Outgoing) -> None:
         """Fan-out from the hub (the machine's `fan_out`: only commands that never wait)."""
         outcome = self.machine.fan_out(item, trio.current_time())
-        if outcome is item:
-            self.connection.push_nowait(item)
-        elif outcome is not None:
+        if outcome is None:
+            return
+        if isinstance(outcome, Outgoing):
+            self.connection.push_nowait(outcome)
+        else:
             self.connection.drop()
 
     async def _feed_safely(

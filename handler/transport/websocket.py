@@ -27,7 +27,15 @@ from typing import Any, Final
 import trio
 
 from handler.config import LimitsConfig
-from handler.connection import CLOSE_AFTER, PING, RETIRE, Connection, Outgoing, utf8_length
+from handler.connection import (
+    CLOSE_AFTER,
+    MARK_ONLY,
+    PING,
+    RETIRE,
+    Connection,
+    Outgoing,
+    utf8_length,
+)
 from handler.errors import CloseCode
 from handler.services import Services
 from handler.transport import hypercorn_guard
@@ -207,8 +215,9 @@ async def _write(
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
         connection.taken(batch)
-        frames = [item for item in batch if item.text]
-        texts = [item.text for item in frames]
+        # Receipt-only items (`MARK_ONLY`) write nothing but keep their place for the marks.
+        frames = [item for item in batch if item.text or item.receipt is not None]
+        texts = [item.text for item in frames if item.text]
         try:
             if len(texts) == 1 or (texts and not guarded):
                 for text in texts:
@@ -239,7 +248,7 @@ async def _write(
             return
 
 
-_CONTROL: Final = frozenset({CLOSE_AFTER, RETIRE})
+_CONTROL: Final = frozenset({CLOSE_AFTER, RETIRE, MARK_ONLY})
 _END: Final = Outgoing("", "end")
 
 
