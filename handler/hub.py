@@ -264,12 +264,15 @@ class Hub:
         now = trio.current_time()
         plain: str | None = None  # encoded once, shared by every non-origin connection
         mark = (SeqMark(message.chat_id, message.seq, message.message_id, message.version),)
+        sender = message.sender_id
         for user_id in event.recipients:
             entry = self.users.get(user_id)
             if entry is None:
                 continue
-            # The sender's copies count too: they move the sender's marks on every device.
-            receipt = Receipt(user_id, marks=mark)
+            # The sender's copies deliver nothing: one's own messages are never in one's
+            # backlog, and writing moved the sender's marks (the delivered mark follows the
+            # other members' messages before it, whose own receipts move it).
+            receipt = None if user_id == sender else Receipt(user_id, marks=mark)
             for connection_id, endpoint in list(entry.endpoints.items()):
                 if connection_id == event.origin_connection:
                     text = protocol.encode(protocol.MessageEvent(message, event.origin_request_id))

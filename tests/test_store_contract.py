@@ -786,7 +786,8 @@ async def test_backlog_groups_by_chat_in_order_of_oldest_undelivered(store: Stor
     assert [view.chat for view in backlog.chats] == [first]
     assert backlog.messages == ((second.chat_id, (a2,)), (first.chat_id, (b2,)))
     plan = await store.backlog_plan("bob")
-    assert plan.message_chats == ((second.chat_id, 1), (first.chat_id, 1))
+    # (In the first chat the mark went on over bob's own message right after a1.)
+    assert plan.message_chats == ((second.chat_id, 1), (first.chat_id, 2))
     assert plan.chat_ids == {first.chat_id}
     # The reads a binding makes of it, bounded by the snapshot's seq.
     assert await store.undelivered("bob", first.chat_id, 0, 3) == (b1, b2)
@@ -815,9 +816,12 @@ async def test_mark_delivered_is_per_user_and_idempotent(
     assert backlog.messages == ((chat.chat_id, (to_alice,)),)
     await store.mark_delivered("alice", [], [])
     await store.flush()
-    # Bob's mark moved once: one receipt; nobody else's moved.
-    assert moved_marks(handed[store].drain()) == [(chat, "bob", "delivered", 1, to_bob.message_id)]
-    read, delivered = {"alice": 1, "bob": 2}, {"alice": 1, "bob": 1}
+    # Bob's mark moved once: one receipt, for where it ended (over his own message right after
+    # the one he got: one's own messages count as delivered); nobody else's moved.
+    assert moved_marks(handed[store].drain()) == [
+        (chat, "bob", "delivered", 2, to_alice.message_id)
+    ]
+    read, delivered = {"alice": 1, "bob": 2}, {"alice": 1, "bob": 2}
     assert await view_of(store, "alice", chat) == expected_view(chat, to_alice, 1, read, delivered)
     assert await view_of(store, "bob", chat) == expected_view(chat, to_alice, 0, read, delivered)
     assert await store.chats_of("carol") == []
@@ -889,9 +893,9 @@ async def test_mark_delivered_moves_only_where_the_frame_continues_it(
     assert delivered(await view_of(store, "bob", chat)) == {"alice": 2, "bob": 0}
     backlog = await store.backlog("bob")
     assert backlog.messages == ((chat.chat_id, (m1, m2, m4, m5)),)
-    # A page from just above the mark continues it...
+    # A page from just above the mark continues it (and the mark goes on over bob's own m3)...
     await deliver(store, "bob", page_of(m1, m2))
-    assert moved_marks(handed[store].drain()) == [(chat, "bob", "delivered", 2, m2.message_id)]
+    assert moved_marks(handed[store].drain()) == [(chat, "bob", "delivered", 3, b3.message_id)]
     # ...and so does one above the user's own messages only.
     await deliver(store, "bob", page_of(m4, m5))
     assert moved_marks(handed[store].drain()) == [(chat, "bob", "delivered", 5, m5.message_id)]
@@ -901,8 +905,9 @@ async def test_mark_delivered_moves_only_where_the_frame_continues_it(
     await deliver(store, "alice", live(m4))
     assert handed[store].drain() == []
     await deliver(store, "alice", live(b3))
-    assert moved_marks(handed[store].drain()) == [(chat, "alice", "delivered", 3, b3.message_id)]
-    assert delivered(await view_of(store, "bob", chat)) == {"alice": 3, "bob": 5}
+    # ...then over her own m4 and m5 after it.
+    assert moved_marks(handed[store].drain()) == [(chat, "alice", "delivered", 5, m5.message_id)]
+    assert delivered(await view_of(store, "bob", chat)) == {"alice": 5, "bob": 5}
 
 
 async def test_marks_of_one_call_that_join_move_the_mark_over_all_of_them(

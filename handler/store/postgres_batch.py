@@ -501,8 +501,12 @@ def _record_delivered(
     message_ids: dict[int, str | None] = {}
     moved_to: dict[int, int] = {}
     for layer in layers:
+        asked = {mark[0]: mark for mark in layer}
         for chat_row, seq in cursor.execute(
-            "UPDATE members m SET delivered_seq = v.seq, delivered_at_ms = %s FROM"
+            "UPDATE members m SET delivered_at_ms = %s, delivered_seq = COALESCE((SELECT x.seq"
+            " FROM messages x WHERE x.chat_id = v.chat AND x.seq > v.seq"
+            " AND x.sender_id <> m.user_id ORDER BY x.seq LIMIT 1) - 1,"
+            " (SELECT c.last_seq FROM chats c WHERE c.id = v.chat)) FROM"
             " unnest(%s::bigint[], %s::bigint[], %s::bigint[]) AS v(chat, seq, first)"
             " WHERE m.chat_id = v.chat AND m.user_id = %s AND m.delivered_seq < v.seq"
             " AND NOT EXISTS (SELECT 1 FROM messages x WHERE x.chat_id = v.chat"
@@ -517,7 +521,17 @@ def _record_delivered(
             ),
         ).fetchall():
             moved_to[chat_row] = seq
-            message_ids[chat_row] = next(m[3] for m in layer if m[0] == chat_row)
+            mark = asked[chat_row]
+            message_ids[chat_row] = mark[3] if seq == mark[2] else None
+    # A mark that went on over the user's own messages: the id of the message it ends at.
+    beyond = [(row, seq) for row, seq in moved_to.items() if message_ids[row] is None]
+    if beyond:
+        for chat_row, message_row in cursor.execute(
+            "SELECT x.chat_id, x.id FROM messages x JOIN unnest(%s::bigint[],"
+            " %s::bigint[]) AS v(chat, seq) ON x.chat_id = v.chat AND x.seq = v.seq",
+            ([row for row, _ in beyond], [seq for _, seq in beyond]),
+        ):
+            message_ids[chat_row] = str(message_row)
     moved = list(moved_to.items())
     receipts = []
     for chat_row, seq in sorted(moved):

@@ -127,6 +127,21 @@ _DELIVERED_MOVES: Final = (
     " AND x.seq > members.delivered_seq AND x.seq < :seq AND x.sender_id <> :user)"
 )
 
+# Whether a frame that delivered messages `:first` to `:seq` moves the delivered mark: it is
+# above the mark and continues it (no other member's message between the mark and `:first`).
+_FRAME_CONTINUES: Final = (
+    "delivered_seq < :seq AND NOT EXISTS (SELECT 1 FROM messages x WHERE x.chat_id = :chat"
+    " AND x.seq > members.delivered_seq AND x.seq < :first AND x.sender_id <> :user)"
+)
+
+# Where a delivered mark that reached `:seq` ends: one's own messages count as delivered, so it
+# goes on over those right after it, up to the next message of another member (or the end).
+_DELIVERED_END: Final = (
+    "COALESCE((SELECT x.seq FROM messages x WHERE x.chat_id = :chat AND x.seq > :seq"
+    " AND x.sender_id <> :user ORDER BY x.seq LIMIT 1) - 1,"
+    " (SELECT c.last_seq FROM chats c WHERE c.id = :chat))"
+)
+
 # The writes both backends run alike (inside their writer's transaction).
 _QUERIES.update(
     {
@@ -140,9 +155,9 @@ _QUERIES.update(
         " WHERE chat_id = :chat AND user_id = :user",
         # Reading implies delivery: `mark_read` moves the delivered mark first, then the read
         # mark; each only up.
-        "read_delivers": "UPDATE members SET delivered_seq = :seq, delivered_at_ms = :at"
-        " WHERE chat_id = :chat AND user_id = :user AND delivered_seq < :seq"
-        " RETURNING delivered_seq",
+        "read_delivers": f"UPDATE members SET delivered_seq = {_DELIVERED_END},"
+        " delivered_at_ms = :at WHERE chat_id = :chat AND user_id = :user"
+        " AND delivered_seq < :seq RETURNING delivered_seq",
         "mark_read": "UPDATE members SET read_seq = :seq, read_at_ms = :at"
         " WHERE chat_id = :chat AND user_id = :user AND read_seq < :seq RETURNING read_seq",
         "read_mark": "SELECT m.read_seq, m.read_at_ms, (SELECT x.id FROM messages x"
@@ -150,12 +165,15 @@ _QUERIES.update(
         " WHERE m.chat_id = :chat AND m.user_id = :user",
         "mark_chat_delivered": "UPDATE members SET chat_delivered = 1"
         " WHERE chat_id = :chat AND user_id = :user AND chat_delivered = 0",
-        "mark_delivered": "UPDATE members SET delivered_seq = :seq, delivered_at_ms = :at"
-        " WHERE chat_id = :chat AND user_id = :user AND delivered_seq < :seq"
-        " AND NOT EXISTS (SELECT 1 FROM messages x WHERE x.chat_id = :chat"
-        " AND x.seq > members.delivered_seq AND x.seq < :first AND x.sender_id <> :user)",
-        "mark_versions": "UPDATE members SET version_mark = :version"
-        " WHERE chat_id = :chat AND user_id = :user AND version_mark < :version",
+        # Both marks in one statement (SQLite's path); `delivered_at_ms` comes back as `:at`
+        # when the delivered mark moved.
+        "mark_both": "UPDATE members SET"
+        " version_mark = CASE WHEN version_mark < :version THEN :version ELSE version_mark END,"
+        f" delivered_at_ms = CASE WHEN {_FRAME_CONTINUES} THEN :at ELSE delivered_at_ms END,"
+        f" delivered_seq = CASE WHEN {_FRAME_CONTINUES} THEN {_DELIVERED_END}"
+        " ELSE delivered_seq END"
+        " WHERE chat_id = :chat AND user_id = :user RETURNING delivered_seq, delivered_at_ms",
+        "message_at": "SELECT id FROM messages WHERE chat_id = :chat AND seq = :seq",
         "add_member": "INSERT INTO members (chat_id, user_id, chat_delivered)"
         " VALUES (:chat, :user, :delivered)",
         "message_by_id": f"SELECT {MESSAGE_COLUMNS} FROM messages"

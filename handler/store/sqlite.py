@@ -349,26 +349,33 @@ class SQLiteStore(SQLStore[_Write]):
 
 
 def _record_delivered(db: sqlite3.Connection, delivered: Delivered) -> tuple[Committed, ...]:
-    """Move the user's marks (a chat's ranges in order); each chat whose delivered mark moved
-    gives one receipt to hand over, for where the mark ended."""
+    """Move the user's marks (a chat's ranges in order), one statement per range; each chat
+    whose delivered mark moved gives one receipt to hand over, for where the mark ended."""
     user = delivered.user_id
     for chat_row in delivered.chat_rows:
         db.execute(_DIALECT.sql("mark_chat_delivered"), {"chat": chat_row, "user": user})
     at = now_ms()
     moved: dict[int, tuple[int, str | None]] = {}
+    both = _DIALECT.sql("mark_both")
     for chat_row, first, seq, message_id, version in delivered.marks:
         where = {"chat": chat_row, "user": user, "seq": seq, "first": first, "at": at}
-        if version:
-            db.execute(_DIALECT.sql("mark_versions"), {**where, "version": version})
-        if seq and db.execute(_DIALECT.sql("mark_delivered"), where).rowcount:
-            moved[chat_row] = (seq, message_id)
+        row = db.execute(both, {**where, "version": version}).fetchone()
+        if seq and row is not None and row[0] >= seq and row[1] == at:
+            if row[0] != seq:  # it went on over the user's own messages after `seq`
+                found = db.execute(_DIALECT.sql("message_at"), {**where, "seq": row[0]})
+                message_id = str(found.fetchone()[0])
+            moved[chat_row] = (row[0], message_id)
+    if not moved:
+        return ()
+    rows = db.execute(
+        f"SELECT {CHAT_COLUMNS} FROM chats WHERE id IN ({', '.join('?' * len(moved))})",
+        tuple(moved),
+    ).fetchall()
     receipts = []
-    for chat_row, (seq, message_id) in moved.items():
-        row = db.execute(_DIALECT.sql("get_chat"), {"chat": chat_row}).fetchone()
-        if row is not None:
-            chat = chat_of(row)
-            receipt = ReceiptFrame(chat.chat_id, user, "delivered", seq, message_id, format_ms(at))
-            receipts.append(Committed(chat, receipt=receipt))
+    for chat in map(chat_of, rows):
+        seq, message_id = moved[int(chat.chat_id)]
+        receipt = ReceiptFrame(chat.chat_id, user, "delivered", seq, message_id, format_ms(at))
+        receipts.append(Committed(chat, receipt=receipt))
     return tuple(receipts)
 
 
