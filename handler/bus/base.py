@@ -32,7 +32,7 @@ import trio
 from handler.protocol import Chat, Message, ReceiptFrame, RequestId
 
 
-@attrs.frozen
+@attrs.define  # not frozen: one per commit on the hot path (messages, receipts); never changed
 class Delivery:
     """A committed event to push to the open connections of `recipients`: a new chat, a new
     message, a changed message (`update`), or a moved mark (`receipt`).

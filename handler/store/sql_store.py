@@ -147,8 +147,9 @@ _QUERIES.update(
     {
         # A new message moves its sender's own marks (see `Store.add_message`).
         "mark_sender": "UPDATE members SET"
+        # (`delivered_at_ms` is left: the sender's own move needs no time, and this runs for
+        # every message.)
         f" delivered_seq = CASE WHEN {_DELIVERED_MOVES} THEN :seq ELSE delivered_seq END,"
-        f" delivered_at_ms = CASE WHEN {_DELIVERED_MOVES} THEN :at ELSE delivered_at_ms END,"
         # Writing in a chat reads it (the protocol's rule): the read mark moves at once.
         " read_at_ms = CASE WHEN read_seq < :seq THEN :at ELSE read_at_ms END,"
         " read_seq = CASE WHEN read_seq < :seq THEN :seq ELSE read_seq END"
