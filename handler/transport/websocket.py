@@ -219,11 +219,11 @@ async def _write(
         frames = [item for item in batch if item.text or item.receipt is not None]
         texts = [item.text for item in frames if item.text]
         try:
-            if len(texts) == 1 or (texts and not guarded):
+            if texts and guarded:  # one frame too: the guard's path is the lean one
+                await send({"type": SEND_MANY, "texts": texts})
+            else:
                 for text in texts:
                     await send({"type": "websocket.send", "text": text})
-            elif texts:
-                await send({"type": SEND_MANY, "texts": texts})
         except ClientGone:
             return  # never written: not counted, not marked delivered
         except trio.Cancelled:
