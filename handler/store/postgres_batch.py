@@ -204,10 +204,12 @@ def apply_batch(connection: Connection, batch: Sequence[Op]) -> None:
     # 4. Writes. Marks first: a mark never names a message of its own batch (a client learns
     #    of a message once it is committed), and a mark queued before a user's own message
     #    must count when that message moves the sender's marks. Then messages, then changes.
+    #    (On a cursor of their own: the message inserts read their results set by set.)
+    marks_cursor = connection.cursor()
     for read in reads:
-        _move_read_mark(cursor, read, now)
+        _move_read_mark(marks_cursor, read, now)
     for mark in marks:
-        _record_delivered(cursor, mark, locked, now)
+        _record_delivered(marks_cursor, mark, locked, now)
     _insert_messages(cursor, inserts, locked, positions)
     for resend, original in resends:
         resend.result = (original.result[0], False)

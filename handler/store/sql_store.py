@@ -166,8 +166,7 @@ _QUERIES.update(
         " WHERE m.chat_id = :chat AND m.user_id = :user",
         "mark_chat_delivered": "UPDATE members SET chat_delivered = 1"
         " WHERE chat_id = :chat AND user_id = :user AND chat_delivered = 0",
-        # Both marks in one statement (SQLite's path); `delivered_at_ms` comes back as `:at`
-        # when the delivered mark moved.
+        # Both marks in one statement (SQLite's path).
         "mark_both": "UPDATE members SET"
         " version_mark = CASE WHEN version_mark < :version THEN :version ELSE version_mark END,"
         f" delivered_at_ms = CASE WHEN {_FRAME_CONTINUES} THEN :at ELSE delivered_at_ms END,"

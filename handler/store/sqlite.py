@@ -359,8 +359,11 @@ def _record_delivered(db: sqlite3.Connection, delivered: Delivered) -> tuple[Com
     both = _DIALECT.sql("mark_both")
     for chat_row, first, seq, message_id, version in delivered.marks:
         where = {"chat": chat_row, "user": user, "seq": seq, "first": first, "at": at}
+        before = db.execute(
+            "SELECT delivered_seq FROM members WHERE chat_id = ? AND user_id = ?", (chat_row, user)
+        ).fetchone()
         row = db.execute(both, {**where, "version": version}).fetchone()
-        if seq and row is not None and row[0] >= seq and row[1] == at:
+        if seq and row is not None and before is not None and row[0] > before[0]:
             if row[0] != seq:  # it went on over the user's own messages after `seq`
                 found = db.execute(_DIALECT.sql("message_at"), {**where, "seq": row[0]})
                 message_id = str(found.fetchone()[0])
