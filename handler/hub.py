@@ -261,60 +261,51 @@ class Hub:
     def _deliver_message(self, event: Delivery) -> None:
         message = event.message
         assert message is not None
-        now = trio.current_time()
-        plain: str | None = None  # encoded once, shared by every non-origin connection
-        mark = (SeqMark(message.chat_id, message.seq, message.message_id, message.version),)
-        sender = message.sender_id
-        for user_id in event.recipients:
-            entry = self.users.get(user_id)
-            if entry is None:
-                continue
-            # The sender's copies deliver nothing: one's own messages are never in one's
-            # backlog, and writing moved the sender's marks (the delivered mark follows the
-            # other members' messages before it, whose own receipts move it).
-            receipt = None if user_id == sender else Receipt(user_id, marks=mark)
-            for connection_id, endpoint in list(entry.endpoints.items()):
-                if connection_id == event.origin_connection:
-                    text = protocol.encode(protocol.MessageEvent(message, event.origin_request_id))
-                else:
-                    plain = plain or protocol.encode(protocol.MessageEvent(message))
-                    text = plain
-                self._hand(
-                    endpoint,
-                    Outgoing(
-                        text,
-                        "message",
-                        receipt,
-                        now,
-                        message.message_id,
-                        message.chat_id,
-                        message.version,
-                    ),
-                )
+        mark = SeqMark(message.chat_id, message.seq, message.message_id, message.version)
+        # The sender's copies deliver nothing: one's own messages are never in one's backlog,
+        # and writing moved the sender's marks (the delivered mark follows the other members'
+        # messages before it, whose own receipts move it).
+        self._deliver_state(
+            event, message, protocol.MessageEvent, "message", mark, message.sender_id
+        )
 
     def _deliver_update(self, event: Delivery) -> None:
         message = event.message
         assert message is not None
+        mark = SeqMark(message.chat_id, version=message.version)
+        self._deliver_state(event, message, protocol.MessageUpdated, "message_updated", mark)
+
+    def _deliver_state(
+        self,
+        event: Delivery,
+        message: protocol.Message,
+        frame: type[protocol.MessageEvent] | type[protocol.MessageUpdated],
+        frame_type: str,
+        mark: SeqMark,
+        unmarked: str | None = None,
+    ) -> None:
+        """A message in its new state to every connection of the recipients, encoded once
+        (the origin connection's copy with its `request_id`); each copy's receipt carries
+        `mark`, except those of `unmarked`."""
         now = trio.current_time()
-        plain: str | None = None
-        mark = (SeqMark(message.chat_id, version=message.version),)
+        plain: str | None = None  # shared by every non-origin connection
+        marks = (mark,)
         for user_id in event.recipients:
             entry = self.users.get(user_id)
             if entry is None:
                 continue
-            receipt = Receipt(user_id, marks=mark)
+            receipt = None if user_id == unmarked else Receipt(user_id, marks=marks)
             for connection_id, endpoint in list(entry.endpoints.items()):
                 if connection_id == event.origin_connection:
-                    frame = protocol.MessageUpdated(message, event.origin_request_id)
-                    text = protocol.encode(frame)
+                    text = protocol.encode(frame(message, event.origin_request_id))
                 else:
-                    plain = plain or protocol.encode(protocol.MessageUpdated(message))
+                    plain = plain or protocol.encode(frame(message))
                     text = plain
                 self._hand(
                     endpoint,
                     Outgoing(
                         text,
-                        "message_updated",
+                        frame_type,
                         receipt,
                         now,
                         message.message_id,
