@@ -39,6 +39,7 @@ from handler.store.sql_store import SQLStore
 from handler.store.sqlite import SQLiteStore
 
 TIMEOUT_S: Final = 20.0
+IDLE_CUSHION_S: Final = 0.001
 
 
 def mark_of(message: Message) -> SeqMark:
@@ -82,9 +83,14 @@ class Gate:
 async def until(condition: Callable[[], bool]) -> None:
     """Return once `condition()` holds (under the caller's `fail_after`). It is checked each
     time every task is blocked: a writer waiting for its thread counts as blocked, so this
-    goes round until the thread has reported back and the writer moved on."""
+    goes round until the thread has reported back and the writer moved on.
+
+    Each round waits for the tasks to stay blocked for `IDLE_CUSHION_S`, spent in the event
+    loop's poll with the GIL released. Without it the loop spins, and the writer's thread
+    waits for the GIL at every SQLite call: under coverage on a loaded machine a batch took
+    five times longer, and once in CI longer than `TIMEOUT_S`."""
     while not condition():
-        await trio.testing.wait_all_tasks_blocked()
+        await trio.testing.wait_all_tasks_blocked(IDLE_CUSHION_S)
 
 
 def drain(receive: Receiver) -> list[Committed]:
