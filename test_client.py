@@ -13,9 +13,10 @@ It is also the reference for talking to the handler from a desktop program, so i
 three layers, top to bottom:
 
 1. Pure helpers (no I/O, unit-tested): endpoint resolution, frame templates checked against the
-   server's own decoder (`handler.protocol`), the context that fills in the last chat and
-   message ids, the sent-frame history, formatting of the frame log (with a one-line summary
-   of each frame: seq, receipts, edits and deletes, unread counts), reconnect backoff.
+   server's own decoder (`handler.protocol`), the context that fills in the last chat, group
+   and message ids (and keeps the chats' kinds, titles and members), the sent-frame history,
+   formatting of the frame log (with a one-line summary of each frame: seq, receipts, edits
+   and deletes, unread counts, group members), reconnect backoff.
 2. `Link`: the WebSocket connection in Trio with trio-websocket. One reader, one writer fed by a
    bounded channel (so the keep-alive `ping` and the person's frames never interleave badly),
    reconnect with exponential backoff and jitter, each time with the token it holds then
@@ -37,7 +38,7 @@ import sys
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -99,15 +100,24 @@ TEMPLATE_TYPES: Final = (
     "fetch_chats",
     "fetch_messages",
     "ping",
+    "create_group",
+    "add_members",
+    "remove_member",
 )
 # `fetch_chats` with `limit: 0`: only the chat list (`all_chats`, with unread counts and marks).
 CHAT_LIST: Final = "fetch_chats limit 0"
-# The template buttons, in two rows: writing to a chat, then reading. The order in a row is the
-# order a conversation usually needs them.
+# `send_message` to a group: no `recipient_id` (the server refuses one there).
+GROUP_MESSAGE: Final = "send_message group"
+# The template buttons, in three rows: writing to a chat, reading, groups. The order in a row is
+# the order a conversation usually needs them.
 TEMPLATE_ROWS: Final = (
     ("create_chat", "send_message", "mark_read", "edit_message", "delete_message"),
     ("fetch_chats", CHAT_LIST, "fetch_messages", "ping"),
+    ("create_group", GROUP_MESSAGE, "add_members", "remove_member"),
 )
+# Made-up user ids the group templates offer as members, after the other person of the last
+# direct chat: the first ones that are neither this user nor in the group already.
+SAMPLE_USERS: Final = ("bob", "carol", "dave", "erin", "frank", "gina")
 
 
 # =============================================================================== pure helpers
@@ -239,11 +249,13 @@ class SignIn:
 
 
 # Header colours of arriving frames that are not messages as such: receipts, and the edits
-# and deletes of messages already shown (errors are red both ways).
+# and deletes of messages already shown, and changes of a group's members (errors are red both
+# ways).
 HEADER_TAGS: Final = {
     "receipt": "receipt",
     "message_updated": "update",
     "updated_messages": "update",
+    "chat_updated": "update",
 }
 
 AMBER: Final = "#b26a00"
@@ -270,13 +282,44 @@ def status_view(state: str, detail: str, sign_in: SignIn) -> tuple[str, str]:
     return (f"{state}: {detail}" if detail else state), colour
 
 
+@dataclass(frozen=True)
+class ChatInfo:
+    """What the client keeps of one chat object: its kind, title and members."""
+
+    kind: str  # "direct" or "group"
+    title: str | None
+    participants: tuple[str, ...]
+    created_by: str | None = None
+
+
+def chat_info(chat: Mapping[str, Any]) -> ChatInfo | None:
+    """The `ChatInfo` of a chat object, or None when it has no list of participants.
+
+    A chat object without `kind` is from a version 1 server, which has direct chats only.
+    """
+    participants = chat.get("participants")
+    if not isinstance(participants, list) or not all(isinstance(u, str) for u in participants):
+        return None
+    kind = "group" if chat.get("kind") == "group" else "direct"
+    title, created_by = chat.get("title"), chat.get("created_by")
+    return ChatInfo(
+        kind,
+        title if isinstance(title, str) else None,
+        tuple(participants),
+        created_by if isinstance(created_by, str) else None,
+    )
+
+
 @dataclass
 class Context:
     """What the frames seen so far tell us: who we are, the last chat and the other person in
-    it, the newest message seen in that chat, and the last message this user sent.
+    it, the newest message seen in that chat, the last message this user sent, the chats this
+    user is in (`chats`, from the chat objects) and the last group seen.
 
     Templates read it so that, after `create_chat`, a `send_message` is ready to go, and after
-    a message, `mark_read`, `edit_message` and `delete_message` name it.
+    a message, `mark_read`, `edit_message` and `delete_message` name it; after `create_group`,
+    the group templates name the group. `peer` is the other person of a direct chat: groups
+    and their messages do not change it.
     """
 
     user_id: str | None = None
@@ -284,6 +327,22 @@ class Context:
     peer: str | None = None
     message_id: str | None = None  # the newest message seen in `chat_id`
     own_message: tuple[str, str] | None = None  # (chat_id, message_id) this user sent last
+    chats: dict[str, ChatInfo] = field(default_factory=dict)
+    group_id: str | None = None  # the last group seen
+
+    def is_group(self, chat_id: str | None) -> bool:
+        info = self.chats.get(chat_id) if chat_id is not None else None
+        return info is not None and info.kind == "group"
+
+    def direct_chat_id(self) -> str | None:
+        """The chat a direct `send_message` goes to: the last chat, unless that is a group
+        (or gone); then the direct chat with `peer`, if known."""
+        if self.chat_id is not None and not self.is_group(self.chat_id):
+            return self.chat_id
+        for chat_id, info in self.chats.items():
+            if info.kind == "direct" and self.peer in info.participants:
+                return chat_id
+        return None
 
     def observe_sent(self, frame: Mapping[str, Any]) -> None:
         if frame.get("type") == "create_chat" and isinstance(frame.get("recipient_id"), str):
@@ -295,15 +354,27 @@ class Context:
         if kind == "authenticated" and isinstance(frame.get("user_id"), str):
             if frame["user_id"] != self.user_id:
                 self.own_message = None  # someone else's message now: not ours to edit
+                self.chats.clear()  # nor their chats
+                self.group_id = None
             self.user_id = frame["user_id"]
-        elif kind in ("new_chats", "all_chats") and isinstance(data, list) and data:
-            # all_chats is most recent first; new_chats (a reply or the backlog) oldest first.
-            chat = data[0] if kind == "all_chats" else data[-1]
-            if isinstance(chat, Mapping):
-                self._use_chat(chat.get("chat_id"), chat.get("participants"))
-                last = chat.get("last_message")
-                if isinstance(last, Mapping) and last.get("chat_id") == self.chat_id:
-                    self._use_message_id(last)
+        elif kind == "all_chats" and isinstance(data, list):
+            # Every chat of the user: any other one is gone (left, or removed while away).
+            self.chats.clear()
+            self.group_id = None
+            if data:
+                self._use_chats(data, newest_first=True)
+        elif kind == "new_chats" and isinstance(data, list) and data:
+            self._use_chats(data, newest_first=False)
+        elif kind == "chat_updated" and isinstance(data, Mapping):
+            # Members were added or removed. The removed user's copy lists the members without
+            # them: that chat is no longer theirs.
+            chat_id = data.get("chat_id")
+            if self._learn(data) is not None and isinstance(chat_id, str):
+                if chat_id in self.chats:
+                    if self.is_group(chat_id):
+                        self.group_id = chat_id
+                else:
+                    self._forget_chat(chat_id)
         elif kind == "message":
             self._use_message(frame)
         elif kind == "new_messages" and isinstance(data, list) and data:
@@ -317,22 +388,68 @@ class Context:
                 if isinstance(message, Mapping):
                     self._forget_if_deleted(message)
 
+    def _use_chats(self, data: list[Any], *, newest_first: bool) -> None:
+        """Take in the chat objects of `all_chats` (newest first) or `new_chats` (oldest first):
+        the newest one becomes the last chat, the newest group the last group."""
+        chats = [chat for chat in data if isinstance(chat, Mapping)]
+        for chat in chats:
+            self._learn(chat)
+        groups = [chat["chat_id"] for chat in chats if self.is_group(chat.get("chat_id"))]
+        if groups:
+            self.group_id = groups[0] if newest_first else groups[-1]
+        newest = data[0] if newest_first else data[-1]
+        if isinstance(newest, Mapping):
+            self._use_chat(newest.get("chat_id"), newest.get("participants"))
+            last = newest.get("last_message")
+            if isinstance(last, Mapping) and last.get("chat_id") == self.chat_id:
+                self._use_message_id(last)
+
+    def _learn(self, chat: Mapping[str, Any]) -> ChatInfo | None:
+        """Keep what a chat object says (None when it says nothing usable); a chat whose
+        participants no longer include this user is dropped."""
+        chat_id, info = chat.get("chat_id"), chat_info(chat)
+        if not isinstance(chat_id, str) or info is None:
+            return None
+        if self.user_id is not None and self.user_id not in info.participants:
+            self.chats.pop(chat_id, None)
+        else:
+            self.chats[chat_id] = info
+        return info
+
+    def _forget_chat(self, chat_id: str) -> None:
+        """This user left the chat or was removed: the templates no longer offer it."""
+        self.chats.pop(chat_id, None)
+        if self.group_id == chat_id:
+            self.group_id = None
+        if self.chat_id == chat_id:
+            self.chat_id, self.message_id = None, None
+        if self.own_message is not None and self.own_message[0] == chat_id:
+            self.own_message = None
+
     def _use_chat(self, chat_id: Any, participants: Any) -> None:
         if not isinstance(chat_id, str):
             return
         if chat_id != self.chat_id:
             self.message_id = None  # the one seen was of the previous chat
         self.chat_id = chat_id
-        if isinstance(participants, list):
+        if self.is_group(chat_id):
+            self.group_id = chat_id
+        elif isinstance(participants, list):
             others = [user for user in participants if user != self.user_id]
             if others and isinstance(others[0], str):
                 self.peer = others[0]
 
     def _use_message(self, message: Mapping[str, Any]) -> None:
         sender, recipient = message.get("sender_id"), message.get("recipient_id")
-        self._use_chat(message.get("chat_id"), None)
-        if message.get("chat_id") == self.chat_id:
+        chat_id = message.get("chat_id")
+        self._use_chat(chat_id, None)
+        if chat_id == self.chat_id:
             self._use_message_id(message)
+        if "recipient_id" not in message:
+            # Only group messages have none (whether or not the chat object was seen).
+            if isinstance(chat_id, str):
+                self.group_id = chat_id
+            return
         other = recipient if sender == self.user_id else sender
         if isinstance(other, str):
             self.peer = other
@@ -368,23 +485,57 @@ def context_line(context: Context) -> str:
     return text
 
 
+def group_line(context: Context) -> str:
+    """What the group templates will fill in, as the window shows it next to their buttons."""
+    if context.group_id is None:
+        return "group: none yet"
+    info = context.chats.get(context.group_id)
+    if info is None:  # known from a message only
+        return f"group: {context.group_id}"
+    title = json.dumps(info.title, ensure_ascii=False) if info.title is not None else "untitled"
+    return f"group: {context.group_id} {title}, {_plural(len(info.participants), 'member')}"
+
+
+def _pick_users(
+    candidates: Iterable[str | None], taken: Iterable[str | None], count: int
+) -> list[str]:
+    """The first `count` distinct users of `candidates` that are not `taken`."""
+    chosen: list[str] = []
+    skip = set(taken)
+    for user in candidates:
+        if user is not None and user not in skip and user not in chosen:
+            chosen.append(user)
+    return chosen[:count]
+
+
 def frame_template(name: str, context: Context) -> dict[str, Any]:
-    """A ready-to-send client frame: of type `name`, or the `CHAT_LIST` one; filled in from
-    `context`.
+    """A ready-to-send client frame: of type `name`, or the `CHAT_LIST` or `GROUP_MESSAGE`
+    one; filled in from `context`.
 
     `mark_read` names the newest message seen in the last chat; `edit_message` and
     `delete_message` the last message this user sent (only the sender may change one).
+    `send_message` goes to the last direct chat, the group ones to the last group: `create_group`
+    offers the other person of the last direct chat and a made-up user as members,
+    `add_members` the first of those not in the group yet, and `remove_member` the last other
+    member when this user created the group (only the creator may remove someone else), else
+    this user (leaving).
     The tests check every template against `handler.protocol.decode`, the server's own decoder.
     """
     chat_id = context.chat_id or "CHAT_ID"
     peer = context.peer or "bob"
     message_id = context.message_id or "MESSAGE_ID"
     own_chat_id, own_message_id = context.own_message or (chat_id, "MESSAGE_ID")
+    me = context.user_id
+    group_id = context.group_id or "CHAT_ID"
+    group = context.chats.get(group_id)
+    members = group.participants if group is not None else ()
+    others = [user for user in members if user != me]
+    creator = group is not None and me is not None and group.created_by == me
     templates: dict[str, dict[str, Any]] = {
         "create_chat": {"type": "create_chat", "recipient_id": peer},
         "send_message": {
             "type": "send_message",
-            "chat_id": chat_id,
+            "chat_id": context.direct_chat_id() or "CHAT_ID",
             "recipient_id": peer,
             "content": "Hello!",
             # A resend with the same id is stored once: safe to press Send twice.
@@ -406,6 +557,27 @@ def frame_template(name: str, context: Context) -> dict[str, Any]:
         CHAT_LIST: {"type": "fetch_chats", "limit": 0},
         "fetch_messages": {"type": "fetch_messages", "chat_id": chat_id, "limit": 50},
         "ping": {"type": "ping"},
+        "create_group": {
+            "type": "create_group",
+            "title": "Team",
+            "member_ids": _pick_users([context.peer, *SAMPLE_USERS], [me], 2),
+        },
+        GROUP_MESSAGE: {
+            "type": "send_message",
+            "chat_id": group_id,
+            "content": "Hello, everyone!",
+            "client_message_id": uuid.uuid4().hex,
+        },
+        "add_members": {
+            "type": "add_members",
+            "chat_id": group_id,
+            "member_ids": _pick_users([context.peer, *SAMPLE_USERS], [me, *members], 1),
+        },
+        "remove_member": {
+            "type": "remove_member",
+            "chat_id": group_id,
+            "user_id": others[-1] if creator and others else (me or peer),
+        },
     }
     return templates[name]
 
@@ -478,12 +650,31 @@ def message_summary(message: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
+MAX_NAMES_SHOWN: Final = 6  # members named in a `chat_updated` header, the rest are "…"
+
+
+def chat_summary(info: ChatInfo) -> str:
+    """`group "Team", 3 members` ("" for a direct chat: its header says enough)."""
+    if info.kind != "group":
+        return ""
+    title = json.dumps(info.title, ensure_ascii=False) if info.title is not None else "(untitled)"
+    return f"group {title}, {_plural(len(info.participants), 'member')}"
+
+
 def frame_summary(frame: Mapping[str, Any]) -> str:
     """One line on what a server frame says, for the log's header line ("" when nothing)."""
     kind = frame.get("type")
     data = frame.get("data")
     if kind in ("message", "message_updated"):
         return message_summary(frame)
+    if kind == "chat_updated":
+        info = chat_info(data) if isinstance(data, Mapping) else None
+        if info is None:
+            return ""
+        names = ", ".join(info.participants[:MAX_NAMES_SHOWN])
+        more = ", …" if len(info.participants) > MAX_NAMES_SHOWN else ""
+        about = chat_summary(info) or _plural(len(info.participants), "member")
+        return f"{about}: {names}{more}" if names else about
     if kind == "receipt":
         user, seq = frame.get("user_id"), _seq(frame.get("seq"))
         upto = "" if seq is None else f" up to seq {seq}"
@@ -499,7 +690,14 @@ def frame_summary(frame: Mapping[str, Any]) -> str:
         unread = [_seq(chat.get("unread_count")) for chat in items]
         counts = [count for count in unread if count is not None]
         text = _plural(len(data), "chat")
-        return f"{text}, {sum(counts)} unread" if counts else text
+        if counts:
+            text = f"{text}, {sum(counts)} unread"
+        infos = [info for info in map(chat_info, items) if info is not None]
+        groups = [chat_summary(info) for info in infos if info.kind == "group"]
+        if groups:
+            more = "; …" if len(groups) > 3 else ""
+            text = f"{text}; {'; '.join(groups[:3])}{more}"
+        return text
     if kind in ("all_messages", "new_messages"):
         seqs = [seq for seq in (_seq(item.get("seq")) for item in items) if seq is not None]
         text = _plural(len(data), "message")
@@ -970,18 +1168,23 @@ class App:
         templates.columnconfigure(1, weight=1)
         ttk.Label(templates, text="Template:").grid(row=0, column=0, padx=(0, 4), sticky="w")
         self.template_buttons: dict[str, ttk.Button] = {}
+        rows: list[ttk.Frame] = []
         for row, names in enumerate(TEMPLATE_ROWS):
             buttons = ttk.Frame(templates)
             buttons.grid(row=row, column=1, sticky="ew", pady=(0 if row == 0 else 2, 0))
+            rows.append(buttons)
             for name in names:
                 button = ttk.Button(
                     buttons, text=name, command=functools.partial(self.fill_template, name)
                 )
                 button.pack(side="left", padx=2)
                 self.template_buttons[name] = button
-        # What the templates fill in; on the second row, right of its buttons.
-        self.context_label = ttk.Label(buttons, text="", foreground=GREY)
+        # What the templates fill in, right of the buttons: the chat and messages on the
+        # second row (the first is full), the group on the group row.
+        self.context_label = ttk.Label(rows[1], text=context_line(self.context), foreground=GREY)
         self.context_label.pack(side="right", padx=(8, 0))
+        self.group_label = ttk.Label(rows[2], text=group_line(self.context), foreground=GREY)
+        self.group_label.pack(side="right", padx=(8, 0))
 
         editor = ttk.Frame(root, padding=(8, 2))
         editor.grid(row=3, column=0, sticky="ew")
@@ -1225,9 +1428,19 @@ class App:
 
     def link_entry(self, entry: LogEntry) -> None:
         frame = entry.frame
-        if entry.direction == "in" and frame is not None:
-            self.context.observe_received(frame)
+        if entry.direction != "in" or frame is None:
+            self._add_entry(entry)
+            return
+        known = dict(self.context.chats)
+        self.context.observe_received(frame)
         self._add_entry(entry)
+        if frame.get("type") == "chat_updated":
+            # The removed user's copy: say why the group templates stopped offering it.
+            for chat_id in known.keys() - self.context.chats.keys():
+                title = known[chat_id].title
+                name = f"{json.dumps(title, ensure_ascii=False)} ({chat_id})" if title else chat_id
+                note = f"{self.context.user_id} is no longer a member of {name}: dropped it"
+                self._add_entry(LogEntry(datetime.now(), "note", note))
 
     def _add_entry(self, entry: LogEntry) -> None:
         self.entries.append(entry)
@@ -1244,6 +1457,7 @@ class App:
             self.log.see("end")
         self.log_title.configure(text=f"Frames in and out ({len(self.entries)})")
         self.context_label.configure(text=context_line(self.context))
+        self.group_label.configure(text=group_line(self.context))
 
 
 # =============================================================================== entry point

@@ -74,10 +74,13 @@ class LimitsConfig:
     idle_timeout_s: float = 60.0
     ping_interval_s: float = 20.0
     compression: bool = False
+    max_group_members: int = protocol.MAX_GROUP_MEMBERS
 
     def protocol_limits(self) -> protocol.Limits:
         return protocol.Limits(
-            max_message_chars=self.max_message_chars, history_limit=self.history_limit
+            max_message_chars=self.max_message_chars,
+            history_limit=self.history_limit,
+            max_group_members=self.max_group_members,
         )
 
 
@@ -287,6 +290,8 @@ def _parse_limits(raw: Any) -> LimitsConfig:
         raise ConfigError("limits.max_frame_bytes", "must be at least 1024")
     if values["rate_burst"] < 1:
         raise ConfigError("limits.rate_burst", "must be at least 1")
+    if values["max_group_members"] < 2:
+        raise ConfigError("limits.max_group_members", "must be at least 2")
     return LimitsConfig(**values)
 
 

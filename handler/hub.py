@@ -253,6 +253,8 @@ class Hub:
                 self._deliver_receipt(event)
             elif kind == "update":
                 self._deliver_update(event)
+            elif kind == "members":
+                self._deliver_members(event)
             else:
                 self._deliver_chat(event)
         except Exception as error:
@@ -290,9 +292,10 @@ class Hub:
         now = trio.current_time()
         plain: str | None = None  # shared by every non-origin connection
         marks = (mark,)
+        hidden = event.hidden
         for user_id in event.recipients:
             entry = self.users.get(user_id)
-            if entry is None:
+            if entry is None or (hidden and user_id in hidden):
                 continue
             receipt = None if user_id == unmarked else Receipt(user_id, marks=marks)
             for connection_id, endpoint in list(entry.endpoints.items()):
@@ -350,6 +353,37 @@ class Hub:
                 self._hand(
                     endpoint, Outgoing(text, "new_chats", receipt, now, None, chat.chat_id, 0)
                 )
+
+    def _deliver_members(self, event: Delivery) -> None:
+        """A group's members changed: the added get the chat as a new chat, everyone else
+        who was or is a member `chat_updated` (the origin connection's copy with its
+        `request_id`). Each user's copy is their own chat object (unread count)."""
+        change = event.group
+        assert change is not None
+        chat_id = change.view.chat_id
+        now = trio.current_time()
+        added = set(change.added)
+        for user_id in event.recipients:
+            entry = self.users.get(user_id)
+            if entry is None:
+                continue
+            view = change.view_for(user_id)
+            if user_id in added:
+                receipt = Receipt(user_id, chat_ids=(chat_id,))
+                text = protocol.encode(protocol.NewChats((view,)))
+                for endpoint in list(entry.endpoints.values()):
+                    self._hand(
+                        endpoint, Outgoing(text, "new_chats", receipt, now, None, chat_id, 0)
+                    )
+                continue
+            plain: str | None = None
+            for connection_id, endpoint in list(entry.endpoints.items()):
+                if connection_id == event.origin_connection:
+                    text = protocol.encode(protocol.ChatUpdated(view, event.origin_request_id))
+                else:
+                    plain = plain or protocol.encode(protocol.ChatUpdated(view))
+                    text = plain
+                self._hand(endpoint, Outgoing(text, "chat_updated", None, now, None, chat_id))
 
     def _hand(self, endpoint: Endpoint, item: Outgoing) -> None:
         """One connection's fault closes that connection only (it rebinds from the store)."""
@@ -418,15 +452,39 @@ def _delivery(committed: Committed) -> Delivery:
     receipt = committed.receipt
     if message is not None:
         sender = message.sender_id
+        # In a group, a change reaches only the members who had the message; the others
+        # still see its place in the chat's order (`hidden`), so their chain has no gap.
+        audience = committed.audience
+        hidden = (
+            () if audience is None else tuple(u for u in chat.participants if u not in audience)
+        )
         return Delivery(
             "update" if committed.update else "message",
             recipients=(*(user for user in chat.participants if user != sender), sender),
             message=message,
             origin_connection=origin.connection_id,
             origin_request_id=origin.request_id,
+            hidden=hidden,
+        )
+    group = committed.group
+    if group is not None:
+        return Delivery(
+            "members",
+            recipients=(*group.added, *group.kept, *group.removed),
+            group=group,
+            origin_connection=origin.connection_id,
+            origin_request_id=origin.request_id,
         )
     if receipt is not None:
         reader = receipt.user_id
+        if committed.audience is not None:  # a group's: the writer named whom it concerns
+            return Delivery(
+                "receipt",
+                recipients=committed.audience,
+                receipt=receipt,
+                origin_connection=origin.connection_id,
+                origin_request_id=origin.request_id,
+            )
         others = tuple(user for user in chat.participants if user != reader)
         # A read mark clears the reader's badge on their other devices too; a delivered mark
         # only tells the others.

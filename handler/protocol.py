@@ -36,6 +36,8 @@ MAX_USER_ID_CHARS: Final = 128
 MAX_ID_CHARS: Final = 128
 MAX_REQUEST_ID_CHARS: Final = 64
 MAX_TOKEN_CHARS: Final = 8192
+MAX_GROUP_MEMBERS: Final = 256
+MAX_TITLE_CHARS: Final = 128
 _INT64_MAX: Final = 2**63 - 1
 
 RequestId = str | int
@@ -47,6 +49,7 @@ class Limits:
 
     max_message_chars: int = MAX_MESSAGE_CHARS
     history_limit: int = HISTORY_LIMIT
+    max_group_members: int = MAX_GROUP_MEMBERS
 
 
 DEFAULT_LIMITS: Final = Limits()
@@ -65,8 +68,11 @@ class CreateChat:
 
 @attrs.frozen
 class SendMessage:
+    """`recipient_id` is required in a direct chat and absent in a group (checked once the
+    chat is known)."""
+
     chat_id: str
-    recipient_id: str
+    recipient_id: str | None
     content: str
     client_message_id: str | None = None
     token: str | None = None
@@ -127,8 +133,38 @@ class DeleteMessage:
     type: ClassVar[str] = "delete_message"
 
 
+@attrs.frozen
+class CreateGroup:
+    title: str
+    member_ids: tuple[str, ...]
+    token: str | None = None
+    request_id: RequestId | None = None
+    type: ClassVar[str] = "create_group"
+
+
+@attrs.frozen
+class AddMembers:
+    chat_id: str
+    member_ids: tuple[str, ...]
+    token: str | None = None
+    request_id: RequestId | None = None
+    type: ClassVar[str] = "add_members"
+
+
+@attrs.frozen
+class RemoveMember:
+    chat_id: str
+    user_id: str
+    token: str | None = None
+    request_id: RequestId | None = None
+    type: ClassVar[str] = "remove_member"
+
+
 ClientFrame = (
     CreateChat
+    | CreateGroup
+    | AddMembers
+    | RemoveMember
     | SendMessage
     | FetchChats
     | FetchMessages
@@ -138,26 +174,40 @@ ClientFrame = (
     | DeleteMessage
 )
 # The frames that name a chat the user must be a participant of (loaded before serving).
-ChatFrame = SendMessage | FetchMessages | MarkRead | EditMessage | DeleteMessage
+ChatFrame = (
+    SendMessage | FetchMessages | MarkRead | EditMessage | DeleteMessage | AddMembers | RemoveMember
+)
 
 
 # --------------------------------------------------------------------------- records
 
 
+DIRECT: Final = "direct"
+GROUP: Final = "group"
+
+
 @attrs.frozen
 class Chat:
-    """A chat as stored: who is in it never changes for a direct chat (`participants` is the
-    two user ids, sorted). The per-user state (marks, unread count, last message) is a
-    `ChatView`, computed for the user it is sent to."""
+    """A chat as stored. `participants` is sorted: the two user ids of a direct chat (which
+    never change), or a group's current members. The per-user state (marks, unread count,
+    last message) is a `ChatView`, computed for the user it is sent to."""
 
     chat_id: str
     participants: tuple[str, ...]
     created_by: str
     created_at: str
-    kind: str = "direct"
+    kind: str = DIRECT
     title: str | None = None
 
-    def other_participant(self, user_id: str) -> str:
+    @property
+    def is_group(self) -> bool:
+        return self.kind == GROUP
+
+    def other_participant(self, user_id: str) -> str | None:
+        """The other user of a direct chat; None in a group (its messages have no
+        recipient)."""
+        if self.kind == GROUP:
+            return None
         first, second = self.participants
         return second if first == user_id else first
 
@@ -175,12 +225,15 @@ class ChatView:
     unread_count: int = 0
     read_up_to: tuple[tuple[str, int], ...] = ()
     delivered_up_to: tuple[tuple[str, int], ...] = ()
+    # A group's: the chat's newest seq when each member joined (0: from the start). Their
+    # marks start there, so "read by" of a message counts only members who joined before it.
+    joined_seq: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def fresh(cls, chat: Chat) -> ChatView:
         """A chat nobody has written to yet: every mark 0."""
         zeros = tuple((user, 0) for user in chat.participants)
-        return cls(chat, None, 0, zeros, zeros)
+        return cls(chat, None, 0, zeros, zeros, zeros if chat.is_group else ())
 
     @property
     def chat_id(self) -> str:
@@ -200,7 +253,41 @@ class ChatView:
             "unread_count": self.unread_count,
             "read_up_to": dict(self.read_up_to),
             "delivered_up_to": dict(self.delivered_up_to),
-        }
+        } | ({"joined_seq": dict(self.joined_seq)} if chat.kind == GROUP else {})
+
+
+@attrs.frozen
+class GroupChange:
+    """A committed change of a group's members, as its fan-out needs it.
+
+    `view` is the chat object everyone shares (new participants, everyone's marks, the last
+    message). What differs per user is kept apart, so one record serves 256 members:
+    `unread` holds each remaining member's unread count, and `unseen_last` the members who
+    joined after the last message (they are not shown it). `added` get the chat as a new
+    chat; `removed` get a copy that no longer lists them. `version` is the chat's change
+    counter at the change: a node's order gate starts an added member's chain there.
+    """
+
+    view: ChatView
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    unread: tuple[tuple[str, int], ...] = ()
+    unseen_last: tuple[str, ...] = ()
+    version: int = 0
+
+    @property
+    def kept(self) -> tuple[str, ...]:
+        """The members before the change who still are."""
+        added = set(self.added)
+        return tuple(user for user in self.view.chat.participants if user not in added)
+
+    def view_for(self, user_id: str) -> ChatView:
+        """The chat object for one user: an added or removed user, or one who joined after
+        the last message, sees no last message and nothing unread."""
+        if user_id in self.added or user_id in self.removed or user_id in self.unseen_last:
+            return attrs.evolve(self.view, last_message=None, unread_count=0)
+        unread = dict(self.unread).get(user_id, 0)
+        return attrs.evolve(self.view, unread_count=unread)
 
 
 @attrs.frozen
@@ -216,7 +303,7 @@ class Message:
     message_id: str
     chat_id: str
     sender_id: str
-    recipient_id: str
+    recipient_id: str | None  # None in a group
     content: str
     timestamp: str
     client_message_id: str | None = None
@@ -235,6 +322,8 @@ class Message:
             "timestamp": self.timestamp,
             "seq": self.seq,
         }
+        if self.recipient_id is None:  # a group message has no recipient field at all
+            del wire["recipient_id"]
         if self.client_message_id is not None:
             wire["client_message_id"] = self.client_message_id
         # Absent rather than null/false (both allowed): most messages are never changed.
@@ -278,6 +367,20 @@ class NewChats:
         return _with_request_id(
             {"type": "new_chats", "data": [chat.to_wire() for chat in self.data]},
             self.request_id,
+        )
+
+
+@attrs.frozen
+class ChatUpdated:
+    """`chat_updated`: a group's members changed; `data` is the chat object for the user it
+    is sent to (a removed user's copy no longer lists them)."""
+
+    data: ChatView
+    request_id: RequestId | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return _with_request_id(
+            {"type": "chat_updated", "data": self.data.to_wire()}, self.request_id
         )
 
 
@@ -421,6 +524,7 @@ ServerFrame = (
     Authenticated
     | AllChats
     | NewChats
+    | ChatUpdated
     | AllMessages
     | NewMessages
     | MessageEvent
@@ -599,6 +703,42 @@ class _Fields:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"{name} must be a string", field=name)
         return validate_user_id(value, name)
 
+    def member_ids(self, limits: Limits) -> tuple[str, ...]:
+        """A non-empty array of distinct user ids, fewer than `max_group_members` (the
+        requester makes the group one larger)."""
+        name = "member_ids"
+        value = self._obj.get(name)
+        if value is None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{name} is required", field=name)
+        if not isinstance(value, list):
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, f"{name} must be an array of user ids", field=name
+            )
+        most = limits.max_group_members - 1
+        if not 1 <= len(value) <= most:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST,
+                f"{name} must hold 1..{most} user ids (a group has at most"
+                f" {limits.max_group_members} members)",
+                field=name,
+            )
+        for member in value:
+            if not isinstance(member, str):
+                raise ProtocolError(
+                    ErrorCode.BAD_REQUEST, f"{name} must be an array of user ids", field=name
+                )
+            validate_user_id(member, name)
+        if len(set(value)) != len(value):
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, f"{name} must not name a user twice", field=name
+            )
+        return tuple(value)
+
+    def absent_or_user_id(self, name: str) -> str | None:
+        if self._obj.get(name) is None:
+            return None
+        return self.user_id(name)
+
     def content(self, limits: Limits) -> str:
         if "content" not in self._obj or self._obj["content"] is None:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "content is required", field="content")
@@ -653,7 +793,7 @@ def _build_send_message(
 ) -> ClientFrame:
     return SendMessage(
         chat_id=fields.required_str("chat_id"),
-        recipient_id=fields.user_id("recipient_id"),
+        recipient_id=fields.absent_or_user_id("recipient_id"),
         content=fields.content(limits),
         client_message_id=fields.optional_str("client_message_id"),
         token=token,
@@ -724,6 +864,39 @@ def _build_delete_message(
     )
 
 
+def _build_create_group(
+    fields: _Fields, token: str | None, request_id: RequestId | None, limits: Limits
+) -> ClientFrame:
+    return CreateGroup(
+        fields.required_str("title", MAX_TITLE_CHARS),
+        fields.member_ids(limits),
+        token=token,
+        request_id=request_id,
+    )
+
+
+def _build_add_members(
+    fields: _Fields, token: str | None, request_id: RequestId | None, limits: Limits
+) -> ClientFrame:
+    return AddMembers(
+        fields.required_str("chat_id"),
+        fields.member_ids(limits),
+        token=token,
+        request_id=request_id,
+    )
+
+
+def _build_remove_member(
+    fields: _Fields, token: str | None, request_id: RequestId | None, limits: Limits
+) -> ClientFrame:
+    return RemoveMember(
+        fields.required_str("chat_id"),
+        fields.user_id("user_id"),
+        token=token,
+        request_id=request_id,
+    )
+
+
 _BUILDERS: Final[dict[str, _Builder]] = {
     "create_chat": _build_create_chat,
     "send_message": _build_send_message,
@@ -733,6 +906,9 @@ _BUILDERS: Final[dict[str, _Builder]] = {
     "mark_read": _build_mark_read,
     "edit_message": _build_edit_message,
     "delete_message": _build_delete_message,
+    "create_group": _build_create_group,
+    "add_members": _build_add_members,
+    "remove_member": _build_remove_member,
 }
 
 CLIENT_FRAME_TYPES: Final = tuple(sorted(_BUILDERS))

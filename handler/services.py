@@ -1,7 +1,9 @@
 """What every connection of one process shares: store, hub, token authority, limits, metrics.
 
-Also the chat cache: chats never change once created, so the lookups on the hot path (every
-`send_message` names its chat) skip the database.
+Also the chat cache: a direct chat never changes once created, so the lookups on the hot path
+(every `send_message` names its chat) skip the database. A group's members change, on any
+node: a group is read from the store each time (and its writes check membership again in the
+writer's transaction).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class ChatCache:
         return chat
 
     def put(self, chat: protocol.Chat) -> None:
+        if chat.is_group:
+            return  # its members change (on any node): always read from the store
         self._chats[chat.chat_id] = chat
         if len(self._chats) > self._size:
             self._chats.popitem(last=False)

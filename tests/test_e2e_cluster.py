@@ -47,6 +47,7 @@ _MODULES: Final = (
     "test_e2e_auth",
     "test_e2e_chats",
     "test_e2e_delivery",
+    "test_e2e_groups",
     "test_e2e_http",
     "test_e2e_limits",
     "test_e2e_messages",

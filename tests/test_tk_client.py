@@ -99,6 +99,11 @@ def test_templates_cover_every_client_frame_and_pass_the_servers_decoder() -> No
         frame = tc.frame_template(frame_type, context)
         decoded = protocol.decode(json.dumps(frame))
         assert decoded.type == frame_type
+    # The group variant of send_message: no recipient_id at all.
+    group_message = tc.frame_template(tc.GROUP_MESSAGE, context)
+    assert "recipient_id" not in group_message
+    decoded = protocol.decode(json.dumps(group_message))
+    assert (decoded.type, decoded.recipient_id) == ("send_message", None)
 
 
 def test_send_message_template_uses_the_context_and_a_fresh_client_message_id() -> None:
@@ -111,7 +116,7 @@ def test_send_message_template_uses_the_context_and_a_fresh_client_message_id() 
 
 def test_every_template_has_a_button_and_the_chat_list_asks_for_chats_only() -> None:
     buttons = [name for row in tc.TEMPLATE_ROWS for name in row]
-    assert sorted(buttons) == sorted([*tc.TEMPLATE_TYPES, tc.CHAT_LIST])
+    assert sorted(buttons) == sorted([*tc.TEMPLATE_TYPES, tc.CHAT_LIST, tc.GROUP_MESSAGE])
     frame = tc.frame_template(tc.CHAT_LIST, tc.Context())
     decoded = protocol.decode(json.dumps(frame))
     assert (decoded.type, decoded.limit) == ("fetch_chats", 0)
@@ -197,6 +202,117 @@ def test_context_follows_the_conversation() -> None:
     assert (context.chat_id, context.peer) == ("c5", "gina")
 
 
+def group(chat_id: str, title: str, creator: str, *members: str) -> dict[str, Any]:
+    """A group's chat object (version 2 fields that matter here)."""
+    return {
+        "chat_id": chat_id,
+        "kind": "group",
+        "title": title,
+        "participants": sorted([creator, *members]),
+        "created_by": creator,
+        "last_message": None,
+        "unread_count": 0,
+    }
+
+
+def decoded(name: str, context: Any) -> Any:
+    """The template `name` as the server's decoder reads it."""
+    return protocol.decode(json.dumps(tc.frame_template(name, context)))
+
+
+def test_group_templates_before_any_group_are_valid_placeholders() -> None:
+    context = tc.Context(user_id="alice")
+    create = decoded("create_group", context)
+    assert (create.title, create.member_ids) == ("Team", ("bob", "carol"))
+    assert decoded("add_members", context).chat_id == "CHAT_ID"
+    # Not the creator of a group it does not know: leaving is what anyone may do.
+    assert decoded("remove_member", context).user_id == "alice"
+    assert decoded(tc.GROUP_MESSAGE, context).chat_id == "CHAT_ID"
+    # The creator is never offered as a member of their own group.
+    assert decoded("create_group", tc.Context(user_id="bob")).member_ids == ("carol", "dave")
+    with_peer = tc.Context(user_id="alice", peer="zoe")
+    assert decoded("create_group", with_peer).member_ids == ("zoe", "bob")
+
+
+def test_group_templates_follow_the_group_and_its_members() -> None:
+    context = tc.Context()
+    context.observe_received({"type": "authenticated", "user_id": "alice"})
+    context.observe_received({"type": "new_chats", "data": [chat("d1", "alice", "bob")]})
+    context.observe_received(
+        {"type": "new_chats", "data": [group("g1", "Team", "alice", "bob", "carol")]}
+    )
+    assert (context.chat_id, context.group_id, context.peer) == ("g1", "g1", "bob")
+    assert context.chats["g1"] == tc.ChatInfo("group", "Team", ("alice", "bob", "carol"), "alice")
+    assert tc.context_line(context) == "last chat: g1  with: bob"
+    assert tc.group_line(context) == 'group: g1 "Team", 3 members'
+    send = tc.frame_template(tc.GROUP_MESSAGE, context)
+    assert (send["chat_id"], "recipient_id" in send) == ("g1", False)
+    assert (
+        send["client_message_id"]
+        != tc.frame_template(tc.GROUP_MESSAGE, context)["client_message_id"]
+    )
+    # The direct send_message still goes to the direct chat, never to the group.
+    direct = tc.frame_template("send_message", context)
+    assert (direct["chat_id"], direct["recipient_id"]) == ("d1", "bob")
+    add = decoded("add_members", context)
+    assert (add.chat_id, add.member_ids) == ("g1", ("dave",))  # the first one not in it yet
+    remove = decoded("remove_member", context)
+    assert (remove.chat_id, remove.user_id) == ("g1", "carol")  # the creator removes others
+    assert decoded("mark_read", context).chat_id == "g1"
+    assert decoded("fetch_messages", context).chat_id == "g1"
+
+    # dave joined: the chat object of the change replaces what was known.
+    added = group("g1", "Team", "alice", "bob", "carol", "dave")
+    context.observe_received({"type": "chat_updated", "data": added, "request_id": 1})
+    assert context.chats["g1"].participants == ("alice", "bob", "carol", "dave")
+    assert decoded("add_members", context).member_ids == ("erin",)
+    assert decoded("remove_member", context).user_id == "dave"
+
+    # In a group someone else created, remove_member is leaving it.
+    context.observe_received({"type": "new_chats", "data": [group("g2", "Club", "bob", "alice")]})
+    assert context.group_id == "g2"
+    assert decoded("remove_member", context).user_id == "alice"
+
+
+def test_group_messages_move_the_group_but_not_the_peer() -> None:
+    context = tc.Context(user_id="alice", chat_id="d1", peer="bob")
+    assert tc.group_line(context) == "group: none yet"
+    group_message = {"chat_id": "g7", "sender_id": "carol", "content": "hi", "message_id": "m1"}
+    context.observe_received({"type": "message", **group_message})
+    assert (context.chat_id, context.group_id, context.peer) == ("g7", "g7", "bob")
+    assert tc.group_line(context) == "group: g7"  # its chat object was not seen
+    assert tc.frame_template("mark_read", context)["message_id"] == "m1"
+    assert tc.frame_template(tc.GROUP_MESSAGE, context)["chat_id"] == "g7"
+
+
+def test_context_drops_a_group_it_is_no_longer_in() -> None:
+    context = tc.Context()
+    context.observe_received({"type": "authenticated", "user_id": "alice"})
+    team = group("g1", "Team", "bob", "alice", "carol")
+    context.observe_received({"type": "new_chats", "data": [chat("d1", "alice", "bob"), team]})
+    context.observe_received({"type": "message", **message("d1", "bob", "alice", "m1")})
+    context.observe_received(
+        {"type": "message", "chat_id": "g1", "sender_id": "alice", "message_id": "m2"}
+    )
+    assert (context.chat_id, context.own_message) == ("g1", ("g1", "m2"))
+    # The removed user's copy of chat_updated lists the members without them.
+    removed = group("g1", "Team", "bob", "carol")
+    context.observe_received({"type": "chat_updated", "data": removed})
+    assert "g1" not in context.chats
+    assert (context.chat_id, context.group_id, context.own_message) == (None, None, None)
+    assert tc.frame_template(tc.GROUP_MESSAGE, context)["chat_id"] == "CHAT_ID"
+    # The direct chat with the other person is still there for send_message.
+    assert tc.frame_template("send_message", context)["chat_id"] == "d1"
+    assert context.peer == "bob"
+    # all_chats is every chat of the user: one it no longer lists is gone too.
+    context.observe_received({"type": "new_chats", "data": [group("g2", "Club", "bob", "alice")]})
+    context.observe_received({"type": "all_chats", "data": [chat("d1", "alice", "bob")]})
+    assert (list(context.chats), context.group_id, context.chat_id) == (["d1"], None, "d1")
+    # Signed in as someone else: the chats were the other user's.
+    context.observe_received({"type": "authenticated", "user_id": "bob"})
+    assert context.chats == {}
+
+
 @pytest.mark.parametrize(
     "frame",
     [
@@ -207,6 +323,9 @@ def test_context_follows_the_conversation() -> None:
         {"type": "message", "chat_id": 7},
         {"type": "authenticated", "user_id": None},
         {"type": "something_new"},
+        {"type": "chat_updated", "data": "junk"},
+        {"type": "chat_updated", "data": {"chat_id": "c1"}},
+        {"type": "chat_updated", "data": {"chat_id": 7, "participants": []}},
     ],
 )
 def test_context_ignores_frames_it_cannot_use(frame: dict[str, Any]) -> None:
@@ -289,6 +408,34 @@ def test_log_entry_headers() -> None:
         ),
         ({"type": "new_chats", "data": [chat("c1", "a", "b")]}, "new_chats  1 chat"),
         (
+            {"type": "new_chats", "data": [group("g1", "Team", "a", "b", "c")]},
+            'new_chats  1 chat, 0 unread; group "Team", 3 members',
+        ),
+        (
+            {
+                "type": "all_chats",
+                "data": [
+                    chat("c1", "a", "b"),
+                    *(group(f"g{n}", f"G{n}", "a", "b") for n in range(4)),
+                ],
+            },
+            'all_chats  5 chats, 0 unread; group "G0", 2 members; group "G1", 2 members;'
+            ' group "G2", 2 members; …',
+        ),
+        (
+            {"type": "chat_updated", "data": group("g1", "Team", "a", "b", "c"), "request_id": 1},
+            'chat_updated  group "Team", 3 members: a, b, c',
+        ),
+        (
+            {"type": "chat_updated", "data": group("g1", "Crowd", "a", *"bcdefgh")},
+            'chat_updated  group "Crowd", 8 members: a, b, c, d, e, f, …',
+        ),
+        ({"type": "chat_updated", "data": "junk"}, "chat_updated"),
+        (
+            {"type": "message", "seq": 2, "chat_id": "g1", "sender_id": "bob", "content": "x"},
+            "message  seq 2, bob",
+        ),
+        (
             {"type": "new_messages", "data": [{"seq": 4}, {"seq": 5}, {"seq": 6}]},
             "new_messages  3 messages, seq 4..6",
         ),
@@ -314,13 +461,23 @@ def test_log_colours_receipts_and_changes_apart() -> None:
             ("in", '{"type": "receipt"}'),
             ("in", '{"type": "message_updated"}'),
             ("in", '{"type": "updated_messages"}'),
+            ("in", '{"type": "chat_updated"}'),
             ("in", '{"type": "message"}'),
             ("in", '{"type": "error"}'),
             ("out", '{"type": "mark_read"}'),
             ("note", "hello"),
         ]
     }
-    assert list(tags.values()) == ["receipt", "update", "update", "in", "error", "out", "note"]
+    assert list(tags.values()) == [
+        "receipt",
+        "update",
+        "update",
+        "update",
+        "in",
+        "error",
+        "out",
+        "note",
+    ]
 
 
 def test_history_browses_like_a_shell() -> None:
@@ -984,11 +1141,128 @@ def test_window_reads_edits_and_deletes_with_its_templates(
             "← in   receipt  alice read up to seq 3",
         ):
             assert header in shown, header
-        # The screenshot shows the delete's answer, the mark_read and its receipt.
-        app.log.yview(app.log.search("message_updated  seq 2, alice → bob, deleted", "1.0"))
+        # The screenshot shows the end of the delete's answer, the mark_read and its receipt
+        # (the group row of templates leaves no room for all of the delete's answer).
+        app.log.yview(app.log.search("→ out  mark_read", "end", backwards=True))
+        app.log.yview_scroll(-8, "units")
         app.root.event_generate("<Motion>", warp=True, x=WINDOW[0] - 1, y=WINDOW[1] - 1)
         await trio.sleep(0.2)  # let Tk paint before the screenshot
         save_screenshot(xvfb.screenshot(), "screenshot-tk.png", docs=True)
+        app.close()
+
+    run_window(app, person)
+
+
+def send_template(app: tc.App, name: str) -> dict[str, Any]:
+    """Press a template's button, then Send: the frame goes out as the template made it."""
+    app.template_buttons[name].invoke()
+    frame: dict[str, Any] = json.loads(app.editor.get("1.0", "end"))
+    app.send_button.invoke()
+    return frame
+
+
+@pytest.mark.gui
+def test_window_creates_a_group_and_follows_its_members(
+    xvfb: Xvfb, handler_process: HandlerProcess
+) -> None:
+    # Groups through the window: every frame alice sends is a template's, unchanged. Her
+    # window learns the group from new_chats, its members from chat_updated, and drops a
+    # group she was removed from.
+    app = open_window(xvfb, handler_process.url, user="alice")
+
+    def received(frame_type: str) -> list[dict[str, Any]]:
+        return window_received(app, frame_type)
+
+    def participants(frame: dict[str, Any]) -> list[str]:
+        members: list[str] = frame["data"]["participants"]
+        return members
+
+    def updates(chat_id: str, frames: list[dict[str, Any]] | None = None) -> list[list[str]]:
+        """The members each chat_updated of that chat (to the window, or in `frames`) lists."""
+        frames = received("chat_updated") if frames is None else frames
+        return [participants(f) for f in frames if f["data"]["chat_id"] == chat_id]
+
+    async def person(app: tc.App) -> None:
+        app.dev_token_button.invoke()
+        await wait_until(app.token_var.get)
+        app.connect_button.invoke()
+        await wait_until(lambda: app.link.sign_in.user_id == "alice")
+        async with (
+            Peer.connect(handler_process, "bob") as bob,
+            Peer.connect(handler_process, "dave") as dave,
+        ):
+            # bob's group: he removes alice, and her window forgets it.
+            await bob.send(type="create_group", title="Bob's", member_ids=["alice"])
+            await wait_until(lambda: received("new_chats"))
+            club_id = received("new_chats")[0]["data"][0]["chat_id"]
+            assert app.context.group_id == club_id
+            assert send_template(app, "remove_member") == {
+                "type": "remove_member",
+                "chat_id": club_id,
+                "user_id": "alice",  # not her group: she can only leave it
+            }
+            await wait_until(lambda: updates(club_id))
+            assert updates(club_id)[-1] == ["bob"]
+            assert club_id not in app.context.chats
+            assert app.context.group_id is None
+            assert str(app.group_label.cget("text")) == "group: none yet"
+
+            create = send_template(app, "create_group")
+            assert (create["title"], create["member_ids"]) == ("Team", ["bob", "carol"])
+            await wait_until(lambda: len(received("new_chats")) == 2)
+            team = received("new_chats")[1]["data"][0]
+            assert (team["kind"], team["title"], team["created_by"]) == ("group", "Team", "alice")
+            assert team["participants"] == ["alice", "bob", "carol"]
+            team_id = team["chat_id"]
+            await wait_until(lambda: len(bob.received("new_chats")) == 2)
+            assert bob.received("new_chats")[1]["data"][0]["chat_id"] == team_id
+
+            hello = send_template(app, tc.GROUP_MESSAGE)
+            assert hello["chat_id"] == team_id
+            assert "recipient_id" not in hello
+            await wait_until(lambda: received("message") and bob.received("message"))
+            assert bob.received("message")[0]["client_message_id"] == hello["client_message_id"]
+            assert "recipient_id" not in bob.received("message")[0]
+
+            add = send_template(app, "add_members")
+            assert (add["chat_id"], add["member_ids"]) == (team_id, ["dave"])
+            await wait_until(lambda: updates(team_id))
+            assert updates(team_id) == [["alice", "bob", "carol", "dave"]]
+            assert app.context.chats[team_id].participants == ("alice", "bob", "carol", "dave")
+            # A member before the change gets it too.
+            await wait_until(lambda: updates(team_id, bob.received("chat_updated")))
+            assert updates(team_id, bob.received("chat_updated")) == updates(team_id)
+            await wait_until(lambda: dave.received("new_chats"))  # the new member: a new chat
+            assert dave.received("new_chats")[0]["data"][0]["chat_id"] == team_id
+
+            remove = send_template(app, "remove_member")  # her group: she removes the last one
+            assert (remove["chat_id"], remove["user_id"]) == (team_id, "dave")
+            await wait_until(lambda: len(updates(team_id)) == 2)
+            assert updates(team_id)[1] == ["alice", "bob", "carol"]
+            # The removed user's copy lists the members without him.
+            await wait_until(lambda: dave.received("chat_updated"))
+            assert updates(team_id, dave.received("chat_updated")) == [["alice", "bob", "carol"]]
+            assert dave.received("new_chats")[0]["data"][0]["participants"] == updates(team_id)[0]
+            assert app.context.group_id == team_id
+
+        shown = app.log.get("1.0", "end")
+        for header in (
+            "→ out  create_group",
+            'new_chats  1 chat, 0 unread; group "Team", 3 members',
+            "→ out  add_members",
+            '← in   chat_updated  group "Team", 4 members: alice, bob, carol, dave',
+            '← in   chat_updated  group "Team", 3 members: alice, bob, carol',
+            '← in   chat_updated  group "Bob\'s", 1 member: bob',
+            f'alice is no longer a member of "Bob\'s" ({club_id}): dropped it',
+        ):
+            assert header in shown, header
+        assert str(app.group_label.cget("text")) == f'group: {team_id} "Team", 3 members'
+        # The screenshot: the group templates offered, the add_members and its chat_updated.
+        app.template_buttons["add_members"].invoke()
+        app.log.yview(app.log.search("→ out  add_members", "1.0"))
+        app.root.event_generate("<Motion>", warp=True, x=WINDOW[0] - 1, y=WINDOW[1] - 1)
+        await trio.sleep(0.2)  # let Tk paint before the screenshot
+        save_screenshot(xvfb.screenshot(), "screenshot-tk-groups.png")
         app.close()
 
     run_window(app, person)

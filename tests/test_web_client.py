@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -760,3 +761,368 @@ def test_history_pages_keep_the_reading_position(open_page: Callable[..., Page])
     expect(jump).to_be_hidden()
     expect(bubbles(tia).last).to_be_in_viewport()
     expect(chat_item(tia, "sam").locator(".badge")).to_have_count(0)
+
+
+# ---------------------------------------------------------------------------- group chats
+
+GROUP_CONTRACT_JS = """async () => {
+    const { ChatClient, parseUserIds, readersOf } = await import("/chat-client.js");
+    class FakeSocket extends EventTarget {
+        static OPEN = 1;
+        static last = null;
+        constructor(url) {
+            super();
+            this.url = url;
+            this.readyState = 1;
+            this.sent = [];
+            FakeSocket.last = this;
+            setTimeout(() => this.dispatchEvent(new Event("open")));
+        }
+        send(text) { this.sent.push(JSON.parse(text)); }
+        receive(frame) {
+            this.dispatchEvent(new MessageEvent("message", { data: JSON.stringify(frame) }));
+        }
+        close() {}
+    }
+    const tick = () => new Promise((resolve) => setTimeout(resolve, 10));
+    const client = new ChatClient({ url: "/ws", token: "t", WebSocket: FakeSocket });
+    const removed = [];
+    client.addEventListener("chat-removed", (event) => removed.push(event.detail));
+    client.start();
+    await tick();
+    const ws = FakeSocket.last;
+    const sent = (type) => ws.sent.filter((frame) => frame.type === type);
+    ws.receive({ type: "authenticated", user_id: "ann" });
+    const marks = (seq) => ({ ann: seq, ben: seq, cid: seq });
+    const group = (extra = {}) => ({
+        chat_id: "g", kind: "group", title: "Trip", participants: ["ann", "ben", "cid"],
+        created_by: "ann", created_at: "2024-01-01T00:00:00.000Z", last_message: null,
+        unread_count: 0, read_up_to: marks(0), delivered_up_to: marks(0), ...extra,
+    });
+    const out = {};
+    const create = client.createGroup({ title: "Trip", memberIds: ["ben", "cid"] });
+    out.create = sent("create_group").map((f) => [f.title, f.member_ids, f.request_id === create]);
+    ws.receive({ type: "new_chats", data: [group()], request_id: create });
+    out.list = client.chatList().map((chat) => [chat.kind, chat.title, chat.participants.length]);
+    client.sendMessage({ chatId: "g", recipientId: "ben", content: "hi all" });
+    out.sendHasRecipient = "recipient_id" in sent("send_message")[0];
+    const mine = { message_id: "m1", chat_id: "g", sender_id: "ann", content: "hi all",
+        timestamp: "2024-01-01T00:00:01.000Z", seq: 1,
+        client_message_id: sent("send_message")[0].client_message_id };
+    ws.receive({ type: "message", ...mine, request_id: sent("send_message")[0].request_id });
+    out.readers = [client.readers("g", mine)];
+    ws.receive({ type: "receipt", chat_id: "g", user_id: "cid", kind: "read", seq: 1,
+        message_id: "m1", timestamp: "2024-01-01T00:00:02.000Z" });
+    out.readers.push(client.readers("g", mine), client.status("g", mine));
+    const add = client.addMembers("g", ["dov"]);
+    out.add = sent("add_members").map((f) => [f.chat_id, f.member_ids, f.request_id === add]);
+    ws.receive({ type: "chat_updated", request_id: add,
+        data: group({ participants: ["ann", "ben", "cid", "dov"],
+            read_up_to: { ...marks(0), cid: 1, dov: 1 } }) });
+    // dov joined after m1: his mark starts at the newest seq, so the wire counts him.
+    out.afterAdd = [client.chat("g").participants.length, client.readers("g", mine)];
+    const remove = client.removeMember("g", "dov");
+    out.remove = sent("remove_member").map((f) => [f.chat_id, f.user_id]);
+    ws.receive({ type: "chat_updated", request_id: remove,
+        data: group({ read_up_to: { ...marks(0), cid: 1 } }) });
+    out.afterRemove = [client.chat("g").participants, client.readers("g", mine), removed.length];
+    // A queued send to the group, then this user leaves: the chat and the send go.
+    client.sendMessage({ chatId: "g", content: "never mind" });
+    const leave = client.leaveChat("g");
+    out.leave = sent("remove_member").at(-1).user_id;
+    ws.receive({ type: "chat_updated", request_id: leave,
+        data: group({ participants: ["ben", "cid"] }) });
+    out.afterLeave = [client.chat("g") === undefined, client.chatList().length,
+        client.outbox.length, removed.map((r) => [r.chatId, r.title, r.kind, r.left])];
+    // Removed by the creator while away: the chat is missing from all_chats.
+    ws.receive({ type: "new_chats", data: [group({ chat_id: "h", title: "Work" })] });
+    ws.receive({ type: "all_chats", data: [], request_id: sent("fetch_chats")[0].request_id });
+    out.gone = removed.map((r) => [r.chatId, r.left]);
+    // A late member: the server has nothing older for them, so nothing "older" to load.
+    const late = group({ chat_id: "k", participants: ["ann", "zed"] });
+    ws.receive({ type: "new_chats", data: [late] });
+    client.openChat("k");
+    const page = sent("fetch_messages").at(-1);
+    ws.receive({ type: "all_messages", chat_id: "k", data: [], has_more: false,
+        request_id: page.request_id });
+    ws.receive({ type: "message", ...mine, chat_id: "k", message_id: "k6", seq: 6,
+        sender_id: "zed", client_message_id: undefined });
+    out.lateMember = [client.messages("k").map((m) => m.seq), client.hasOlder("k")];
+    out.parsed = parseUserIds(" bob, carol;dave  bob\\n erin,,");
+    const abc = { participants: ["a", "b", "c"], readUpTo: { a: 5, b: 2 } };
+    out.pure = readersOf(abc, { seq: 2 }, "a");
+    client.stop();
+    return out;
+}"""
+
+
+def test_chat_client_group_model_contract(open_page: Callable[..., Page]) -> None:
+    """Group frames of chat-client.js against a scripted server: what goes out, what the model
+    makes of `new_chats`, `chat_updated` and receipts, and when a chat leaves the list."""
+    out = open_page().evaluate(GROUP_CONTRACT_JS)
+    assert out["create"] == [["Trip", ["ben", "cid"], True]]
+    assert out["list"] == [["group", "Trip", 3]]
+    assert out["sendHasRecipient"] is False  # a group message has no recipient_id
+    assert out["readers"] == [[], ["cid"], "sent"]  # read by one of two: not "read" yet
+    assert out["add"] == [["g", ["dov"], True]]
+    assert out["afterAdd"] == [4, ["cid", "dov"]]
+    assert out["remove"] == [["g", "dov"]]
+    assert out["afterRemove"] == [["ann", "ben", "cid"], ["cid"], 0]  # others removed: no event
+    assert out["leave"] == "ann"
+    assert out["afterLeave"] == [True, 0, 0, [["g", "Trip", "group", True]]]
+    assert out["gone"] == [["g", True], ["h", False]]
+    assert out["lateMember"] == [[6], False]
+    assert out["parsed"] == ["bob", "carol", "dave", "erin"]
+    assert out["pure"] == ["b"]  # not the sender, and only marks that reached the seq
+
+
+def group_shot(page: Page, name: str) -> None:
+    """A screenshot in test-artifacts/, and in $GROUP_SHOTS_DIR too when that is set."""
+    page.mouse.move(0, 0)  # no hover effects in the picture
+    png = page.screenshot()
+    save_screenshot(png, name)
+    target = os.environ.get("GROUP_SHOTS_DIR")
+    if target:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        (Path(target) / name).write_bytes(png)
+
+
+def open_new_group_dialog(page: Page) -> Any:
+    page.get_by_role("button", name="New group").click()
+    dialog = page.locator("#group-dialog")
+    expect(dialog).to_be_visible()
+    return dialog
+
+
+def create_group(page: Page, title: str, members: str, *, shot: str | None = None) -> None:
+    dialog = open_new_group_dialog(page)
+    dialog.get_by_label("Group name").fill(title)
+    dialog.get_by_label("Members", exact=True).fill(members)
+    dialog.get_by_label("Group name").click()  # leaving the field turns the rest into chips
+    if shot is not None:
+        group_shot(page, shot)
+    dialog.get_by_role("button", name="Create group").click()
+    expect(dialog).to_be_hidden()
+    expect(page.locator("#conversation-title")).to_have_text(title)
+
+
+def open_members(page: Page) -> Any:
+    page.get_by_role("button", name="Group members").click()
+    panel = page.locator("#members-dialog")
+    expect(panel).to_be_visible()
+    return panel
+
+
+def senders(page: Page) -> Any:
+    return page.locator("#message-list .bubble.theirs .sender")
+
+
+def read_by(page: Page, text: str) -> Any:
+    own = page.locator(".bubble.own", has=page.locator(".content", has_text=text))
+    return own.locator(".read-by")
+
+
+def test_group_chat_members_messages_receipts_and_leaving(
+    open_page: Callable[..., Page],
+) -> None:
+    ana = sign_in(open_page(), "ana")
+    bruno = sign_in(open_page(), "bruno")
+    cara = sign_in(open_page(PHONE), "cara")
+
+    create_group(ana, "Weekend trip", "bruno, cara", shot="groups-new-dialog-desktop.png")
+    expect(ana.locator("#conversation-id")).to_have_text("3 members")
+    expect(logged(ana, "out", "create_group")).to_contain_text('"member_ids"')
+    for page in (bruno, cara):
+        expect(chat_item(page, "Weekend trip")).to_be_visible()
+        expect(chat_item(page, "Weekend trip").locator(".chat-preview")).to_have_text(
+            "No messages yet"
+        )
+
+    send(ana, "Who is in for Saturday?")
+    first = read_by(ana, "Who is in for Saturday?")
+    expect(ana.locator(".bubble.own")).to_have_attribute("data-state", "delivered")
+    expect(first).to_have_count(0)  # read by nobody yet
+    expect(ana.locator("#message-list .sender")).to_have_count(0)  # no name on your own
+    sent_frame = logged(ana, "out", "send_message")
+    expect(sent_frame).to_have_count(1)
+    expect(sent_frame).not_to_contain_text("recipient_id")
+    for page in (bruno, cara):
+        item = chat_item(page, "Weekend trip")
+        expect(item.locator(".badge")).to_have_text("1")
+        expect(item.locator(".chat-preview")).to_have_text("ana: Who is in for Saturday?")
+
+    # "Read by" rises as the others open the chat.
+    chat_item(bruno, "Weekend trip").click()
+    expect(bubbles(bruno)).to_have_text(["Who is in for Saturday?"])
+    expect(senders(bruno)).to_have_text(["ana"])
+    expect(bruno.locator("#conversation-id")).to_have_text("3 members")
+    expect(first).to_have_text("Read by 1")
+    chat_item(cara, "Weekend trip").click()
+    expect(bubbles(cara)).to_have_text(["Who is in for Saturday?"])
+    expect(first).to_have_text("Read by 2")
+    expect(ana.locator(".bubble.own")).to_have_attribute("data-state", "read")
+    first.click()
+    expect(ana.locator("#readers-popover")).to_be_visible()
+    expect(ana.locator("#readers-heading")).to_have_text("Read by 2 of 2")
+    expect(ana.locator("#readers-list .reader-name")).to_have_text(["bruno", "cara"])
+    group_shot(ana, "groups-readers-desktop.png")
+    ana.keyboard.press("Escape")
+    expect(ana.locator("#readers-popover")).to_be_hidden()
+
+    send(bruno, "Me! I'll bring the tent.")
+    for page in (ana, cara):
+        expect(bubbles(page)).to_have_text(["Who is in for Saturday?", "Me! I'll bring the tent."])
+    expect(senders(ana)).to_have_text(["bruno"])
+    expect(senders(cara)).to_have_text(["ana", "bruno"])
+    expect(bruno.locator(".bubble.own .sender")).to_have_count(0)
+
+    # cara is away while the others talk; back, she gets each message exactly once.
+    cara.close()
+    send(ana, "Train at 9:40")
+    send(bruno, "Tickets booked for all three")
+    expect(bubbles(ana)).to_have_count(4)
+    expect(bubbles(bruno)).to_have_count(4)
+    expect(read_by(ana, "Train at 9:40")).to_have_text("Read by 1")  # bruno has it open
+    cara = sign_in(open_page(PHONE), "cara")
+    expect(chat_item(cara, "Weekend trip").locator(".badge")).to_have_text("2")
+    expect(logged(cara, "in", "new_messages")).to_have_count(1)
+    chat_item(cara, "Weekend trip").click()
+    everything = [
+        "Who is in for Saturday?",
+        "Me! I'll bring the tent.",
+        "Train at 9:40",
+        "Tickets booked for all three",
+    ]
+    expect(bubbles(cara)).to_have_text(everything)
+    expect(read_by(ana, "Train at 9:40")).to_have_text("Read by 2")
+    send(cara, "Great, see you at the station!")
+    expect(read_by(cara, "see you at the station")).to_have_text("Read by 2")
+    expect(bubbles(ana)).to_have_text([*everything, "Great, see you at the station!"])
+    expect(senders(cara)).to_have_text(["ana", "bruno", "ana", "bruno"])
+    group_shot(ana, "groups-open-desktop.png")
+    group_shot(cara, "groups-open-phone.png")
+
+    # The members panel: the creator can add and remove; anyone can add.
+    panel = open_members(ana)
+    members = panel.locator("#member-list .member")
+    expect(members.locator(".member-id")).to_have_text(["ana", "bruno", "cara"])
+    expect(panel.locator(".member", has_text="ana").locator(".role")).to_have_text("creator")
+    expect(panel.get_by_role("button", name="Remove bruno")).to_be_visible()
+    panel.get_by_label("Add members").fill("dario")
+    panel.get_by_role("button", name="Add", exact=True).click()
+    expect(panel.locator("#members-status")).to_have_text("Added dario.")
+    expect(members.locator(".member-id")).to_have_text(["ana", "bruno", "cara", "dario"])
+    expect(panel.locator("#members-count")).to_have_text("4 members")
+    group_shot(ana, "groups-members-desktop.png")
+    panel.get_by_role("button", name="Close").click()
+    expect(bruno.locator("#conversation-id")).to_have_text("4 members")
+
+    # dario sees the group, but none of what was said before he joined.
+    dario = sign_in(open_page(), "dario")
+    chat_item(dario, "Weekend trip").click()
+    expect(dario.locator("#no-messages")).to_be_visible()
+    expect(bubbles(dario)).to_have_count(0)
+    expect(dario.get_by_role("button", name="Load older messages")).to_be_hidden()
+    send(ana, "Welcome, dario!")
+    expect(bubbles(dario)).to_have_text(["Welcome, dario!"])
+    expect(senders(dario)).to_have_text(["ana"])
+    expect(read_by(ana, "Welcome, dario!")).to_have_text(re.compile(r"Read by [1-3]"))
+    # dario read up to the welcome, but joined after this one: he is not one of its readers.
+    expect(read_by(ana, "Train at 9:40")).to_have_text("Read by 2")
+
+    # Not the creator: no "Remove" buttons, but a way out.
+    cara_panel = open_members(cara)
+    expect(cara_panel.locator("#member-list .member")).to_have_count(4)
+    expect(cara_panel.locator(".member-remove")).to_have_count(0)
+    group_shot(cara, "groups-members-phone.png")
+    cara_panel.get_by_role("button", name="Close").click()
+
+    # bruno leaves (with a confirm): the chat is gone for him, the others see one member less.
+    bruno_panel = open_members(bruno)
+    bruno_panel.get_by_role("button", name="Leave group").click()
+    confirm = bruno.locator("#group-confirm")
+    expect(confirm).to_be_visible()
+    expect(confirm).to_contain_text("Leave \u201cWeekend trip\u201d?")
+    confirm.get_by_role("button", name="Leave group").click()
+    expect(chat_item(bruno, "Weekend trip")).to_have_count(0)
+    expect(bruno.locator(".toast.notice")).to_contain_text("You left \u201cWeekend trip\u201d.")
+    expect(bruno.locator("#conversation-title")).to_have_text("Select a chat")
+    expect(bruno_panel).to_be_hidden()
+    expect(ana.locator("#conversation-id")).to_have_text("3 members")
+    expect(logged(bruno, "in", "error")).to_have_count(0)
+
+    # The creator removes dario, who is told and loses the chat; a reload does not bring it back.
+    panel = open_members(ana)
+    panel.get_by_role("button", name="Remove dario").click()
+    ana.locator("#group-confirm").get_by_role("button", name="Remove").click()
+    expect(panel.locator("#member-list .member-id")).to_have_text(["ana", "cara"])
+    expect(chat_item(dario, "Weekend trip")).to_have_count(0)
+    expect(dario.locator(".toast.notice")).to_contain_text(
+        "You are no longer a member of \u201cWeekend trip\u201d."
+    )
+    expect(dario.locator("#conversation-title")).to_have_text("Select a chat")
+    bruno.reload()
+    expect(bruno.locator("#connection")).to_have_text("Online")
+    expect(logged(bruno, "in", "all_chats")).to_have_count(1)
+    expect(chat_item(bruno, "Weekend trip")).to_have_count(0)
+
+
+def refuse_group_titles_route(ws: WebSocketRoute) -> None:
+    """Passes everything through, but sends a create_group titled "SERVER CHECK" with an empty
+    title, so the server's own refusal can be seen in the dialog."""
+    upstream = ws.connect_to_server()
+
+    def to_server(message: str | bytes) -> None:
+        frame = json.loads(message)
+        if frame.get("type") == "create_group" and frame.get("title") == "SERVER CHECK":
+            message = json.dumps({**frame, "title": ""})
+        upstream.send(message)
+
+    ws.on_message(to_server)
+    upstream.on_message(ws.send)
+
+
+def test_new_group_dialog_refuses_what_the_server_would(open_page: Callable[..., Page]) -> None:
+    eli = sign_in(open_page(PHONE, route=refuse_group_titles_route), "eli")
+    dialog = open_new_group_dialog(eli)
+    create = dialog.get_by_role("button", name="Create group")
+    title_error = dialog.locator("#group-title-error")
+    members_error = dialog.locator("#group-members-error")
+    members = dialog.get_by_label("Members", exact=True)
+
+    members.fill("fay gus,")  # separators turn ids into chips
+    expect(dialog.locator(".chip .chip-name")).to_have_text(["fay", "gus"])
+    create.click()
+    expect(title_error).to_have_text("Give the group a name.")
+    expect(dialog.get_by_label("Group name")).to_be_focused()
+    dialog.get_by_label("Group name").fill("   ")
+    create.click()
+    expect(title_error).to_have_text("Give the group a name.")
+    group_shot(eli, "groups-new-dialog-phone.png")
+    expect(logged(eli, "out", "create_group")).to_have_count(0)
+    expect(dialog).to_be_visible()
+
+    dialog.get_by_label("Group name").fill("Book club")
+    dialog.get_by_role("button", name="Remove fay").click()
+    dialog.get_by_role("button", name="Remove gus").click()
+    create.click()
+    expect(title_error).to_be_empty()
+    expect(members_error).to_have_text("Add at least one member by user id.")
+    members.fill("eli")
+    create.click()
+    expect(members_error).to_contain_text("in the group already")
+    expect(logged(eli, "out", "create_group")).to_have_count(0)
+
+    # What only the server can refuse is shown in the dialog too, next to the field it names.
+    dialog.locator(".chip").get_by_role("button").click()
+    members.fill("fay")
+    dialog.get_by_label("Group name").fill("SERVER CHECK")
+    create.click()
+    expect(title_error).to_contain_text("The server did not accept that request.")
+    expect(eli.locator(".toast")).to_have_count(0)
+    expect(dialog).to_be_visible()
+    dialog.get_by_label("Group name").fill("Book club")
+    create.click()
+    expect(dialog).to_be_hidden()
+    expect(eli.locator("#conversation-title")).to_have_text("Book club")
+    expect(eli.locator("#conversation-id")).to_have_text("2 members")

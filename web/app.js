@@ -15,12 +15,16 @@ import {
   errorSentence,
   fetchDevToken,
   jwtClaims,
+  parseUserIds,
 } from "./chat-client.js";
 
 const SESSION_KEY = "chat.session"; // sessionStorage: survives a reload, not a closed tab
 const OPEN_CHAT_KEY = "chat.openChat"; // sessionStorage: the chat this tab shows
 const MAX_LOGGED_FRAMES = 500;
 const ERROR_TOAST_MS = 20_000;
+const NOTICE_TOAST_MS = 8_000;
+const MAX_TITLE_CHARS = 128; // the protocol's limit on a group's title
+const MAX_USER_ID_CHARS = 128;
 const COUNTER_FROM = MAX_MESSAGE_CHARS - 500; // show the character counter this close to the limit
 const GROUP_GAP_MS = 5 * 60_000; // bubbles of one sender this close together form a group
 const NEAR_BOTTOM_PX = 80;
@@ -39,6 +43,11 @@ const model = {
   menuFor: null, // {chatId, message} of the open message menu
   menuButton: null, // the bubble button that opened it
   pendingOpen: null, // request_id of the create_chat whose reply should open that chat
+  pendingGroup: null, // request_id of the create_group of the new-group dialog
+  pendingAdd: null, // {requestId, chatId, userIds} of the add_members of the members panel
+  pendingRemove: new Map(), // request_id -> {chatId, userId} of remove_member requests
+  membersFor: null, // chat_id whose members panel is open
+  readersFor: null, // {chatId, seq} whose "read by" list is open
   retryAt: null,
   drafts: {}, // chat_id -> unsent text of the composer
   reported: new Set(), // request_ids of errors already shown on a bubble or by their own toast
@@ -94,6 +103,10 @@ function signOut(reason = "") {
   model.divider = null;
   model.editing = null;
   closeMenu();
+  closeReaders();
+  for (const id of ["group-dialog", "members-dialog", "group-confirm", "delete-dialog"]) {
+    if ($(id).open) $(id).close();
+  }
   bubbleCache.clear(); // a cached bubble is "own" for the previous user
   sessionStorage.removeItem(SESSION_KEY);
   sessionStorage.removeItem(OPEN_CHAT_KEY);
@@ -138,6 +151,35 @@ function wireClient(client) {
       $("new-chat-user").value = "";
       openChat(frame.data[0].chat_id);
     }
+    if (frame.request_id !== undefined && frame.request_id === model.pendingGroup) {
+      model.pendingGroup = null;
+      $("group-dialog").close();
+      if (frame.data?.[0]) openChat(frame.data[0].chat_id);
+    }
+  });
+  on("chat_updated", (frame) => {
+    const add = model.pendingAdd;
+    if (add && frame.request_id !== undefined && frame.request_id === add.requestId) {
+      model.pendingAdd = null;
+      const members = new Set(frame.data?.participants ?? []);
+      const added = add.userIds.filter((user) => members.has(user));
+      $("add-members-input").value = "";
+      $("add-members-button").disabled = false;
+      $("members-status").textContent = added.length
+        ? `Added ${added.join(", ")}.`
+        : "Everyone you named is in the group already.";
+    }
+    model.pendingRemove.delete(frame.request_id);
+    renderMembers();
+  });
+  on("chat-removed", ({ chatId, title, kind, left }) => {
+    if (model.openChatId === chatId) closeChat();
+    if (model.membersFor === chatId) $("members-dialog").close();
+    if (model.readersFor?.chatId === chatId) closeReaders();
+    delete model.drafts[chatId];
+    if (kind !== "group") return;
+    const name = title ? `\u201c${title}\u201d` : "the group";
+    showNotice(left ? `You left ${name}.` : `You are no longer a member of ${name}.`);
   });
   on("outbox", ({ entry }) => {
     if (entry.state === "failed") model.reported.add(entry.requestId);
@@ -160,6 +202,8 @@ function wireClient(client) {
   on("error", (frame) => {
     if (frame.request_id !== undefined && frame.request_id === model.pendingOpen)
       model.pendingOpen = null;
+    // Errors of the group dialogs are shown in them, next to what the person typed.
+    if (groupRequestFailed(frame)) return;
     // A refused send is shown on its bubble, a refused change by its own toast.
     if (!model.reported.delete(frame.request_id)) showError(frame);
     if (frame.code === "forbidden" || frame.code === "not_found") {
@@ -191,6 +235,7 @@ function openChat(chatId, { focus = true } = {}) {
   model.client.openChat(chatId);
   updateViewing();
   closeMenu();
+  closeReaders();
   render({ scrollToEnd: model.initialScroll === "end" });
   if (focus) {
     const input = $("message-input");
@@ -218,6 +263,7 @@ function closeChat() {
   stopEditing();
   saveDraft();
   closeMenu();
+  closeReaders();
   model.openChatId = null;
   model.divider = null;
   model.dividerPending = false;
@@ -250,7 +296,8 @@ function submitComposer() {
   } else {
     model.client.sendMessage({
       chatId: chat.chatId,
-      recipientId: otherParticipant(chat),
+      // A group message goes to every member: it has no recipient.
+      recipientId: isGroup(chat) ? null : otherParticipant(chat),
       content,
     });
     input.value = "";
@@ -384,6 +431,329 @@ async function menuAction(action) {
   }
 }
 
+// ---------------------------------------------------------------------------- groups
+
+/** The user ids of the new-group dialog: its chips, then what is still typed in the field. */
+function groupMembers() {
+  const chips = [...$("group-chips").querySelectorAll(".chip")].map((chip) => chip.dataset.user);
+  return [...new Set([...chips, ...parseUserIds($("group-member-input").value)])];
+}
+
+function addChip(user) {
+  const box = $("group-chips");
+  if (box.querySelector(`.chip[data-user="${CSS.escape(user)}"]`)) return;
+  const remove = el(
+    "button",
+    { type: "button", class: "chip-remove", "aria-label": `Remove ${user}` },
+    "\u00d7",
+  );
+  const chip = el(
+    "span",
+    { class: "chip", "data-user": user, style: `--hue: ${hue(user)}` },
+    el("span", { class: "chip-name" }, user),
+    remove,
+  );
+  remove.addEventListener("click", () => {
+    chip.remove();
+    $("group-member-input").focus();
+  });
+  box.insertBefore(chip, $("group-member-input"));
+}
+
+/** Typed separators turn what is before them into chips; `all` takes the rest too. */
+function chipsFromInput({ all = false } = {}) {
+  const input = $("group-member-input");
+  const parts = input.value.split(/[\s,;]+/u);
+  const rest = all ? "" : parts.pop();
+  for (const user of parts.filter(Boolean)) addChip(user);
+  if (input.value !== rest) input.value = rest;
+}
+
+function openGroupDialog() {
+  const dialog = $("group-dialog");
+  model.pendingGroup = null;
+  $("group-form").reset();
+  for (const chip of $("group-chips").querySelectorAll(".chip")) chip.remove();
+  for (const id of ["group-title-error", "group-members-error", "group-error"]) {
+    $(id).textContent = "";
+  }
+  $("group-create").disabled = false;
+  $("group-create").textContent = "Create group";
+  dialog.showModal();
+  $("group-title").focus();
+}
+
+/** Check what the person typed (the server would refuse it anyway), then `create_group`. */
+function submitGroup() {
+  chipsFromInput({ all: true });
+  const title = $("group-title").value.trim();
+  const me = model.session.userId;
+  const members = groupMembers();
+  const tooLong = members.find((user) => [...user].length > MAX_USER_ID_CHARS);
+  let titleError = "";
+  let membersError = "";
+  if (!title) titleError = "Give the group a name.";
+  else if ([...title].length > MAX_TITLE_CHARS)
+    titleError = `The name is too long: at most ${MAX_TITLE_CHARS} characters.`;
+  if (members.length === 0) membersError = "Add at least one member by user id.";
+  else if (members.includes(me))
+    membersError = `You (${me}) are in the group already: name the others only.`;
+  else if (tooLong) membersError = `\u201c${tooLong.slice(0, 20)}\u2026\u201d is not a user id.`;
+  $("group-title-error").textContent = titleError;
+  $("group-members-error").textContent = membersError;
+  $("group-error").textContent = "";
+  $("group-title").setAttribute("aria-invalid", String(Boolean(titleError)));
+  $("group-member-input").setAttribute("aria-invalid", String(Boolean(membersError)));
+  if (titleError) {
+    $("group-title").focus();
+    return;
+  }
+  if (membersError) {
+    $("group-member-input").focus();
+    return;
+  }
+  $("group-create").disabled = true;
+  $("group-create").textContent = "Creating\u2026";
+  model.pendingGroup = model.client.createGroup({ title, memberIds: members });
+}
+
+/** The sentence for a refused group request, with the server's own details. */
+function refusal(frame) {
+  return [errorSentence(frame), frame.message].filter(Boolean).join(" ");
+}
+
+/** An error answering one of the group requests: shown where it was made; true if it was. */
+function groupRequestFailed(frame) {
+  const requestId = frame.request_id;
+  if (requestId === undefined || requestId === null) return false;
+  if (requestId === model.pendingGroup) {
+    model.pendingGroup = null;
+    $("group-create").disabled = false;
+    $("group-create").textContent = "Create group";
+    const where =
+      frame.field === "title"
+        ? "group-title-error"
+        : frame.field === "member_ids"
+          ? "group-members-error"
+          : "group-error";
+    $(where).textContent = refusal(frame);
+    if (!$("group-dialog").open) showError(frame, "The group was not created.");
+    return true;
+  }
+  if (requestId === model.pendingAdd?.requestId) {
+    model.pendingAdd = null;
+    $("add-members-button").disabled = false;
+    $("members-status").textContent = "";
+    $("members-error").textContent = refusal(frame);
+    if (!$("members-dialog").open) showError(frame, "Nobody was added.");
+    return true;
+  }
+  const removal = model.pendingRemove.get(requestId);
+  if (removal) {
+    model.pendingRemove.delete(requestId);
+    const me = model.session.userId;
+    const heading =
+      removal.userId === me ? "You did not leave the group." : `${removal.userId} was not removed.`;
+    if ($("members-dialog").open) {
+      $("members-error").textContent = `${heading} ${refusal(frame)}`;
+      renderMembers();
+    } else {
+      showError(frame, heading);
+    }
+    return true;
+  }
+  return false;
+}
+
+function openMembers() {
+  const chat = model.openChatId && model.client.chat(model.openChatId);
+  if (!isGroup(chat)) return;
+  closeReaders();
+  model.membersFor = chat.chatId;
+  $("members-error").textContent = "";
+  $("members-status").textContent = "";
+  $("add-members-input").value = "";
+  $("add-members-button").disabled = false;
+  renderMembers();
+  $("members-dialog").showModal();
+  $("members-close").focus();
+}
+
+/** The members panel, from the model: shown again whenever the chat changes. */
+function renderMembers() {
+  if (!model.membersFor || !model.client) return;
+  const chat = model.client.chat(model.membersFor);
+  if (!chat?.known) return;
+  const me = model.session.userId;
+  const name = chatName(chat);
+  $("members-title").textContent = name;
+  $("members-count").textContent = memberCountLabel(chat);
+  const avatarNode = $("members-avatar");
+  avatarNode.textContent = initials(name);
+  avatarNode.style.setProperty("--hue", hue(name));
+  const creator = chat.createdBy;
+  const iAmCreator = creator === me;
+  // The person first, then the creator, then everyone else by user id.
+  const rank = (user) => (user === me ? 0 : user === creator ? 1 : 2);
+  const members = [...chat.participants].sort(
+    (a, b) => rank(a) - rank(b) || (a < b ? -1 : a > b ? 1 : 0),
+  );
+  const removing = new Set([...model.pendingRemove.values()].map((entry) => entry.userId));
+  const items = members.map((user) => {
+    const tags = el("span", { class: "member-tags" });
+    if (user === creator) tags.append(el("span", { class: "role" }, "creator"));
+    const item = el(
+      "li",
+      { class: "member", "data-user": user },
+      avatar(user),
+      el(
+        "span",
+        { class: "member-name" },
+        el("span", { class: "member-id" }, user),
+        ...(user === me ? [el("span", { class: "muted" }, " (you)")] : []),
+      ),
+      tags,
+    );
+    if (iAmCreator && user !== me) {
+      const remove = el(
+        "button",
+        { type: "button", class: "member-remove", "aria-label": `Remove ${user}` },
+        removing.has(user) ? "Removing\u2026" : "Remove",
+      );
+      remove.disabled = removing.has(user);
+      remove.addEventListener("click", () => confirmRemove(chat.chatId, user));
+      item.append(remove);
+    }
+    return item;
+  });
+  $("member-list").replaceChildren(...items);
+  $("leave-group").disabled = removing.has(me);
+}
+
+function submitAddMembers() {
+  const chatId = model.membersFor;
+  const chat = chatId && model.client.chat(chatId);
+  if (!chat) return;
+  const input = $("add-members-input");
+  const users = parseUserIds(input.value);
+  const me = model.session.userId;
+  $("members-status").textContent = "";
+  let problem = "";
+  if (users.length === 0) problem = "Type the user ids to add, separated by commas or spaces.";
+  else if (users.some((user) => [...user].length > MAX_USER_ID_CHARS))
+    problem = "That is not a user id: at most 128 characters each.";
+  const fresh = users.filter((user) => user !== me && !chat.participants.includes(user));
+  if (!problem && fresh.length === 0) problem = "Everyone you named is in the group already.";
+  $("members-error").textContent = problem;
+  if (problem) {
+    input.focus();
+    return;
+  }
+  $("add-members-button").disabled = true;
+  const requestId = model.client.addMembers(chatId, fresh);
+  model.pendingAdd = { requestId, chatId, userIds: fresh };
+}
+
+/** A yes/no question in a modal dialog; resolves true when the person confirmed. */
+function confirmAction({ title, text, action }) {
+  const dialog = $("group-confirm");
+  $("group-confirm-title").textContent = title;
+  $("group-confirm-text").textContent = text;
+  $("group-confirm-ok").textContent = action;
+  dialog.returnValue = "";
+  dialog.showModal();
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true });
+  });
+}
+
+async function confirmRemove(chatId, user) {
+  const chat = model.client.chat(chatId);
+  if (!chat) return;
+  const ok = await confirmAction({
+    title: `Remove ${user}?`,
+    text: `${user} leaves \u201c${chatName(chat)}\u201d and gets no more of its messages.`,
+    action: "Remove",
+  });
+  if (!ok || !model.client?.chat(chatId)) return;
+  $("members-error").textContent = "";
+  const requestId = model.client.removeMember(chatId, user);
+  model.pendingRemove.set(requestId, { chatId, userId: user });
+  renderMembers();
+}
+
+async function confirmLeave() {
+  const chatId = model.membersFor;
+  const chat = chatId && model.client.chat(chatId);
+  if (!chat) return;
+  const me = model.session.userId;
+  const alone = chat.participants.length <= 1;
+  const ok = await confirmAction({
+    title: `Leave \u201c${chatName(chat)}\u201d?`,
+    text: alone
+      ? "You are its last member. Nobody can add you back."
+      : "You will get no more of its messages, and it leaves your chat list. " +
+        "A member can add you again.",
+    action: "Leave group",
+  });
+  if (!ok || !model.client?.chat(chatId)) return;
+  $("members-error").textContent = "";
+  const requestId = model.client.leaveChat(chatId);
+  model.pendingRemove.set(requestId, { chatId, userId: me });
+  renderMembers();
+}
+
+/** Who of the others has read one of the person's group messages, next to its bubble. */
+function openReaders(button, message) {
+  const chat = model.client.chat(message.chat_id);
+  if (!chat) return;
+  closeMenu();
+  model.readersFor = { chatId: chat.chatId, seq: message.seq };
+  renderReaders();
+  const popover = $("readers-popover");
+  popover.hidden = false;
+  const box = button.getBoundingClientRect();
+  const width = popover.offsetWidth;
+  const height = popover.offsetHeight;
+  const left = Math.max(8, Math.min(box.right - width, window.innerWidth - width - 8));
+  let top = box.bottom + 6;
+  if (top + height > window.innerHeight - 8) top = Math.max(8, box.top - height - 6);
+  popover.style.left = `${left}px`;
+  popover.style.top = `${top}px`;
+  popover.focus();
+}
+
+function renderReaders() {
+  const target = model.readersFor;
+  if (!target || !model.client) return;
+  const chat = model.client.chat(target.chatId);
+  const message = chat?.messages.get(target.seq);
+  if (!message) {
+    closeReaders();
+    return;
+  }
+  const readers = model.client.readers(chat.chatId, message);
+  const me = model.session.userId;
+  const waiting = chat.participants.filter((user) => user !== me && !readers.includes(user));
+  $("readers-heading").textContent = `Read by ${readers.length} of ${readers.length + waiting.length}`;
+  $("readers-list").replaceChildren(
+    ...readers.map((user) =>
+      el(
+        "li",
+        { class: "reader", "data-user": user },
+        avatar(user),
+        el("span", { class: "reader-name" }, user),
+      ),
+    ),
+  );
+  $("readers-waiting").textContent = waiting.length ? `Not read yet: ${waiting.join(", ")}` : "";
+}
+
+function closeReaders() {
+  model.readersFor = null;
+  $("readers-popover").hidden = true;
+}
+
 // ---------------------------------------------------------------------------- rendering
 
 let renderQueued = false;
@@ -398,6 +768,8 @@ function render({ scrollToEnd = false } = {}) {
     if (!model.session || !model.client) return;
     renderChatList();
     renderConversation();
+    renderMembers();
+    renderReaders();
   });
 }
 
@@ -408,6 +780,15 @@ function otherParticipant(chat) {
 
 function chatName(chat) {
   return chat.title ?? otherParticipant(chat);
+}
+
+function isGroup(chat) {
+  return chat?.kind === "group";
+}
+
+function memberCountLabel(chat) {
+  const count = chat.participants.length;
+  return count === 1 ? "1 member" : `${count} members`;
 }
 
 /** Sends of this chat not stored yet, in the order they were typed. */
@@ -455,12 +836,15 @@ function renderChatList() {
       preview.append(el("em", {}, "Message deleted"));
     } else if (last.sender_id === me) {
       preview.append(statusIcon(receiptOf(chat, last)), `You: ${last.content}`);
+    } else if (isGroup(chat)) {
+      preview.append(el("span", { class: "preview-sender" }, `${last.sender_id}: `), last.content);
     } else {
       preview.append(last.content);
     }
+    if (isGroup(chat)) button.classList.add("is-group");
     button.append(
       avatar(name),
-      el("span", { class: "chat-name" }, name),
+      el("span", { class: "chat-name" }, ...(isGroup(chat) ? [peopleIcon()] : []), name),
       el("span", { class: "chat-time" }, time ? formatListTime(time) : ""),
       preview,
     );
@@ -497,6 +881,11 @@ function renderConversation() {
   $("send-button").setAttribute("aria-label", model.editing ? "Save" : "Send");
   if (model.editing) $("edit-original").textContent = model.editing.original;
   input.placeholder = model.editing ? "Edit message" : "Message";
+  const group = isGroup(chat);
+  $("members-button").hidden = !group;
+  $("conversation-heading").classList.toggle("clickable", group);
+  if (group) $("conversation-heading").setAttribute("title", "Show the members");
+  else $("conversation-heading").removeAttribute("title");
   if (!chat) {
     $("conversation-title").textContent = model.openChatId ? "Loading\u2026" : "Select a chat";
     $("conversation-id").textContent = "";
@@ -510,7 +899,8 @@ function renderConversation() {
   }
   const name = chatName(chat);
   $("conversation-title").textContent = name;
-  $("conversation-id").textContent = `chat ${chat.chatId}`;
+  $("conversation-id").textContent = group ? memberCountLabel(chat) : `chat ${chat.chatId}`;
+  $("conversation-id").classList.toggle("member-count", group);
   const avatarNode = $("conversation-avatar");
   avatarNode.hidden = false;
   avatarNode.textContent = initials(name);
@@ -552,6 +942,7 @@ function renderConversation() {
 function conversationItems(chat) {
   const client = model.client;
   const me = model.session.userId;
+  const group = isGroup(chat);
   const records = client.messages(chat.chatId).map((message) => {
     const own = message.sender_id === me;
     const change = own ? client.pendingChange(chat.chatId, message.message_id) : null;
@@ -563,6 +954,8 @@ function conversationItems(chat) {
       at: message.timestamp,
       state: own ? receiptOf(chat, message) : "received",
       change,
+      // In a group, who of the others has read one of the person's messages.
+      readers: group && own && !message.deleted ? client.readers(chat.chatId, message) : null,
     };
   });
   const held = new Set(records.map((record) => record.key));
@@ -663,6 +1056,7 @@ function itemNode(item) {
           item.message ?? null,
           item.entry ? [item.entry.frame.content, item.entry.error?.code] : null,
           item.change ? [item.change.kind, item.change.frame.content ?? null] : null,
+          item.readers ?? null,
         ]
       : [item.kind, item.label],
   );
@@ -752,6 +1146,23 @@ function renderBubble(item) {
         "edited",
       ),
     );
+  }
+  if (item.readers?.length > 0) {
+    const readBy = el(
+      "button",
+      {
+        type: "button",
+        class: "read-by",
+        "aria-haspopup": "dialog",
+        title: `Read by ${item.readers.join(", ")}`,
+      },
+      `Read by ${item.readers.length}`,
+    );
+    readBy.addEventListener("click", (event) => {
+      event.stopPropagation();
+      openReaders(readBy, message);
+    });
+    meta.append(readBy);
   }
   const at = item.at;
   meta.append(el("time", { datetime: at, title: new Date(at).toLocaleString() }, formatTime(at)));
@@ -855,6 +1266,21 @@ function avatar(name) {
   );
 }
 
+const PEOPLE_PATH =
+  "M9 11a3.5 3.5 0 1 0 0-7 3.5 3.5 0 0 0 0 7Zm7.5 0a3 3 0 1 0 0-6 3 3 0 0 0 0 6ZM2 19c0-3.3 " +
+  "3.1-5.5 7-5.5s7 2.2 7 5.5v1H2v-1Zm15.6 1v-1c0-1.9-.8-3.5-2.1-4.6 3.5-.3 6.5 1.4 6.5 4.6v1h-4.4Z";
+
+function peopleIcon() {
+  const svg = document.createElementNS(SVG_NS, "svg");
+  svg.setAttribute("viewBox", "0 0 24 24");
+  svg.setAttribute("class", "people-icon");
+  svg.setAttribute("aria-hidden", "true");
+  const path = document.createElementNS(SVG_NS, "path");
+  path.setAttribute("d", PEOPLE_PATH);
+  svg.append(path);
+  return svg;
+}
+
 function initials(name) {
   const letters = [...name.trim()];
   return (letters[0] ?? "?").toUpperCase();
@@ -909,6 +1335,26 @@ function showError(frame, heading = null) {
   errors.append(toast);
   while (errors.children.length > 3) errors.firstElementChild.remove();
   setTimeout(() => toast.remove(), ERROR_TOAST_MS);
+}
+
+/** A short notice that is not an error (e.g. the person is no longer in a group). */
+function showNotice(text) {
+  const toast = el(
+    "div",
+    { class: "toast notice", role: "status" },
+    el("div", { class: "toast-text" }, el("span", {}, text)),
+  );
+  const close = el(
+    "button",
+    { type: "button", class: "icon-button", "aria-label": "Dismiss" },
+    "\u00d7",
+  );
+  close.addEventListener("click", () => toast.remove());
+  toast.append(close);
+  const errors = $("errors");
+  errors.append(toast);
+  while (errors.children.length > 3) errors.firstElementChild.remove();
+  setTimeout(() => toast.remove(), NOTICE_TOAST_MS);
 }
 
 // ---------------------------------------------------------------------------- frame log
@@ -1034,6 +1480,46 @@ function setUp() {
     const recipient = $("new-chat-user").value.trim();
     if (recipient) model.pendingOpen = model.client.createChat(recipient);
   });
+  $("new-group").addEventListener("click", () => openGroupDialog());
+  $("group-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    submitGroup();
+  });
+  $("group-cancel").addEventListener("click", () => $("group-dialog").close());
+  $("group-dialog").addEventListener("close", () => {
+    model.pendingGroup = null; // a late reply adds the group to the list, but opens nothing
+  });
+  const memberInput = $("group-member-input");
+  memberInput.addEventListener("input", () => chipsFromInput());
+  memberInput.addEventListener("blur", () => chipsFromInput({ all: true }));
+  memberInput.addEventListener("keydown", (event) => {
+    if (event.isComposing) return;
+    if (event.key === "Enter" && memberInput.value.trim()) {
+      event.preventDefault(); // Enter makes a chip; with nothing typed it creates the group
+      chipsFromInput({ all: true });
+    } else if (event.key === "Backspace" && !memberInput.value) {
+      $("group-chips").querySelector(".chip:last-of-type")?.remove();
+    }
+  });
+  $("group-chips").addEventListener("click", (event) => {
+    if (event.target === event.currentTarget) memberInput.focus();
+  });
+  $("members-button").addEventListener("click", () => openMembers());
+  $("conversation-heading").addEventListener("click", () => openMembers());
+  $("members-close").addEventListener("click", () => $("members-dialog").close());
+  $("members-dialog").addEventListener("close", () => {
+    model.membersFor = null;
+  });
+  $("add-members-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    submitAddMembers();
+  });
+  $("leave-group").addEventListener("click", () => confirmLeave());
+  const readersPopover = $("readers-popover");
+  readersPopover.tabIndex = -1;
+  readersPopover.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") closeReaders();
+  });
   $("composer").addEventListener("submit", (event) => {
     event.preventDefault();
     submitComposer();
@@ -1068,6 +1554,7 @@ function setUp() {
   $("messages").addEventListener("scroll", () => {
     const chat = model.openChatId && model.client?.chat(model.openChatId);
     if (chat) updateJump(chat);
+    if (model.readersFor) closeReaders();
   });
   $("jump").addEventListener("click", () => {
     const list = $("messages");
@@ -1093,8 +1580,12 @@ function setUp() {
   });
   document.addEventListener("click", (event) => {
     if (!menu.hidden && !menu.contains(event.target)) closeMenu();
+    if (!readersPopover.hidden && !readersPopover.contains(event.target)) closeReaders();
   });
-  window.addEventListener("resize", closeMenu);
+  window.addEventListener("resize", () => {
+    closeMenu();
+    closeReaders();
+  });
   $("clear-log").addEventListener("click", () => {
     $("frame-list").replaceChildren();
     $("frame-log").dataset.count = "0";

@@ -1,6 +1,6 @@
 /**
  * chat-client.js: a dependency-free client for the handler's WebSocket protocol (PROTOCOL.md,
- * version 1 and the receipts, unread counts, edits and deletes of version 2).
+ * version 1 and the receipts, unread counts, edits, deletes and group chats of version 2).
  *
  * Lift this file into your own front end: it has no DOM code and no framework. It keeps one
  * WebSocket open, reconnects when it drops, keeps it alive, refreshes the token in-band, makes
@@ -12,7 +12,10 @@
  *   client.start();
  *   client.openChat(chatId);     // load its history
  *   client.setViewing(chatId);   // it is on screen: mark it read, keep it read
- *   client.sendMessage({ chatId, recipientId, content });
+ *   client.sendMessage({ chatId, recipientId, content });   // no recipientId in a group
+ *   client.createGroup({ title, memberIds });     // reply: new_chats
+ *   client.addMembers(chatId, memberIds);          // reply: chat_updated
+ *   client.removeMember(chatId, userId);           // the creator removes; anyone leaves
  *
  * Theory of operation
  * -------------------
@@ -46,6 +49,13 @@
  * otherwise it keeps the server's count up to date (one more per new message from someone else)
  * and asks the server again (`fetch_chats` with `limit: 0`) when it cannot tell.
  *
+ * Groups: a group is a chat of kind "group" with a title and any number of participants; the
+ * same model serves it. Membership changes arrive as `chat_updated` with the chat object in its
+ * new state (to the members before and after the change); a chat whose participants no longer
+ * include this user was left or the user was removed, and is dropped from the model, as is a
+ * chat missing from `all_chats` (the change happened while this device was away).
+ * `readers(chatId, message)` lists the other members whose read mark reached a message.
+ *
  * Liveness: a `ping` every 25 s keeps the server's idle timeout (60 s) from closing the socket;
  * if the `pong` is not back within `pongTimeoutMs`, the socket is presumed dead and replaced.
  * Tokens with an `exp` claim are refreshed `refreshMarginMs` before expiry by sending the new
@@ -56,8 +66,10 @@
  *   "frame"          {direction: "in" | "out", text, frame, at}   every frame on the wire
  *   "change"         {chatIds}   the model of these chats changed (messages, marks, counts, list)
  *   "authenticated", "all_chats", "new_chats", "all_messages", "new_messages", "message",
- *   "receipt", "message_updated", "updated_messages", "pong", "error"
+ *   "receipt", "message_updated", "updated_messages", "chat_updated", "pong", "error"
  *                    the server frame of that type, as parsed JSON, after the model took it in
+ *   "chat-removed"   {chatId, title, kind, left}   the user is no longer in that chat: `left`
+ *                    when this client asked to leave it, else removed (or left elsewhere)
  *   "outbox"         {entry}   a send, edit or delete changed state: "queued", "sending",
  *                    "sent" (acknowledged) or "failed" (refused for good; `entry.error`)
  *   "auth-failed"    {message}   the token was refused and cannot be refreshed: sign in again
@@ -74,6 +86,7 @@ export const SERVER_FRAME_TYPES = Object.freeze([
   "receipt",
   "message_updated",
   "updated_messages",
+  "chat_updated",
   "pong",
   "error",
 ]);
@@ -96,7 +109,7 @@ export const ERROR_SENTENCES = Object.freeze({
   unknown_type: "This server does not support that action.",
   unauthorized: "Your sign-in is not valid any more. Sign in again.",
   forbidden: "You are not allowed to do that.",
-  not_found: "That chat does not exist.",
+  not_found: "That chat does not exist (or you are no longer in it).",
   too_large: "That message is too long.",
   rate_limited: "You are sending too fast. Wait a moment and it will go out.",
   internal: "The server had a problem. Try again in a moment.",
@@ -208,6 +221,28 @@ export function receiptStatus(chat, message, userId) {
   return "sent";
 }
 
+/**
+ * The other members of a chat whose read mark reached one of `userId`'s messages, sorted: the
+ * "read by" of a group message. Members who left are not counted (their marks stay behind).
+ */
+export function readersOf(chat, message, userId) {
+  // A member who joined after the message never saw it: their marks start at their join.
+  return chat.participants.filter(
+    (user) =>
+      user !== userId &&
+      (chat.joinedSeq?.[user] ?? 0) < message.seq &&
+      (chat.readUpTo[user] ?? 0) >= message.seq,
+  );
+}
+
+/**
+ * User ids typed by a person, separated by commas, semicolons or white space, each trimmed,
+ * without duplicates, in the order typed.
+ */
+export function parseUserIds(text) {
+  return [...new Set(String(text ?? "").split(/[\s,;]+/u).filter(Boolean))];
+}
+
 /** The message object of a `message` or `message_updated` frame (without type, request_id). */
 function messageObject(frame) {
   const { type: _type, request_id: _requestId, ...message } = frame;
@@ -248,6 +283,7 @@ export class ChatClient extends EventTarget {
   #changed = new Set(); // chat ids changed while handling the current frame
   #timers = { reconnect: null, ping: null, pongDeadline: null, refresh: null };
   #refreshingAuth = false;
+  #leaving = new Map(); // request_id of this user's own remove_member -> chat_id
 
   /**
    * @param {object} options
@@ -324,10 +360,14 @@ export class ChatClient extends EventTarget {
     return [...chat.messages.values()].sort((a, b) => a.seq - b.seq);
   }
 
-  /** True when the chat has messages older than the ones held ("load older"). */
+  /**
+   * True when the chat has messages older than the ones held ("load older"). A member who
+   * joined a group late sees its history from their joining on: the server's `has_more: false`
+   * says where it starts for them.
+   */
   hasOlder(chatId) {
     const chat = this.#chats.get(chatId);
-    if (!chat) return false;
+    if (!chat || chat.complete) return false;
     return chat.messages.size > 0 ? chat.low > 1 : chat.newest > 0;
   }
 
@@ -364,17 +404,52 @@ export class ChatClient extends EventTarget {
   }
 
   /**
+   * Create a group of this user and `memberIds` (not the user); every call creates a new one.
+   * Returns the request id; the reply is a `new_chats` frame carrying it, or an `error`.
+   */
+  createGroup({ title, memberIds }) {
+    return this.#request({ type: "create_group", title, member_ids: [...memberIds] });
+  }
+
+  /** Add users to a group (any member may); the reply is a `chat_updated` frame, or an `error`. */
+  addMembers(chatId, memberIds) {
+    return this.#request({ type: "add_members", chat_id: chatId, member_ids: [...memberIds] });
+  }
+
+  /**
+   * Remove a member from a group (only its creator may remove others), or leave it when
+   * `userId` is this user. The reply is a `chat_updated` frame, or an `error`.
+   */
+  removeMember(chatId, userId) {
+    const requestId = this.#request({ type: "remove_member", chat_id: chatId, user_id: userId });
+    if (userId === this.#userId) this.#leaving.set(requestId, chatId);
+    return requestId;
+  }
+
+  /** Leave a group: remove this user from it. */
+  leaveChat(chatId) {
+    return this.removeMember(chatId, this.#userId);
+  }
+
+  /** The other members who have read one of the user's messages (see `readersOf`). */
+  readers(chatId, message) {
+    const chat = this.#chats.get(chatId);
+    return chat ? readersOf(chat, message, this.#userId) : [];
+  }
+
+  /**
    * Send a message. Returns the outbox entry; its `state` goes "queued"/"sending" -> "sent"
    * (the server stored it and echoed it back) or "failed" (the server refused it for good).
+   * In a group there is no recipient: `recipientId` is left out (and not sent if given).
    */
-  sendMessage({ chatId, recipientId, content, clientMessageId = newId() }) {
-    const frame = {
-      type: "send_message",
-      chat_id: chatId,
-      recipient_id: recipientId,
-      content,
-      client_message_id: clientMessageId,
-    };
+  sendMessage({ chatId, recipientId = null, content, clientMessageId = newId() }) {
+    const group = this.#chats.get(chatId)?.kind === "group";
+    const frame = { type: "send_message", chat_id: chatId };
+    if (!group && recipientId !== null && recipientId !== undefined) {
+      frame.recipient_id = recipientId;
+    }
+    frame.content = content;
+    frame.client_message_id = clientMessageId;
     return this.#enqueue(this.#newEntry("send", clientMessageId, frame));
   }
 
@@ -533,11 +608,13 @@ export class ChatClient extends EventTarget {
   /** What was in flight on a closed connection is unknown: ask again after the next bind. */
   #forgetConnection() {
     this.#pending.clear();
+    this.#leaving.clear();
     this.#chatsRequest = null;
     this.#chatsAgain = false;
     for (const chat of this.#chats.values()) {
       // Messages may arrive on another device meanwhile and never be this one's backlog.
       chat.loaded = false;
+      chat.complete = false;
       chat.newestRequest = null;
       chat.olderRequest = null;
       chat.markRequest = null;
@@ -611,6 +688,9 @@ export class ChatClient extends EventTarget {
       case "receipt":
         this.#onReceipt(frame);
         break;
+      case "chat_updated":
+        this.#onChatUpdated(frame);
+        break;
       case "error":
         this.#onError(frame);
         break;
@@ -637,15 +717,49 @@ export class ChatClient extends EventTarget {
     }
     // `all_chats` is every chat of the user: one not in it is no longer theirs.
     for (const [chatId, chat] of this.#chats) {
-      if (chat.known && !present.has(chatId)) {
-        this.#chats.delete(chatId);
-        this.#touch(chatId);
-      }
+      if (chat.known && !present.has(chatId)) this.#dropChat(chat, false);
     }
     const viewing = this.#viewing && this.#chats.get(this.#viewing);
     if (viewing) {
       if (!viewing.loaded) this.#fetchNewest(viewing);
       this.markRead(viewing.chatId);
+    }
+  }
+
+  /**
+   * A group's membership changed. The chat object is computed for this user; when it no longer
+   * lists the user, they left or were removed: the chat goes (the server refuses it from now on).
+   */
+  #onChatUpdated(frame) {
+    const object = frame.data;
+    if (!object || typeof object.chat_id !== "string") return;
+    const left = this.#leaving.get(frame.request_id);
+    this.#leaving.delete(frame.request_id);
+    const participants = Array.isArray(object.participants) ? object.participants : null;
+    if (participants && this.#userId && !participants.includes(this.#userId)) {
+      const chat = this.#chats.get(object.chat_id);
+      if (chat) {
+        if (object.title !== undefined) chat.title = object.title;
+        this.#dropChat(chat, left === object.chat_id);
+      }
+      return;
+    }
+    this.#applyChat(object);
+  }
+
+  /** The user is not in this chat any more: forget it, and what waits to be sent to it. */
+  #dropChat(chat, left) {
+    this.#chats.delete(chat.chatId);
+    if (this.#viewing === chat.chatId) this.#viewing = null;
+    for (const [id, entry] of [...this.#outbox, ...this.#failed]) {
+      if (entry.chatId !== chat.chatId) continue;
+      this.#outbox.delete(id);
+      this.#failed.delete(id);
+      this.#persist(entry, { remove: true });
+    }
+    this.#touch(chat.chatId);
+    if (chat.known) {
+      this.#emit("chat-removed", { chatId: chat.chatId, title: chat.title, kind: chat.kind, left });
     }
   }
 
@@ -666,6 +780,7 @@ export class ChatClient extends EventTarget {
     for (const [user, seq] of Object.entries(object.delivered_up_to ?? {})) {
       raise(chat.deliveredUpTo, user, seq);
     }
+    if (object.joined_seq) chat.joinedSeq = { ...object.joined_seq };
     const last = object.last_message ?? null;
     const lastSeq = last?.seq ?? 0;
     if (last) {
@@ -693,6 +808,8 @@ export class ChatClient extends EventTarget {
     if (request) this.#pending.delete(frame.request_id);
     const chat = this.#chatState(frame.chat_id);
     this.#takeMessages(chat, frame.data ?? []);
+    // The server has nothing older for this user: what is held starts at their first message.
+    if (request && frame.has_more === false) chat.complete = true;
     if (request?.kind === "newest") {
       chat.newestRequest = null;
       chat.loaded = true;
@@ -921,8 +1038,10 @@ export class ChatClient extends EventTarget {
         unread: 0,
         readUpTo: {},
         deliveredUpTo: {},
+        joinedSeq: {}, // a group's: the seq each member joined after
         known: false,
         loaded: false,
+        complete: false, // held messages start at the first one this user may see
         wanted: false,
         newestRequest: null,
         olderRequest: null,
@@ -952,6 +1071,7 @@ export class ChatClient extends EventTarget {
       chat.low = seq;
       chat.high = seq;
       chat.loaded = false;
+      chat.complete = false;
     } else if (seq < chat.low - 1) {
       return;
     } else {

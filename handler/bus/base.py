@@ -23,31 +23,36 @@ a gap check against the store, since the protocol promises exactly-once delivery
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Literal, Protocol
 
 import attrs
 import trio
 
-from handler.protocol import Chat, Message, ReceiptFrame, RequestId
+from handler.protocol import Chat, GroupChange, Message, ReceiptFrame, RequestId
 
 
 @attrs.define  # not frozen: one per commit on the hot path (messages, receipts); never changed
 class Delivery:
     """A committed event to push to the open connections of `recipients`: a new chat, a new
-    message, a changed message (`update`), or a moved mark (`receipt`).
+    message, a changed message (`update`), a moved mark (`receipt`), or a change of a
+    group's members (`members`: `group`).
 
     `origin_connection` is the connection whose frame caused it; it receives the event with
     `origin_request_id` (its acknowledgement) instead of the plain copy.
     """
 
-    kind: Literal["message", "update", "receipt", "chat"]
+    kind: Literal["message", "update", "receipt", "chat", "members"]
     recipients: tuple[str, ...]
     message: Message | None = None
     chat: Chat | None = None
     receipt: ReceiptFrame | None = None
+    group: GroupChange | None = None
     origin_connection: str | None = None
     origin_request_id: RequestId | None = None
+    # Recipients who take part in the chat's order but are not told (a group member who
+    # joined after the changed message): they see its position, not its content.
+    hidden: tuple[str, ...] = ()
 
     @property
     def position(self) -> str | None:
@@ -94,6 +99,10 @@ class Bus(Protocol):
     async def settle(self, user_id: str) -> None:
         """Return once the other nodes serving the user have committed their delivery marks
         for it (bounded wait: a node that does not answer is not waited for forever)."""
+
+    def read_at(self, user_id: str, versions: Mapping[str, int]) -> None:
+        """A binding of the user (subscribed here) read these chats at these versions: order
+        the chats' later changes after them."""
 
     def publish_nowait(self, event: Delivery) -> None:
         """Send an event to its recipients' nodes without blocking; order kept per user."""

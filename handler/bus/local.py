@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import trio
 
 from handler.bus.base import Delivery, DeliverySink, ResyncHook, SettleHook
@@ -37,6 +39,9 @@ class LocalBus:
 
     async def settle(self, user_id: str) -> None:
         return None
+
+    def read_at(self, user_id: str, versions: Mapping[str, int]) -> None:
+        """One process publishes in commit order already: nothing to put back in order."""
 
     def publish_nowait(self, event: Delivery) -> None:
         if self._sink is not None and any(u in self._subscribed for u in event.recipients):

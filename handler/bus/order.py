@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Final
 
 import attrs
@@ -50,6 +50,9 @@ HELD_PER_USER: Final = 256
 class _UserOrder:
     # chat id -> position of the newest change passed on (least recently used first)
     last: collections.OrderedDict[str, str] = attrs.field(factory=collections.OrderedDict)
+    # chat id -> the version a binding of the user read the chat at (`read_at`): changes up to
+    # it are in that backlog or reached the user before, so they pass (the binding covers them)
+    floor: dict[str, int] = attrs.field(factory=dict)
     # (chat id, previous message id) -> the held event, narrowed to this user
     held: dict[tuple[str, str], Delivery] = attrs.field(factory=dict)
 
@@ -88,6 +91,9 @@ class ChatOrder:
         if state is None:
             state = self._users[user] = _UserOrder()
         chat = message.chat_id
+        floor = state.floor.get(chat)
+        if floor is not None and int(position) <= floor:
+            return True  # read by a binding already: it drops what it covered
         last = state.last.get(chat)
         if last is None or last == previous:
             self._remember(state, chat, position)
@@ -110,6 +116,32 @@ class ChatOrder:
                 state = self._users[user] = _UserOrder()
             if chat_id not in state.last:
                 self._remember(state, chat_id, EMPTY_CHAT)
+
+    def read_at(self, user: str, versions: Mapping[str, int]) -> None:
+        """A binding of `user` read these chats at these versions: a chat's next change
+        follows that one. (Without it the first event after subscribing would pass at once,
+        and a newer one from this node could overtake an older one still on its way from
+        another.)"""
+        state = self._users.get(user)
+        if state is None:
+            state = self._users[user] = _UserOrder()
+        for chat_id, version in versions.items():
+            if version > state.floor.get(chat_id, -1):
+                state.floor[chat_id] = version
+            last = state.last.get(chat_id)
+            if last is None or int(last) < version:
+                self._remember(state, chat_id, str(version))
+
+    def chat_joined(self, users: Iterable[str], chat_id: str, version: int) -> None:
+        """These users joined a group here at `version`: its next change follows that one
+        (and what came before their join never reaches them, so nothing older is awaited)."""
+        for user in users:
+            state = self._users.get(user)
+            if state is None:
+                state = self._users[user] = _UserOrder()
+            last = state.last.get(chat_id)
+            if last is None or int(last) < version:
+                self._remember(state, chat_id, str(version))
 
     def followers(self, user: str, event: Delivery) -> list[Delivery]:
         """Held events of `user` that `event` (just passed on) unblocks, in chain order."""

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Final
 
 import attrs
@@ -230,6 +230,10 @@ class RedisBus:
             # Harmless: the channel is dropped on the next reconnect and ignored until then.
             log.info("redis unsubscribe failed: %r", error)
 
+    def read_at(self, user_id: str, versions: Mapping[str, int]) -> None:
+        if user_id in self._users:
+            self._order.read_at(user_id, versions)
+
     # ------------------------------------------------------------------ delivery marks
 
     async def settle(self, user_id: str) -> None:
@@ -359,6 +363,10 @@ class RedisBus:
         if event.message is None:
             if event.chat is not None:
                 self._order.chat_created(users, event.chat.chat_id)
+            group = event.group
+            if group is not None and group.added:
+                joined = [user for user in users if user in group.added]
+                self._order.chat_joined(joined, group.view.chat_id, group.version)
             self._call_sink(event)
             return
         now = trio.current_time()

@@ -14,9 +14,16 @@ Payloads are orjson objects; `"o"` always names the publishing node, so a node c
 copies of its own payloads that Redis sends back:
 - a message event: `{"o", "m": [message_id, chat_id, sender_id, recipient_id, content,
   timestamp, client_message_id, seq, version, edited_at, deleted]}` (positional arrays:
-  compact), and a changed message the same under `"u"`;
+  compact), and a changed message the same under `"u"` (with `"h"`: the recipients not
+  told of it, see `Delivery.hidden`);
 - a receipt: `{"o", "k": [chat_id, user_id, kind, seq, message_id, timestamp]}`;
-- a chat event: `{"o", "c": [chat_id, [participant, participant], created_by, created_at]}`;
+- a chat event: `{"o", "c": [chat_id, [participant, ...], created_by, created_at, kind,
+  title]}`;
+- a change of a group's members: `{"o", "g": [chat, last message array or null, read marks,
+  delivered marks, added, removed, unread counts, unseen_last, version, joined seqs]}`,
+  `chat` the chat
+  event's array and each marks or counts list `[[user_id, number], ...]` (one payload for all
+  members: the per-user parts are lists, not one object per member);
 - a resync notice: `{"o", "r": 1}`;
 - a settle request: `{"o", "s": token}`, and its answer `{"o", "a": token}`;
 - a heartbeat: `{"o"}` alone.
@@ -31,7 +38,7 @@ import attrs
 import orjson
 
 from handler.bus.base import Delivery
-from handler.protocol import Chat, Message, ReceiptFrame
+from handler.protocol import Chat, ChatView, GroupChange, Message, ReceiptFrame
 
 
 class MalformedPayload(ValueError):
@@ -101,18 +108,71 @@ def encode_event(node: str, event: Delivery) -> bytes:
     if kind == "message" or kind == "update":
         message = event.message
         assert message is not None
-        return orjson.dumps({"o": node, "m" if kind == "message" else "u": _message_array(message)})
+        payload = {"o": node, "m" if kind == "message" else "u": _message_array(message)}
+        if event.hidden:
+            payload["h"] = list(event.hidden)
+        return orjson.dumps(payload)
     if kind == "receipt":
         r = event.receipt
         assert r is not None
         return orjson.dumps(
             {"o": node, "k": [r.chat_id, r.user_id, r.kind, r.seq, r.message_id, r.timestamp]}
         )
+    group = event.group
+    if group is not None:
+        view = group.view
+        last = view.last_message
+        return orjson.dumps(
+            {
+                "o": node,
+                "g": [
+                    _chat_array(view.chat),
+                    None if last is None else _message_array(last),
+                    view.read_up_to,
+                    view.delivered_up_to,
+                    group.added,
+                    group.removed,
+                    group.unread,
+                    group.unseen_last,
+                    group.version,
+                    view.joined_seq,
+                ],
+            }
+        )
     chat = event.chat
     assert chat is not None
-    return orjson.dumps(
-        {"o": node, "c": [chat.chat_id, list(chat.participants), chat.created_by, chat.created_at]}
+    return orjson.dumps({"o": node, "c": _chat_array(chat)})
+
+
+def _chat_array(chat: Chat) -> list[Any]:
+    return [
+        chat.chat_id,
+        list(chat.participants),
+        chat.created_by,
+        chat.created_at,
+        chat.kind,
+        chat.title,
+    ]
+
+
+def _chat(c: list[Any]) -> Chat:
+    return Chat(c[0], tuple(c[1]), c[2], c[3], c[4], c[5])
+
+
+def _pairs(items: list[Any]) -> tuple[tuple[str, int], ...]:
+    return tuple((str(user), int(number)) for user, number in items)
+
+
+def _group(g: list[Any]) -> GroupChange:
+    view = ChatView(
+        _chat(g[0]),
+        None if g[1] is None else _message(g[1]),
+        0,
+        _pairs(g[2]),
+        _pairs(g[3]),
+        _pairs(g[9]),
     )
+    return GroupChange(view, tuple(g[4]), tuple(g[5]), _pairs(g[6]), tuple(g[7]), int(g[8]))
 
 
 def _message(m: list[Any]) -> Message:
@@ -131,14 +191,16 @@ def decode_event(data: Mapping[str, Any], user_id: str) -> Delivery | None:
         if "m" in data:
             return Delivery("message", (user_id,), message=_message(data["m"]))
         if "u" in data:
-            return Delivery("update", (user_id,), message=_message(data["u"]))
+            hidden = (user_id,) if user_id in data.get("h", ()) else ()
+            return Delivery("update", (user_id,), message=_message(data["u"]), hidden=hidden)
         if "k" in data:
             k = data["k"]
             receipt = ReceiptFrame(k[0], k[1], k[2], int(k[3]), k[4], k[5])
             return Delivery("receipt", (user_id,), receipt=receipt)
         if "c" in data:
-            c = data["c"]
-            return Delivery("chat", (user_id,), chat=Chat(c[0], (c[1][0], c[1][1]), c[2], c[3]))
+            return Delivery("chat", (user_id,), chat=_chat(data["c"]))
+        if "g" in data:
+            return Delivery("members", (user_id,), group=_group(data["g"]))
     except (LookupError, TypeError, ValueError) as error:
         raise MalformedPayload(f"malformed event: {error!r}") from error
     return None

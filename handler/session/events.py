@@ -112,9 +112,20 @@ class ChatLoaded:
 
 @attrs.define
 class ChatStored:
-    frame: protocol.CreateChat
+    frame: protocol.CreateChat | protocol.CreateGroup
     chat: protocol.ChatView
     created: bool
+
+
+@attrs.define
+class MembersStored:
+    """An `add_members` or `remove_member` was applied: `chat` is the chat object for the
+    requester now; `changed` tells whether anyone joined or left (then its fan-out carries
+    the answer)."""
+
+    frame: protocol.AddMembers | protocol.RemoveMember
+    chat: protocol.ChatView
+    changed: bool
 
 
 @attrs.define
@@ -197,6 +208,7 @@ Event = (
     | Replayed
     | ChatLoaded
     | ChatStored
+    | MembersStored
     | MessageStored
     | ReadStored
     | ChangeStored
@@ -296,6 +308,24 @@ class StoreChat:
 
 
 @attrs.define
+class StoreGroup:
+    """Create a group. Result: `ChatStored` (or `RequestFailed`)."""
+
+    frame: protocol.CreateGroup
+    user_id: str
+
+
+@attrs.define
+class StoreMembers:
+    """Add or remove members (the fan-out carries the answer when anything changed).
+    Result: `MembersStored` (or `RequestFailed`)."""
+
+    frame: protocol.AddMembers | protocol.RemoveMember
+    chat: protocol.Chat
+    user_id: str
+
+
+@attrs.define
 class StoreMessage:
     """Store the message (its fan-out, acknowledgement included, comes from the hub).
     Result: `MessageStored` (or `RequestFailed`)."""
@@ -382,6 +412,8 @@ Command = (
     | Replay
     | LoadChat
     | StoreChat
+    | StoreGroup
+    | StoreMembers
     | StoreMessage
     | StoreRead
     | StoreChange

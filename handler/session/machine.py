@@ -231,6 +231,11 @@ class SessionMachine:
                         Receipt(self._user(), chat_ids=(chat.chat_id,)),
                     )
                 ]
+            case ev.MembersStored():
+                if event.changed:
+                    return []  # its fan-out carries the answer, with the request_id
+                updated = protocol.ChatUpdated(event.chat, event.frame.request_id)
+                return [ev.Reply(updated, "chat_updated")]
             case ev.ReadStored():
                 if event.moved:
                     return []  # its fan-out carries the answer, with the request_id
@@ -353,12 +358,22 @@ class SessionMachine:
                         field="recipient_id",
                     )
                 return [ev.StoreChat(frame, self._user())]
+            case protocol.CreateGroup():
+                if self._user() in frame.member_ids:
+                    raise ProtocolError(
+                        ErrorCode.BAD_REQUEST,
+                        "member_ids names the others: the creator is a member already",
+                        field="member_ids",
+                    )
+                return [ev.StoreGroup(frame, self._user())]
             case (
                 protocol.SendMessage()
                 | protocol.FetchMessages()
                 | protocol.MarkRead()
                 | protocol.EditMessage()
                 | protocol.DeleteMessage()
+                | protocol.AddMembers()
+                | protocol.RemoveMember()
             ):
                 return [ev.LoadChat(frame)]
             case protocol.FetchChats():
@@ -388,12 +403,15 @@ class SessionMachine:
                     return [ev.StoreRead(frame, chat, user_id)]
                 case protocol.EditMessage() | protocol.DeleteMessage():
                     return [ev.StoreChange(frame, chat, user_id)]
-            if frame.recipient_id != chat.other_participant(user_id):
-                raise ProtocolError(
-                    ErrorCode.BAD_REQUEST,
-                    "recipient_id is not the other participant of this chat",
-                    field="recipient_id",
-                )
+                case protocol.AddMembers() | protocol.RemoveMember():
+                    if not chat.is_group:
+                        raise ProtocolError(
+                            ErrorCode.BAD_REQUEST,
+                            "a direct chat cannot gain or lose members; create a group",
+                            field="chat_id",
+                        )
+                    return [ev.StoreMembers(frame, chat, user_id)]
+            _check_recipient(frame, chat, user_id)
         except ProtocolError as error:
             return [_error_reply(error.with_request_id(frame.request_id))]
         return [ev.StoreMessage(frame, chat, user_id)]
@@ -615,6 +633,26 @@ class SessionMachine:
         if message_id is None or self._sent_versions.get(message_id, 0) < version:
             return item
         return None if item.receipt is None else Outgoing("", MARK_ONLY, item.receipt)
+
+
+def _check_recipient(frame: protocol.SendMessage, chat: protocol.Chat, user_id: str) -> None:
+    """A direct chat's message names the other participant; a group's names nobody."""
+    if chat.is_group:
+        if frame.recipient_id is not None:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST,
+                "a group message has no recipient_id: it goes to every member",
+                field="recipient_id",
+            )
+        return
+    if frame.recipient_id is None:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "recipient_id is required", field="recipient_id")
+    if frame.recipient_id != chat.other_participant(user_id):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            "recipient_id is not the other participant of this chat",
+            field="recipient_id",
+        )
 
 
 def _deadline_of(identity: Identity, now: ev.Instant) -> float:

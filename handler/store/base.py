@@ -28,7 +28,7 @@ from typing import Protocol
 import attrs
 import trio
 
-from handler.protocol import Chat, ChatView, Message, ReceiptFrame, RequestId
+from handler.protocol import Chat, ChatView, GroupChange, Message, ReceiptFrame, RequestId
 from handler.session.outgoing import SeqMark
 
 
@@ -51,7 +51,12 @@ class Committed:
     - a new chat: `message` and `receipt` are None;
     - a new message: `message`;
     - a changed message (edit or delete): `message` in its new state, `update` True;
-    - a moved mark: `receipt` (its `request_id` unset: the origin's copy gets it).
+    - a moved mark: `receipt` (its `request_id` unset: the origin's copy gets it);
+    - a change of a group's members: `group`.
+
+    `chat.participants` are the members when it committed. `audience`, when set, narrows who
+    is told (in a group: a change only reaches the members who had the message, a receipt
+    the members it concerns).
     """
 
     chat: Chat
@@ -59,6 +64,8 @@ class Committed:
     message: Message | None = None
     update: bool = False
     receipt: ReceiptFrame | None = None
+    group: GroupChange | None = None
+    audience: tuple[str, ...] | None = None
 
 
 CommitSender = trio.MemorySendChannel[Committed]
@@ -182,8 +189,43 @@ class Store(Protocol):
         to `commits` with `origin`.
         """
 
+    async def create_group(
+        self, creator_id: str, title: str, member_ids: Sequence[str], origin: Origin = NO_ORIGIN
+    ) -> Chat:
+        """Create a group of the creator and the members (every call creates one). The
+        creator's copy counts as delivered, the members' do not. Handed to `commits` as a new
+        chat."""
+
+    async def add_members(
+        self,
+        chat: Chat,
+        user_id: str,
+        member_ids: Sequence[str],
+        max_members: int,
+        origin: Origin = NO_ORIGIN,
+    ) -> tuple[ChatView, bool]:
+        """Add the users who are not members yet to the group; `user_id` (a member) asks.
+        New members' marks start at the chat's newest message: they see only what comes
+        after. Returns the chat object for `user_id` and whether anyone was added (then it is
+        handed to `commits` as a `GroupChange`).
+
+        Raises `ProtocolError`: `forbidden` (`user_id` is not a member), `bad_request` on
+        `member_ids` (the group would pass `max_members`). Nothing changes then.
+        """
+
+    async def remove_member(
+        self, chat: Chat, user_id: str, member_id: str, origin: Origin = NO_ORIGIN
+    ) -> ChatView:
+        """Remove `member_id` from the group; `user_id` asks (the creator may remove anyone,
+        a member themselves). Handed to `commits` as a `GroupChange`; returns the chat object
+        for `user_id`.
+
+        Raises `ProtocolError`: `forbidden` (not a member, or not the creator removing someone
+        else), `bad_request` on `user_id` (not a member). Nothing changes then.
+        """
+
     async def get_chat(self, chat_id: str) -> Chat | None:
-        """The chat with this id, or None."""
+        """The chat with this id (a group's current members), or None."""
 
     async def chat_view(self, chat_id: str, user_id: str) -> ChatView | None:
         """The chat object of one chat for one of its members (None if not a member)."""
@@ -232,10 +274,11 @@ class Store(Protocol):
         (created or written to) first."""
 
     async def messages_before(
-        self, chat_id: str, before_id: str | None, limit: int
+        self, chat_id: str, before_id: str | None, limit: int, viewer: str | None = None
     ) -> tuple[tuple[Message, ...], bool] | None:
         """A page of messages older than `before_id` (or the newest), oldest first, with
-        `has_more`; None when `before_id` is not a message of this chat."""
+        `has_more`; None when `before_id` is not a message of this chat. With `viewer`, only
+        the messages sent after that member joined."""
 
     async def backlog_plan(self, user_id: str) -> BacklogPlan:
         """What is not yet delivered to the user, as one snapshot (see `BacklogPlan`)."""

@@ -35,8 +35,10 @@ from handler.store.group_commit import GroupCommitWriter, Op, WorkerThread, Writ
 from handler.store.postgres_batch import (
     AddMessage,
     BatchCommitter,
+    ChangeMembers,
     ChangeMessage,
     CreateChat,
+    CreateGroup,
     MarkDelivered,
     MoveReadMark,
     Probe,
@@ -54,7 +56,9 @@ from handler.store.sql_store import (
     Change,
     Delivered,
     Dialect,
+    MembersChange,
     NewChat,
+    NewGroup,
     NewMessage,
     ReadMark,
     SQLStore,
@@ -192,6 +196,12 @@ class PostgresStore(SQLStore[Op]):
 
     def _message_op(self, new: NewMessage) -> Op:
         return AddMessage(new)
+
+    def _group_op(self, new: NewGroup) -> Op:
+        return CreateGroup(new)
+
+    def _members_op(self, change: MembersChange) -> Op:
+        return ChangeMembers(change)
 
 
 def _migrate(connection: Connection) -> None:

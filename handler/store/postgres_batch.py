@@ -35,6 +35,7 @@ from psycopg.rows import TupleRow
 
 from handler.errors import StoreUnavailable
 from handler.protocol import Chat, Message, ReceiptFrame
+from handler.store import groups
 from handler.store.base import Committed
 from handler.store.group_commit import Op
 from handler.store.postgres_connect import (
@@ -49,7 +50,9 @@ from handler.store.sql_store import (
     Change,
     Delivered,
     Dialect,
+    MembersChange,
     NewChat,
+    NewGroup,
     NewMessage,
     ReadMark,
     change_refused,
@@ -100,6 +103,18 @@ class CreateChat(Op):
 
 
 @attrs.define(eq=False)
+class CreateGroup(Op):
+    new: NewGroup
+
+
+@attrs.define(eq=False)
+class ChangeMembers(Op):
+    """Applied on its own, between the ops queued before and after it (`apply_batch`)."""
+
+    change: MembersChange
+
+
+@attrs.define(eq=False)
 class AddMessage(Op):
     new: NewMessage
 
@@ -132,20 +147,53 @@ class _Locked:
     last_seq: int
     version: int
     version_changed: bool = False
+    members: dict[str, int] | None = None  # a group's, with the seq each joined at
 
 
 def apply_batch(connection: Connection, batch: Sequence[Op]) -> None:
-    """Run every operation of `batch` in the current transaction, in lock order.
+    """Run every operation of `batch` in the current transaction.
 
+    A change of a group's members is applied on its own, after the ops queued before it and
+    before those queued after it, so each message reaches exactly the members of the moment
+    it was queued in. The ops between them are applied together, in lock order (`_apply`).
     Raises on any database error; the caller decides between retry, replay and failure.
     """
     for op in batch:
         op.reset()
+    together: list[Op] = []
+    for op in batch:
+        if isinstance(op, ChangeMembers):
+            if together:
+                _apply(connection, together)
+                together = []
+            _change_members(connection, op)
+        else:
+            together.append(op)
+    if together:
+        _apply(connection, together)
+
+
+def _change_members(connection: Connection, op: ChangeMembers) -> None:
+    cursor = connection.cursor()
+    row = cursor.execute(
+        f"SELECT last_seq, version, {_NOW_MS} FROM chats WHERE id = %s FOR UPDATE",
+        (op.change.chat_row,),
+    ).fetchone()
+    if row is None:
+        op.result = groups.not_a_member()
+        return
+    last_seq, version, now = row
+    op.result, op.committed = groups.change_members(cursor, _SQL, op.change, last_seq, version, now)
+
+
+def _apply(connection: Connection, batch: Sequence[Op]) -> None:
+    """Ops of any kind but `ChangeMembers`, in bulk phases (see the module docstring)."""
     cursor = connection.cursor()
     creates = sorted(
         (op for op in batch if isinstance(op, CreateChat)),
         key=lambda op: (op.new.user_a, op.new.user_b),
     )
+    new_groups = [op for op in batch if isinstance(op, CreateGroup)]
     adds = [op for op in batch if isinstance(op, AddMessage)]
     changes = [op for op in batch if isinstance(op, ChangeMessage)]
     reads = [op for op in batch if isinstance(op, MoveReadMark)]
@@ -156,6 +204,8 @@ def apply_batch(connection: Connection, batch: Sequence[Op]) -> None:
     # 1. New chat pairs, in sorted order (the first lock class).
     for create in creates:
         _create_chat(cursor, create)
+    for new_group in new_groups:  # rows nobody else can know yet: no lock order to keep
+        _create_group(cursor, new_group)
 
     # 2. Chat rows, ascending (the second lock class): serializes writers of a chat across
     #    processes (members' rows are only written under their chat's lock), and gives each
@@ -179,6 +229,11 @@ def apply_batch(connection: Connection, batch: Sequence[Op]) -> None:
             last_ms, last_id, last_seq, version, clock = row[CHAT_WIDTH:]
             locked[row[0]] = _Locked(chat_of(row), last_ms, last_id, last_seq, version)
             now = max(now, clock)
+        _load_members(
+            cursor,
+            locked,
+            {op.new.chat_row for op in adds} | {op.change.chat_row for op in changes},
+        )
 
     # 3. Versions, in batch order (the order the commits are handed over in): new messages
     #    (idempotent resends excepted) and the changes that are allowed.
@@ -214,13 +269,48 @@ def apply_batch(connection: Connection, batch: Sequence[Op]) -> None:
     for resend, original in resends:
         resend.result = (original.result[0], False)
     for op in allowed:
-        _apply_change(cursor, op, allowed[op], positions[id(op)][1], now)
+        _apply_change(cursor, op, locked[op.change.chat_row], positions[id(op)][1], now)
     _repeated_deletes(changes)
     changed_chats = [(state.version, row) for row, state in locked.items() if state.version_changed]
     if changed_chats:
         cursor.executemany(
             "UPDATE chats SET version = GREATEST(version, %s) WHERE id = %s", changed_chats
         )
+
+
+def _load_members(
+    cursor: psycopg.Cursor[TupleRow], locked: dict[int, _Locked], rows: set[int]
+) -> None:
+    """The members of the locked groups that messages or changes are written to."""
+    group_rows = sorted(row for row in rows if row in locked and locked[row].chat.is_group)
+    if not group_rows:
+        return
+    members: dict[int, dict[str, int]] = {row: {} for row in group_rows}
+    for chat_row, user, joined in cursor.execute(
+        "SELECT chat_id, user_id, joined_seq FROM members WHERE chat_id = ANY(%s)"
+        " ORDER BY chat_id, user_id",
+        (group_rows,),
+    ):
+        members[chat_row][user] = joined
+    for chat_row, group in members.items():
+        state = locked[chat_row]
+        state.members = group
+        state.chat = groups.with_members(state.chat, group)
+
+
+def _create_group(cursor: psycopg.Cursor[TupleRow], op: CreateGroup) -> None:
+    new = op.new
+    row = cursor.execute(
+        f"INSERT INTO chats (created_by, created_at_ms, last_activity_ms, kind, title)"
+        f" SELECT %s, t.now, t.now, 'group', %s FROM (SELECT {_NOW_MS} AS now) t"
+        f" RETURNING {CHAT_COLUMNS}",
+        (new.creator_id, new.title),
+    ).fetchone()
+    assert row is not None  # INSERT ... RETURNING returns its row
+    groups.insert_members(cursor, _SQL, row[0], new.creator_id, new.member_ids)
+    chat = chat_of(row, (new.creator_id, *new.member_ids))
+    op.result = chat
+    op.committed = Committed(chat, new.origin)
 
 
 def _create_chat(cursor: psycopg.Cursor[TupleRow], create: CreateChat) -> None:
@@ -286,6 +376,9 @@ def _plan_inserts(
         if state is None:
             add.error = StoreUnavailable(f"chat {add.new.chat.chat_id} does not exist")
             continue
+        if state.members is not None and add.new.sender_id not in state.members:
+            add.result = groups.not_a_member()
+            continue
         if add.new.client_message_id is not None:
             key = (add.new.sender_id, add.new.chat_row, encode(add.new.client_message_id))
             if key in existing:
@@ -317,7 +410,7 @@ def _insert_messages(
             (
                 add.new.chat_row,
                 add.new.sender_id,
-                add.new.recipient_id,
+                add.new.recipient_id or "",
                 encode(add.new.content),
                 created,
                 None if add.new.client_message_id is None else encode(add.new.client_message_id),
@@ -345,7 +438,8 @@ def _insert_messages(
             version,
         )
         add.result = (message, True)
-        add.committed = Committed(add.new.chat, add.new.origin, message)
+        # The chat as locked: a group's members of this moment.
+        add.committed = Committed(locked[add.new.chat_row].chat, add.new.origin, message)
         touched[add.new.chat_row] = (created, message_row, seq, version)
         locked[add.new.chat_row].last_id = message_row
     # In the order of each chat's newest message, so the activity sequence follows it
@@ -399,7 +493,10 @@ def _check_changes(
             change.user_id,
             deleting=deleting,
         )
-        if refused is not None or change.chat_row not in locked:
+        state = locked.get(change.chat_row)
+        if state is not None and state.members is not None and change.user_id not in state.members:
+            op.result = groups.not_a_member()
+        elif refused is not None or state is None:
             op.result = refused or not_in_chat()
         elif deleting and message is not None and message.deleted:
             first = deleted_by.get(key)
@@ -422,7 +519,7 @@ def _repeated_deletes(changes: list[ChangeMessage]) -> None:
 
 
 def _apply_change(
-    cursor: psycopg.Cursor[TupleRow], op: ChangeMessage, message: Message, version: int, now: int
+    cursor: psycopg.Cursor[TupleRow], op: ChangeMessage, state: _Locked, version: int, now: int
 ) -> None:
     change = op.change
     if change.content is None:
@@ -440,7 +537,9 @@ def _apply_change(
     assert row is not None  # the message exists: it was read under the chat lock
     updated = message_of(row, decode)
     op.result = (updated, True)
-    op.committed = Committed(change.chat, change.origin, updated, update=True)
+    # In a group, only the members who had the message learn of its change.
+    audience = None if state.members is None else groups.seen_by(state.members, updated.seq)
+    op.committed = Committed(state.chat, change.origin, updated, update=True, audience=audience)
 
 
 def _move_read_mark(cursor: psycopg.Cursor[TupleRow], op: MoveReadMark, now: int) -> None:
@@ -452,6 +551,16 @@ def _move_read_mark(cursor: psycopg.Cursor[TupleRow], op: MoveReadMark, now: int
         op.result = not_in_chat()
         return
     seq = row[0]
+    before = 0
+    if mark.chat.is_group:
+        found = cursor.execute(
+            "SELECT read_seq FROM members WHERE chat_id = %s AND user_id = %s",
+            (mark.chat_row, mark.user_id),
+        ).fetchone()
+        if found is None:
+            op.result = groups.not_a_member()
+            return
+        before = found[0]
     where = {"chat": mark.chat_row, "user": mark.user_id, "seq": seq, "at": now}
     # (Results, not `rowcount`: in pipeline mode that is only known once results are read.)
     delivered = cursor.execute(_SQL.sql("read_delivers"), where).fetchone()
@@ -459,8 +568,16 @@ def _move_read_mark(cursor: psycopg.Cursor[TupleRow], op: MoveReadMark, now: int
         receipt = ReceiptFrame(
             mark.chat.chat_id, mark.user_id, "read", seq, str(mark.message_row), format_ms(now)
         )
+        audience = None
+        if mark.chat.is_group:  # the reader's devices, and whom it concerns
+            audience = (
+                mark.user_id,
+                *groups.receipt_audience(
+                    cursor, _SQL, mark.chat_row, mark.user_id, before + 1, seq
+                ),
+            )
         op.result = (receipt, True)
-        op.committed = Committed(mark.chat, mark.origin, receipt=receipt)
+        op.committed = Committed(mark.chat, mark.origin, receipt=receipt, audience=audience)
         return
     current = cursor.execute(_SQL.sql("read_mark"), where).fetchone()
     op.result, op.committed = read_answer(mark, seq, current, now, delivered is not None)
@@ -502,6 +619,7 @@ def _record_delivered(
         return
     message_ids: dict[int, str | None] = {}
     moved_to: dict[int, int] = {}
+    firsts: dict[int, int] = {}
     for layer in layers:
         asked = {mark[0]: mark for mark in layer}
         for chat_row, seq in cursor.execute(
@@ -525,6 +643,7 @@ def _record_delivered(
             moved_to[chat_row] = seq
             mark = asked[chat_row]
             message_ids[chat_row] = mark[3] if seq == mark[2] else None
+            firsts[chat_row] = min(firsts.get(chat_row, mark[1]), mark[1])
     # A mark that went on over the user's own messages: the id of the message it ends at.
     beyond = [(row, seq) for row, seq in moved_to.items() if message_ids[row] is None]
     if beyond:
@@ -543,7 +662,12 @@ def _record_delivered(
         receipt = ReceiptFrame(
             state.chat.chat_id, user, "delivered", seq, message_ids.get(chat_row), format_ms(now)
         )
-        receipts.append(Committed(state.chat, receipt=receipt))
+        audience = None
+        if state.chat.is_group:  # (its members need not be loaded: `audience` decides)
+            audience = groups.receipt_audience(
+                cursor, _SQL, chat_row, user, firsts.get(chat_row, seq), seq
+            )
+        receipts.append(Committed(state.chat, receipt=receipt, audience=audience))
     if receipts:
         op.committed = tuple(receipts)
 
@@ -648,7 +772,9 @@ def _fail(batch: Sequence[Op], error: StoreUnavailable) -> str:
 __all__ = [
     "AddMessage",
     "BatchCommitter",
+    "ChangeMembers",
     "CreateChat",
+    "CreateGroup",
     "MarkDelivered",
     "Probe",
     "apply_batch",

@@ -7,10 +7,10 @@ differs (PostgreSQL keeps it as UTF-8 BYTEA), which the caller's `text` decoder 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
-from handler.protocol import Chat, Message
+from handler.protocol import GROUP, Chat, Message
 from handler.timefmt import format_ms
 
 _CHAT_FIELDS: Final = ("id", "user_a", "user_b", "created_by", "created_at_ms", "kind", "title")
@@ -54,9 +54,16 @@ def int_id(value: str) -> int | None:
     return int(value)
 
 
-def chat_of(row: Sequence[Any]) -> Chat:
-    """A `CHAT_COLUMNS` row as a `Chat`."""
-    return Chat(str(row[0]), (row[1], row[2]), row[3], format_ms(row[4]), row[5], row[6])
+def chat_of(row: Sequence[Any], members: Iterable[str] = ()) -> Chat:
+    """A `CHAT_COLUMNS` row as a `Chat`; a group's participants are its `members`."""
+    kind = row[5]
+    participants = tuple(sorted(members)) if kind == GROUP else (row[1], row[2])
+    return Chat(str(row[0]), participants, row[3], format_ms(row[4]), kind, row[6])
+
+
+def is_group_row(row: Sequence[Any]) -> bool:
+    """Whether a `CHAT_COLUMNS` row is a group's (its participants are `members` rows)."""
+    return bool(row[5] == GROUP)
 
 
 def as_text(value: Any) -> str:
@@ -71,7 +78,7 @@ def message_of(row: Sequence[Any], text: Callable[[Any], str] = as_text) -> Mess
         str(row[0]),
         str(row[1]),
         row[2],
-        row[3],
+        row[3] or None,  # '': a group message, which has no recipient
         text(row[4]),
         format_ms(row[5]),
         None if row[6] is None else text(row[6]),
@@ -91,6 +98,7 @@ __all__ = [
     "chat_columns",
     "chat_of",
     "int_id",
+    "is_group_row",
     "message_columns",
     "message_of",
 ]

@@ -107,6 +107,42 @@ SQLITE_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         " WHERE id = members.chat_id), read_at_ms = (SELECT last_activity_ms FROM chats"
         " WHERE id = members.chat_id)",
     ),
+    # 5: groups. A group's chat row has no pair (`user_a`, `user_b` NULL: SQLite cannot drop
+    # NOT NULL, so the table is rebuilt, its rows and ids kept); its members are its
+    # `members` rows. `joined_seq`: the chat's newest seq when the member joined; they see
+    # only the messages after it (0 for everyone before: they were there from the start).
+    # A group message has no recipient: `recipient_id` is '' (no user id is empty).
+    (
+        """
+        CREATE TABLE chats_v5 (
+            id INTEGER PRIMARY KEY,
+            user_a TEXT,
+            user_b TEXT,
+            created_by TEXT NOT NULL,
+            created_at_ms INTEGER NOT NULL,
+            last_message_ms INTEGER NOT NULL DEFAULT 0,
+            last_activity_ms INTEGER NOT NULL,
+            a_delivered INTEGER NOT NULL DEFAULT 0,
+            b_delivered INTEGER NOT NULL DEFAULT 0,
+            activity_seq INTEGER NOT NULL DEFAULT 0,
+            kind TEXT NOT NULL DEFAULT 'direct',
+            title TEXT,
+            last_seq INTEGER NOT NULL DEFAULT 0,
+            version INTEGER NOT NULL DEFAULT 0,
+            UNIQUE (user_a, user_b)
+        )
+        """,
+        "INSERT INTO chats_v5 (id, user_a, user_b, created_by, created_at_ms, last_message_ms,"
+        " last_activity_ms, a_delivered, b_delivered, activity_seq, kind, title, last_seq,"
+        " version) SELECT id, user_a, user_b, created_by, created_at_ms, last_message_ms,"
+        " last_activity_ms, a_delivered, b_delivered, activity_seq, kind, title, last_seq,"
+        " version FROM chats",
+        "DROP TABLE chats",
+        "ALTER TABLE chats_v5 RENAME TO chats",
+        "CREATE INDEX chats_by_user_b ON chats (user_b)",
+        "CREATE INDEX chats_by_activity ON chats (activity_seq)",
+        "ALTER TABLE members ADD COLUMN joined_seq INTEGER NOT NULL DEFAULT 0",
+    ),
 )
 
 # PostgreSQL keeps the SQLite shape, with two differences that matter:
@@ -218,5 +254,10 @@ POSTGRES_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "UPDATE members SET read_seq = delivered_seq, version_mark = c.version,"
         " delivered_at_ms = c.last_activity_ms, read_at_ms = c.last_activity_ms"
         " FROM chats c WHERE c.id = members.chat_id",
+    ),
+    # 5: groups, as in SQLite's migration 5 (here the pair's columns just lose NOT NULL).
+    (
+        "ALTER TABLE chats ALTER COLUMN user_a DROP NOT NULL, ALTER COLUMN user_b DROP NOT NULL",
+        "ALTER TABLE members ADD COLUMN joined_seq BIGINT NOT NULL DEFAULT 0",
     ),
 )

@@ -39,6 +39,7 @@ from handler.store.rows import (
     chat_columns,
     chat_of,
     int_id,
+    is_group_row,
     message_columns,
     message_of,
 )
@@ -71,12 +72,18 @@ _VIEW_CHATS: Final = (
     " FROM members m JOIN chats c ON c.id = m.chat_id WHERE m.user_id = :user {only}"
 )
 _VIEW_MARKS: Final = (
-    "SELECT p.chat_id, p.user_id, p.read_seq, p.delivered_seq FROM members m"
+    "SELECT p.chat_id, p.user_id, p.read_seq, p.delivered_seq, p.joined_seq FROM members m"
     " JOIN members p ON p.chat_id = m.chat_id WHERE m.user_id = :user {only}"
 )
 _VIEW_LAST: Final = (
     f"SELECT {message_columns('x')} FROM members m JOIN chats c ON c.id = m.chat_id"
-    " JOIN messages x ON x.chat_id = c.id AND x.seq = c.last_seq WHERE m.user_id = :user {only}"
+    " JOIN messages x ON x.chat_id = c.id AND x.seq = c.last_seq AND x.seq > m.joined_seq"
+    " WHERE m.user_id = :user {only}"
+)
+# The seq a member's view of a chat starts after (their join); no row: not a member, who
+# sees nothing (NULL compares false).
+_JOINED: Final = (
+    "(SELECT j.joined_seq FROM members j WHERE j.chat_id = :chat AND j.user_id = :user)"
 )
 _ALL: Final = ""
 _ONE: Final = "AND m.chat_id = :chat"
@@ -87,6 +94,9 @@ _QUERIES: Final = {
     "has_message": "SELECT 1 FROM messages WHERE id = :message AND chat_id = :chat",
     "page": f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = :chat AND id < :bound"
     " ORDER BY id DESC LIMIT :limit",
+    "member_page": f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = :chat"
+    f" AND id < :bound AND seq > {_JOINED} ORDER BY id DESC LIMIT :limit",
+    "chat_members": "SELECT user_id FROM members WHERE chat_id = :chat ORDER BY user_id",
     "all_chats": _VIEW_CHATS.format(only=_ALL) + " ORDER BY c.activity_seq DESC",
     "all_marks": _VIEW_MARKS.format(only=_ALL),
     "all_last": _VIEW_LAST.format(only=_ALL),
@@ -107,7 +117,7 @@ _QUERIES: Final = {
     "plan_updates": "SELECT m.chat_id, m.version_mark, m.delivered_seq FROM members m"
     " JOIN chats c ON c.id = m.chat_id WHERE m.user_id = :user AND c.version > m.version_mark"
     " AND EXISTS (SELECT 1 FROM messages x WHERE x.chat_id = m.chat_id AND x.changed = 1"
-    " AND x.version > m.version_mark AND x.version <= c.version"
+    " AND x.version > m.version_mark AND x.version <= c.version AND x.seq > m.joined_seq"
     " AND (x.seq <= m.delivered_seq OR x.sender_id = :user)) ORDER BY m.chat_id",
     "plan_newest": "SELECT c.id, c.last_seq, c.version FROM members m"
     " JOIN chats c ON c.id = m.chat_id WHERE m.user_id = :user",
@@ -115,7 +125,7 @@ _QUERIES: Final = {
     " AND seq > :after AND seq <= :last AND sender_id <> :user ORDER BY seq",
     "updated": f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = :chat AND changed = 1"
     " AND version > :after AND version <= :last AND (seq <= :seq OR sender_id = :user)"
-    " ORDER BY seq",
+    f" AND seq > {_JOINED} ORDER BY seq",
 }
 
 
@@ -178,6 +188,22 @@ _QUERIES.update(
         " VALUES (:chat, :user, :delivered)",
         "message_by_id": f"SELECT {MESSAGE_COLUMNS} FROM messages"
         " WHERE id = :message AND chat_id = :chat",
+        # Groups (the writer's side: `store.groups`).
+        "members_joined": "SELECT user_id, joined_seq FROM members WHERE chat_id = :chat"
+        " ORDER BY user_id",
+        "join_member": "INSERT INTO members (chat_id, user_id, chat_delivered, delivered_seq,"
+        " delivered_at_ms, read_seq, read_at_ms, version_mark, joined_seq) VALUES (:chat,"
+        " :user, 0, :seq, :at, :seq, :at, :version, :seq)",
+        "drop_member": "DELETE FROM members WHERE chat_id = :chat AND user_id = :user",
+        "member_states": "SELECT m.user_id, m.read_seq, m.delivered_seq, m.joined_seq,"
+        " (SELECT COUNT(*) FROM messages x WHERE x.chat_id = m.chat_id AND x.seq > m.read_seq"
+        " AND x.sender_id <> m.user_id AND x.deleted = 0) FROM members m"
+        " WHERE m.chat_id = :chat ORDER BY m.user_id",
+        "message_at_seq": f"SELECT {MESSAGE_COLUMNS} FROM messages"
+        " WHERE chat_id = :chat AND seq = :seq",
+        # The other members who wrote in a range of seq: whom a group receipt concerns.
+        "senders_between": "SELECT DISTINCT sender_id FROM messages WHERE chat_id = :chat"
+        " AND seq >= :first AND seq <= :seq AND sender_id <> :user",
     }
 )
 
@@ -213,11 +239,13 @@ class Dialect:
             return []
         read: dict[str, dict[str, int]] = {}
         delivered: dict[str, dict[str, int]] = {}
-        for chat_id, user_id, read_seq, delivered_seq in db.execute(
+        joined: dict[str, dict[str, int]] = {}
+        for chat_id, user_id, read_seq, delivered_seq, joined_seq in db.execute(
             self.sql(f"{which}_marks"), params
         ).fetchall():
             read.setdefault(str(chat_id), {})[user_id] = read_seq
             delivered.setdefault(str(chat_id), {})[user_id] = delivered_seq
+            joined.setdefault(str(chat_id), {})[user_id] = joined_seq
         last = {
             message.chat_id: message
             for message in map(
@@ -226,7 +254,7 @@ class Dialect:
         }
         views = []
         for row in rows:
-            chat = chat_of(row)
+            chat = chat_of(row, read.get(str(row[0]), ()))  # a group: its members' marks
             chat_id = chat.chat_id
             views.append(
                 ChatView(
@@ -235,6 +263,7 @@ class Dialect:
                     row[CHAT_WIDTH],
                     _per_participant(chat, read.get(chat_id, {})),
                     _per_participant(chat, delivered.get(chat_id, {})),
+                    _per_participant(chat, joined.get(chat_id, {})) if chat.is_group else (),
                 )
             )
         return views
@@ -306,6 +335,29 @@ class NewChat:
     origin: Origin
 
 
+@attrs.frozen
+class NewGroup:
+    """What `create_group` asks the backend to write."""
+
+    creator_id: str
+    title: str
+    member_ids: tuple[str, ...]
+    origin: Origin
+
+
+@attrs.frozen
+class MembersChange:
+    """What `add_members` (`add`) or `remove_member` (`remove`) asks the backend to write."""
+
+    chat: Chat
+    chat_row: int
+    user_id: str
+    origin: Origin
+    add: tuple[str, ...] = ()
+    remove: str | None = None
+    max_members: int = 0
+
+
 @attrs.define  # not frozen: one per message on the hot path; never changed
 class NewMessage:
     """What `add_message` asks the backend to write."""
@@ -313,7 +365,7 @@ class NewMessage:
     chat: Chat
     chat_row: int
     sender_id: str
-    recipient_id: str
+    recipient_id: str | None  # None in a group
     content: str
     client_message_id: str | None
     origin: Origin
@@ -397,6 +449,15 @@ class SQLStore(abc.ABC, Generic[OpT]):
         created)`."""
 
     @abc.abstractmethod
+    def _group_op(self, new: NewGroup) -> OpT:
+        """The write that creates a group: result its `Chat`."""
+
+    @abc.abstractmethod
+    def _members_op(self, change: MembersChange) -> OpT:
+        """The write that adds or removes members: result `(ChatView, changed)` or the
+        `ProtocolError` that refuses it (see `groups.change_members`)."""
+
+    @abc.abstractmethod
     def _noop(self) -> OpT:
         """A write that writes nothing (it commits in queue order: `flush`)."""
 
@@ -453,6 +514,41 @@ class SQLStore(abc.ABC, Generic[OpT]):
         result: tuple[Chat, bool] = await self._writer.submit(op)
         return result
 
+    async def create_group(
+        self, creator_id: str, title: str, member_ids: Sequence[str], origin: Origin = NO_ORIGIN
+    ) -> Chat:
+        op = self._group_op(NewGroup(creator_id, title, tuple(member_ids), origin))
+        chat: Chat = await self._writer.submit(op)
+        return chat
+
+    async def add_members(
+        self,
+        chat: Chat,
+        user_id: str,
+        member_ids: Sequence[str],
+        max_members: int,
+        origin: Origin = NO_ORIGIN,
+    ) -> tuple[ChatView, bool]:
+        change = MembersChange(
+            chat, _chat_row(chat), user_id, origin, add=tuple(member_ids), max_members=max_members
+        )
+        return await self._members(change)
+
+    async def remove_member(
+        self, chat: Chat, user_id: str, member_id: str, origin: Origin = NO_ORIGIN
+    ) -> ChatView:
+        change = MembersChange(chat, _chat_row(chat), user_id, origin, remove=member_id)
+        view, _ = await self._members(change)
+        return view
+
+    async def _members(self, change: MembersChange) -> tuple[ChatView, bool]:
+        result: tuple[ChatView, bool] | ProtocolError = await self._writer.submit(
+            self._members_op(change)
+        )
+        if isinstance(result, ProtocolError):
+            raise result
+        return result
+
     async def add_message(
         self,
         chat: Chat,
@@ -467,7 +563,9 @@ class SQLStore(abc.ABC, Generic[OpT]):
                 chat, _chat_row(chat), sender_id, recipient_id, content, client_message_id, origin
             )
         )
-        result: tuple[Message, bool] = await self._writer.submit(op)
+        result: tuple[Message, bool] | ProtocolError = await self._writer.submit(op)
+        if isinstance(result, ProtocolError):  # no longer a member of the group
+            raise result
         return result
 
     async def edit_message(
@@ -550,11 +648,18 @@ class SQLStore(abc.ABC, Generic[OpT]):
         row_id = int_id(chat_id)
         if row_id is None:
             return None
-        sql = self._dialect.sql("get_chat")
-        row = await self._read(
-            lambda db: db.execute(sql, {"chat": row_id}).fetchone(), snapshot=False
-        )
-        return None if row is None else chat_of(row)
+        dialect = self._dialect
+
+        def query(db: Database) -> Chat | None:
+            where = {"chat": row_id}
+            row = db.execute(dialect.sql("get_chat"), where).fetchone()
+            if row is None or not is_group_row(row):
+                return None if row is None else chat_of(row)
+            members = db.execute(dialect.sql("chat_members"), where).fetchall()
+            return chat_of(row, (member for (member,) in members))
+
+        # A direct chat is one statement; a group's members need the same snapshot.
+        return await self._read(query, snapshot=False)
 
     # Rows become records in the worker thread, not on the Trio loop: a page or a backlog
     # can be long.
@@ -575,7 +680,7 @@ class SQLStore(abc.ABC, Generic[OpT]):
         return views[0] if views else None
 
     async def messages_before(
-        self, chat_id: str, before_id: str | None, limit: int
+        self, chat_id: str, before_id: str | None, limit: int, viewer: str | None = None
     ) -> tuple[tuple[Message, ...], bool] | None:
         chat_row = int_id(chat_id)
         before_row = None if before_id is None else int_id(before_id)
@@ -591,9 +696,9 @@ class SQLStore(abc.ABC, Generic[OpT]):
                 if found is None:
                     return None
             bound = _NO_BOUND if before_row is None else before_row
-            rows = db.execute(
-                dialect.sql("page"), {"chat": chat_row, "bound": bound, "limit": limit + 1}
-            ).fetchall()
+            params = {"chat": chat_row, "bound": bound, "limit": limit + 1, "user": viewer}
+            query = "page" if viewer is None else "member_page"
+            rows = db.execute(dialect.sql(query), params).fetchall()
             page = tuple(dialect.message(row) for row in reversed(rows[:limit]))
             return page, len(rows) > limit
 
@@ -678,7 +783,9 @@ __all__ = [
     "Database",
     "Delivered",
     "Dialect",
+    "MembersChange",
     "NewChat",
+    "NewGroup",
     "NewMessage",
     "ReadMark",
     "SQLStore",

@@ -26,7 +26,8 @@ import trio
 
 from handler.config import StorageConfig
 from handler.errors import StoreUnavailable
-from handler.protocol import Chat, Message, ReceiptFrame
+from handler.protocol import GROUP, Chat, Message, ReceiptFrame
+from handler.store import groups
 from handler.store.base import Committed
 from handler.store.group_commit import DedicatedThread, GroupCommitWriter, Op, WriterOptions
 from handler.store.rows import CHAT_COLUMNS, MESSAGE_COLUMNS, chat_of, message_of
@@ -35,7 +36,9 @@ from handler.store.sql_store import (
     Change,
     Delivered,
     Dialect,
+    MembersChange,
     NewChat,
+    NewGroup,
     NewMessage,
     ReadMark,
     SQLStore,
@@ -228,10 +231,48 @@ class SQLiteStore(SQLStore[_Write]):
 
         return _Write(run)
 
+    def _group_op(self, new: NewGroup) -> _Write:
+        def run(db: sqlite3.Connection) -> Written:
+            created = now_ms()
+            cursor = db.execute(
+                "INSERT INTO chats (created_by, created_at_ms, last_activity_ms, activity_seq,"
+                f" kind, title) VALUES (?, ?, ?, {_NEXT_SEQ}, 'group', ?)",
+                (new.creator_id, created, created, new.title),
+            )
+            chat_row = cursor.lastrowid
+            assert chat_row is not None
+            groups.insert_members(db, _DIALECT, chat_row, new.creator_id, new.member_ids)
+            chat = Chat(
+                str(chat_row),
+                tuple(sorted((new.creator_id, *new.member_ids))),
+                new.creator_id,
+                format_ms(created),
+                GROUP,
+                new.title,
+            )
+            return chat, Committed(chat, new.origin)
+
+        return _Write(run)
+
+    def _members_op(self, change: MembersChange) -> _Write:
+        def run(db: sqlite3.Connection) -> Written:
+            last_seq, version = db.execute(
+                "SELECT last_seq, version FROM chats WHERE id = ?", (change.chat_row,)
+            ).fetchone()
+            return groups.change_members(db, _DIALECT, change, last_seq, version, now_ms())
+
+        return _Write(run)
+
     def _message_op(self, new: NewMessage) -> _Write:
         chat_row, sender_id, client_message_id = new.chat_row, new.sender_id, new.client_message_id
 
         def run(db: sqlite3.Connection) -> Written:
+            chat = new.chat
+            if chat.is_group:
+                members = groups.members_of(db, _DIALECT, chat_row)
+                if sender_id not in members:
+                    return groups.not_a_member(), None
+                chat = groups.with_members(chat, members)
             if client_message_id is not None:
                 row = db.execute(
                     f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE sender_id = ? AND chat_id = ?"
@@ -251,7 +292,7 @@ class SQLiteStore(SQLStore[_Write]):
                 (
                     chat_row,
                     sender_id,
-                    new.recipient_id,
+                    new.recipient_id or "",
                     new.content,
                     created,
                     client_message_id,
@@ -279,12 +320,19 @@ class SQLiteStore(SQLStore[_Write]):
                 seq,
                 version,
             )
-            return (message, True), Committed(new.chat, new.origin, message)
+            return (message, True), Committed(chat, new.origin, message)
 
         return _Write(run)
 
     def _change_op(self, change: Change) -> _Write:
         def run(db: sqlite3.Connection) -> Written:
+            chat, audience = change.chat, None
+            members = None
+            if chat.is_group:
+                members = groups.members_of(db, _DIALECT, change.chat_row)
+                if change.user_id not in members:
+                    return groups.not_a_member(), None
+                chat = groups.with_members(chat, members)
             where = {"message": change.message_row, "chat": change.chat_row}
             row = db.execute(_DIALECT.sql("message_by_id"), where).fetchone()
             current = None if row is None else message_of(row)
@@ -317,12 +365,24 @@ class SQLiteStore(SQLStore[_Write]):
                     (change.content, now_ms(), version, change.message_row),
                 )
             message = message_of(db.execute(_DIALECT.sql("message_by_id"), where).fetchone())
-            return (message, True), Committed(change.chat, change.origin, message, update=True)
+            if members is not None:
+                audience = groups.seen_by(members, message.seq)
+            committed = Committed(chat, change.origin, message, update=True, audience=audience)
+            return (message, True), committed
 
         return _Write(run)
 
     def _read_op(self, mark: ReadMark) -> _Write:
         def run(db: sqlite3.Connection) -> Written:
+            before = 0
+            if mark.chat.is_group:
+                found = db.execute(
+                    "SELECT read_seq FROM members WHERE chat_id = ? AND user_id = ?",
+                    (mark.chat_row, mark.user_id),
+                ).fetchone()
+                if found is None:
+                    return groups.not_a_member(), None
+                before = found[0]
             row = db.execute(
                 "SELECT seq FROM messages WHERE id = ? AND chat_id = ?",
                 (mark.message_row, mark.chat_row),
@@ -341,7 +401,16 @@ class SQLiteStore(SQLStore[_Write]):
                     str(mark.message_row),
                     format_ms(at),
                 )
-                return (receipt, True), Committed(mark.chat, mark.origin, receipt=receipt)
+                audience = None
+                if mark.chat.is_group:  # the reader's devices, and whom it concerns
+                    audience = (
+                        mark.user_id,
+                        *groups.receipt_audience(
+                            db, _DIALECT, mark.chat_row, mark.user_id, before + 1, seq
+                        ),
+                    )
+                committed = Committed(mark.chat, mark.origin, receipt=receipt, audience=audience)
+                return (receipt, True), committed
             current = db.execute(_DIALECT.sql("read_mark"), where).fetchone()
             return read_answer(mark, seq, current, at, delivered is not None)
 
@@ -355,7 +424,7 @@ def _record_delivered(db: sqlite3.Connection, delivered: Delivered) -> tuple[Com
     for chat_row in delivered.chat_rows:
         db.execute(_DIALECT.sql("mark_chat_delivered"), {"chat": chat_row, "user": user})
     at = now_ms()
-    moved: dict[int, tuple[int, str | None]] = {}
+    moved: dict[int, tuple[int, str | None, int]] = {}
     both = _DIALECT.sql("mark_both")
     for chat_row, first, seq, message_id, version in delivered.marks:
         where = {"chat": chat_row, "user": user, "seq": seq, "first": first, "at": at}
@@ -367,7 +436,8 @@ def _record_delivered(db: sqlite3.Connection, delivered: Delivered) -> tuple[Com
             if row[0] != seq:  # it went on over the user's own messages after `seq`
                 found = db.execute(_DIALECT.sql("message_at"), {**where, "seq": row[0]})
                 message_id = str(found.fetchone()[0])
-            moved[chat_row] = (row[0], message_id)
+            earliest = moved[chat_row][2] if chat_row in moved else first
+            moved[chat_row] = (row[0], message_id, min(earliest, first))
     if not moved:
         return ()
     rows = db.execute(
@@ -376,9 +446,13 @@ def _record_delivered(db: sqlite3.Connection, delivered: Delivered) -> tuple[Com
     ).fetchall()
     receipts = []
     for chat in map(chat_of, rows):
-        seq, message_id = moved[int(chat.chat_id)]
+        chat_row = int(chat.chat_id)
+        seq, message_id, first = moved[chat_row]
         receipt = ReceiptFrame(chat.chat_id, user, "delivered", seq, message_id, format_ms(at))
-        receipts.append(Committed(chat, receipt=receipt))
+        audience = None
+        if chat.is_group:  # its members are not loaded: `audience` says whom it concerns
+            audience = groups.receipt_audience(db, _DIALECT, chat_row, user, first, seq)
+        receipts.append(Committed(chat, receipt=receipt, audience=audience))
     return tuple(receipts)
 
 
@@ -411,14 +485,28 @@ def _migrate(connection: sqlite3.Connection) -> None:
     connection.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
     row = connection.execute("SELECT MAX(version) FROM schema_version").fetchone()
     current = row[0] or 0
-    for version, statements in enumerate(SQLITE_MIGRATIONS, start=1):
-        if version <= current:
-            continue
-        connection.execute("BEGIN IMMEDIATE")
-        for statement in statements:
-            connection.execute(statement)
-        connection.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-        connection.execute("COMMIT")
+    # A migration may rebuild a table others refer to (SQLite's way to change a column):
+    # foreign keys are off while it runs (the pragma is a no-op inside a transaction), and
+    # checked before each migration commits.
+    connection.execute("PRAGMA foreign_keys = OFF")
+    try:
+        for version, statements in enumerate(SQLITE_MIGRATIONS, start=1):
+            if version <= current:
+                continue
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in statements:
+                    connection.execute(statement)
+                broken = connection.execute("PRAGMA foreign_key_check").fetchone()
+                if broken is not None:
+                    raise sqlite3.IntegrityError(f"migration {version} broke a reference: {broken}")
+                connection.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+                connection.execute("COMMIT")
+            finally:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+    finally:
+        connection.execute("PRAGMA foreign_keys = ON")
 
 
 __all__ = ["SQLiteStore"]

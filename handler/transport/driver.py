@@ -32,6 +32,8 @@ log = logging.getLogger("handler.session")
 _REQUESTS: Final = (
     ev.LoadChat,
     ev.StoreChat,
+    ev.StoreGroup,
+    ev.StoreMembers,
     ev.StoreMessage,
     ev.StoreRead,
     ev.StoreChange,
@@ -159,6 +161,31 @@ class SessionDriver:
                 services.chats.put(chat)
                 view = None if created else await store.chat_view(chat.chat_id, command.user_id)
                 return ev.ChatStored(command.frame, view or protocol.ChatView.fresh(chat), created)
+            case ev.StoreGroup():
+                group = command.frame
+                chat = await store.create_group(
+                    command.user_id,
+                    group.title,
+                    group.member_ids,
+                    Origin(connection.id, group.request_id),
+                )
+                return ev.ChatStored(group, protocol.ChatView.fresh(chat), True)
+            case ev.StoreMembers():
+                asked = command.frame
+                origin = Origin(connection.id, asked.request_id)
+                if isinstance(asked, protocol.AddMembers):
+                    view, changed = await store.add_members(
+                        command.chat,
+                        command.user_id,
+                        asked.member_ids,
+                        services.limits.max_group_members,
+                        origin,
+                    )
+                    return ev.MembersStored(asked, view, changed)
+                view = await store.remove_member(
+                    command.chat, command.user_id, asked.user_id, origin
+                )
+                return ev.MembersStored(asked, view, True)
             case ev.StoreRead():
                 read = command.frame
                 receipt, moved = await store.mark_read(
@@ -187,7 +214,9 @@ class SessionDriver:
                 return ev.ChatsListed(command.frame, tuple(chats))
             case ev.ReadPage():
                 frame = command.frame
-                page = await store.messages_before(frame.chat_id, frame.before, frame.limit)
+                page = await store.messages_before(
+                    frame.chat_id, frame.before, frame.limit, connection.user_id
+                )
                 return ev.PageRead(frame, page)
             case ev.Write():
                 await connection.writer.ensure(self._home)
@@ -238,6 +267,9 @@ class SessionDriver:
             await hub.marks.sync(user_id)
             await hub.bus.settle(user_id)  # and the other nodes' marks for the user
             plan = await services.store.backlog_plan(user_id)
+            hub.bus.read_at(
+                user_id, {chat: version for chat, (_, version) in plan.high_water.items()}
+            )
             # Nothing is written before `Subscribed` (fan-out is parked meanwhile), so the
             # writer moves last: by now the user's task has opened its nursery.
             await self.connection.writer.move_to(await hub.nursery_of(entry))
@@ -251,7 +283,9 @@ class SessionDriver:
         error: Exception | None = None
         try:
             for chat_id in command.chat_ids:
-                page = await self._services.store.messages_before(chat_id, None, frame.limit)
+                page = await self._services.store.messages_before(
+                    chat_id, None, frame.limit, self.connection.user_id
+                )
                 messages, has_more = page or ((), False)
                 await self._feed(ev.HistoryRead(frame, chat_id, messages, has_more))
         except Exception as failure:  # one client must never take the server down
