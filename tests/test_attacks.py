@@ -489,3 +489,116 @@ async def test_connection_flood_from_one_user(tmp_path: Path) -> None:
     # (Refusals still being read when the time was up have no close code.)
     assert set(result.close_codes) <= {"1008"}, result.close_codes
     assert result.failed == 0, "some connections got no answer in time"
+
+
+# --------------------------------------------------------------------------- group amplification
+
+GROUP_ATTACK_S: Final = 8.0
+GROUP_ONLINE: Final = 100  # members of the attacker's big group who are connected and reading
+GROUP_RATE: Final = 19.0  # frames a second, just under the default per-user frame rate
+# A group message is one row and one bus event, written to every member's connection: the
+# member cap bounds that to 255 copies. Each copy is a few microseconds of the server's one
+# core, so 19 messages a second to 100 readers is ~2,000 frames a second (with the receipts):
+# others' round trips stay far under what users notice.
+GROUP_PING_P99_LIMIT_S: Final = 0.1
+# Groups of 255 members, created at the frame rate, are 256 member rows each on disk, none in
+# memory; the readers' connections are what grows, a few MB.
+GROUP_RSS_LIMIT: Final = 40 * 2**20
+
+
+async def test_group_fan_out_and_creation_flood(tmp_path: Path) -> None:
+    """The attacker fills a group to the member cap, then at the frame rate alternately
+    creates more full groups and writes to the big one, which 100 members are reading."""
+    config = write_config(tmp_path)
+    async with server_process(config) as handler:
+        server = handler.server
+        members = [f"victim{index:03d}" for index in range(255)]
+        rss = RssSampler(handler)
+        pings: list[float] = []
+        delivered = collections.Counter[str]()
+        async with server.connect("attacker") as attacker:
+            reply = await attacker.request(
+                {"type": "create_group", "title": "spam", "member_ids": members}
+            )
+            assert reply["type"] == "new_chats", reply
+            group = reply["data"][0]["chat_id"]
+            refused = await attacker.request(
+                {"type": "add_members", "chat_id": group, "member_ids": ["one-too-many"]}
+            )
+            assert (refused["type"], refused.get("field")) == ("error", "member_ids"), refused
+            with trio.fail_after(GROUP_ATTACK_S + 30):
+                async with contextlib.AsyncExitStack() as stack:
+                    readers = [
+                        await stack.enter_async_context(server.connect(user))
+                        for user in members[:GROUP_ONLINE]
+                    ]
+                    bystander = await stack.enter_async_context(server.connect("bystander"))
+                    sent, created = await _flood_group(
+                        attacker, group, members, readers, bystander, rss, pings, delivered
+                    )
+        print(
+            f"\nattacker: {sent} messages to a group of 256 ({GROUP_ONLINE} reading),"
+            f" {created} more groups of 256 in {GROUP_ATTACK_S:.0f} s"
+        )
+        print(f"copies read by the members: {sum(delivered.values())}")
+        print(f"bystander pings: {summary(pings)}")
+        print(rss.report())
+        assert min(delivered[user] for user in members[:GROUP_ONLINE]) >= sent - 2
+        ordered = sorted(pings)
+        assert ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)] < (
+            GROUP_PING_P99_LIMIT_S
+        )
+        assert rss.growth < GROUP_RSS_LIMIT
+
+
+async def _flood_group(
+    attacker: Client,
+    group: str,
+    members: list[str],
+    readers: list[Client],
+    bystander: Client,
+    rss: RssSampler,
+    pings: list[float],
+    delivered: collections.Counter[str],
+) -> tuple[int, int]:
+    """The attack's timed part: returns (messages sent, groups created)."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rss.run)
+
+        done = trio.Event()
+
+        async def read(client: Client, user: str) -> None:
+            with contextlib.suppress(ConnectionClosed):
+                while not done.is_set():
+                    frame = await client.recv(timeout=float("inf"))
+                    if frame.get("type") == "message":
+                        delivered[user] += 1
+
+        for user, reader in zip(members, readers, strict=False):
+            nursery.start_soon(read, reader, user)
+        nursery.start_soon(read, attacker, "attacker")  # its acks and receipts
+
+        async def ping() -> None:
+            while not done.is_set():
+                started = trio.current_time()
+                assert await bystander.request({"type": "ping"}) == {"type": "pong"}
+                pings.append(trio.current_time() - started)
+                await trio.sleep(0.05)
+
+        nursery.start_soon(ping)
+        sent = created = 0
+        deadline = trio.current_time() + GROUP_ATTACK_S
+        while trio.current_time() < deadline:
+            if (sent + created) % 2:
+                await attacker.send(
+                    {"type": "create_group", "title": "more", "member_ids": members}
+                )
+                created += 1
+            else:
+                await attacker.send({"type": "send_message", "chat_id": group, "content": "buy"})
+                sent += 1
+            await trio.sleep(1 / GROUP_RATE)
+        await trio.sleep(1.0)  # the last messages reach the readers
+        done.set()
+        nursery.cancel_scope.cancel()
+    return sent, created
