@@ -55,6 +55,21 @@ def receipt_audience(
     return tuple(sorted(sender for (sender,) in rows))
 
 
+def read_seq_of(db: Database, dialect: Dialect, chat_row: int, user_id: str) -> int | None:
+    """A member's read mark before a `mark_read` moves it (None: not a member)."""
+    row = db.execute(dialect.sql("member_read_seq"), {"chat": chat_row, "user": user_id})
+    found = row.fetchone()
+    return None if found is None else int(found[0])
+
+
+def read_audience(
+    db: Database, dialect: Dialect, chat_row: int, user_id: str, before: int, seq: int
+) -> tuple[str, ...]:
+    """Whom a member's read receipt from `before` to `seq` reaches in a group: the reader's
+    own devices, and the members it concerns."""
+    return (user_id, *receipt_audience(db, dialect, chat_row, user_id, before + 1, seq))
+
+
 def insert_members(
     db: Database, dialect: Dialect, chat_row: int, creator_id: str, member_ids: Sequence[str]
 ) -> None:
@@ -180,6 +195,8 @@ __all__ = [
     "insert_members",
     "members_of",
     "not_a_member",
+    "read_audience",
+    "read_seq_of",
     "receipt_audience",
     "seen_by",
     "with_members",

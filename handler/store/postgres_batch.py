@@ -553,14 +553,11 @@ def _move_read_mark(cursor: psycopg.Cursor[TupleRow], op: MoveReadMark, now: int
     seq = row[0]
     before = 0
     if mark.chat.is_group:
-        found = cursor.execute(
-            "SELECT read_seq FROM members WHERE chat_id = %s AND user_id = %s",
-            (mark.chat_row, mark.user_id),
-        ).fetchone()
+        found = groups.read_seq_of(cursor, _SQL, mark.chat_row, mark.user_id)
         if found is None:
             op.result = groups.not_a_member()
             return
-        before = found[0]
+        before = found
     where = {"chat": mark.chat_row, "user": mark.user_id, "seq": seq, "at": now}
     # (Results, not `rowcount`: in pipeline mode that is only known once results are read.)
     delivered = cursor.execute(_SQL.sql("read_delivers"), where).fetchone()
@@ -569,13 +566,8 @@ def _move_read_mark(cursor: psycopg.Cursor[TupleRow], op: MoveReadMark, now: int
             mark.chat.chat_id, mark.user_id, "read", seq, str(mark.message_row), format_ms(now)
         )
         audience = None
-        if mark.chat.is_group:  # the reader's devices, and whom it concerns
-            audience = (
-                mark.user_id,
-                *groups.receipt_audience(
-                    cursor, _SQL, mark.chat_row, mark.user_id, before + 1, seq
-                ),
-            )
+        if mark.chat.is_group:
+            audience = groups.read_audience(cursor, _SQL, mark.chat_row, mark.user_id, before, seq)
         op.result = (receipt, True)
         op.committed = Committed(mark.chat, mark.origin, receipt=receipt, audience=audience)
         return

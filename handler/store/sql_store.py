@@ -195,6 +195,7 @@ _QUERIES.update(
         " delivered_at_ms, read_seq, read_at_ms, version_mark, joined_seq) VALUES (:chat,"
         " :user, 0, :seq, :at, :seq, :at, :version, :seq)",
         "drop_member": "DELETE FROM members WHERE chat_id = :chat AND user_id = :user",
+        "member_read_seq": "SELECT read_seq FROM members WHERE chat_id = :chat AND user_id = :user",
         "member_states": "SELECT m.user_id, m.read_seq, m.delivered_seq, m.joined_seq,"
         " (SELECT COUNT(*) FROM messages x WHERE x.chat_id = m.chat_id AND x.seq > m.read_seq"
         " AND x.sender_id <> m.user_id AND x.deleted = 0) FROM members m"

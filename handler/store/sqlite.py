@@ -376,13 +376,10 @@ class SQLiteStore(SQLStore[_Write]):
         def run(db: sqlite3.Connection) -> Written:
             before = 0
             if mark.chat.is_group:
-                found = db.execute(
-                    "SELECT read_seq FROM members WHERE chat_id = ? AND user_id = ?",
-                    (mark.chat_row, mark.user_id),
-                ).fetchone()
+                found = groups.read_seq_of(db, _DIALECT, mark.chat_row, mark.user_id)
                 if found is None:
                     return groups.not_a_member(), None
-                before = found[0]
+                before = found
             row = db.execute(
                 "SELECT seq FROM messages WHERE id = ? AND chat_id = ?",
                 (mark.message_row, mark.chat_row),
@@ -402,12 +399,9 @@ class SQLiteStore(SQLStore[_Write]):
                     format_ms(at),
                 )
                 audience = None
-                if mark.chat.is_group:  # the reader's devices, and whom it concerns
-                    audience = (
-                        mark.user_id,
-                        *groups.receipt_audience(
-                            db, _DIALECT, mark.chat_row, mark.user_id, before + 1, seq
-                        ),
+                if mark.chat.is_group:
+                    audience = groups.read_audience(
+                        db, _DIALECT, mark.chat_row, mark.user_id, before, seq
                     )
                 committed = Committed(mark.chat, mark.origin, receipt=receipt, audience=audience)
                 return (receipt, True), committed
