@@ -876,11 +876,14 @@ def test_chat_client_group_model_contract(open_page: Callable[..., Page]) -> Non
     assert out["pure"] == ["b"]  # not the sender, and only marks that reached the seq
 
 
-def group_shot(page: Page, name: str) -> None:
-    """A screenshot in test-artifacts/, and in $GROUP_SHOTS_DIR too when that is set."""
+def group_shot(page: Page, name: str, docs: str | None = None) -> None:
+    """A screenshot in test-artifacts/, and in $GROUP_SHOTS_DIR too when that is set; `docs`
+    names the picture of docs/ it refreshes (with UPDATE_SCREENSHOTS=1)."""
     page.mouse.move(0, 0)  # no hover effects in the picture
     png = page.screenshot()
     save_screenshot(png, name)
+    if docs is not None:
+        save_screenshot(png, docs, docs=True)
     target = os.environ.get("GROUP_SHOTS_DIR")
     if target:
         Path(target).mkdir(parents=True, exist_ok=True)
@@ -999,7 +1002,7 @@ def test_group_chat_members_messages_receipts_and_leaving(
     expect(read_by(cara, "see you at the station")).to_have_text("Read by 2")
     expect(bubbles(ana)).to_have_text([*everything, "Great, see you at the station!"])
     expect(senders(cara)).to_have_text(["ana", "bruno", "ana", "bruno"])
-    group_shot(ana, "groups-open-desktop.png")
+    group_shot(ana, "groups-open-desktop.png", docs="screenshot-web-group.png")
     group_shot(cara, "groups-open-phone.png")
 
     # The members panel: the creator can add and remove; anyone can add.
@@ -1013,7 +1016,7 @@ def test_group_chat_members_messages_receipts_and_leaving(
     expect(panel.locator("#members-status")).to_have_text("Added dario.")
     expect(members.locator(".member-id")).to_have_text(["ana", "bruno", "cara", "dario"])
     expect(panel.locator("#members-count")).to_have_text("4 members")
-    group_shot(ana, "groups-members-desktop.png")
+    group_shot(ana, "groups-members-desktop.png", docs="screenshot-web-group-members.png")
     panel.get_by_role("button", name="Close").click()
     expect(bruno.locator("#conversation-id")).to_have_text("4 members")
 
