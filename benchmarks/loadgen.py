@@ -15,6 +15,8 @@ Jobs (one per workload shape; the scenarios in `benchmarks.scenarios` pick sizes
 - `connect`: connect + bind as fast as `concurrency` parallel clients allow.
 - `backlog`: one user binds and receives everything not yet delivered to them.
 - `fetch`: one user sends `fetch_chats` and receives every chat with its history.
+- `group`: one group of `members` users, `senders` of them each sending at a fixed rate;
+  every copy of every message is counted per member (latency, duplicates, missing).
 - `seed`: send messages through the server (when the store cannot be seeded directly).
 
 Message contents start with the send time (`trio.current_time()`, same process for sender and
@@ -487,6 +489,216 @@ async def job_open_loop(gen: Generator) -> dict[str, Any]:
     }
 
 
+def group_content(due: float, tag: str, size: int) -> str:
+    """A message body of `size` characters: its send time, then its tag, then padding."""
+    head = f"{due:0{_TS_LEN}.6f} {tag} "
+    return head + "x" * max(0, size - len(head))
+
+
+def group_tag(content: str) -> str:
+    return content[_TS_LEN + 1 :].split(" ", 1)[0]
+
+
+async def make_group(gen: Generator, members: int) -> tuple[list[User], str]:
+    """Bind `members` users; the first creates one group of all of them (one `create_group`,
+    before any window), and every member waits for its `new_chats`."""
+    ids = [gen.user_id(i, "g") for i in range(members)]
+    with trio.fail_after(_SETUP_TIMEOUT):
+        users = await gen.connect_many(ids, 50)
+        if len(users) != members:
+            raise RuntimeError(f"only {len(users)} of {members} members bound")
+        creator = users[0]
+        await creator.send(
+            {
+                "type": "create_group",
+                "title": "benchmark group",
+                "member_ids": ids[1:],
+                "request_id": "group",
+            }
+        )
+        reply = await creator.wait_for("new_chats")
+        [chat] = reply["data"]
+        if sorted(chat.get("participants", [])) != sorted(ids):
+            raise RuntimeError(f"the group has {len(chat.get('participants', []))} members")
+        chat_id: str = chat["chat_id"]
+
+        async def joined(user: User) -> None:
+            while True:
+                frame = await user.wait_for("new_chats")
+                if any(c["chat_id"] == chat_id for c in frame["data"]):
+                    return
+
+        async with trio.open_nursery() as nursery:
+            for user in users[1:]:
+                nursery.start_soon(joined, user)
+    return users, chat_id
+
+
+async def job_group(gen: Generator) -> dict[str, Any]:
+    """Group fan-out: `senders` members each send `rate_per_sender` msg/s, open loop at fixed
+    intervals (random phases), into one group of `members`; latency from the intended send
+    time, as in `open_loop`. Every member must get each message exactly once (the sender's
+    own copy is its acknowledgement); `receipt` frames are read and counted, nothing more."""
+    job = gen.job
+    members: int = job["members"]
+    size: int = job.get("content_bytes", 100)
+    period = 1.0 / job.get("rate_per_sender", 1.0)
+    warmup: float = job.get("warmup_s", 2.0)
+    duration: float = job["duration_s"]
+    rng = random.Random(job.get("seed", 1))
+    started = trio.current_time()
+    users, chat_id = await make_group(gen, members)
+    setup_s = trio.current_time() - started
+    senders = users[: job["senders"]]
+    index_of = {user.user_id: index for index, user in enumerate(users)}
+    tally = Tally()
+    window = [math.inf, math.inf]  # intended-send-time bounds of the measured window
+    # tag -> copies received per member index, for every message sent in the window
+    copies: dict[str, bytearray] = {}
+    counts = {"outstanding": 0, "duplicates": 0, "foreign": 0}
+    send_lag: array[float] = array("d")
+    timeline: dict[int, list[float]] = {}
+    senders_done = False
+    settled = trio.Event()
+
+    def check_settled() -> None:
+        if senders_done and counts["outstanding"] <= 0:
+            settled.set()
+
+    begin = trio.current_time() + 0.2
+    stop_at = begin + warmup + duration
+
+    async def scheduler() -> None:
+        """One task sends for every sender, from a merged schedule (see `open_loop`)."""
+        heap = [(begin + rng.random() * period, index) for index in range(len(senders))]
+        heapq.heapify(heap)
+        sequence = [0] * len(senders)
+        while heap and heap[0][0] < stop_at:
+            await trio.sleep_until(heap[0][0])
+            now = trio.current_time()
+            while heap and heap[0][0] <= now and heap[0][0] < stop_at:
+                due, index = heap[0]
+                heapq.heapreplace(heap, (due + period, index))
+                tag = f"{index}:{sequence[index]}"
+                sequence[index] += 1
+                measured = window[0] <= due < window[1]
+                if measured:
+                    copies[tag] = bytearray(members)
+                    counts["outstanding"] += members
+                frame = orjson.dumps(
+                    {
+                        "type": "send_message",
+                        "chat_id": chat_id,
+                        "content": group_content(due, tag, size),
+                        "request_id": 1,
+                    }
+                )
+                try:
+                    await senders[index].conn.send_texts([frame])
+                except wire.ConnectionClosed:
+                    tally.errors["send_failed"] += 1
+                    if measured:
+                        del copies[tag]
+                        counts["outstanding"] -= members
+                    continue
+                if measured:
+                    tally.sent += 1
+                    send_lag.append(trio.current_time() - due)
+
+    async def reader(user: User) -> None:
+        me = index_of[user.user_id]
+        while True:
+            try:
+                received = await user.conn.receive_batch()
+            except wire.ConnectionClosed as closed:
+                tally.errors[f"closed:{closed.code}"] += 1
+                return
+            now = trio.current_time()
+            for raw in received:
+                message = orjson.loads(raw)
+                kind = message.get("type")
+                if kind == "message":
+                    content = message["content"]
+                    got = copies.get(group_tag(content))
+                    if got is None:
+                        continue  # warm-up, or after the window
+                    if message.get("chat_id") != chat_id:
+                        counts["foreign"] += 1
+                        continue
+                    got[me] = min(255, got[me] + 1)
+                    if got[me] > 1:
+                        counts["duplicates"] += 1
+                        continue
+                    counts["outstanding"] -= 1
+                    due = sent_at(content)
+                    latency = now - due
+                    if message.get("sender_id") == user.user_id:
+                        tally.acks += 1
+                        tally.ack_latency.append(latency)
+                    else:
+                        tally.delivered += 1
+                        tally.delivery_latency.append(latency)
+                        second = timeline.setdefault(int(due - window[0]), [0, 0.0])
+                        second[0] += 1
+                        second[1] = max(second[1], latency)
+                    check_settled()
+                elif kind == "error":
+                    tally.errors[str(message.get("code"))] += 1
+                elif kind == "receipt":
+                    tally.other[f"receipt:{message.get('kind')}"] += 1
+                else:
+                    tally.other[str(kind)] += 1
+
+    async with trio.open_nursery() as nursery:
+        for user in users:
+            nursery.start_soon(reader, user)
+        async with trio.open_nursery() as sending:
+            sending.start_soon(scheduler)
+            await trio.sleep_until(begin + warmup)
+            await gen.checkpoint("measure_start")
+            window[:] = [trio.current_time(), stop_at]
+            cpu0 = time.process_time()
+            await trio.sleep_until(window[1])
+            gen_cpu = time.process_time() - cpu0
+            await gen.checkpoint("measure_end")
+        with trio.move_on_after(job.get("drain_s", 10.0)):
+            senders_done = True
+            check_settled()
+            await settled.wait()
+        # Late duplicates would come after the last first copy: keep reading a moment.
+        await trio.sleep(job.get("duplicate_grace_s", 0.5))
+        nursery.cancel_scope.cancel()
+    await close_all(users)
+    elapsed = window[1] - window[0]
+    missing = sum(got.count(0) for got in copies.values())
+    return {
+        "members": members,
+        "senders": len(senders),
+        "setup_s": setup_s,
+        "elapsed_s": elapsed,
+        "sent": tally.sent,
+        "sent_per_s": tally.sent / elapsed,
+        "expected_copies": tally.sent * members,
+        "delivered": tally.delivered,
+        "delivered_per_s": tally.delivered / elapsed,
+        "acks": tally.acks,
+        "duplicates": counts["duplicates"],
+        "missing": missing,
+        "foreign": counts["foreign"],
+        "generator_cpu_s": gen_cpu,
+        "ack_latency": percentiles(tally.ack_latency),
+        "delivery_latency": percentiles(tally.delivery_latency),
+        "delivery_histogram": histogram(tally.delivery_latency),
+        "send_lag": percentiles(send_lag),
+        "timeline": [
+            {"second": second, "delivered": count, "max_ms": worst * 1000}
+            for second, (count, worst) in sorted(timeline.items())
+        ],
+        "errors": dict(tally.errors),
+        "other_frames": dict(tally.other),
+    }
+
+
 async def _drain(user: User) -> None:
     """Keep reading (answers server pings) until the connection ends."""
     with contextlib.suppress(wire.ConnectionClosed):
@@ -731,6 +943,7 @@ JOBS: Final[dict[str, Callable[[Generator], Awaitable[dict[str, Any]]]]] = {
     "connect": job_connect,
     "backlog": job_backlog,
     "fetch": job_fetch,
+    "group": job_group,
     "seed": job_seed,
 }
 

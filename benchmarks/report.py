@@ -20,8 +20,10 @@ def fmt(value: Any) -> str:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, int | float):
-        if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
             return str(value)
         magnitude = abs(value)
         if magnitude >= 1000:
@@ -109,7 +111,7 @@ def markdown(report: dict[str, Any]) -> str:
 def _histograms(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     """(scenario, label, run) for every run that kept a latency histogram."""
     found = []
-    for key in ("b", "a", "g"):
+    for key in ("b", "i", "a", "g"):
         section = report["scenarios"].get(key) or {}
         counters: dict[Any, int] = {}
         for run in section.get("runs", []):
@@ -162,7 +164,7 @@ def plots(report: dict[str, Any], out: Path) -> list[str]:
         right.set_xlabel("delivery latency (ms, log scale)")
         right.set_ylabel("fraction delivered within")
         right.axhline(0.99, color="grey", linewidth=0.8, linestyle=":")
-        right.set_title("CDF: (b) open loop; (a), (g) closed loop (queueing by design)")
+        right.set_title("CDF: (b), (i) open loop; (a), (g) closed loop (queueing by design)")
         right.grid(True, which="both", alpha=0.3)
         right.legend(fontsize=7)
         fig.tight_layout()

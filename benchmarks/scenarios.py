@@ -39,6 +39,7 @@ REDIS_URL: Final = "redis://127.0.0.1:6379/0"
 KIB: Final = 1024
 
 _RELAY = {"pairs": 100, "window": 8, "content_bytes": 100}
+_GROUP = {"members": 100, "senders": 10, "rate_per_sender": 1.0, "content_bytes": 100}
 
 PROFILES: Final = {
     "full": Profile(
@@ -54,6 +55,7 @@ PROFILES: Final = {
             "f": {"chats": 200, "per_chat": 1000, "repeats": 2},
             "g": {**_RELAY, "warmup_s": 3, "duration_s": 10},
             "h": {"chats": 1000, "per_chat": 5, "repeats": 5},
+            "i": {**_GROUP, "warmup_s": 3, "duration_s": 20},
         },
     ),
     "quick": Profile(
@@ -69,6 +71,7 @@ PROFILES: Final = {
             "f": {"chats": 200, "per_chat": 100, "repeats": 2},
             "g": {**_RELAY, "warmup_s": 2, "duration_s": 5},
             "h": {"chats": 1000, "per_chat": 5, "repeats": 5},
+            "i": {**_GROUP, "warmup_s": 2, "duration_s": 8},
         },
     ),
     "smoke": Profile(
@@ -91,6 +94,13 @@ PROFILES: Final = {
             "f": {"chats": 3, "per_chat": 20, "repeats": 2},
             "g": {"pairs": 3, "window": 4, "warmup_s": 0.2, "duration_s": 0.6},
             "h": {"chats": 3, "per_chat": 2, "repeats": 2},
+            "i": {
+                "members": 6,
+                "senders": 3,
+                "rate_per_sender": 5.0,
+                "warmup_s": 0.2,
+                "duration_s": 0.6,
+            },
         },
         stop_grace_s=1.0,
     ),
@@ -691,6 +701,132 @@ SCENARIO_H: Final = Scenario(
 )
 
 
+# ----------------------------------------------------------------------------- (i)
+
+
+def _i_run(run: Measured) -> dict[str, Any]:
+    result, win = run.result, run.window()
+    cpu = win["server_cpu_s"]
+    latency = result["delivery_latency"]
+    receipts = sum(n for k, n in result["other_frames"].items() if k.startswith("receipt"))
+    return {
+        "members": result["members"],
+        "senders": result["senders"],
+        "sent": result["sent"],
+        "sent_per_s": result["sent_per_s"],
+        "expected_copies": result["expected_copies"],
+        "delivered": result["delivered"],
+        "delivered_per_s": result["delivered_per_s"],
+        "acks": result["acks"],
+        "duplicates": result["duplicates"],
+        "missing": result["missing"],
+        "foreign": result["foreign"],
+        "p50_ms": latency.get("p50_ms"),
+        "p99_ms": latency.get("p99_ms"),
+        "p999_ms": latency.get("p999_ms"),
+        "max_ms": latency.get("max_ms"),
+        "ack_p50_ms": result["ack_latency"].get("p50_ms"),
+        "ack_p99_ms": result["ack_latency"].get("p99_ms"),
+        "send_lag_p99_ms": result["send_lag"].get("p99_ms"),
+        "receipts_per_s": receipts / result["elapsed_s"],
+        "server_cpu_frac": cpu / win["wall_s"],
+        "delivered_per_server_cpu_s": per(result["delivered"], cpu),
+        "generator_cpu_frac": win["generator_cpu_s"] / win["wall_s"],
+        "other_cpu_frac": win["other_cpu_frac"],
+        "setup_s": result["setup_s"],
+        "errors": result["errors"],
+        "histogram": result["delivery_histogram"],
+        "timeline": result["timeline"],
+    }
+
+
+def _total(out: Outcome, key: str) -> int | None:
+    """`key` summed over the runs: one duplicate in any run fails the check."""
+    values = [run[key] for run in out.runs if isinstance(run.get(key), int)]
+    return sum(values) if values else None
+
+
+def _i_rows(out: Outcome, ctx: Context) -> None:
+    p99 = out.median("p99_ms")
+    runs = len(out.runs)
+    duplicates, missing = _total(out, "duplicates"), _total(out, "missing")
+    errors = sum(sum(run["errors"].values()) for run in out.runs) if out.runs else None
+    out.rows += [
+        Row(
+            "copies delivered/s (to members other than the sender)",
+            out.median("delivered_per_s"),
+            "msg/s",
+            out.median("delivered_per_server_cpu_s"),
+            "msg per server CPU-s",
+        ),
+        Row("messages sent into the group/s", out.median("sent_per_s"), "msg/s"),
+        Row("publish-to-deliver latency p50", out.median("p50_ms"), "ms"),
+        Row(
+            "publish-to-deliver latency p99",
+            p99,
+            "ms",
+            target="<= 50",
+            ok=at_most(p99, 50),
+        ),
+        Row("publish-to-deliver latency max", out.median("max_ms"), "ms"),
+        Row("sender's ack latency p99", out.median("ack_p99_ms"), "ms"),
+        Row(
+            f"duplicate copies (sum of {runs} runs)",
+            duplicates,
+            "msg",
+            target="= 0",
+            ok=None if duplicates is None else duplicates == 0,
+        ),
+        Row(
+            f"missing copies (sum of {runs} runs)",
+            missing,
+            "msg",
+            target="= 0",
+            ok=None if missing is None else missing == 0,
+        ),
+        Row(
+            f"error frames and closed connections (sum of {runs} runs)",
+            errors,
+            "frames",
+            target="= 0",
+            ok=None if errors is None else errors == 0,
+        ),
+        Row("receipt frames received/s (read, not timed)", out.median("receipts_per_s"), "frame/s"),
+        Row("server CPU (fraction of one core)", out.median("server_cpu_frac"), "core"),
+        Row(
+            "generator's own send lag p99 (its share of the latency)",
+            out.median("send_lag_p99_ms"),
+            "ms",
+        ),
+        Row("generator CPU (fraction of one core)", out.median("generator_cpu_frac"), "core"),
+        Row("other processes on the machine (noise)", out.median("other_cpu_frac"), "core"),
+    ]
+    out.notes.append(
+        "Latency counts from each message's intended send time (fixed 1/rate intervals per "
+        "sender, random phases) to each member's receipt of its `message` frame, on the "
+        "generator's one clock; every copy of a message sent in the window is counted per "
+        "member, the sender's own copy as its acknowledgement."
+    )
+
+
+SCENARIO_I: Final = Scenario(
+    key="i",
+    summary="Group fan-out: senders in one big group, every member connected to one worker.",
+    title=lambda p: (
+        f"(i) Group fan-out: one group of {p['members']} members on one worker, "
+        f"{p['senders']} senders at {p.get('rate_per_sender', 1.0):g} msg/s each "
+        f"({p['senders'] * p.get('rate_per_sender', 1.0):g} msg/s in, each to "
+        f"{p['members'] - 1} members)"
+    ),
+    variants=lambda _ctx, p: [Variant(job={"kind": "group", **p}, measure=_i_run)],
+    rows=_i_rows,
+    headline=(
+        Headline("group fan-out latency p99 (ms)", "p99_ms"),
+        Headline("group copies delivered per server CPU-s", "delivered_per_server_cpu_s"),
+    ),
+)
+
+
 # ----------------------------------------------------------------------------- (g)
 
 _SCALE_MODULES: Final = ("handler.app", "handler.store.postgres", "handler.bus.redis")
@@ -833,5 +969,6 @@ SCENARIOS: Final[dict[str, Scenario]] = {
         SCENARIO_F,
         SCENARIO_G,
         SCENARIO_H,
+        SCENARIO_I,
     )
 }

@@ -21,7 +21,7 @@ from benchmarks.cli import run
 from benchmarks.scenarios import PROFILES, SCENARIOS
 from benchmarks.servers import REPO
 
-pytestmark = pytest.mark.slow  # about 25 s, and 15 s for the comparison: real servers
+pytestmark = pytest.mark.slow  # about 30 s, and 15 s for the comparison: real servers
 
 SMOKE = PROFILES["smoke"].params
 
@@ -136,6 +136,26 @@ def test_g_two_workers(smoke: tuple[dict[str, Any], Path]) -> None:
     assert workers == {1, 2}
     assert all(run_["delivered_per_s"] > 0 for run_ in data["runs"])
     assert any("projected" in row["metric"] for row in data["rows"])
+
+
+def test_i_group_fanout(smoke: tuple[dict[str, Any], Path]) -> None:
+    data = section(smoke, "i")
+    params = SMOKE["i"]
+    for run_ in data["runs"]:
+        assert run_["members"] == params["members"]
+        assert run_["senders"] == params["senders"]
+        assert run_["sent"] > 0
+        assert run_["expected_copies"] == run_["sent"] * params["members"]
+        # exactly once: every other member got every message, every sender its own copy
+        assert run_["delivered"] == run_["sent"] * (params["members"] - 1)
+        assert run_["acks"] == run_["sent"]
+        assert run_["duplicates"] == run_["missing"] == run_["foreign"] == 0
+        assert not run_["errors"]
+        assert 0 < run_["p50_ms"] <= run_["p99_ms"] <= run_["max_ms"]
+        assert run_["receipts_per_s"] > 0  # the server's receipts were read
+    assert data["median"]["delivered_per_s"] > 0
+    checks = {row["metric"].split(" (")[0]: row["ok"] for row in data["rows"] if row["target"]}
+    assert checks["duplicate copies"] is checks["missing copies"] is True
 
 
 @pytest.fixture(scope="module")
