@@ -372,9 +372,9 @@ class Hub:
                 receipt = Receipt(user_id, chat_ids=(chat_id,))
                 text = protocol.encode(protocol.NewChats((view,)))
                 for endpoint in list(entry.endpoints.values()):
-                    self._hand(
-                        endpoint, Outgoing(text, "new_chats", receipt, now, None, chat_id, 0)
-                    )
+                    # No version: a join is not ordered among the chat's changes (the user
+                    # may have had the chat before, when the snapshot was taken).
+                    self._hand(endpoint, Outgoing(text, "new_chats", receipt, now, None, chat_id))
                 continue
             plain: str | None = None
             for connection_id, endpoint in list(entry.endpoints.items()):

@@ -263,3 +263,80 @@ def test_a_chat_event_after_its_messages_changes_nothing() -> None:
     assert order.admit("bob", event(1), now=0)
     order.chat_created(["bob"], "c1")
     assert order.admit("bob", event(2), now=0)
+
+
+# --------------------------------------------------------------------------- groups: joins
+
+
+def test_a_joiner_without_state_gets_the_next_message_at_once() -> None:
+    order = ChatOrder()
+    order.chat_joined(["carol"], "c1", 7)  # the group was at version 7 when carol joined
+    assert order.admit("carol", event(8), now=0)
+    assert order.admit("carol", event(9), now=0)
+    assert order.held_count == 0
+
+
+def test_a_joiner_waits_for_a_change_after_the_join_that_is_missing() -> None:
+    order = ChatOrder()
+    order.chat_joined(["carol"], "c1", 7)
+    assert not order.admit("carol", event(9), now=0)  # 8 came after the join: awaited
+    assert order.admit("carol", event(8), now=0.01)
+    assert versions(order.followers("carol", event(8))) == [9]
+
+
+def test_a_rejoiner_with_an_older_last_gets_the_next_message_at_once() -> None:
+    """Carol had the group up to version 3, was removed (versions 4..9 never reached her),
+    and was added again at version 9: her next message follows the join, not her old last."""
+    order = ChatOrder()
+    assert order.admit("carol", event(3), now=0)
+    order.chat_joined(["carol"], "c1", 9)
+    assert order.admit("carol", event(10), now=0)
+    assert order.held_count == 0
+    assert order.admit("carol", update(11, "10"), now=0)
+    assert order.expire(now=10) == ([], ())  # nothing waits, nobody is resynced
+
+
+def test_a_join_never_moves_last_backwards() -> None:
+    """A join event that arrives after later changes reached the user (published by another
+    node) leaves `last` where it was."""
+    order = ChatOrder()
+    assert order.admit("carol", event(12), now=0)
+    order.chat_joined(["carol"], "c1", 9)
+    assert order.admit("carol", event(13), now=0)  # follows 12, not 9
+    assert not order.admit("carol", event(15), now=0)  # 14 is awaited, as before
+    # A second join event of the same version, or an older one, changes nothing either.
+    order.chat_joined(["carol"], "c1", 9)
+    order.chat_joined(["carol"], "c1", 13)
+    assert order.admit("carol", event(14), now=0)
+    assert versions(order.followers("carol", event(14))) == [15]
+
+
+def test_a_join_at_the_users_last_keeps_it() -> None:
+    order = ChatOrder()
+    assert order.admit("carol", event(9), now=0)
+    order.chat_joined(["carol"], "c1", 9)
+    assert order.admit("carol", event(10), now=0)
+
+
+def test_a_join_concerns_only_its_users_and_its_chat() -> None:
+    order = ChatOrder()
+    for user in ("carol", "dave"):
+        assert order.admit(user, event(3), now=0)
+    assert order.admit("carol", event(3, chat="c2"), now=0)
+    order.chat_joined(["carol"], "c1", 9)
+    assert order.admit("carol", event(10), now=0)
+    assert not order.admit("dave", event(10), now=0)  # dave's chain still ends at 3
+    assert not order.admit("carol", event(10, chat="c2"), now=0)  # another chat of carol's
+
+
+def test_a_message_held_before_its_join_event_is_released_by_the_join() -> None:
+    """Carol, removed at version 3 and re-added at version 9: the first message after the join
+    (version 10, published by another node) can reach this node before the join event. It is
+    held (her `last` is 3); the join event makes 9 her last, so it must pass then, not wait
+    out the hold and resynchronize her (close her connections)."""
+    order = ChatOrder(hold_s=0.25)
+    assert order.admit("carol", event(3), now=0)
+    assert not order.admit("carol", event(10), now=0)
+    order.chat_joined(["carol"], "c1", 9)
+    assert order.expire(now=1.0) == ([], ())  # nobody waited for a lost predecessor
+    assert order.held_count == 0

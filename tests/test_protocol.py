@@ -11,6 +11,7 @@ import subprocess
 import sys
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,17 +19,21 @@ from hypothesis import strategies as st
 from handler import protocol
 from handler.errors import ErrorCode, ProtocolError
 from handler.protocol import (
+    AddMembers,
     AllChats,
     AllMessages,
     Authenticated,
     Chat,
+    ChatUpdated,
     ChatView,
     CreateChat,
+    CreateGroup,
     DeleteMessage,
     EditMessage,
     ErrorFrame,
     FetchChats,
     FetchMessages,
+    GroupChange,
     Limits,
     MarkRead,
     Message,
@@ -39,6 +44,7 @@ from handler.protocol import (
     Ping,
     Pong,
     ReceiptFrame,
+    RemoveMember,
     SendMessage,
     UpdatedMessages,
     decode,
@@ -169,13 +175,16 @@ def test_missing_or_unknown_type(frame: dict[str, Any]) -> None:
 
 def test_client_frame_types() -> None:
     assert protocol.CLIENT_FRAME_TYPES == (
+        "add_members",
         "create_chat",
+        "create_group",
         "delete_message",
         "edit_message",
         "fetch_chats",
         "fetch_messages",
         "mark_read",
         "ping",
+        "remove_member",
         "send_message",
     )
 
@@ -284,6 +293,9 @@ def test_every_frame_type_carries_a_token(frame_type: str) -> None:
         "chat_id": "1",
         "message_id": "5",
         "content": "x",
+        "title": "t",
+        "member_ids": ["carol"],
+        "user_id": "carol",
         "token": "a.b.c",
     }
     assert decode(dumps(frame)).token == "a.b.c"
@@ -409,10 +421,12 @@ def test_send_message() -> None:
         ("chat_id", ["1"], "bad_request"),
         ("chat_id", "c" * 129, "bad_request"),
         ("chat_id", "\ud800", "bad_request"),
-        ("recipient_id", _MISSING, "bad_request"),
-        ("recipient_id", None, "bad_request"),
+        # Missing or null: decodes (a group message has none); the machine refuses it in a
+        # direct chat (test_session_machine: test_send_message_recipient_id_follows_the_kind).
         ("recipient_id", "", "bad_request"),
         ("recipient_id", 7, "bad_request"),
+        ("recipient_id", ["bob"], "bad_request"),
+        ("recipient_id", " bob", "bad_request"),
         ("content", _MISSING, "bad_request"),
         ("content", None, "bad_request"),
         ("content", "", "bad_request"),
@@ -481,9 +495,23 @@ def test_chat_id_is_opaque_up_to_128_characters() -> None:
 
 def test_fields_are_validated_in_declaration_order() -> None:
     assert error_of({"type": "send_message"}).field == "chat_id"
-    assert error_of({"type": "send_message", "chat_id": "1"}).field == "recipient_id"
+    # recipient_id may be absent, but a present one is checked before content.
+    assert error_of({"type": "send_message", "chat_id": "1", "recipient_id": 5}).field == (
+        "recipient_id"
+    )
+    assert error_of({"type": "send_message", "chat_id": "1"}).field == "content"
     error = error_of({"type": "send_message", "chat_id": "1", "recipient_id": "b"})
     assert error.field == "content"
+
+
+@pytest.mark.parametrize("absent", [_MISSING, None], ids=["missing", "null"])
+def test_send_message_without_recipient_id_decodes(absent: Any) -> None:
+    """A group message has no recipient_id; whether the chat needs one is decided once it is
+    known (the machine refuses a direct chat's message without one)."""
+    assert decode(dumps(send(recipient_id=absent))) == SendMessage("1", None, "hi")
+    assert decode(
+        dumps(send(recipient_id=absent, client_message_id="c", token="t", request_id=2))
+    ) == SendMessage("1", None, "hi", "c", token="t", request_id=2)
 
 
 # --------------------------------------------------------------------------- fetch_chats
@@ -710,6 +738,192 @@ def test_version_2_fields_are_validated_in_declaration_order(
 ) -> None:
     error = error_of(frame)
     assert (error.code, error.field) == ("bad_request", field)
+
+
+# --------------------------------------------------------------------------- groups
+
+CREATE_GROUP: dict[str, Any] = {"type": "create_group", "title": "Team", "member_ids": ["bob"]}
+ADD_MEMBERS: dict[str, Any] = {"type": "add_members", "chat_id": "1", "member_ids": ["bob"]}
+REMOVE_MEMBER: dict[str, Any] = {"type": "remove_member", "chat_id": "1", "user_id": "bob"}
+MEMBER_FRAMES = [
+    pytest.param(CREATE_GROUP, id="create_group"),
+    pytest.param(ADD_MEMBERS, id="add_members"),
+]
+SMALL = Limits(max_group_members=4)  # the creator and at most 3 others
+
+
+def test_create_group() -> None:
+    assert decode(dumps(CREATE_GROUP)) == CreateGroup("Team", ("bob",))
+    assert decode(
+        dumps(
+            with_fields(
+                CREATE_GROUP,
+                member_ids=["carol", "bob", EMOJI],
+                token="t",
+                request_id=4,
+                recipient_id=5,
+                extra=[1],
+            )
+        )
+    ) == CreateGroup("Team", ("carol", "bob", EMOJI), token="t", request_id=4)
+
+
+def test_add_members() -> None:
+    assert decode(dumps(ADD_MEMBERS)) == AddMembers("1", ("bob",))
+    assert decode(
+        dumps(with_fields(ADD_MEMBERS, member_ids=["dave", "carol"], token="t", request_id="a"))
+    ) == AddMembers("1", ("dave", "carol"), token="t", request_id="a")
+
+
+def test_remove_member() -> None:
+    assert decode(dumps(REMOVE_MEMBER)) == RemoveMember("1", "bob")
+    assert decode(
+        dumps(with_fields(REMOVE_MEMBER, token="t", request_id=0, member_ids=5))
+    ) == RemoveMember("1", "bob", token="t", request_id=0)
+
+
+@pytest.mark.parametrize(
+    "title",
+    ["T", " ", "t" * 128, EMOJI * 128, E_ACUTE * 128, "\u0000", "line\nbreak", "\u202eTeam"],
+    ids=lambda t: f"{len(t)}:{t[:3]!r}",
+)
+def test_a_title_is_1_to_128_code_points_of_any_unicode(title: str) -> None:
+    for ascii_only in (True, False):
+        text = dumps(with_fields(CREATE_GROUP, title=title), ascii_only=ascii_only)
+        assert decode(text) == CreateGroup(title, ("bob",))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(_MISSING, id="missing"),
+        pytest.param(None, id="null"),
+        pytest.param("", id="empty"),
+        pytest.param("t" * 129, id="129-chars"),
+        pytest.param(EMOJI * 129, id="129-astral"),
+        pytest.param(5, id="int"),
+        pytest.param(True, id="bool"),
+        pytest.param(["Team"], id="list"),
+        pytest.param({"text": "Team"}, id="object"),
+        pytest.param("\ud800", id="lone-surrogate"),
+        pytest.param("Team \udfff", id="lone-low-surrogate"),
+    ],
+)
+def test_create_group_title_rules(value: Any) -> None:
+    error = error_of(with_fields(CREATE_GROUP, title=value, request_id="g"))
+    assert (error.code, error.field, error.request_id) == ("bad_request", "title", "g")
+
+
+BAD_MEMBER_IDS = [
+    pytest.param(_MISSING, id="missing"),
+    pytest.param(None, id="null"),
+    pytest.param("bob", id="a-string"),
+    pytest.param({"0": "bob"}, id="object"),
+    pytest.param(5, id="int"),
+    pytest.param(True, id="bool"),
+    pytest.param([], id="empty"),
+    pytest.param(["bob", "carol", "dave", "erin"], id="too-many"),  # with SMALL
+    pytest.param(["b" + str(n) for n in range(300)], id="far-too-many"),
+    pytest.param([5], id="int-member"),
+    pytest.param(["bob", None], id="null-member"),
+    pytest.param(["bob", ["carol"]], id="list-member"),
+    pytest.param(["bob", {"id": "carol"}], id="object-member"),
+    pytest.param(["bob", "bob"], id="duplicate"),
+    pytest.param(["bob", "carol", "bob"], id="duplicate-apart"),
+    *(pytest.param(["bob", user], id=f"invalid-{user!r}") for user in INVALID_USER_IDS),
+]
+
+
+@pytest.mark.parametrize("value", BAD_MEMBER_IDS)
+@pytest.mark.parametrize("base", MEMBER_FRAMES)
+def test_member_ids_rules(base: dict[str, Any], value: Any) -> None:
+    error = error_of(with_fields(base, member_ids=value, request_id="m"), SMALL)
+    assert (error.code, error.field, error.request_id) == ("bad_request", "member_ids", "m")
+    assert error.message
+
+
+@pytest.mark.parametrize("base", MEMBER_FRAMES)
+def test_member_ids_follow_the_configured_group_size(base: dict[str, Any]) -> None:
+    """At most max_group_members - 1 others: the requester makes the group one larger."""
+    most = ["bob", "carol", "dave"]
+    assert decode(dumps(with_fields(base, member_ids=most)), SMALL).member_ids == tuple(most)
+    error = error_of(with_fields(base, member_ids=[*most, "erin"]), SMALL)
+    assert (error.code, error.field) == ("bad_request", "member_ids")
+    assert "4" in error.message  # names the limit
+    # The default: 256 members, the creator included.
+    members = [f"user {n}" for n in range(protocol.MAX_GROUP_MEMBERS)]
+    assert protocol.MAX_GROUP_MEMBERS == 256
+    frame = decode(dumps(with_fields(base, member_ids=members[:255])))
+    assert frame.member_ids == tuple(members[:255])
+    error = error_of(with_fields(base, member_ids=members))
+    assert (error.code, error.field) == ("bad_request", "member_ids")
+
+
+@pytest.mark.parametrize("base", MEMBER_FRAMES)
+def test_member_ids_keep_valid_user_ids_and_their_order(base: dict[str, Any]) -> None:
+    valid = VALID_USER_IDS[:5]
+    for ascii_only in (True, False):
+        text = dumps(with_fields(base, member_ids=valid), ascii_only=ascii_only)
+        assert decode(text).member_ids == tuple(valid)
+
+
+@pytest.mark.parametrize("value", BAD_IDS)
+@pytest.mark.parametrize("base", [ADD_MEMBERS, REMOVE_MEMBER], ids=["add_members", "remove_member"])
+def test_group_frames_chat_id_rules(base: dict[str, Any], value: Any) -> None:
+    error = error_of(with_fields(base, chat_id=value, request_id=7))
+    assert (error.code, error.field, error.request_id) == ("bad_request", "chat_id", 7)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(_MISSING, id="missing"),
+        pytest.param(None, id="null"),
+        pytest.param(5, id="int"),
+        pytest.param(["bob"], id="list"),
+        pytest.param({"id": "bob"}, id="object"),
+        *(pytest.param(user, id=f"invalid-{user!r}") for user in INVALID_USER_IDS),
+    ],
+)
+def test_remove_member_user_id_rules(value: Any) -> None:
+    error = error_of(with_fields(REMOVE_MEMBER, user_id=value, request_id="u"))
+    assert (error.code, error.field, error.request_id) == ("bad_request", "user_id", "u")
+
+
+@pytest.mark.parametrize("user_id", VALID_USER_IDS, ids=repr)
+def test_remove_member_takes_any_valid_user_id(user_id: str) -> None:
+    assert decode(dumps(with_fields(REMOVE_MEMBER, user_id=user_id))) == RemoveMember("1", user_id)
+
+
+@pytest.mark.parametrize(
+    ("frame", "field"),
+    [
+        ({"type": "create_group"}, "title"),
+        ({"type": "create_group", "member_ids": []}, "title"),
+        ({"type": "create_group", "title": "T"}, "member_ids"),
+        ({"type": "add_members"}, "chat_id"),
+        ({"type": "add_members", "member_ids": 5}, "chat_id"),
+        ({"type": "add_members", "chat_id": "1"}, "member_ids"),
+        ({"type": "remove_member"}, "chat_id"),
+        ({"type": "remove_member", "user_id": ""}, "chat_id"),
+        ({"type": "remove_member", "chat_id": "1"}, "user_id"),
+    ],
+    ids=repr,
+)
+def test_group_fields_are_validated_in_declaration_order(frame: dict[str, Any], field: str) -> None:
+    error = error_of(frame)
+    assert (error.code, error.field) == ("bad_request", field)
+
+
+@pytest.mark.parametrize(
+    "base", [CREATE_GROUP, ADD_MEMBERS, REMOVE_MEMBER], ids=["create", "add", "remove"]
+)
+def test_group_frames_quote_the_request_id_and_check_the_token(base: dict[str, Any]) -> None:
+    assert decode(dumps(with_fields(base, token="a.b.c", request_id=3))).token == "a.b.c"
+    error = error_of(with_fields(base, token=5, request_id=3))
+    assert (error.code, error.field, error.request_id) == ("bad_request", "token", 3)
+    error = error_of(with_fields(base, request_id=""))
+    assert (error.code, error.field, error.request_id) == ("bad_request", "request_id", None)
 
 
 # --------------------------------------------------------------------------- ping, extras
@@ -1075,6 +1289,206 @@ def test_chat_object_marks_are_objects_of_every_participant() -> None:
     assert set(wire["read_up_to"]) == set(wire["delivered_up_to"]) == set(CHAT.participants)
 
 
+# --------------------------------------------------------------------------- encode: groups
+
+GROUP = Chat("g1", ("alice", "bob", "carol"), "alice", "2023-10-01T12:34:56.789Z", "group", "Team")
+GROUP_MESSAGE = Message(
+    "m5", "g1", "bob", None, "hello all", "2023-10-01T12:35:00.000Z", seq=3, version=4
+)
+GROUP_MESSAGE_WIRE = {
+    "message_id": "m5",
+    "chat_id": "g1",
+    "sender_id": "bob",
+    "content": "hello all",
+    "timestamp": "2023-10-01T12:35:00.000Z",
+    "seq": 3,
+}
+GROUP_VIEW = ChatView(
+    GROUP,
+    last_message=GROUP_MESSAGE,
+    unread_count=2,
+    read_up_to=(("alice", 1), ("bob", 3), ("carol", 0)),
+    delivered_up_to=(("alice", 3), ("bob", 3), ("carol", 3)),
+    joined_seq=(("alice", 0), ("bob", 0), ("carol", 1)),  # carol joined after message 1
+)
+GROUP_WIRE = {
+    "chat_id": "g1",
+    "kind": "group",
+    "title": "Team",
+    "participants": ["alice", "bob", "carol"],
+    "created_by": "alice",
+    "created_at": "2023-10-01T12:34:56.789Z",
+    "last_message": GROUP_MESSAGE_WIRE,
+    "unread_count": 2,
+    "read_up_to": {"alice": 1, "bob": 3, "carol": 0},
+    "delivered_up_to": {"alice": 3, "bob": 3, "carol": 3},
+    "joined_seq": {"alice": 0, "bob": 0, "carol": 1},  # (ext) a group's only
+}
+
+
+def test_a_group_message_has_no_recipient_id_key_anywhere() -> None:
+    assert GROUP_MESSAGE.to_wire() == GROUP_MESSAGE_WIRE
+    edited = Message(
+        "m5",
+        "g1",
+        "bob",
+        None,
+        "",
+        "2023-10-01T12:35:00.000Z",
+        "cm",
+        seq=3,
+        version=6,
+        edited_at="2023-10-01T12:36:00.000Z",
+        deleted=True,
+    )
+    edited_wire = {
+        **GROUP_MESSAGE_WIRE,
+        "content": "",
+        "client_message_id": "cm",
+        "edited_at": "2023-10-01T12:36:00.000Z",
+        "deleted": True,
+    }
+    assert edited.to_wire() == edited_wire
+    frames: list[tuple[protocol.ServerFrame, dict[str, Any]]] = [
+        (MessageEvent(GROUP_MESSAGE), {"type": "message", **GROUP_MESSAGE_WIRE}),
+        (
+            MessageEvent(GROUP_MESSAGE, "r"),
+            {"type": "message", **GROUP_MESSAGE_WIRE, "request_id": "r"},
+        ),
+        (MessageUpdated(edited, 2), {"type": "message_updated", **edited_wire, "request_id": 2}),
+        (
+            NewMessages("g1", (GROUP_MESSAGE,)),
+            {"type": "new_messages", "chat_id": "g1", "data": [GROUP_MESSAGE_WIRE]},
+        ),
+        (
+            AllMessages("g1", (GROUP_MESSAGE, edited), False),
+            {
+                "type": "all_messages",
+                "chat_id": "g1",
+                "data": [GROUP_MESSAGE_WIRE, edited_wire],
+                "has_more": False,
+            },
+        ),
+        (
+            UpdatedMessages("g1", (edited,)),
+            {"type": "updated_messages", "chat_id": "g1", "data": [edited_wire]},
+        ),
+        (AllChats((GROUP_VIEW,)), {"type": "all_chats", "data": [GROUP_WIRE]}),
+    ]
+    for frame, wire in frames:
+        text = encode(frame)
+        assert json.loads(text) == wire, type(frame).__name__
+        assert "recipient_id" not in text
+    # A direct chat's message keeps it, as before.
+    assert "recipient_id" in json.loads(encode(MessageEvent(MESSAGE)))
+
+
+@pytest.mark.parametrize(
+    ("frame", "wire"),
+    [
+        (ChatUpdated(GROUP_VIEW), {"type": "chat_updated", "data": GROUP_WIRE}),
+        (
+            ChatUpdated(GROUP_VIEW, "r"),
+            {"type": "chat_updated", "data": GROUP_WIRE, "request_id": "r"},
+        ),
+        (ChatUpdated(GROUP_VIEW, 0), {"type": "chat_updated", "data": GROUP_WIRE, "request_id": 0}),
+        (
+            ChatUpdated(ChatView.fresh(GROUP)),
+            {
+                "type": "chat_updated",
+                "data": {
+                    **GROUP_WIRE,
+                    "last_message": None,
+                    "unread_count": 0,
+                    "read_up_to": {"alice": 0, "bob": 0, "carol": 0},
+                    "delivered_up_to": {"alice": 0, "bob": 0, "carol": 0},
+                    "joined_seq": {"alice": 0, "bob": 0, "carol": 0},
+                },
+            },
+        ),
+        (
+            NewChats((GROUP_VIEW,), 5),
+            {"type": "new_chats", "data": [GROUP_WIRE], "request_id": 5},
+        ),
+    ],
+    ids=["plain", "with-request-id", "request-id-0", "fresh", "new-chats"],
+)
+def test_encode_chat_updated(frame: protocol.ServerFrame, wire: dict[str, Any]) -> None:
+    assert json.loads(encode(frame)) == wire
+
+
+def test_only_a_group_chat_object_has_joined_seq() -> None:
+    assert "joined_seq" not in json.loads(encode(AllChats((VIEW, ChatView.fresh(CHAT)))))["data"][0]
+    assert ChatView.fresh(CHAT).joined_seq == ()
+    assert ChatView.fresh(GROUP).joined_seq == (("alice", 0), ("bob", 0), ("carol", 0))
+    wire = GROUP_VIEW.to_wire()
+    assert set(wire["joined_seq"]) == set(wire["read_up_to"]) == set(GROUP.participants)
+
+
+def test_group_chat_helpers() -> None:
+    assert GROUP.is_group
+    assert not CHAT.is_group
+    assert (GROUP.kind, GROUP.title) == (protocol.GROUP, "Team")
+    # A group message names nobody: there is no "other participant".
+    assert GROUP.other_participant("alice") is None
+    assert GROUP.other_participant("bob") is None
+
+
+# Alice, bob, carol and dave are members after the change: dave was just added, erin removed,
+# carol joined after the last message; bob has two unread, alice none listed.
+CHANGE = GroupChange(
+    attrs.evolve(
+        GROUP_VIEW,
+        chat=attrs.evolve(GROUP, participants=("alice", "bob", "carol", "dave")),
+        read_up_to=(("alice", 3), ("bob", 1), ("carol", 3), ("dave", 3)),
+        delivered_up_to=(("alice", 3), ("bob", 3), ("carol", 3), ("dave", 3)),
+        joined_seq=(("alice", 0), ("bob", 0), ("carol", 3), ("dave", 3)),
+    ),
+    added=("dave",),
+    removed=("erin",),
+    unread=(("alice", 0), ("bob", 2), ("carol", 5)),
+    unseen_last=("carol",),
+    version=7,
+)
+
+
+@pytest.mark.parametrize(
+    ("user", "last", "unread"),
+    [
+        ("dave", None, 0),  # added: a new chat to them, nothing before the join
+        ("erin", None, 0),  # removed: their copy no longer lists them
+        ("carol", None, 0),  # joined after the last message: not shown it, nothing unread
+        ("bob", GROUP_MESSAGE, 2),  # kept: their own count
+        ("alice", GROUP_MESSAGE, 0),
+        ("zed", GROUP_MESSAGE, 0),  # not listed in `unread`: 0
+    ],
+)
+def test_group_change_view_for(user: str, last: Message | None, unread: int) -> None:
+    view = CHANGE.view_for(user)
+    assert view == attrs.evolve(CHANGE.view, last_message=last, unread_count=unread)
+    # Everything shared is the same for everyone: members and marks.
+    assert view.chat == CHANGE.view.chat
+    assert (view.read_up_to, view.delivered_up_to, view.joined_seq) == (
+        CHANGE.view.read_up_to,
+        CHANGE.view.delivered_up_to,
+        CHANGE.view.joined_seq,
+    )
+    if user in CHANGE.removed:
+        assert user not in view.chat.participants
+
+
+def test_group_change_kept_are_the_members_before_who_still_are() -> None:
+    assert CHANGE.kept == ("alice", "bob", "carol")
+    assert GroupChange(ChatView.fresh(GROUP)).kept == GROUP.participants
+    everyone_new = GroupChange(ChatView.fresh(GROUP), added=GROUP.participants)
+    assert everyone_new.kept == ()
+    # A removal: the removed user is neither kept nor a participant.
+    left = GroupChange(
+        ChatView.fresh(attrs.evolve(GROUP, participants=("alice", "carol"))), removed=("bob",)
+    )
+    assert left.kept == ("alice", "carol")
+
+
 # --------------------------------------------------------------------------- properties
 
 _TYPES = [*protocol.CLIENT_FRAME_TYPES, "nope", ""]
@@ -1089,6 +1503,9 @@ _FIELDS = [
     "client_message_id",
     "limit",
     "before",
+    "title",
+    "member_ids",
+    "user_id",
 ]
 
 any_text = st.text(st.characters(exclude_categories=()))
@@ -1132,6 +1549,9 @@ def _check(text: str | bytes) -> None:
     assert isinstance(
         frame,
         CreateChat
+        | CreateGroup
+        | AddMembers
+        | RemoveMember
         | SendMessage
         | FetchChats
         | FetchMessages
@@ -1143,8 +1563,24 @@ def _check(text: str | bytes) -> None:
     if isinstance(frame, SendMessage | EditMessage):
         assert 1 <= len(frame.content) <= protocol.MAX_MESSAGE_CHARS
         frame.content.encode()
-    if isinstance(frame, CreateChat | SendMessage):
+    if isinstance(frame, CreateChat) or (
+        isinstance(frame, SendMessage) and frame.recipient_id is not None
+    ):
+        assert frame.recipient_id is not None
         protocol.validate_user_id(frame.recipient_id, "recipient_id")
+    if isinstance(frame, CreateGroup):
+        assert 1 <= len(frame.title) <= protocol.MAX_TITLE_CHARS
+        frame.title.encode()
+    if isinstance(frame, CreateGroup | AddMembers):
+        assert 1 <= len(frame.member_ids) < protocol.MAX_GROUP_MEMBERS
+        assert len(set(frame.member_ids)) == len(frame.member_ids)
+        for member in frame.member_ids:
+            protocol.validate_user_id(member, "member_ids")
+    if isinstance(frame, RemoveMember):
+        protocol.validate_user_id(frame.user_id, "user_id")
+    if isinstance(frame, AddMembers | RemoveMember):
+        assert 1 <= len(frame.chat_id) <= protocol.MAX_ID_CHARS
+        frame.chat_id.encode()
     if isinstance(frame, MarkRead | EditMessage | DeleteMessage):
         for value in (frame.chat_id, frame.message_id):
             assert 1 <= len(value) <= protocol.MAX_ID_CHARS
@@ -1213,7 +1649,7 @@ user_ids = st.text(
 @settings(max_examples=200, deadline=None)
 @given(
     chat_id=st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=128),
-    recipient_id=user_ids,
+    recipient_id=st.none() | user_ids,
     content=st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=4096),
     client_message_id=st.none()
     | st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=128),
@@ -1224,7 +1660,7 @@ user_ids = st.text(
 )
 def test_valid_send_message_round_trips(
     chat_id: str,
-    recipient_id: str,
+    recipient_id: str | None,
     content: str,
     client_message_id: str | None,
     request_id: str | int | None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import orjson
 import pytest
 from hypothesis import given
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from handler.bus import redis_codec
 from handler.bus.base import Delivery
 from handler.bus.redis_codec import Channels, MalformedPayload, Outgoing
-from handler.protocol import Chat, Message, ReceiptFrame
+from handler.protocol import Chat, ChatView, GroupChange, Message, ReceiptFrame
 
 WHEN = "2026-01-01T00:00:00.000Z"
 EDITED = "2026-01-01T00:00:01.500Z"
@@ -32,6 +33,34 @@ TOMBSTONE = Message(
 )
 RECEIPT = ReceiptFrame("7", "alice", "read", 5, "12", WHEN)
 CHAT = Chat("7", ("alice", "bob"), "bob", WHEN)
+GROUP = Chat("8", ("alice", "bob", "carol"), "alice", WHEN, "group", "Team")
+GROUP_MESSAGE = Message("13", "8", "bob", None, "hi all", WHEN, seq=2, version=3)
+# Carol was just added (after message 2: not shown it), dave removed; version 3 at the change.
+CHANGE = GroupChange(
+    ChatView(
+        GROUP,
+        GROUP_MESSAGE,
+        0,
+        (("alice", 2), ("bob", 2), ("carol", 2)),
+        (("alice", 2), ("bob", 2), ("carol", 2)),
+        (("alice", 0), ("bob", 0), ("carol", 2)),
+    ),
+    added=("carol",),
+    removed=("dave",),
+    unread=(("alice", 1), ("bob", 0), ("carol", 0)),
+    unseen_last=("carol",),
+    version=3,
+)
+
+
+def members_event(change: GroupChange = CHANGE) -> Delivery:
+    return Delivery(
+        "members",
+        (*change.added, *change.kept, *change.removed),
+        group=change,
+        origin_connection="conn-1",
+        origin_request_id="r-3",
+    )
 
 
 def message_event(message: Message = MESSAGE) -> Delivery:
@@ -87,10 +116,44 @@ def receipt_event(receipt: ReceiptFrame = RECEIPT) -> Delivery:
         ),
         (
             Delivery("chat", ("alice", "bob"), chat=CHAT),
-            b'{"o":"n1","c":["7",["alice","bob"],"bob","2026-01-01T00:00:00.000Z"]}',
+            b'{"o":"n1","c":["7",["alice","bob"],"bob","2026-01-01T00:00:00.000Z","direct",null]}',
+        ),
+        (
+            Delivery("chat", ("alice", "bob", "carol"), chat=GROUP),
+            b'{"o":"n1","c":["8",["alice","bob","carol"],"alice","2026-01-01T00:00:00.000Z",'
+            b'"group","Team"]}',
+        ),
+        (
+            message_event(GROUP_MESSAGE),
+            b'{"o":"n1","m":["13","8","bob",null,"hi all","2026-01-01T00:00:00.000Z",'
+            b"null,2,3,null,false]}",
+        ),
+        (
+            members_event(),
+            b'{"o":"n1","g":[["8",["alice","bob","carol"],"alice","2026-01-01T00:00:00.000Z",'
+            b'"group","Team"],["13","8","bob",null,"hi all","2026-01-01T00:00:00.000Z",null,2,3,'
+            b'null,false],[["alice",2],["bob",2],["carol",2]],[["alice",2],["bob",2],'
+            b'["carol",2]],["carol"],["dave"],[["alice",1],["bob",0],["carol",0]],["carol"],3,'
+            b'[["alice",0],["bob",0],["carol",2]]]}',
+        ),
+        (
+            members_event(GroupChange(ChatView.fresh(GROUP), removed=("dave",), version=0)),
+            b'{"o":"n1","g":[["8",["alice","bob","carol"],"alice","2026-01-01T00:00:00.000Z",'
+            b'"group","Team"],null,[["alice",0],["bob",0],["carol",0]],[["alice",0],["bob",0],'
+            b'["carol",0]],[],["dave"],[],[],0,[["alice",0],["bob",0],["carol",0]]]}',
         ),
     ],
-    ids=["message", "update", "tombstone", "receipt", "chat"],
+    ids=[
+        "message",
+        "update",
+        "tombstone",
+        "receipt",
+        "chat",
+        "group-chat",
+        "group-message",
+        "members",
+        "members-no-message",
+    ],
 )
 def test_an_event_is_pinned_to_its_bytes(event: Delivery, expected: bytes) -> None:
     assert redis_codec.encode_event("n1", event) == expected
@@ -112,6 +175,16 @@ def test_an_event_is_pinned_to_its_bytes(event: Delivery, expected: bytes) -> No
         receipt_event(ReceiptFrame("7", "ünï 😀", "delivered", 2**40, "99", WHEN)),
         Delivery("chat", ("alice", "bob"), chat=CHAT),
         Delivery("chat", ("alice", "bob"), chat=Chat("8", ("ünï 😀", "bob"), "ünï 😀", WHEN)),
+        Delivery("chat", ("alice", "bob", "carol"), chat=GROUP),
+        Delivery(
+            "chat",
+            ("bob",),
+            chat=Chat("9", ("bob",), "ünï 😀", WHEN, "group", ODD_TEXT),  # everyone else left
+        ),
+        message_event(GROUP_MESSAGE),
+        update_event(
+            Message("13", "8", "bob", None, ODD_TEXT, WHEN, "c", seq=2, version=4, edited_at=EDITED)
+        ),
     ],
     ids=[
         "message",
@@ -125,6 +198,10 @@ def test_an_event_is_pinned_to_its_bytes(event: Delivery, expected: bytes) -> No
         "receipt-odd-text",
         "chat",
         "chat-odd-text",
+        "group-chat",
+        "group-chat-odd-text",
+        "group-message",
+        "group-update",
     ],
 )
 def test_a_remote_copy_is_narrowed_to_the_channels_user(event: Delivery) -> None:
@@ -138,6 +215,63 @@ def test_a_remote_copy_is_narrowed_to_the_channels_user(event: Delivery) -> None
         assert decoded.message is not None
         assert (decoded.position, decoded.previous) == (event.position, event.previous)
         assert decoded.message.to_wire() == event.message.to_wire()
+        assert decoded.message.recipient_id == event.message.recipient_id
+    if event.chat is not None:
+        assert decoded.chat is not None
+        assert (decoded.chat.kind, decoded.chat.title) == (event.chat.kind, event.chat.title)
+
+
+def test_an_update_hidden_from_some_members_names_them() -> None:
+    """A change of a message reaches only the members who had it; the others (who joined
+    after it) still get its place in the chat's order, marked hidden."""
+    event = attrs.evolve(update_event(EDITED_MESSAGE), hidden=("carol",))
+    encoded = redis_codec.encode_event("n1", event)
+    assert encoded == (
+        b'{"o":"n1","u":["12","7","bob","alice","hi again","2026-01-01T00:00:00.000Z",'
+        b'"client-1",5,10,"2026-01-01T00:00:01.500Z",false],"h":["carol"]}'
+    )
+    payload = orjson.loads(encoded)
+    for user, hidden in (("carol", ("carol",)), ("alice", ())):
+        decoded = redis_codec.decode_event(payload, user)
+        assert decoded == Delivery("update", (user,), message=EDITED_MESSAGE, hidden=hidden)
+    assert b'"h"' not in redis_codec.encode_event("n1", update_event())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        CHANGE,
+        GroupChange(ChatView.fresh(GROUP), removed=("dave",)),  # no message yet
+        GroupChange(ChatView.fresh(GROUP), added=("alice", "bob", "carol"), version=2**40),
+        GroupChange(
+            ChatView(
+                Chat("9", ("ünï 😀", "zed"), "zed", WHEN, "group", ODD_TEXT),
+                Message("2", "9", "zed", None, ODD_TEXT, WHEN, "ç", seq=1, version=7, deleted=True),
+                0,
+                (("ünï 😀", 1), ("zed", 1)),
+                (("ünï 😀", 0), ("zed", 1)),
+                (("ünï 😀", 1), ("zed", 0)),
+            ),
+            added=("ünï 😀",),
+            unread=(("ünï 😀", 0), ("zed", 0)),
+            unseen_last=("ünï 😀",),
+            version=7,
+        ),
+    ],
+    ids=["added-and-removed", "no-message", "everyone-added", "odd-text"],
+)
+@pytest.mark.parametrize("user", ["carol", "dave", "alice", "ünï 😀"])
+def test_a_members_event_round_trips_narrowed_to_the_channels_user(
+    change: GroupChange, user: str
+) -> None:
+    """One payload serves every member: the user comes from the channel, and every user's
+    part (unread counts, who is new, who does not see the last message) survives."""
+    payload = orjson.loads(redis_codec.encode_event("n1", members_event(change)))
+    decoded = redis_codec.decode_event(payload, user)
+    assert decoded == Delivery("members", (user,), group=change)
+    assert decoded.group is not None
+    assert decoded.group.view_for(user) == change.view_for(user)
+    assert decoded.group.kept == change.kept
 
 
 @pytest.mark.parametrize(
@@ -163,6 +297,45 @@ def test_a_payload_without_an_event_decodes_to_none(payload: dict[str, Any]) -> 
 
 
 FULL = ["12", "7", "bob", "alice", "hi", WHEN, None, 5, 9, None, False]
+G_FULL: list[Any] = orjson.loads(redis_codec.encode_event("n0", members_event()))["g"]
+
+
+def test_the_members_payload_template_decodes() -> None:
+    """The malformed rows below break one part each of this well-formed payload."""
+    assert redis_codec.decode_event({"g": G_FULL}, "alice") == Delivery(
+        "members", ("alice",), group=CHANGE
+    )
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        # A string where an array of user ids belongs is not split into characters.
+        {"c": ["7", "ab", "bob", WHEN, "direct", None]},
+        {"c": ["7", "alice", "alice", WHEN, "group", "T"]},
+        {"c": ["7", ["alice"], "bob", WHEN, "direct", None]},  # a direct chat is a pair
+        {"c": ["7", ["alice", "bob", "carol"], "bob", WHEN, "direct", None]},
+        {"g": [*G_FULL[:4], "carol", *G_FULL[5:]]},
+        {"g": [*G_FULL[:5], "dave", *G_FULL[6:]]},
+        {"g": [*G_FULL[:7], "carol", *G_FULL[8:]]},
+    ],
+    ids=[
+        "chat-participants-string",
+        "group-participants-string",
+        "direct-one-participant",
+        "direct-three-participants",
+        "members-added-string",
+        "members-removed-string",
+        "members-unseen-string",
+    ],
+)
+def test_a_full_length_event_of_the_wrong_shape_is_refused_not_misread(
+    payload: dict[str, Any],
+) -> None:
+    """The rows of `test_a_malformed_event_raises_one_error` for chat arrays are cut short
+    (version 1's four fields); these have version 2's length, so only the shape is wrong."""
+    with pytest.raises(MalformedPayload):
+        redis_codec.decode_event(payload, "alice")
 
 
 @pytest.mark.parametrize(
@@ -194,6 +367,37 @@ FULL = ["12", "7", "bob", "alice", "hi", WHEN, None, 5, 9, None, False]
         {"c": ["7", ["alice", "bob"], "bob"]},  # no creation time
         {"c": ["7", None, "bob", WHEN]},
         {"c": 7},
+        # Version 2's chat arrays (with kind and title) of the wrong shape.
+        {"c": ["7", ["alice", "bob"], "bob", WHEN, "direct"]},  # no title
+        {"c": ["7", None, "bob", WHEN, "direct", None]},
+        {"c": ["7", 5, "bob", WHEN, "group", "T"]},
+        {"c": None},
+        {"g": None},
+        {"g": 5},
+        {"g": []},
+        {"g": {"chat": "8"}},
+        {"g": G_FULL[:8]},  # no version
+        {"g": G_FULL[:9]},  # no joined seqs
+        {"g": [*G_FULL[:8], None, G_FULL[9]]},
+        {"g": [*G_FULL[:8], "three", G_FULL[9]]},
+        {"g": [*G_FULL[:9], None]},
+        {"g": [*G_FULL[:9], [["alice"]]]},
+        {"g": [*G_FULL[:9], [["alice", "zero"]]]},
+        {"g": [G_FULL[0][:4], *G_FULL[1:]]},  # a version 1 chat array
+        {"g": [None, *G_FULL[1:]]},
+        {"g": [G_FULL[0], G_FULL[1][:8], *G_FULL[2:]]},  # last message cut short
+        {"g": [G_FULL[0], 5, *G_FULL[2:]]},
+        {"g": [*G_FULL[:2], [["alice"]], *G_FULL[3:]]},  # a mark without its number
+        {"g": [*G_FULL[:2], [["alice", "two"]], *G_FULL[3:]]},
+        {"g": [*G_FULL[:2], [["alice", None]], *G_FULL[3:]]},
+        {"g": [*G_FULL[:2], None, *G_FULL[3:]]},
+        {"g": [*G_FULL[:3], 5, *G_FULL[4:]]},
+        {"g": [*G_FULL[:4], 5, *G_FULL[5:]]},  # added a number
+        {"g": [*G_FULL[:4], None, *G_FULL[5:]]},
+        {"g": [*G_FULL[:5], 5, *G_FULL[6:]]},
+        {"g": [*G_FULL[:6], [["alice", 1, 2]], *G_FULL[7:]]},  # not a pair
+        {"g": [*G_FULL[:6], [5], *G_FULL[7:]]},
+        {"g": [*G_FULL[:7], None, *G_FULL[8:]]},
     ],
     ids=[
         "message-no-deleted",
@@ -222,6 +426,36 @@ FULL = ["12", "7", "bob", "alice", "hi", WHEN, None, 5, 9, None, False]
         "chat-short",
         "chat-participants-null",
         "chat-number",
+        "chat-v2-no-title",
+        "chat-v2-participants-null",
+        "chat-v2-participants-number",
+        "chat-null",
+        "members-null",
+        "members-number",
+        "members-empty",
+        "members-object",
+        "members-no-version",
+        "members-no-joined",
+        "members-version-null",
+        "members-version-text",
+        "members-joined-null",
+        "members-joined-no-number",
+        "members-joined-text",
+        "members-v1-chat",
+        "members-chat-null",
+        "members-last-short",
+        "members-last-number",
+        "members-mark-no-number",
+        "members-mark-text",
+        "members-mark-null",
+        "members-marks-null",
+        "members-delivered-number",
+        "members-added-number",
+        "members-added-null",
+        "members-removed-number",
+        "members-unread-triple",
+        "members-unread-number",
+        "members-unseen-null",
     ],
 )
 def test_a_malformed_event_raises_one_error(payload: dict[str, Any]) -> None:
@@ -243,7 +477,7 @@ json_values = st.recursive(
 
 @given(
     st.dictionaries(
-        st.sampled_from(["o", "m", "u", "k", "c", "r", "s", "a"]) | st.text(), json_values
+        st.sampled_from(["o", "m", "u", "k", "c", "g", "r", "s", "a"]) | st.text(), json_values
     )
 )
 def test_any_decoded_payload_yields_an_event_none_or_the_one_error(payload: dict[str, Any]) -> None:

@@ -1022,3 +1022,317 @@ def test_internal_error_quotes_the_correlation_id() -> None:
     assert frame_.code is ErrorCode.INTERNAL
     assert "abc123" in frame_.message
     assert frame_.request_id == 5
+
+
+# --------------------------------------------------------------------------- groups
+
+
+def group(chat_id: str, *members: str, creator: str = "alice") -> protocol.Chat:
+    return protocol.Chat(chat_id, tuple(sorted(members)), creator, WHEN, protocol.GROUP, "Team")
+
+
+GROUP = group("1", "alice", "bob", "carol")
+CREATE_GROUP = {"type": "create_group", "title": "Team", "member_ids": ["bob"], "request_id": 1}
+ADD_MEMBERS = {"type": "add_members", "chat_id": "1", "member_ids": ["dave"], "request_id": "a"}
+REMOVE_MEMBER = {"type": "remove_member", "chat_id": "1", "user_id": "bob", "request_id": "x"}
+MEMBER_FRAMES = [
+    pytest.param(ADD_MEMBERS, id="add_members"),
+    pytest.param(REMOVE_MEMBER, id="remove_member"),
+]
+_ABSENT: Any = object()  # a field left out of the frame
+GROUP_SEND = {"type": "send_message", "chat_id": "1", "content": "hi all", "request_id": "s"}
+
+
+def test_create_group_stores_the_group_and_replies_with_it_delivered() -> None:
+    m = machine()
+    bind(m)
+    (store,) = m.handle(frame(CREATE_GROUP), at(2))
+    assert store == ev.StoreGroup(protocol.CreateGroup("Team", ("bob",), request_id=1), "alice")
+    assert isinstance(store, ev.StoreGroup)
+    created = protocol.ChatView.fresh(group("9", "alice", "bob"))
+    assert m.handle(ev.ChatStored(store.frame, created, True), at(2)) == [
+        ev.Reply(protocol.NewChats((created,), 1), "new_chats", Receipt("alice", chat_ids=("9",)))
+    ]
+
+
+@pytest.mark.parametrize(
+    "member_ids", [["alice"], ["bob", "alice"], ["carol", "dave", "alice"]], ids=repr
+)
+def test_create_group_naming_the_creator_is_bad_request(member_ids: list[str]) -> None:
+    m = machine()
+    bind(m)
+    commands = m.handle(frame({**CREATE_GROUP, "member_ids": member_ids}), at(2))
+    assert error_of(commands) == (ErrorCode.BAD_REQUEST, "member_ids", 1)
+    assert state_of(m) is State.BOUND
+
+
+def test_create_group_needs_a_bound_connection_and_a_carried_token_binds_first() -> None:
+    m = machine()
+    assert error_of(m.handle(frame(CREATE_GROUP), at(1))) == (ErrorCode.UNAUTHORIZED, "token", 1)
+    # With the token: bound first, then served, the creator check against the bound user.
+    commands = m.handle(frame({**CREATE_GROUP, "member_ids": ["alice"], "token": "alice"}), at(1))
+    assert types(commands) == ["Subscribe"]
+    m.handle(ev.Subscribed(PLAN, TokenBucket(20.0, 40)), at(1))
+    m.handle(ev.BacklogRead("1", ()), at(1))
+    assert error_of(m.handle(ev.Replayed(), at(1))) == (ErrorCode.BAD_REQUEST, "member_ids", 1)
+
+
+@pytest.mark.parametrize("obj", MEMBER_FRAMES)
+def test_member_frames_load_the_group_then_store(obj: dict[str, Any]) -> None:
+    m = machine()
+    bind(m)
+    decoded = protocol.decode(json.dumps(obj))
+    assert isinstance(decoded, protocol.AddMembers | protocol.RemoveMember)
+    assert loaded(m, obj, GROUP) == [ev.StoreMembers(decoded, GROUP, "alice")]
+    # Any member may ask (the store decides who may remove whom).
+    m = machine()
+    bind(m, "bob")
+    assert loaded(m, obj, GROUP) == [ev.StoreMembers(decoded, GROUP, "bob")]
+
+
+@pytest.mark.parametrize(
+    ("loaded_chat", "code", "field"),
+    [
+        (None, ErrorCode.NOT_FOUND, "chat_id"),
+        (chat("1"), ErrorCode.BAD_REQUEST, "chat_id"),  # a direct chat of hers
+        (chat("1", "carol", "dave"), ErrorCode.FORBIDDEN, "chat_id"),  # someone else's direct
+        (group("1", "bob", "carol"), ErrorCode.FORBIDDEN, "chat_id"),  # a group she is not in
+        (group("1", "bob", "carol", creator="alice"), ErrorCode.FORBIDDEN, "chat_id"),  # left
+    ],
+    ids=["not-found", "direct", "others-direct", "not-a-member", "creator-who-left"],
+)
+@pytest.mark.parametrize("obj", MEMBER_FRAMES)
+def test_member_frame_refusals_store_nothing(
+    obj: dict[str, Any], loaded_chat: protocol.Chat | None, code: ErrorCode, field: str
+) -> None:
+    m = machine()
+    bind(m)
+    assert error_of(loaded(m, obj, loaded_chat)) == (code, field, obj["request_id"])
+    assert state_of(m) is State.BOUND
+
+
+@pytest.mark.parametrize("obj", MEMBER_FRAMES)
+def test_member_frames_need_a_bound_connection(obj: dict[str, Any]) -> None:
+    m = machine()
+    assert error_of(m.handle(frame(obj), at(1))) == (
+        ErrorCode.UNAUTHORIZED,
+        "token",
+        obj["request_id"],
+    )
+
+
+@pytest.mark.parametrize("obj", MEMBER_FRAMES)
+def test_a_members_change_that_changed_something_is_answered_by_its_fan_out(
+    obj: dict[str, Any],
+) -> None:
+    m = machine()
+    bind(m)
+    (store,) = loaded(m, obj, GROUP)
+    assert isinstance(store, ev.StoreMembers)
+    after = protocol.ChatView.fresh(group("1", "alice", "carol", "dave"))
+    assert m.handle(ev.MembersStored(store.frame, after, True), at(2)) == []
+
+
+@pytest.mark.parametrize("obj", MEMBER_FRAMES)
+def test_a_members_change_that_changed_nothing_answers_the_chat_object(
+    obj: dict[str, Any],
+) -> None:
+    """Adding only users who are members already: the requester is answered with the chat
+    object as it is, with the request_id, and nothing is delivered by it."""
+    m = machine()
+    bind(m)
+    (store,) = loaded(m, obj, GROUP)
+    assert isinstance(store, ev.StoreMembers)
+    now = protocol.ChatView(
+        GROUP,
+        message("3"),
+        2,
+        (("alice", 1), ("bob", 3), ("carol", 0)),
+        (("alice", 3), ("bob", 3), ("carol", 3)),
+    )
+    assert m.handle(ev.MembersStored(store.frame, now, False), at(2)) == [
+        ev.Reply(protocol.ChatUpdated(now, obj["request_id"]), "chat_updated")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (
+            ProtocolError(ErrorCode.FORBIDDEN, "only the creator", field="user_id"),
+            (ErrorCode.FORBIDDEN, "user_id"),
+        ),
+        (
+            ProtocolError(ErrorCode.FORBIDDEN, "not a member", field="chat_id"),
+            (ErrorCode.FORBIDDEN, "chat_id"),
+        ),
+        (
+            ProtocolError(ErrorCode.BAD_REQUEST, "at most 256", field="member_ids"),
+            (ErrorCode.BAD_REQUEST, "member_ids"),
+        ),
+        (
+            ProtocolError(ErrorCode.BAD_REQUEST, "not a member", field="user_id"),
+            (ErrorCode.BAD_REQUEST, "user_id"),
+        ),
+        (RuntimeError("boom"), None),
+        (StoreUnavailable("database down"), None),
+    ],
+    ids=["not-creator", "not-member", "too-many", "target-not-member", "fault", "unavailable"],
+)
+@pytest.mark.parametrize("obj", MEMBER_FRAMES)
+def test_member_store_refusals_answer_their_code_and_faults_answer_internal(
+    obj: dict[str, Any], error: Exception, expected: tuple[ErrorCode, str] | None
+) -> None:
+    m = machine()
+    bind(m)
+    (store,) = loaded(m, obj, GROUP)
+    assert isinstance(store, ev.StoreMembers)
+    commands = m.handle(ev.RequestFailed(store.frame, error), at(2))
+    if expected is None:
+        assert commands == [ev.ReportInternal(error, obj["request_id"])]
+    else:
+        assert error_of(commands) == (*expected, obj["request_id"])
+    assert types(m.handle(frame({"type": "ping"}), at(3))) == ["Reply:pong"]
+
+
+def test_create_group_store_refusal_answers_with_the_request_id() -> None:
+    m = machine()
+    bind(m)
+    (store,) = m.handle(frame(CREATE_GROUP), at(2))
+    assert isinstance(store, ev.StoreGroup)
+    fault = StoreUnavailable("database down")
+    assert m.handle(ev.RequestFailed(store.frame, fault), at(2)) == [ev.ReportInternal(fault, 1)]
+
+
+# send_message: recipient_id is checked once the chat is known (it decodes either way).
+@pytest.mark.parametrize(
+    ("loaded_chat", "recipient", "expected"),
+    [
+        (chat("1"), "bob", None),
+        (chat("1"), _ABSENT, "recipient_id"),  # a direct chat needs it
+        (chat("1"), None, "recipient_id"),  # null is absent
+        (chat("1"), "carol", "recipient_id"),  # not the other participant
+        (chat("1"), "alice", "recipient_id"),  # herself
+        (GROUP, _ABSENT, None),  # a group message names nobody
+        (GROUP, None, None),
+        (GROUP, "bob", "recipient_id"),  # a member: still not allowed
+        (GROUP, "dave", "recipient_id"),
+        (GROUP, "alice", "recipient_id"),
+    ],
+    ids=[
+        "direct-ok",
+        "direct-missing",
+        "direct-null",
+        "direct-other",
+        "direct-self",
+        "group-missing",
+        "group-null",
+        "group-member",
+        "group-stranger",
+        "group-self",
+    ],
+)
+def test_send_message_recipient_id_follows_the_kind(
+    loaded_chat: protocol.Chat, recipient: Any, expected: str | None
+) -> None:
+    m = machine()
+    bind(m)
+    obj = dict(GROUP_SEND)
+    if recipient is not _ABSENT:
+        obj["recipient_id"] = recipient
+    (load,) = m.handle(frame(obj), at(2))
+    assert isinstance(load, ev.LoadChat)
+    assert isinstance(load.frame, protocol.SendMessage)
+    commands = m.handle(ev.ChatLoaded(load.frame, loaded_chat), at(2))
+    if expected is None:
+        assert commands == [ev.StoreMessage(load.frame, loaded_chat, "alice")]
+    else:
+        assert error_of(commands) == (ErrorCode.BAD_REQUEST, expected, "s")
+        assert state_of(m) is State.BOUND
+
+
+@pytest.mark.parametrize(
+    ("loaded_chat", "code"),
+    [
+        (None, ErrorCode.NOT_FOUND),
+        (group("1", "bob", "carol"), ErrorCode.FORBIDDEN),  # not (or no longer) a member
+    ],
+    ids=["not-found", "not-a-member"],
+)
+def test_send_message_to_a_group_refusals(
+    loaded_chat: protocol.Chat | None, code: ErrorCode
+) -> None:
+    """Membership is checked before recipient_id: a stranger learns nothing more."""
+    for obj in (GROUP_SEND, {**GROUP_SEND, "recipient_id": "bob"}):
+        m = machine()
+        bind(m)
+        (load,) = m.handle(frame(obj), at(2))
+        assert isinstance(load, ev.LoadChat)
+        commands = m.handle(ev.ChatLoaded(load.frame, loaded_chat), at(2))
+        assert error_of(commands) == (code, "chat_id", "s")
+
+
+@pytest.mark.parametrize("obj", MESSAGE_FRAMES)
+def test_message_frames_in_a_group_need_membership(obj: dict[str, Any]) -> None:
+    m = machine()
+    bind(m)
+    decoded = protocol.decode(json.dumps(obj))
+    assert isinstance(decoded, protocol.MarkRead | protocol.EditMessage | protocol.DeleteMessage)
+    command = loaded(m, obj, GROUP)
+    assert types(command) == [
+        "StoreRead" if isinstance(decoded, protocol.MarkRead) else "StoreChange"
+    ]
+    m = machine()
+    bind(m)
+    assert error_of(loaded(m, obj, group("1", "bob", "carol"))) == (
+        ErrorCode.FORBIDDEN,
+        "chat_id",
+        obj["request_id"],
+    )
+
+
+def test_chat_updated_fan_out_passes_like_a_receipt() -> None:
+    """A `chat_updated` is no backlog's (not replayed on binding): never covered by one."""
+    item = Outgoing("live chat_updated 1", "chat_updated", None, 0.0, None, "1")
+    m = machine()
+    m.handle(ev.Opened("alice"), at(1))
+    assert m.handle(ev.FanOut(item), at(1)) == []  # parked while binding
+    m.handle(ev.Subscribed(PLAN, TokenBucket(20.0, 40)), at(1))
+    assert ev.Write(item) in m.handle(ev.BacklogRead("1", ()), at(1))
+    m.handle(ev.Replayed(), at(1))
+    assert m.handle(ev.FanOut(item), at(2)) == [ev.Push(item)]
+
+
+def test_a_rejoined_groups_new_chats_is_pushed_though_the_snapshot_had_the_chat() -> None:
+    """Alice bound while a member of group 1 (the snapshot saw it at version 7); then she was
+    removed and added again. The hub hands her the group as a new chat without a version (a
+    join is not one of the chat's changes): it is not a chat her snapshot carried as new, so
+    it must be pushed live, not dropped as a duplicate of her binding's backlog."""
+    m = machine()
+    bind(m)
+    removed = Outgoing("live chat_updated 1", "chat_updated", None, 0.0, None, "1")
+    assert m.handle(ev.FanOut(removed), at(2)) == [ev.Push(removed)]
+    rejoined = Outgoing(
+        "live new_chats 1", "new_chats", Receipt("alice", chat_ids=("1",)), 0.0, None, "1"
+    )
+    assert m.handle(ev.FanOut(rejoined), at(3)) == [ev.Push(rejoined)]
+
+
+def test_a_join_the_snapshot_carried_as_a_new_chat_is_not_pushed_again() -> None:
+    """Added to group 2 while binding: the snapshot already had it as a new chat (the
+    backlog's `new_chats`), so the live `new_chats` of the join is covered: once, not twice."""
+    m = machine()
+    m.handle(ev.Opened("alice"), at(1))
+    joined = Outgoing(
+        "live new_chats 2", "new_chats", Receipt("alice", chat_ids=("2",)), 0.0, None, "2"
+    )
+    assert m.handle(ev.FanOut(joined), at(1)) == []  # parked while binding
+    commands = m.handle(ev.Subscribed(PLAN, TokenBucket(20.0, 40)), at(1))
+    assert [c.frame_type for c in commands if isinstance(c, ev.Reply)] == [
+        "authenticated",
+        "new_chats",
+    ]
+    replay = m.handle(ev.BacklogRead("1", ()), at(1))
+    assert ev.Write(joined) not in replay
+    m.handle(ev.Replayed(), at(1))
+    assert m.handle(ev.FanOut(joined), at(2)) == []  # a late copy of it: covered too

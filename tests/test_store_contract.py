@@ -1961,3 +1961,158 @@ async def test_postgres_upgrade_from_the_released_schema(
     with psycopg.connect(postgres_config.dsn, autocommit=True) as db:
         versions = db.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
     assert versions == [(version,) for version in range(1, len(POSTGRES_MIGRATIONS) + 1)]
+
+
+# The database as schema version 4 (version 2's model, before groups) left it: the released
+# data of version 3 above, migrated by migration 4 (the same statements the code of version 4
+# ran), so it holds direct chats, numbered messages, members with their marks, and bob's
+# delivery gap.
+
+
+def _write_v4_sqlite(path: Path) -> None:
+    _write_v3_sqlite(path)
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        for statement in SQLITE_MIGRATIONS[3]:
+            db.execute(statement)
+        db.execute("INSERT INTO schema_version (version) VALUES (4)")
+    finally:
+        db.close()
+
+
+def _write_v4_postgres(dsn: str) -> None:
+    _write_v3_postgres(dsn)
+    with psycopg.connect(dsn, autocommit=True) as db:
+        for statement in POSTGRES_MIGRATIONS[3]:
+            db.execute(statement)
+        db.execute("INSERT INTO schema_version (version) VALUES (4)")
+
+
+async def _check_groups_next_to_upgraded_chats(store: Store, handed: Handed) -> Chat:
+    """After the upgrade checks: groups live next to the old direct chats, which stay one per
+    pair; returns the group."""
+    # The old members were there from the start: their pages (fetch_messages reads with the
+    # viewer) hold every message.
+    for n, users in ((1, ("alice", "bob")), (2, ("alice", "carol")), (3, ("alice", "dave"))):
+        everything = await all_messages(store, _v3_chat(n))
+        for user in users:
+            page = await store.messages_before(str(n), None, 1000, user)
+            assert page == (everything, False), (n, user)
+    group = await store.create_group("alice", "Old friends", ["bob", "carol"])
+    assert group.participants == ("alice", "bob", "carol")
+    assert int(group.chat_id) > len(_V3_CHATS)  # ids go on after the old ones
+    message, _ = await store.add_message(group, "bob", "hello group", None)
+    assert (message.seq, message.version, message.recipient_id) == (1, 1, None)
+    assert int(message.message_id) > len(_V3_MESSAGES)
+    assert [view.chat_id for view in await store.chats_of("alice")] == [
+        group.chat_id,
+        "1",
+        "2",
+        "3",
+    ]
+    assert [view.chat_id for view in await store.chats_of("bob")] == [group.chat_id, "1"]
+    assert await store.create_chat("bob", "alice") == (_v3_chat(1), False)  # still one per pair
+    erin = await new_chat(store, "erin", "alice")
+    assert erin.kind == "direct"
+    assert await store.get_chat(group.chat_id) == group
+    committed = handed.drain()
+    assert [c.chat.chat_id for c in committed] == [group.chat_id, group.chat_id, erin.chat_id]
+    return group
+
+
+async def test_sqlite_upgrade_from_version_4_keeps_everything_and_holds_groups(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    config = StorageConfig(backend="sqlite", path=tmp_path / "v4.db")
+    _write_v4_sqlite(config.path)
+    store = open_store(config)
+    handed = await open_handing(store, nursery)
+    try:
+        with trio.fail_after(TIMEOUT_S):
+            await _check_upgraded_from_v3(store, handed)
+            group = await _check_groups_next_to_upgraded_chats(store, handed)
+    finally:
+        await store.aclose()
+    db = sqlite3.connect(config.path, isolation_level=None)
+    try:
+        db.execute("PRAGMA foreign_keys = ON")
+        versions = db.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
+        assert versions == [(version,) for version in range(1, len(SQLITE_MIGRATIONS) + 1)]
+        assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        for table in ("messages", "members"):
+            references = db.execute(f"PRAGMA foreign_key_list({table})").fetchall()
+            assert [(row[2], row[3], row[4]) for row in references] == [("chats", "chat_id", "id")]
+        # The group's row has no pair; the old chats keep theirs, ids and activity order.
+        rows = db.execute(
+            "SELECT id, user_a, user_b, kind, title FROM chats ORDER BY activity_seq"
+        ).fetchall()
+        assert rows[:4] == [
+            (4, "erin", "frank", "direct", None),
+            (3, "alice", "dave", "direct", None),
+            (2, "alice", "carol", "direct", None),
+            (1, "alice", "bob", "direct", None),
+        ]
+        assert (int(group.chat_id), None, None, "group", "Old friends") in rows
+        indexes = {
+            name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
+        }
+        assert {"chats_by_user_b", "chats_by_activity"} <= indexes
+        # The references still hold: no message or member for a chat that does not exist,
+        # and still one direct chat per pair.
+        with pytest.raises(sqlite3.IntegrityError):
+            db.execute(
+                "INSERT INTO messages (chat_id, sender_id, recipient_id, content, created_at_ms,"
+                " seq, version) VALUES (999, 'alice', 'bob', 'x', 0, 1, 1)"
+            )
+        with pytest.raises(sqlite3.IntegrityError):
+            db.execute("INSERT INTO members (chat_id, user_id) VALUES (999, 'alice')")
+        with pytest.raises(sqlite3.IntegrityError):
+            db.execute(
+                "INSERT INTO chats (user_a, user_b, created_by, created_at_ms, last_activity_ms)"
+                " VALUES ('alice', 'bob', 'alice', 0, 0)"
+            )
+        with pytest.raises(sqlite3.IntegrityError):
+            db.execute("DELETE FROM chats WHERE id = 1")  # its messages refer to it
+    finally:
+        db.close()
+
+
+@pytest.mark.scale
+async def test_postgres_upgrade_from_version_4_keeps_everything_and_holds_groups(
+    postgres_config: StorageConfig, nursery: trio.Nursery
+) -> None:
+    _write_v4_postgres(postgres_config.dsn)
+    store = open_store(postgres_config)
+    handed = await open_handing(store, nursery)
+    try:
+        with trio.fail_after(TIMEOUT_S):
+            await _check_upgraded_from_v3(store, handed)
+            group = await _check_groups_next_to_upgraded_chats(store, handed)
+    finally:
+        await store.aclose()
+    with psycopg.connect(postgres_config.dsn, autocommit=True) as db:
+        versions = db.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
+        assert versions == [(version,) for version in range(1, len(POSTGRES_MIGRATIONS) + 1)]
+        rows = db.execute(
+            "SELECT id, user_a, user_b, kind, title FROM chats ORDER BY activity_seq"
+        ).fetchall()
+        assert rows[:4] == [
+            (4, "erin", "frank", "direct", None),
+            (3, "alice", "dave", "direct", None),
+            (2, "alice", "carol", "direct", None),
+            (1, "alice", "bob", "direct", None),
+        ]
+        assert (int(group.chat_id), None, None, "group", "Old friends") in rows
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):
+            db.execute(
+                "INSERT INTO messages (chat_id, sender_id, recipient_id, content, created_at_ms,"
+                " seq, version) VALUES (999, 'alice', 'bob', 'x'::bytea, 0, 1, 1)"
+            )
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):
+            db.execute("INSERT INTO members (chat_id, user_id) VALUES (999, 'alice')")
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            db.execute(
+                "INSERT INTO chats (user_a, user_b, created_by, created_at_ms, last_activity_ms)"
+                " VALUES ('alice', 'bob', 'alice', 0, 0)"
+            )

@@ -132,9 +132,12 @@ class ChatOrder:
             if last is None or int(last) < version:
                 self._remember(state, chat_id, str(version))
 
-    def chat_joined(self, users: Iterable[str], chat_id: str, version: int) -> None:
+    def chat_joined(self, users: Iterable[str], chat_id: str, version: int) -> list[Delivery]:
         """These users joined a group here at `version`: its next change follows that one
-        (and what came before their join never reaches them, so nothing older is awaited)."""
+        (and what came before their join never reaches them, so nothing older is awaited).
+        Returns the events held for them that the join unblocks (their first message came
+        before the join did), in chain order."""
+        released: list[Delivery] = []
         for user in users:
             state = self._users.get(user)
             if state is None:
@@ -142,6 +145,8 @@ class ChatOrder:
             last = state.last.get(chat_id)
             if last is None or int(last) < version:
                 self._remember(state, chat_id, str(version))
+                released += self._release_after(state, chat_id, str(version))
+        return released
 
     def followers(self, user: str, event: Delivery) -> list[Delivery]:
         """Held events of `user` that `event` (just passed on) unblocks, in chain order."""
@@ -149,8 +154,12 @@ class ChatOrder:
         message = event.message
         if state is None or not state.held or message is None:
             return []
+        return self._release_after(state, message.chat_id, event.position)
+
+    def _release_after(self, state: _UserOrder, chat: str, position: str | None) -> list[Delivery]:
+        """The held events that follow `position` (just passed on), in chain order."""
         released: list[Delivery] = []
-        chat, current = message.chat_id, event.position
+        current = position
         while current is not None and (follower := state.held.pop((chat, current), None)):
             current = follower.position
             released.append(follower)

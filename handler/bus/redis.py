@@ -364,10 +364,13 @@ class RedisBus:
             if event.chat is not None:
                 self._order.chat_created(users, event.chat.chat_id)
             group = event.group
+            unblocked: list[Delivery] = []
             if group is not None and group.added:
                 joined = [user for user in users if user in group.added]
-                self._order.chat_joined(joined, group.view.chat_id, group.version)
+                unblocked = self._order.chat_joined(joined, group.view.chat_id, group.version)
             self._call_sink(event)
+            for follower in unblocked:  # a first message that came before its join
+                self._call_sink(follower)
             return
         now = trio.current_time()
         admitted = [user for user in users if self._order.admit(user, event, now)]

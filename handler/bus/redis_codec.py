@@ -38,7 +38,7 @@ import attrs
 import orjson
 
 from handler.bus.base import Delivery
-from handler.protocol import Chat, ChatView, GroupChange, Message, ReceiptFrame
+from handler.protocol import DIRECT, GROUP, Chat, ChatView, GroupChange, Message, ReceiptFrame
 
 
 class MalformedPayload(ValueError):
@@ -155,15 +155,41 @@ def _chat_array(chat: Chat) -> list[Any]:
     ]
 
 
-def _chat(c: list[Any]) -> Chat:
-    return Chat(c[0], tuple(c[1]), c[2], c[3], c[4], c[5])
+def _strings(items: Any) -> tuple[str, ...]:
+    """A list of user ids, refused (not split into characters) when it is anything else."""
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise ValueError(f"not a list of strings: {items!r}")
+    return tuple(items)
 
 
-def _pairs(items: list[Any]) -> tuple[tuple[str, int], ...]:
-    return tuple((str(user), int(number)) for user, number in items)
+def _chat(c: Any) -> Chat:
+    if not isinstance(c, list) or len(c) != 6:
+        raise ValueError(f"a chat array has 6 fields: {c!r}")
+    participants = _strings(c[1])
+    kind = c[4]
+    if kind not in (DIRECT, GROUP) or (kind == DIRECT and len(participants) != 2):
+        raise ValueError(f"not a chat of its kind: {c!r}")
+    if not all(isinstance(field, str) for field in (c[0], c[2], c[3])):
+        raise ValueError(f"a chat's id, creator and time are strings: {c!r}")
+    return Chat(c[0], participants, c[2], c[3], kind, c[5])
 
 
-def _group(g: list[Any]) -> GroupChange:
+def _pairs(items: Any) -> tuple[tuple[str, int], ...]:
+    if not isinstance(items, list):
+        raise ValueError(f"not a list of pairs: {items!r}")
+    pairs = []
+    for pair in items:
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
+            raise ValueError(f"not a [user, number] pair: {pair!r}")
+        if isinstance(pair[1], bool) or not isinstance(pair[1], int):
+            raise ValueError(f"not a [user, number] pair: {pair!r}")
+        pairs.append((pair[0], pair[1]))
+    return tuple(pairs)
+
+
+def _group(g: Any) -> GroupChange:
+    if not isinstance(g, list) or len(g) != 10:
+        raise ValueError(f"a members change has 10 fields: {g!r}")
     view = ChatView(
         _chat(g[0]),
         None if g[1] is None else _message(g[1]),
@@ -172,7 +198,9 @@ def _group(g: list[Any]) -> GroupChange:
         _pairs(g[3]),
         _pairs(g[9]),
     )
-    return GroupChange(view, tuple(g[4]), tuple(g[5]), _pairs(g[6]), tuple(g[7]), int(g[8]))
+    return GroupChange(
+        view, _strings(g[4]), _strings(g[5]), _pairs(g[6]), _strings(g[7]), int(g[8])
+    )
 
 
 def _message(m: list[Any]) -> Message:

@@ -155,6 +155,7 @@ class SessionMachine:
         self._marks: dict[str, int] = {}
         self._sent_versions: dict[str, int] = {}
         self._marks_until = -math.inf
+        self._backlog_chats: frozenset[str] = frozenset()  # the snapshot's new chats
         self.backlog_chats = 0
         self.backlog_messages = 0
 
@@ -478,6 +479,7 @@ class SessionMachine:
         plan, user_id = event.plan, self._user()
         self._user_bucket = event.bucket
         self._snapshot_marks = dict(plan.high_water)
+        self._backlog_chats = plan.chat_ids
         self._backlog_todo = collections.deque(plan.message_chats)
         self._updates_todo = collections.deque(plan.update_chats)
         self._updates_pending = {chat_id for chat_id, _, _ in plan.update_chats}
@@ -623,7 +625,11 @@ class SessionMachine:
             return item
         version = item.version
         if version is None:
-            return item  # a receipt: never part of a backlog
+            # A receipt or a change of members: never part of a backlog. Except a group one
+            # was added to: the backlog carries it when the snapshot had it as a new chat.
+            if item.frame_type == "new_chats" and item.chat_id in self._backlog_chats:
+                return None
+            return item
         newest = self._marks.get(item.chat_id or "")
         if newest is None:
             return item  # a chat created after the snapshot

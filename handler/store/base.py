@@ -56,7 +56,8 @@ class Committed:
 
     `chat.participants` are the members when it committed. `audience`, when set, narrows who
     is told (in a group: a change only reaches the members who had the message, a receipt
-    the members it concerns).
+    the members it concerns). A group's receipt is told to its `audience` alone, so its
+    chat's participants are not loaded for it (they may be empty or as the caller knew them).
     """
 
     chat: Chat

@@ -46,8 +46,8 @@ def receipt_audience(
     db: Database, dialect: Dialect, chat_row: int, user_id: str, first: int, seq: int
 ) -> tuple[str, ...]:
     """Whom a member's receipt for messages `first..seq` concerns in a group: the other
-    members who wrote one of them. (Telling all 255 others of every member's every receipt
-    would multiply the frames of a busy group by its size.)"""
+    members (still members) who wrote one of them. (Telling all 255 others of every
+    member's every receipt would multiply the frames of a busy group by its size.)"""
     rows = db.execute(
         dialect.sql("senders_between"),
         {"chat": chat_row, "user": user_id, "first": first, "seq": seq},

@@ -62,7 +62,6 @@ from handler.store.sql_store import (
 from handler.timefmt import format_ms
 
 _BATCH_RETRIES: Final = 5
-_SQL: Final = Dialect(pyformat=True)  # the shared write statements, in psycopg's style
 _NOW_MS: Final = "floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
 _PIPELINE: Final = psycopg.Pipeline.is_supported()
 # Retried whole: nothing was committed and the same batch can succeed on a second try.
@@ -79,6 +78,11 @@ def encode(text: str) -> bytes:
 def decode(data: bytes) -> str:
     """The inverse of `encode`, for what the BYTEA columns return."""
     return bytes(data).decode("utf-8", "surrogatepass")
+
+
+# The shared write statements, in psycopg's style (and its rows' text decoded, for the group
+# state a membership change hands over).
+_SQL: Final = Dialect(pyformat=True, text=decode)
 
 
 def _returned_id(cursor: psycopg.Cursor[TupleRow]) -> int:
@@ -614,16 +618,18 @@ def _record_delivered(
     firsts: dict[int, int] = {}
     for layer in layers:
         asked = {mark[0]: mark for mark in layer}
-        for chat_row, seq in cursor.execute(
+        for chat_row, seq, before in cursor.execute(
+            # (`o`, the same row joined again, is the mark before this update.)
             "UPDATE members m SET delivered_at_ms = %s, delivered_seq = COALESCE((SELECT x.seq"
             " FROM messages x WHERE x.chat_id = v.chat AND x.seq > v.seq"
             " AND x.sender_id <> m.user_id ORDER BY x.seq LIMIT 1) - 1,"
             " (SELECT c.last_seq FROM chats c WHERE c.id = v.chat)) FROM"
-            " unnest(%s::bigint[], %s::bigint[], %s::bigint[]) AS v(chat, seq, first)"
-            " WHERE m.chat_id = v.chat AND m.user_id = %s AND m.delivered_seq < v.seq"
+            " unnest(%s::bigint[], %s::bigint[], %s::bigint[]) AS v(chat, seq, first),"
+            " members o WHERE m.chat_id = v.chat AND m.user_id = %s AND m.delivered_seq < v.seq"
+            " AND o.chat_id = m.chat_id AND o.user_id = m.user_id"
             " AND NOT EXISTS (SELECT 1 FROM messages x WHERE x.chat_id = v.chat"
             " AND x.seq > m.delivered_seq AND x.seq < v.first AND x.sender_id <> m.user_id)"
-            " RETURNING m.chat_id, m.delivered_seq",
+            " RETURNING m.chat_id, m.delivered_seq, o.delivered_seq",
             (
                 now,
                 [mark[0] for mark in layer],
@@ -635,7 +641,7 @@ def _record_delivered(
             moved_to[chat_row] = seq
             mark = asked[chat_row]
             message_ids[chat_row] = mark[3] if seq == mark[2] else None
-            firsts[chat_row] = min(firsts.get(chat_row, mark[1]), mark[1])
+            firsts.setdefault(chat_row, before + 1)  # the first layer's mark was the lowest
     # A mark that went on over the user's own messages: the id of the message it ends at.
     beyond = [(row, seq) for row, seq in moved_to.items() if message_ids[row] is None]
     if beyond:

@@ -204,7 +204,8 @@ _QUERIES.update(
         " WHERE chat_id = :chat AND seq = :seq",
         # The other members who wrote in a range of seq: whom a group receipt concerns.
         "senders_between": "SELECT DISTINCT sender_id FROM messages WHERE chat_id = :chat"
-        " AND seq >= :first AND seq <= :seq AND sender_id <> :user",
+        " AND seq >= :first AND seq <= :seq AND sender_id <> :user AND sender_id IN"
+        " (SELECT user_id FROM members WHERE chat_id = :chat)",
     }
 )
 

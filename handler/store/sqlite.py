@@ -430,8 +430,9 @@ def _record_delivered(db: sqlite3.Connection, delivered: Delivered) -> tuple[Com
             if row[0] != seq:  # it went on over the user's own messages after `seq`
                 found = db.execute(_DIALECT.sql("message_at"), {**where, "seq": row[0]})
                 message_id = str(found.fetchone()[0])
-            earliest = moved[chat_row][2] if chat_row in moved else first
-            moved[chat_row] = (row[0], message_id, min(earliest, first))
+            # The newly delivered range starts above the mark as it was before this op.
+            earliest = moved[chat_row][2] if chat_row in moved else before[0] + 1
+            moved[chat_row] = (row[0], message_id, earliest)
     if not moved:
         return ()
     rows = db.execute(
