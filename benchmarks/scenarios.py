@@ -320,14 +320,14 @@ SCENARIO_A: Final = Scenario(
 # ----------------------------------------------------------------------------- (b)
 
 
-def _b_run(run: Measured) -> dict[str, Any]:
+def _open_loop_figures(run: Measured) -> dict[str, Any]:
+    """What every open-loop latency scenario ((b), (i)) reports of one run."""
     result, win = run.result, run.window()
     cpu = win["server_cpu_s"]
     latency = result["delivery_latency"]
     return {
         "delivered_per_s": result["delivered_per_s"],
         "sent_per_s": result["sent_per_s"],
-        "lost": result["lost"],
         "p50_ms": latency.get("p50_ms"),
         "p99_ms": latency.get("p99_ms"),
         "p999_ms": latency.get("p999_ms"),
@@ -343,6 +343,10 @@ def _b_run(run: Measured) -> dict[str, Any]:
         "histogram": result["delivery_histogram"],
         "timeline": result["timeline"],
     }
+
+
+def _b_run(run: Measured) -> dict[str, Any]:
+    return {**_open_loop_figures(run), "lost": run.result["lost"]}
 
 
 def _b_rows(out: Outcome, ctx: Context) -> None:
@@ -705,38 +709,26 @@ SCENARIO_H: Final = Scenario(
 
 
 def _i_run(run: Measured) -> dict[str, Any]:
-    result, win = run.result, run.window()
-    cpu = win["server_cpu_s"]
-    latency = result["delivery_latency"]
+    result = run.result
     receipts = sum(n for k, n in result["other_frames"].items() if k.startswith("receipt"))
     return {
-        "members": result["members"],
-        "senders": result["senders"],
-        "sent": result["sent"],
-        "sent_per_s": result["sent_per_s"],
-        "expected_copies": result["expected_copies"],
-        "delivered": result["delivered"],
-        "delivered_per_s": result["delivered_per_s"],
-        "acks": result["acks"],
-        "duplicates": result["duplicates"],
-        "missing": result["missing"],
-        "foreign": result["foreign"],
-        "p50_ms": latency.get("p50_ms"),
-        "p99_ms": latency.get("p99_ms"),
-        "p999_ms": latency.get("p999_ms"),
-        "max_ms": latency.get("max_ms"),
-        "ack_p50_ms": result["ack_latency"].get("p50_ms"),
-        "ack_p99_ms": result["ack_latency"].get("p99_ms"),
-        "send_lag_p99_ms": result["send_lag"].get("p99_ms"),
+        **_open_loop_figures(run),
+        **{
+            key: result[key]
+            for key in (
+                "members",
+                "senders",
+                "sent",
+                "expected_copies",
+                "delivered",
+                "acks",
+                "duplicates",
+                "missing",
+                "foreign",
+                "setup_s",
+            )
+        },
         "receipts_per_s": receipts / result["elapsed_s"],
-        "server_cpu_frac": cpu / win["wall_s"],
-        "delivered_per_server_cpu_s": per(result["delivered"], cpu),
-        "generator_cpu_frac": win["generator_cpu_s"] / win["wall_s"],
-        "other_cpu_frac": win["other_cpu_frac"],
-        "setup_s": result["setup_s"],
-        "errors": result["errors"],
-        "histogram": result["delivery_histogram"],
-        "timeline": result["timeline"],
     }
 
 
