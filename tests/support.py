@@ -116,6 +116,23 @@ class _Syncing:
                 before.append(frame)
 
 
+def _answer_pings_only_while_open() -> None:
+    """trio-websocket answers a ping even after it sent its own close frame, which wsproto
+    refuses: the `LocalProtocolError` escapes the client's close (python-trio/trio-websocket
+    issue 184; the fix proposed upstream, in its pull request 198, is this one). The servers
+    under test ping every 0.1 s, so a test's close now and then meets one."""
+    answer = WebSocketConnection._handle_ping_event
+
+    async def answer_while_open(self: WebSocketConnection, event: ws_events.Ping) -> None:
+        if self._wsproto.state == ConnectionState.OPEN:
+            await answer(self, event)
+
+    WebSocketConnection._handle_ping_event = answer_while_open  # type: ignore[method-assign]
+
+
+_answer_pings_only_while_open()
+
+
 class Client(_Syncing):
     """A JSON-speaking WebSocket client with bounded waits."""
 
