@@ -708,6 +708,11 @@ SCENARIO_H: Final = Scenario(
 # ----------------------------------------------------------------------------- (i)
 
 
+def _none_row(label: str, total: Any, unit: str) -> Row:
+    """A count that must be zero over every run."""
+    return Row(label, total, unit, target="= 0", ok=None if total is None else total == 0)
+
+
 def _i_run(run: Measured) -> dict[str, Any]:
     result = run.result
     receipts = sum(n for k, n in result["other_frames"].items() if k.startswith("receipt"))
@@ -762,27 +767,9 @@ def _i_rows(out: Outcome, ctx: Context) -> None:
         ),
         Row("publish-to-deliver latency max", out.median("max_ms"), "ms"),
         Row("sender's ack latency p99", out.median("ack_p99_ms"), "ms"),
-        Row(
-            f"duplicate copies (sum of {runs} runs)",
-            duplicates,
-            "msg",
-            target="= 0",
-            ok=None if duplicates is None else duplicates == 0,
-        ),
-        Row(
-            f"missing copies (sum of {runs} runs)",
-            missing,
-            "msg",
-            target="= 0",
-            ok=None if missing is None else missing == 0,
-        ),
-        Row(
-            f"error frames and closed connections (sum of {runs} runs)",
-            errors,
-            "frames",
-            target="= 0",
-            ok=None if errors is None else errors == 0,
-        ),
+        _none_row(f"duplicate copies (sum of {runs} runs)", duplicates, "msg"),
+        _none_row(f"missing copies (sum of {runs} runs)", missing, "msg"),
+        _none_row(f"error frames and closed connections (sum of {runs} runs)", errors, "frames"),
         Row("receipt frames received/s (read, not timed)", out.median("receipts_per_s"), "frame/s"),
         Row("server CPU (fraction of one core)", out.median("server_cpu_frac"), "core"),
         Row(

@@ -281,13 +281,22 @@ class GroupChange:
         added = set(self.added)
         return tuple(user for user in self.view.chat.participants if user not in added)
 
+    _unread: dict[str, int] = attrs.field(init=False, eq=False, repr=False)
+    _sees_nothing: frozenset[str] = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        # Looked up once per member by the fan-out: built once, not searched per member.
+        object.__setattr__(self, "_unread", dict(self.unread))
+        object.__setattr__(
+            self, "_sees_nothing", frozenset((*self.added, *self.removed, *self.unseen_last))
+        )
+
     def view_for(self, user_id: str) -> ChatView:
         """The chat object for one user: an added or removed user, or one who joined after
         the last message, sees no last message and nothing unread."""
-        if user_id in self.added or user_id in self.removed or user_id in self.unseen_last:
+        if user_id in self._sees_nothing:
             return attrs.evolve(self.view, last_message=None, unread_count=0)
-        unread = dict(self.unread).get(user_id, 0)
-        return attrs.evolve(self.view, unread_count=unread)
+        return attrs.evolve(self.view, unread_count=self._unread.get(user_id, 0))
 
 
 @attrs.frozen

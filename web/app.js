@@ -1323,18 +1323,7 @@ function showError(frame, heading = null) {
     el("strong", {}, heading ?? errorSentence(frame)),
     el("span", {}, heading ? [errorSentence(frame), ...details].join(" ") : details.join(" ")),
   );
-  const toast = el("div", { class: "toast", "data-code": frame?.code ?? "" }, text);
-  const close = el(
-    "button",
-    { type: "button", class: "icon-button", "aria-label": "Dismiss" },
-    "\u00d7",
-  );
-  close.addEventListener("click", () => toast.remove());
-  toast.append(close);
-  const errors = $("errors");
-  errors.append(toast);
-  while (errors.children.length > 3) errors.firstElementChild.remove();
-  setTimeout(() => toast.remove(), ERROR_TOAST_MS);
+  addToast(el("div", { class: "toast", "data-code": frame?.code ?? "" }, text), ERROR_TOAST_MS);
 }
 
 /** A short notice that is not an error (e.g. the person is no longer in a group). */
@@ -1344,6 +1333,11 @@ function showNotice(text) {
     { class: "toast notice", role: "status" },
     el("div", { class: "toast-text" }, el("span", {}, text)),
   );
+  addToast(toast, NOTICE_TOAST_MS);
+}
+
+/** Show a toast with a dismiss button for `lifetimeMs`; at most three at a time. */
+function addToast(toast, lifetimeMs) {
   const close = el(
     "button",
     { type: "button", class: "icon-button", "aria-label": "Dismiss" },
@@ -1354,7 +1348,7 @@ function showNotice(text) {
   const errors = $("errors");
   errors.append(toast);
   while (errors.children.length > 3) errors.firstElementChild.remove();
-  setTimeout(() => toast.remove(), NOTICE_TOAST_MS);
+  setTimeout(() => toast.remove(), lifetimeMs);
 }
 
 // ---------------------------------------------------------------------------- frame log
