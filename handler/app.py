@@ -42,7 +42,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from handler.auth import TokenAuthority
-from handler.bus import Bus, open_bus
+from handler.bus import Bus, open_bus, open_presence_link
 from handler.config import DEFAULT_CONFIG_PATH, Config, StorageConfig, load_config, redact
 from handler.errors import (
     CloseCode,
@@ -191,6 +191,7 @@ def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
 async def _close(services: Services) -> None:
     with trio.CancelScope(shield=True):
         await services.hub.close_all(CloseCode.GOING_AWAY, SHUTDOWN_GRACE_S)
+        await services.hub.presence.stop()
         await services.hub.marks.stop()
         await services.store.aclose()
         if services.process_lock is not None:
@@ -228,6 +229,9 @@ async def start_services(config: Config, nursery: trio.Nursery) -> Services:
             rate_per_s=config.limits.rate_per_s,
             rate_burst=config.limits.rate_burst,
             max_connections_per_user=config.limits.max_connections_per_user,
+            presence_link=open_presence_link(config.bus),
+            presence=config.limits.presence,
+            presence_grace_s=config.limits.presence_grace_s,
         )
         await nursery.start(
             partial(bus.run, hub.deliver, on_resync=hub.resync, on_settle=hub.marks.sync)

@@ -75,6 +75,9 @@ class LimitsConfig:
     ping_interval_s: float = 20.0
     compression: bool = False
     max_group_members: int = protocol.MAX_GROUP_MEMBERS
+    presence: bool = True
+    presence_grace_s: float = 5.0
+    max_blocked_users: int = 1000
 
     def protocol_limits(self) -> protocol.Limits:
         return protocol.Limits(

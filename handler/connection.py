@@ -35,6 +35,7 @@ from handler.session.outgoing import (
     PING_ITEM,
     RETIRE,
     RETIRE_ITEM,
+    TYPING,
     Outgoing,
     Receipt,
     utf8_length,
@@ -120,10 +121,13 @@ class Connection:
     # ------------------------------------------------------------------ writes
 
     def push_nowait(self, item: Outgoing) -> None:
-        """Fan-out path: never blocks; a full outbox drops the connection."""
+        """Fan-out path: never blocks; a full outbox drops the connection. Typing is
+        discarded once the outbox is half full, and so never causes a drop."""
         if self.close_code is not None:
             return
         size = utf8_length(item.text)
+        if item.frame_type == TYPING and self._half_full(size):
+            return
         if not self._has_room(size):
             self.drop()
             return
@@ -135,6 +139,13 @@ class Connection:
             pass
         else:
             self._queued_bytes += size
+
+    def _half_full(self, size: int) -> bool:
+        statistics = self._send.statistics()
+        return (
+            statistics.current_buffer_used * 2 >= statistics.max_buffer_size
+            or (self._queued_bytes + size) * 2 > self._byte_capacity
+        )
 
     def _has_room(self, size: int) -> bool:
         queued = self._queued_bytes

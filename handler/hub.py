@@ -33,9 +33,13 @@ from handler.connection import Connection, Outgoing, Receipt
 from handler.delivery_marks import DeliveryMarks
 from handler.errors import CloseCode, ConnectionLimitReached, HandlerError
 from handler.metrics import Metrics
+from handler.presence.link import LocalPresenceLink, PresenceLink
+from handler.presence.service import Presence
 from handler.ratelimit import TokenBucket
-from handler.session.outgoing import SeqMark
+from handler.relations import Relations
+from handler.session.outgoing import TYPING, SeqMark
 from handler.store.base import Committed, Store
+from handler.store.blocks import refused_in_chat
 
 __all__ = ["ConnectionLimitReached", "Endpoint", "Hub"]
 
@@ -79,8 +83,20 @@ class Hub:
         rate_per_s: float,
         rate_burst: float,
         max_connections_per_user: int = DEFAULT_MAX_CONNECTIONS_PER_USER,
+        presence_link: PresenceLink | None = None,
+        presence: bool = True,
+        presence_grace_s: float = 5.0,
     ) -> None:
         self.bus = bus
+        self.relations = Relations(store, with_contacts=presence)
+        self.presence = Presence(
+            store,
+            presence_link or LocalPresenceLink(),
+            self.relations,
+            self.push_to_user,
+            grace_s=presence_grace_s,
+            enabled=presence,
+        )
         self.metrics = metrics
         self.marks = DeliveryMarks(store)
         self._max_connections = max_connections_per_user
@@ -104,6 +120,7 @@ class Hub:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._publish, commits)
+            await nursery.start(self.presence.run)
             task_status.started()
             await trio.sleep_forever()
 
@@ -185,6 +202,8 @@ class Hub:
                 raise
             finally:
                 entry.ready.set()
+            self.relations.bind(user_id, self._nursery)
+            self.presence.connected(user_id)
         else:
             entry.endpoints[connection.id] = endpoint
             await entry.ready.wait()
@@ -206,6 +225,8 @@ class Hub:
         del self.users[user_id]
         self.metrics.bound_users.dec()
         entry.left.set()
+        self.presence.disconnected(user_id)
+        self.relations.forget(user_id)
         if entry.ready.is_set() and not entry.failed:
             with trio.CancelScope(shield=True), trio.move_on_after(UNSUBSCRIBE_TIMEOUT_S):
                 try:
@@ -220,6 +241,40 @@ class Hub:
             await entry.opened.wait()
         assert entry.nursery is not None
         return entry.nursery
+
+    def push_to_user(self, user_id: str, item: Outgoing) -> None:
+        """A live notification (presence) to every open connection of a user bound here."""
+        entry = self.users.get(user_id)
+        if entry is not None:
+            for endpoint in list(entry.endpoints.values()):
+                self._hand(endpoint, item)
+
+    async def typing(self, user_id: str, chat: protocol.Chat, active: bool) -> None:
+        """Tell the chat's other participants, on every node, that the user types (or
+        stopped); never stored. A block hides it: refused in a direct chat (`forbidden`),
+        left out per member in a group."""
+        relations = await self.relations.ready(user_id)
+        if (
+            relations is not None
+            and not chat.is_group
+            and any(relations.apart(other) for other in chat.participants)
+        ):
+            raise refused_in_chat()
+        self._signal_typing(user_id, chat, active)
+
+    def stop_typing(self, user_id: str, chat: protocol.Chat) -> None:
+        self._signal_typing(user_id, chat, False)
+
+    def _signal_typing(self, user_id: str, chat: protocol.Chat, active: bool) -> None:
+        relations = self.relations.get(user_id)
+        others = tuple(
+            user
+            for user in chat.participants
+            if user != user_id and (relations is None or not relations.apart(user))
+        )
+        if others:
+            signal = protocol.TypingEvent(chat.chat_id, user_id, active)
+            self.bus.publish_nowait(Delivery("typing", others, typing=signal))
 
     def user_connections(self, user_id: str) -> Iterable[Connection]:
         entry = self.users.get(user_id)
@@ -253,8 +308,12 @@ class Hub:
                 self._deliver_receipt(event)
             elif kind == "update":
                 self._deliver_update(event)
+            elif kind == "typing":
+                self._deliver_typing(event)
             elif kind == "members":
                 self._deliver_members(event)
+            elif kind == "block":
+                self._deliver_block(event)
             else:
                 self._deliver_chat(event)
         except Exception as error:
@@ -336,9 +395,47 @@ class Hub:
                     text = plain
                 self._hand(endpoint, Outgoing(text, "receipt", None, now))
 
+    def _deliver_typing(self, event: Delivery) -> None:
+        """Typing is the first thing dropped for a client that falls behind (`Connection`)."""
+        signal = event.typing
+        assert signal is not None
+        text: str | None = None
+        now = trio.current_time()
+        for user_id in event.recipients:
+            entry = self.users.get(user_id)
+            if entry is None:
+                continue
+            text = text or protocol.encode(signal)
+            for endpoint in list(entry.endpoints.values()):
+                self._hand(endpoint, Outgoing(text, TYPING, None, now, None, signal.chat_id))
+
+    def _deliver_block(self, event: Delivery) -> None:
+        """Both sides' relations here change; the blocker's connections get the new list
+        (the origin's copy answers its request); each side's view of the other's presence
+        changes. The blocked user is not told."""
+        change = event.block
+        assert change is not None
+        self.relations.block_changed(change)
+        self.presence.block_changed(change, event.recipients)
+        entry = self.users.get(change.blocker)
+        if entry is None or change.blocker not in event.recipients:
+            return
+        now = trio.current_time()
+        plain: str | None = None
+        for connection_id, endpoint in list(entry.endpoints.items()):
+            if connection_id == event.origin_connection:
+                text = protocol.encode(
+                    protocol.BlockedFrame(change.blocks, event.origin_request_id)
+                )
+            else:
+                plain = plain or protocol.encode(protocol.BlockedFrame(change.blocks))
+                text = plain
+            self._hand(endpoint, Outgoing(text, "blocked", None, now))
+
     def _deliver_chat(self, event: Delivery) -> None:
         chat = event.chat
         assert chat is not None
+        self.relations.chat_created(chat, event.recipients)
         now = trio.current_time()
         text: str | None = None  # a new chat's object is the same for every participant
         for user_id in event.recipients:
@@ -360,6 +457,8 @@ class Hub:
         `request_id`). Each user's copy is their own chat object (unread count)."""
         change = event.group
         assert change is not None
+        assert self._nursery is not None
+        self.relations.members_changed(change, event.recipients, self._nursery)
         chat_id = change.view.chat_id
         now = trio.current_time()
         added = set(change.added)
@@ -465,6 +564,15 @@ def _delivery(committed: Committed) -> Delivery:
             origin_connection=origin.connection_id,
             origin_request_id=origin.request_id,
             hidden=hidden,
+        )
+    block = committed.block
+    if block is not None:
+        return Delivery(
+            "block",
+            recipients=(block.blocked, block.blocker),
+            block=block,
+            origin_connection=origin.connection_id,
+            origin_request_id=origin.request_id,
         )
     group = committed.group
     if group is not None:

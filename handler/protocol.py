@@ -38,6 +38,8 @@ MAX_REQUEST_ID_CHARS: Final = 64
 MAX_TOKEN_CHARS: Final = 8192
 MAX_GROUP_MEMBERS: Final = 256
 MAX_TITLE_CHARS: Final = 128
+MAX_PRESENCE_IDS: Final = 200
+TYPING_EXPIRES_MS: Final = 6000
 _INT64_MAX: Final = 2**63 - 1
 
 RequestId = str | int
@@ -160,6 +162,48 @@ class RemoveMember:
     type: ClassVar[str] = "remove_member"
 
 
+@attrs.frozen
+class Typing:
+    chat_id: str
+    active: bool = True
+    token: str | None = None
+    request_id: RequestId | None = None
+    type: ClassVar[str] = "typing"
+
+
+@attrs.frozen
+class FetchPresence:
+    """`user_ids` None: the user's most recently active contacts."""
+
+    user_ids: tuple[str, ...] | None = None
+    token: str | None = None
+    request_id: RequestId | None = None
+    type: ClassVar[str] = "fetch_presence"
+
+
+@attrs.frozen
+class BlockUser:
+    user_id: str
+    token: str | None = None
+    request_id: RequestId | None = None
+    type: ClassVar[str] = "block_user"
+
+
+@attrs.frozen
+class UnblockUser:
+    user_id: str
+    token: str | None = None
+    request_id: RequestId | None = None
+    type: ClassVar[str] = "unblock_user"
+
+
+@attrs.frozen
+class FetchBlocked:
+    token: str | None = None
+    request_id: RequestId | None = None
+    type: ClassVar[str] = "fetch_blocked"
+
+
 ClientFrame = (
     CreateChat
     | CreateGroup
@@ -172,10 +216,22 @@ ClientFrame = (
     | MarkRead
     | EditMessage
     | DeleteMessage
+    | Typing
+    | FetchPresence
+    | BlockUser
+    | UnblockUser
+    | FetchBlocked
 )
 # The frames that name a chat the user must be a participant of (loaded before serving).
 ChatFrame = (
-    SendMessage | FetchMessages | MarkRead | EditMessage | DeleteMessage | AddMembers | RemoveMember
+    SendMessage
+    | FetchMessages
+    | MarkRead
+    | EditMessage
+    | DeleteMessage
+    | AddMembers
+    | RemoveMember
+    | Typing
 )
 
 
@@ -297,6 +353,17 @@ class GroupChange:
         if user_id in self._sees_nothing:
             return attrs.evolve(self.view, last_message=None, unread_count=0)
         return attrs.evolve(self.view, unread_count=self._unread.get(user_id, 0))
+
+
+@attrs.frozen
+class BlockChange:
+    """`blocker` started (`on`) or stopped blocking `blocked`; `blocks` is every user the
+    blocker blocks now, sorted (their `blocked` frame)."""
+
+    blocker: str
+    blocked: str
+    on: bool
+    blocks: tuple[str, ...]
 
 
 @attrs.frozen
@@ -495,6 +562,61 @@ class ReceiptFrame:
 
 
 @attrs.frozen
+class TypingEvent:
+    """`typing`: `user_id` started (or stopped) typing in the chat."""
+
+    chat_id: str
+    user_id: str
+    active: bool
+    expires_in_ms: int = TYPING_EXPIRES_MS
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": "typing",
+            "chat_id": self.chat_id,
+            "user_id": self.user_id,
+            "active": self.active,
+            "expires_in_ms": self.expires_in_ms,
+        }
+
+
+@attrs.frozen
+class PresenceEntry:
+    """One user's presence as another user may see it (`last_seen`: None while online,
+    or never connected, or not visible)."""
+
+    user_id: str
+    online: bool = False
+    last_seen: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"user_id": self.user_id, "online": self.online, "last_seen": self.last_seen}
+
+
+@attrs.frozen
+class PresenceFrame:
+    entries: tuple[PresenceEntry, ...]
+    request_id: RequestId | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return _with_request_id(
+            {"type": "presence", "data": [entry.to_wire() for entry in self.entries]},
+            self.request_id,
+        )
+
+
+@attrs.frozen
+class BlockedFrame:
+    """`blocked`: every user id the user blocks, sorted."""
+
+    user_ids: tuple[str, ...]
+    request_id: RequestId | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return _with_request_id({"type": "blocked", "data": list(self.user_ids)}, self.request_id)
+
+
+@attrs.frozen
 class Pong:
     request_id: RequestId | None = None
 
@@ -540,6 +662,9 @@ ServerFrame = (
     | UpdatedMessages
     | MessageUpdated
     | ReceiptFrame
+    | TypingEvent
+    | PresenceFrame
+    | BlockedFrame
     | Pong
     | ErrorFrame
 )
@@ -731,6 +856,21 @@ class _Fields:
                 f" {limits.max_group_members} members)",
                 field=name,
             )
+        return self._distinct_user_ids(name, value)
+
+    def optional_user_ids(self, name: str, most: int) -> tuple[str, ...] | None:
+        """Absent, or an array of 1..`most` distinct user ids."""
+        value = self._obj.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not 1 <= len(value) <= most:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, f"{name} must be an array of 1..{most} user ids", field=name
+            )
+        return self._distinct_user_ids(name, value)
+
+    @staticmethod
+    def _distinct_user_ids(name: str, value: list[Any]) -> tuple[str, ...]:
         for member in value:
             if not isinstance(member, str):
                 raise ProtocolError(
@@ -742,6 +882,14 @@ class _Fields:
                 ErrorCode.BAD_REQUEST, f"{name} must not name a user twice", field=name
             )
         return tuple(value)
+
+    def optional_bool(self, name: str, default: bool) -> bool:
+        value = self._obj.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{name} must be a boolean", field=name)
+        return value
 
     def absent_or_user_id(self, name: str) -> str | None:
         if self._obj.get(name) is None:
@@ -906,6 +1054,43 @@ def _build_remove_member(
     )
 
 
+def _build_typing(
+    fields: _Fields, token: str | None, request_id: RequestId | None, limits: Limits
+) -> ClientFrame:
+    return Typing(
+        fields.required_str("chat_id"),
+        fields.optional_bool("active", True),
+        token=token,
+        request_id=request_id,
+    )
+
+
+def _build_fetch_presence(
+    fields: _Fields, token: str | None, request_id: RequestId | None, limits: Limits
+) -> ClientFrame:
+    return FetchPresence(
+        fields.optional_user_ids("user_ids", MAX_PRESENCE_IDS), token=token, request_id=request_id
+    )
+
+
+def _build_block_user(
+    fields: _Fields, token: str | None, request_id: RequestId | None, limits: Limits
+) -> ClientFrame:
+    return BlockUser(fields.user_id("user_id"), token=token, request_id=request_id)
+
+
+def _build_unblock_user(
+    fields: _Fields, token: str | None, request_id: RequestId | None, limits: Limits
+) -> ClientFrame:
+    return UnblockUser(fields.user_id("user_id"), token=token, request_id=request_id)
+
+
+def _build_fetch_blocked(
+    fields: _Fields, token: str | None, request_id: RequestId | None, limits: Limits
+) -> ClientFrame:
+    return FetchBlocked(token=token, request_id=request_id)
+
+
 _BUILDERS: Final[dict[str, _Builder]] = {
     "create_chat": _build_create_chat,
     "send_message": _build_send_message,
@@ -918,6 +1103,11 @@ _BUILDERS: Final[dict[str, _Builder]] = {
     "create_group": _build_create_group,
     "add_members": _build_add_members,
     "remove_member": _build_remove_member,
+    "typing": _build_typing,
+    "fetch_presence": _build_fetch_presence,
+    "block_user": _build_block_user,
+    "unblock_user": _build_unblock_user,
+    "fetch_blocked": _build_fetch_blocked,
 }
 
 CLIENT_FRAME_TYPES: Final = tuple(sorted(_BUILDERS))

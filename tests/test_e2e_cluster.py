@@ -52,6 +52,9 @@ _MODULES: Final = (
     "test_e2e_limits",
     "test_e2e_messages",
     "test_e2e_receipts",
+    "test_e2e_typing",
+    "test_e2e_presence",
+    "test_e2e_blocking",
 )
 
 # Tests whose subject only exists on one node.
@@ -67,6 +70,9 @@ _SINGLE_NODE: Final = {
     # Token buckets are per node: a user's devices on two nodes get the rate of each node.
     # docs/design.md ("Several processes") states the limit.
     "test_rate_limit_is_per_user_not_per_connection": "rate limits are per node",
+    # Restarts one server on the same SQLite file; a cluster's last_seen lives in PostgreSQL
+    # and is checked after a node is killed (test_cluster_process).
+    "test_last_seen_survives_a_restart": "one SQLite file restarted",
 }
 
 

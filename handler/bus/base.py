@@ -29,25 +29,36 @@ from typing import Literal, Protocol
 import attrs
 import trio
 
-from handler.protocol import Chat, GroupChange, Message, ReceiptFrame, RequestId
+from handler.protocol import (
+    BlockChange,
+    Chat,
+    GroupChange,
+    Message,
+    ReceiptFrame,
+    RequestId,
+    TypingEvent,
+)
 
 
 @attrs.define  # not frozen: one per commit on the hot path (messages, receipts); never changed
 class Delivery:
     """A committed event to push to the open connections of `recipients`: a new chat, a new
-    message, a changed message (`update`), a moved mark (`receipt`), or a change of a
-    group's members (`members`: `group`).
+    message, a changed message (`update`), a moved mark (`receipt`), a change of a
+    group's members (`members`: `group`), a block or unblock (`block`), or a live signal
+    that is never stored (`typing`: at most once, so never repaired when lost).
 
     `origin_connection` is the connection whose frame caused it; it receives the event with
     `origin_request_id` (its acknowledgement) instead of the plain copy.
     """
 
-    kind: Literal["message", "update", "receipt", "chat", "members"]
+    kind: Literal["message", "update", "receipt", "chat", "members", "block", "typing"]
     recipients: tuple[str, ...]
     message: Message | None = None
     chat: Chat | None = None
     receipt: ReceiptFrame | None = None
     group: GroupChange | None = None
+    block: BlockChange | None = None
+    typing: TypingEvent | None = None
     origin_connection: str | None = None
     origin_request_id: RequestId | None = None
     # Recipients who take part in the chat's order but are not told (a group member who

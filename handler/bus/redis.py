@@ -419,19 +419,24 @@ class RedisBus:
             local = [user for user in event.recipients if user in self._users]
             if local:
                 self._deliver(event, local)
+        repaired = event.kind != "typing"  # a lost typing signal just expires
         try:
             payload = redis_codec.encode_event(self.node_id, event)
         except (TypeError, orjson.JSONEncodeError) as error:
             log.warning("cannot serialize a delivery: %r", error)
-            self._losses.lose(event.recipients)
+            if repaired:
+                self._losses.lose(event.recipients)
             return
-        outgoing = Outgoing(tuple(self._channels.user(u) for u in event.recipients), payload)
+        outgoing = Outgoing(
+            tuple(self._channels.user(u) for u in event.recipients), payload, repaired
+        )
         try:
             self._send.send_nowait(outgoing)
         except trio.WouldBlock:
             # Slow-consumer policy for Redis itself: drop, remember whom, resync them later.
             self._stats.dropped += 1
-            self._losses.lose(event.recipients)
+            if repaired:
+                self._losses.lose(event.recipients)
 
     async def _publisher(self, client: coredis.Redis[bytes]) -> None:
         delay = 0.0

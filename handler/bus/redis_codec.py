@@ -24,6 +24,8 @@ copies of its own payloads that Redis sends back:
   `chat` the chat
   event's array and each marks or counts list `[[user_id, number], ...]` (one payload for all
   members: the per-user parts are lists, not one object per member);
+- a block or unblock: `{"o", "b": [blocker, blocked, on, [every user the blocker blocks]]}`;
+- typing: `{"o", "t": [chat_id, user_id, active]}` (at most once: never repaired);
 - a resync notice: `{"o", "r": 1}`;
 - a settle request: `{"o", "s": token}`, and its answer `{"o", "a": token}`;
 - a heartbeat: `{"o"}` alone.
@@ -38,7 +40,17 @@ import attrs
 import orjson
 
 from handler.bus.base import Delivery
-from handler.protocol import DIRECT, GROUP, Chat, ChatView, GroupChange, Message, ReceiptFrame
+from handler.protocol import (
+    DIRECT,
+    GROUP,
+    BlockChange,
+    Chat,
+    ChatView,
+    GroupChange,
+    Message,
+    ReceiptFrame,
+    TypingEvent,
+)
 
 
 class MalformedPayload(ValueError):
@@ -51,6 +63,8 @@ class Outgoing:
 
     channels: tuple[bytes, ...]
     payload: bytes
+    # False for what may be lost without repair (typing): a failed send owes no resync.
+    repaired: bool = True
 
 
 class Channels:
@@ -112,6 +126,14 @@ def encode_event(node: str, event: Delivery) -> bytes:
         if event.hidden:
             payload["h"] = list(event.hidden)
         return orjson.dumps(payload)
+    if kind == "typing":
+        t = event.typing
+        assert t is not None
+        return orjson.dumps({"o": node, "t": [t.chat_id, t.user_id, t.active]})
+    if kind == "block":
+        b = event.block
+        assert b is not None
+        return orjson.dumps({"o": node, "b": [b.blocker, b.blocked, b.on, list(b.blocks)]})
     if kind == "receipt":
         r = event.receipt
         assert r is not None
@@ -203,6 +225,20 @@ def _group(g: Any) -> GroupChange:
     )
 
 
+def _typing(t: Any) -> TypingEvent:
+    if not (isinstance(t, list) and len(t) == 3 and isinstance(t[2], bool)):
+        raise ValueError(f"a typing array has chat, user and a boolean: {t!r}")
+    chat_id, user_id = _strings(t[:2])
+    return TypingEvent(chat_id, user_id, t[2])
+
+
+def _block(b: Any) -> BlockChange:
+    if not (isinstance(b, list) and len(b) == 4 and isinstance(b[2], bool)):
+        raise ValueError(f"a block array has two users, a boolean and a list: {b!r}")
+    blocker, blocked = _strings(b[:2])
+    return BlockChange(blocker, blocked, b[2], _strings(b[3]))
+
+
 def _message(m: list[Any]) -> Message:
     return Message(
         m[0], m[1], m[2], m[3], m[4], m[5], m[6], int(m[7]), int(m[8]), m[9], bool(m[10])
@@ -229,6 +265,10 @@ def decode_event(data: Mapping[str, Any], user_id: str) -> Delivery | None:
             return Delivery("chat", (user_id,), chat=_chat(data["c"]))
         if "g" in data:
             return Delivery("members", (user_id,), group=_group(data["g"]))
+        if "t" in data:
+            return Delivery("typing", (user_id,), typing=_typing(data["t"]))
+        if "b" in data:
+            return Delivery("block", (user_id,), block=_block(data["b"]))
     except (LookupError, TypeError, ValueError) as error:
         raise MalformedPayload(f"malformed event: {error!r}") from error
     return None

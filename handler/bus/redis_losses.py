@@ -68,7 +68,8 @@ class LossLedger:
     def lose_batch(self, batch: Iterable[Outgoing]) -> None:
         """A batch that may have been sent only in part: its users' events count as lost."""
         for outgoing in batch:
-            self.lose(self._channels.users_of(outgoing.channels))
+            if outgoing.repaired:
+                self.lose(self._channels.users_of(outgoing.channels))
 
     def owed(self) -> Owed:
         """The notices owed so far, to send after the events already queued: a resynchronized

@@ -188,6 +188,24 @@ class HistoryDone:
 
 
 @attrs.define
+class PresenceRead:
+    """The answer to a `fetch_presence`."""
+
+    frame: protocol.FetchPresence
+    entries: tuple[protocol.PresenceEntry, ...]
+
+
+@attrs.define
+class BlockStored:
+    """The user's block list after a `block_user`/`unblock_user` (`changed`: its fan-out
+    carries the answer), or as read for `fetch_blocked`."""
+
+    frame: protocol.BlockUser | protocol.UnblockUser | protocol.FetchBlocked
+    blocks: tuple[str, ...]
+    changed: bool = False
+
+
+@attrs.define
 class RequestFailed:
     """A command for `frame` raised `error` (a store or bus fault, or a protocol error)."""
 
@@ -216,6 +234,8 @@ Event = (
     | PageRead
     | HistoryRead
     | HistoryDone
+    | PresenceRead
+    | BlockStored
     | RequestFailed
 )
 
@@ -393,6 +413,32 @@ class Close:
 
 
 @attrs.define
+class SendTyping:
+    """Tell the chat's other participants (no result; `RequestFailed` across a block)."""
+
+    frame: protocol.Typing
+    chat: protocol.Chat
+    user_id: str
+
+
+@attrs.define
+class ReadPresence:
+    """Result: `PresenceRead` (or `RequestFailed`)."""
+
+    frame: protocol.FetchPresence
+    user_id: str
+
+
+@attrs.define
+class StoreBlock:
+    """Block, unblock, or (`fetch_blocked`) just read the list. Result: `BlockStored` (or
+    `RequestFailed`)."""
+
+    frame: protocol.BlockUser | protocol.UnblockUser | protocol.FetchBlocked
+    user_id: str
+
+
+@attrs.define
 class CloseWhenWritten:
     """Close once everything queued before is written (the error that explains it first)."""
 
@@ -423,4 +469,7 @@ Command = (
     | ReportInternal
     | Close
     | CloseWhenWritten
+    | SendTyping
+    | ReadPresence
+    | StoreBlock
 )

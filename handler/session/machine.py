@@ -64,7 +64,7 @@ from handler import protocol
 from handler.errors import CloseCode, ConnectionLimitReached, ErrorCode, ProtocolError
 from handler.ratelimit import TokenBucket
 from handler.session import events as ev
-from handler.session.outgoing import MARK_ONLY, Outgoing, Receipt, SeqMark
+from handler.session.outgoing import MARK_ONLY, TYPING, Outgoing, Receipt, SeqMark
 
 if TYPE_CHECKING:
     from handler.auth import Identity
@@ -74,6 +74,10 @@ BACKLOG_MEMORY_S: Final = 60.0
 # What a second `fetch_chats` during the first is told to wait; the first one's pace is the
 # client's own reading speed, so this is a hint, not a promise.
 FETCH_RETRY_MS: Final = 1000
+# A typing renewal is forwarded at most this often per connection and chat.
+TYPING_REPEAT_S: Final = 1.0
+# How long a receiver shows a typing indicator without a renewal.
+TYPING_SHOWN_S: Final = protocol.TYPING_EXPIRES_MS / 1000
 
 Verifier = Callable[[str, float], "Identity"]
 """Checks a token at a wall-clock time; raises `ProtocolError(unauthorized)`."""
@@ -158,6 +162,9 @@ class SessionMachine:
         self._backlog_chats: frozenset[str] = frozenset()  # the snapshot's new chats
         self.backlog_chats = 0
         self.backlog_messages = 0
+        # Chats this connection said it types in: when it last forwarded `active: true`
+        # there (monotonic), and the chat (to say `active: false` for it when it closes).
+        self._typing: dict[str, tuple[float, protocol.Chat]] = {}
 
     # ------------------------------------------------------------------ timers
 
@@ -187,7 +194,7 @@ class SessionMachine:
             case ev.FrameReceived():
                 return self._frame_received(event, now)
             case ev.ChatLoaded():
-                return self._chat_loaded(event)
+                return self._chat_loaded(event, now.monotonic)
             case ev.MessageStored():
                 if event.created:
                     return []  # its fan-out carries the acknowledgement, in commit order
@@ -267,6 +274,14 @@ class SessionMachine:
                 if event.error is None:
                     return []
                 return self._failure(event.error, event.frame.request_id)
+            case ev.PresenceRead():
+                presence = protocol.PresenceFrame(event.entries, event.frame.request_id)
+                return [ev.Reply(presence, "presence")]
+            case ev.BlockStored():
+                if event.changed:
+                    return []  # its fan-out carries the answer, with the request_id
+                blocked = protocol.BlockedFrame(event.blocks, event.frame.request_id)
+                return [ev.Reply(blocked, "blocked")]
             case ev.RequestFailed():
                 return self._failure(event.error, event.frame.request_id)
         raise AssertionError(f"unknown event {event!r}")
@@ -302,6 +317,8 @@ class SessionMachine:
             return [_error_reply(error.with_request_id(frame.request_id))]
         if identity is not None:
             return self._start_binding(identity, now, frame)
+        if isinstance(frame, protocol.Typing) and self._typing_repeated(frame, now.monotonic):
+            return []
         try:
             return self._serve(frame)
         except ProtocolError as error:
@@ -375,8 +392,19 @@ class SessionMachine:
                 | protocol.DeleteMessage()
                 | protocol.AddMembers()
                 | protocol.RemoveMember()
+                | protocol.Typing()
             ):
                 return [ev.LoadChat(frame)]
+            case protocol.FetchPresence():
+                return [ev.ReadPresence(frame, self._user())]
+            case protocol.BlockUser() | protocol.UnblockUser():
+                if frame.user_id == self._user():
+                    raise ProtocolError(
+                        ErrorCode.BAD_REQUEST, "you cannot block yourself", field="user_id"
+                    )
+                return [ev.StoreBlock(frame, self._user())]
+            case protocol.FetchBlocked():
+                return [ev.StoreBlock(frame, self._user())]
             case protocol.FetchChats():
                 if self._fetching:
                     raise ProtocolError(
@@ -388,7 +416,7 @@ class SessionMachine:
                 return [ev.ListChats(frame, self._user())]
         raise AssertionError(f"unknown frame {frame!r}")
 
-    def _chat_loaded(self, event: ev.ChatLoaded) -> list[ev.Command]:
+    def _chat_loaded(self, event: ev.ChatLoaded, now: float) -> list[ev.Command]:
         frame, chat, user_id = event.frame, event.chat, self._user()
         try:
             if chat is None:
@@ -404,6 +432,8 @@ class SessionMachine:
                     return [ev.StoreRead(frame, chat, user_id)]
                 case protocol.EditMessage() | protocol.DeleteMessage():
                     return [ev.StoreChange(frame, chat, user_id)]
+                case protocol.Typing():
+                    return self._typing_to(frame, chat, user_id, now)
                 case protocol.AddMembers() | protocol.RemoveMember():
                     if not chat.is_group:
                         raise ProtocolError(
@@ -416,6 +446,35 @@ class SessionMachine:
         except ProtocolError as error:
             return [_error_reply(error.with_request_id(frame.request_id))]
         return [ev.StoreMessage(frame, chat, user_id)]
+
+    # ------------------------------------------------------------------ typing
+
+    def _typing_repeated(self, frame: protocol.Typing, now: float) -> bool:
+        """A renewal within `TYPING_REPEAT_S` of the last one forwarded for the chat: the
+        receivers still show it, so it is not sent again (a client may send one per key)."""
+        if not frame.active:
+            return False
+        last = self._typing.get(frame.chat_id)
+        return last is not None and now - last[0] < TYPING_REPEAT_S
+
+    def _typing_to(
+        self, frame: protocol.Typing, chat: protocol.Chat, user_id: str, now: float
+    ) -> list[ev.Command]:
+        if frame.active:
+            expired = now - TYPING_SHOWN_S
+            for chat_id in [c for c, (at, _) in self._typing.items() if at < expired]:
+                del self._typing[chat_id]
+            self._typing[frame.chat_id] = (now, chat)
+        else:
+            self._typing.pop(frame.chat_id, None)
+        return [ev.SendTyping(frame, chat, user_id)]
+
+    def typing_left_on(self, now: float) -> list[protocol.Chat]:
+        """The chats whose receivers may still show this connection's user typing (it is
+        closing: the driver says `active: false` there)."""
+        shown = [chat for at, chat in self._typing.values() if now - at < TYPING_SHOWN_S]
+        self._typing.clear()
+        return shown
 
     def _chats_listed(self, event: ev.ChatsListed) -> list[ev.Command]:
         frame, chats = event.frame, event.chats
@@ -607,6 +666,8 @@ class SessionMachine:
             return item
         if state is State.UNBOUND:
             return None  # late fan-out for a binding that failed
+        if item.frame_type == TYPING:
+            return None  # never replayed, and never the reason for a drop
         if len(self._parked) >= self._rules.park_capacity:
             return _DROP_SLOW
         self._parked.append(item)

@@ -56,6 +56,7 @@ def utf8_length(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
+TYPING: Final = "typing"  # frame_type of a typing signal: dropped first when behind (`Connection`)
 PING: Final = "ping"  # frame_type of the keep-alive item: a WebSocket ping, not a text frame
 PING_ITEM: Final = Outgoing("", PING)
 # frame_type of the item after which the writer closes the connection (`close_when_written`).

@@ -28,7 +28,15 @@ from typing import Protocol
 import attrs
 import trio
 
-from handler.protocol import Chat, ChatView, GroupChange, Message, ReceiptFrame, RequestId
+from handler.protocol import (
+    BlockChange,
+    Chat,
+    ChatView,
+    GroupChange,
+    Message,
+    ReceiptFrame,
+    RequestId,
+)
 from handler.session.outgoing import SeqMark
 
 
@@ -42,6 +50,7 @@ class Origin:
 
 
 NO_ORIGIN = Origin()
+NO_CHAT = Chat("", (), "", "")  # the chat of a commit that concerns no chat (a block)
 
 
 @attrs.define  # not frozen: one per message on the hot path; never changed
@@ -52,7 +61,8 @@ class Committed:
     - a new message: `message`;
     - a changed message (edit or delete): `message` in its new state, `update` True;
     - a moved mark: `receipt` (its `request_id` unset: the origin's copy gets it);
-    - a change of a group's members: `group`.
+    - a change of a group's members: `group`;
+    - a block or an unblock: `block` (its `chat` is `NO_CHAT`).
 
     `chat.participants` are the members when it committed. `audience`, when set, narrows who
     is told (in a group: a change only reaches the members who had the message, a receipt
@@ -67,6 +77,12 @@ class Committed:
     receipt: ReceiptFrame | None = None
     group: GroupChange | None = None
     audience: tuple[str, ...] | None = None
+    block: BlockChange | None = None
+
+    @classmethod
+    def of_block(cls, block: BlockChange, origin: Origin) -> Committed:
+        """A block or unblock: it concerns two users, not a chat."""
+        return cls(NO_CHAT, origin, block=block)
 
 
 CommitSender = trio.MemorySendChannel[Committed]
@@ -298,6 +314,33 @@ class Store(Protocol):
 
     async def backlog(self, user_id: str) -> Backlog:
         """Everything not yet delivered to the user, whole (tests and tools)."""
+
+    async def set_block(
+        self, blocker: str, blocked: str, on: bool, max_blocked: int, origin: Origin = NO_ORIGIN
+    ) -> tuple[tuple[str, ...], bool]:
+        """Block (`on`) or unblock; every user the blocker blocks now, sorted, and whether
+        that changed (then it is handed to `commits`). While either of a pair blocks the
+        other, their chat cannot be created, nor written or edited in (`forbidden`).
+        Raises `ProtocolError` (`bad_request`) past `max_blocked`."""
+
+    async def blocks_of(self, user_id: str) -> tuple[str, ...]:
+        """Every user the user blocks, sorted."""
+
+    async def block_relations(self, user_id: str) -> tuple[frozenset[str], frozenset[str]]:
+        """Whom the user blocks, and who blocks the user."""
+
+    async def contacts_of(self, user_id: str) -> dict[str, int]:
+        """Everyone who shares a chat with the user, with how many chats they share."""
+
+    async def recent_contacts(self, user_id: str, limit: int) -> list[tuple[str, int | None]]:
+        """The user's contacts with their last-seen time (epoch ms, None if never seen),
+        most recent first."""
+
+    async def last_seen_of(self, user_ids: Sequence[str]) -> dict[str, int]:
+        """The last-seen times (epoch ms) of those users that have one."""
+
+    async def save_last_seen(self, entries: Sequence[tuple[str, int]]) -> None:
+        """Record when users' last connections closed (a time only moves forward)."""
 
     async def mark_delivered(
         self, user_id: str, chat_ids: Sequence[str], marks: Sequence[SeqMark]

@@ -42,6 +42,8 @@ from handler.store.postgres_batch import (
     MarkDelivered,
     MoveReadMark,
     Probe,
+    SaveLastSeen,
+    SetBlock,
     decode,
 )
 from handler.store.postgres_connect import (
@@ -53,6 +55,7 @@ from handler.store.postgres_connect import (
 )
 from handler.store.schema import POSTGRES_MIGRATIONS
 from handler.store.sql_store import (
+    BlockRequest,
     Change,
     Delivered,
     Dialect,
@@ -202,6 +205,12 @@ class PostgresStore(SQLStore[Op]):
 
     def _members_op(self, change: MembersChange) -> Op:
         return ChangeMembers(change)
+
+    def _block_op(self, request: BlockRequest) -> Op:
+        return SetBlock(request)
+
+    def _last_seen_op(self, entries: tuple[tuple[str, int], ...]) -> Op:
+        return SaveLastSeen(entries)
 
 
 def _migrate(connection: Connection) -> None:

@@ -35,7 +35,7 @@ from psycopg.rows import TupleRow
 
 from handler.errors import StoreUnavailable
 from handler.protocol import Chat, Message, ReceiptFrame
-from handler.store import groups
+from handler.store import blocks, groups
 from handler.store.base import Committed
 from handler.store.group_commit import Op
 from handler.store.postgres_connect import (
@@ -47,6 +47,7 @@ from handler.store.postgres_connect import (
 )
 from handler.store.rows import CHAT_COLUMNS, CHAT_WIDTH, MESSAGE_COLUMNS, chat_of, message_of
 from handler.store.sql_store import (
+    BlockRequest,
     Change,
     Delivered,
     Dialect,
@@ -59,7 +60,7 @@ from handler.store.sql_store import (
     not_in_chat,
     read_answer,
 )
-from handler.timefmt import format_ms
+from handler.timefmt import format_ms, now_ms
 
 _BATCH_RETRIES: Final = 5
 _NOW_MS: Final = "floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
@@ -119,6 +120,18 @@ class ChangeMembers(Op):
 
 
 @attrs.define(eq=False)
+class SetBlock(Op):
+    """Applied on its own, like `ChangeMembers` (it writes the pair's chat row)."""
+
+    request: BlockRequest
+
+
+@attrs.define(eq=False)
+class SaveLastSeen(Op):
+    entries: tuple[tuple[str, int], ...]
+
+
+@attrs.define(eq=False)
 class AddMessage(Op):
     new: NewMessage
 
@@ -152,6 +165,7 @@ class _Locked:
     version: int
     version_changed: bool = False
     members: dict[str, int] | None = None  # a group's, with the seq each joined at
+    blocked: bool = False  # a direct chat whose pair has a block in place
 
 
 def apply_batch(connection: Connection, batch: Sequence[Op]) -> None:
@@ -166,15 +180,47 @@ def apply_batch(connection: Connection, batch: Sequence[Op]) -> None:
         op.reset()
     together: list[Op] = []
     for op in batch:
-        if isinstance(op, ChangeMembers):
+        if isinstance(op, ChangeMembers | SetBlock | SaveLastSeen):
             if together:
                 _apply(connection, together)
                 together = []
-            _change_members(connection, op)
+            _apply_alone(connection, op)
         else:
             together.append(op)
     if together:
         _apply(connection, together)
+
+
+def _apply_alone(connection: Connection, op: ChangeMembers | SetBlock | SaveLastSeen) -> None:
+    if isinstance(op, ChangeMembers):
+        _change_members(connection, op)
+        return
+    cursor = connection.cursor()
+    if isinstance(op, SaveLastSeen):
+        blocks.save_last_seen(cursor, _SQL, op.entries, greatest="GREATEST")
+        return
+    request = op.request
+    _lock_pair(cursor, request.blocker, request.blocked)
+    op.result, op.committed = blocks.set_block(
+        cursor,
+        _SQL,
+        request.blocker,
+        request.blocked,
+        request.on,
+        request.max_blocked,
+        now_ms(),
+        request.origin,
+    )
+
+
+def _lock_pair(cursor: psycopg.Cursor[TupleRow], user: str, other: str) -> None:
+    """Serialize a block with the creation of the pair's chat (across processes): neither may
+    miss the other's commit under READ COMMITTED. User ids hold no control characters, so
+    the newline cannot join two pairs alike."""
+    user_a, user_b = sorted((user, other))
+    cursor.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{user_a}\n{user_b}",)
+    )
 
 
 def _change_members(connection: Connection, op: ChangeMembers) -> None:
@@ -227,11 +273,13 @@ def _apply(connection: Connection, batch: Sequence[Op]) -> None:
     if lock_rows:
         for row in cursor.execute(
             f"SELECT {CHAT_COLUMNS}, last_message_ms, last_message_id, last_seq, version,"
-            f" {_NOW_MS} FROM chats WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+            f" blocked, {_NOW_MS} FROM chats WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
             (lock_rows,),
         ):
-            last_ms, last_id, last_seq, version, clock = row[CHAT_WIDTH:]
-            locked[row[0]] = _Locked(chat_of(row), last_ms, last_id, last_seq, version)
+            last_ms, last_id, last_seq, version, blocked, clock = row[CHAT_WIDTH:]
+            locked[row[0]] = _Locked(
+                chat_of(row), last_ms, last_id, last_seq, version, blocked=bool(blocked)
+            )
             now = max(now, clock)
         _load_members(
             cursor,
@@ -320,6 +368,10 @@ def _create_group(cursor: psycopg.Cursor[TupleRow], op: CreateGroup) -> None:
 def _create_chat(cursor: psycopg.Cursor[TupleRow], create: CreateChat) -> None:
     new = create.new
     creator = new.creator_id
+    _lock_pair(cursor, new.user_a, new.user_b)
+    if blocks.block_between(cursor, _SQL, new.user_a, new.user_b):
+        create.result = blocks.refused()
+        return
     row = cursor.execute(
         f"INSERT INTO chats (user_a, user_b, created_by, created_at_ms, last_activity_ms,"
         f" a_delivered, b_delivered) SELECT %s, %s, %s, t.now, t.now, %s, %s"
@@ -382,6 +434,9 @@ def _plan_inserts(
             continue
         if state.members is not None and add.new.sender_id not in state.members:
             add.result = groups.not_a_member()
+            continue
+        if state.blocked:
+            add.result = blocks.refused_in_chat()
             continue
         if add.new.client_message_id is not None:
             key = (add.new.sender_id, add.new.chat_row, encode(add.new.client_message_id))
@@ -502,6 +557,8 @@ def _check_changes(
             op.result = groups.not_a_member()
         elif refused is not None or state is None:
             op.result = refused or not_in_chat()
+        elif state.blocked and not deleting:  # deleting one's own stays allowed
+            op.result = blocks.refused_in_chat()
         elif deleting and message is not None and message.deleted:
             first = deleted_by.get(key)
             op.result = (message, False) if first is None else first

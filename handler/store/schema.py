@@ -143,6 +143,23 @@ SQLITE_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX chats_by_activity ON chats (activity_seq)",
         "ALTER TABLE members ADD COLUMN joined_seq INTEGER NOT NULL DEFAULT 0",
     ),
+    # 6: blocking and presence. `blocks` holds who blocks whom; a direct chat's `blocked` is
+    # 1 while either of its pair blocks the other, kept with `blocks` in one transaction, so
+    # the writer refuses a message by the chat row it reads anyway. `presence` keeps each
+    # user's last_seen (when their last connection closed).
+    (
+        "ALTER TABLE chats ADD COLUMN blocked INTEGER NOT NULL DEFAULT 0",
+        """
+        CREATE TABLE blocks (
+            blocker_id TEXT NOT NULL,
+            blocked_id TEXT NOT NULL,
+            created_at_ms INTEGER NOT NULL,
+            PRIMARY KEY (blocker_id, blocked_id)
+        )
+        """,
+        "CREATE INDEX blocks_by_blocked ON blocks (blocked_id, blocker_id)",
+        "CREATE TABLE presence (user_id TEXT PRIMARY KEY, last_seen_ms INTEGER NOT NULL)",
+    ),
 )
 
 # PostgreSQL keeps the SQLite shape, with two differences that matter:
@@ -259,5 +276,19 @@ POSTGRES_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     (
         "ALTER TABLE chats ALTER COLUMN user_a DROP NOT NULL, ALTER COLUMN user_b DROP NOT NULL",
         "ALTER TABLE members ADD COLUMN joined_seq BIGINT NOT NULL DEFAULT 0",
+    ),
+    # 6: blocking and presence, as in SQLite's migration 6.
+    (
+        "ALTER TABLE chats ADD COLUMN blocked SMALLINT NOT NULL DEFAULT 0",
+        """
+        CREATE TABLE blocks (
+            blocker_id TEXT NOT NULL,
+            blocked_id TEXT NOT NULL,
+            created_at_ms BIGINT NOT NULL,
+            PRIMARY KEY (blocker_id, blocked_id)
+        )
+        """,
+        "CREATE INDEX blocks_by_blocked ON blocks (blocked_id, blocker_id)",
+        "CREATE TABLE presence (user_id TEXT PRIMARY KEY, last_seen_ms BIGINT NOT NULL)",
     ),
 )

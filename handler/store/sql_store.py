@@ -209,6 +209,31 @@ _QUERIES.update(
     }
 )
 
+# Blocking and presence (the writes are `store.blocks`).
+_QUERIES.update(
+    {
+        "blocks_of": "SELECT blocked_id FROM blocks WHERE blocker_id = :user",
+        "blocked_by": "SELECT blocker_id FROM blocks WHERE blocked_id = :user",
+        # Everyone who shares a chat with the user, with how many chats they share.
+        "contacts": "SELECT p.user_id, COUNT(*) FROM members m JOIN members p"
+        " ON p.chat_id = m.chat_id AND p.user_id <> m.user_id WHERE m.user_id = :user"
+        " GROUP BY p.user_id",
+        # The user's contacts by when they were last seen, most recent first.
+        "recent_contacts": "SELECT p.user_id, MAX(s.last_seen_ms) FROM members m JOIN members p"
+        " ON p.chat_id = m.chat_id AND p.user_id <> m.user_id LEFT JOIN presence s"
+        " ON s.user_id = p.user_id WHERE m.user_id = :user GROUP BY p.user_id"
+        " ORDER BY COALESCE(MAX(s.last_seen_ms), 0) DESC, p.user_id LIMIT :limit",
+    }
+)
+
+
+def register_queries(queries: Mapping[str, str]) -> None:
+    """Add the shared SQL of a writer-side module (`groups`, `blocks`); names are unique."""
+    for name in queries:
+        assert name not in _QUERIES, f"query {name!r} is defined twice"
+    _QUERIES.update(queries)
+
+
 _PARAMETER: Final = re.compile(r"(?<!:):(\w+)")
 
 
@@ -230,6 +255,10 @@ class Dialect:
                 query = _PARAMETER.sub(r"%(\1)s", query)
             self._sql[name] = query
         return query
+
+    def sql_text(self, query: str) -> str:
+        """A query built at run time (not cached) in this backend's parameter style."""
+        return _PARAMETER.sub(r"%(\1)s", query) if self.pyformat else query
 
     def message(self, row: Sequence[Any]) -> Message:
         return message_of(row, self.text)
@@ -360,6 +389,17 @@ class MembersChange:
     max_members: int = 0
 
 
+@attrs.frozen
+class BlockRequest:
+    """What `set_block` asks the backend to write."""
+
+    blocker: str
+    blocked: str
+    on: bool
+    max_blocked: int
+    origin: Origin = NO_ORIGIN
+
+
 @attrs.define  # not frozen: one per message on the hot path; never changed
 class NewMessage:
     """What `add_message` asks the backend to write."""
@@ -460,6 +500,15 @@ class SQLStore(abc.ABC, Generic[OpT]):
         `ProtocolError` that refuses it (see `groups.change_members`)."""
 
     @abc.abstractmethod
+    def _block_op(self, request: BlockRequest) -> OpT:
+        """The write that blocks or unblocks: result the blocker's list (sorted), or the
+        `ProtocolError` that refuses it (see `blocks.set_block`)."""
+
+    @abc.abstractmethod
+    def _last_seen_op(self, entries: tuple[tuple[str, int], ...]) -> OpT:
+        """The write that records users' last-seen times (epoch ms; only forward)."""
+
+    @abc.abstractmethod
     def _noop(self) -> OpT:
         """A write that writes nothing (it commits in queue order: `flush`)."""
 
@@ -513,7 +562,9 @@ class SQLStore(abc.ABC, Generic[OpT]):
     ) -> tuple[Chat, bool]:
         user_a, user_b = sorted((creator_id, recipient_id))
         op = self._chat_op(NewChat(creator_id, user_a, user_b, origin))
-        result: tuple[Chat, bool] = await self._writer.submit(op)
+        result: tuple[Chat, bool] | ProtocolError = await self._writer.submit(op)
+        if isinstance(result, ProtocolError):
+            raise result  # a block is in place
         return result
 
     async def create_group(
@@ -550,6 +601,20 @@ class SQLStore(abc.ABC, Generic[OpT]):
         if isinstance(result, ProtocolError):
             raise result
         return result
+
+    async def set_block(
+        self, blocker: str, blocked: str, on: bool, max_blocked: int, origin: Origin = NO_ORIGIN
+    ) -> tuple[tuple[str, ...], bool]:
+        result: tuple[tuple[str, ...], bool] | ProtocolError = await self._writer.submit(
+            self._block_op(BlockRequest(blocker, blocked, on, max_blocked, origin))
+        )
+        if isinstance(result, ProtocolError):
+            raise result
+        return result
+
+    async def save_last_seen(self, entries: Sequence[tuple[str, int]]) -> None:
+        if entries:
+            await self._writer.submit(self._last_seen_op(tuple(entries)))
 
     async def add_message(
         self,
@@ -772,6 +837,54 @@ class SQLStore(abc.ABC, Generic[OpT]):
     async def backlog(self, user_id: str) -> Backlog:
         return await read_backlog(self, user_id)
 
+    async def blocks_of(self, user_id: str) -> tuple[str, ...]:
+        sql = self._dialect.sql("blocks_of")
+        return await self._read(
+            lambda db: tuple(sorted(r[0] for r in db.execute(sql, {"user": user_id}).fetchall())),
+            snapshot=False,
+        )
+
+    async def block_relations(self, user_id: str) -> tuple[frozenset[str], frozenset[str]]:
+        """Whom the user blocks, and who blocks the user."""
+        dialect = self._dialect
+
+        def query(db: Database) -> tuple[frozenset[str], frozenset[str]]:
+            user = {"user": user_id}
+            blocks = db.execute(dialect.sql("blocks_of"), user).fetchall()
+            blocked_by = db.execute(dialect.sql("blocked_by"), user).fetchall()
+            return frozenset(r[0] for r in blocks), frozenset(r[0] for r in blocked_by)
+
+        return await self._read(query)
+
+    async def contacts_of(self, user_id: str) -> dict[str, int]:
+        sql = self._dialect.sql("contacts")
+        return await self._read(
+            lambda db: {r[0]: int(r[1]) for r in db.execute(sql, {"user": user_id}).fetchall()},
+            snapshot=False,
+        )
+
+    async def recent_contacts(self, user_id: str, limit: int) -> list[tuple[str, int | None]]:
+        sql = self._dialect.sql("recent_contacts")
+        params = {"user": user_id, "limit": limit}
+        return await self._read(
+            lambda db: [(r[0], r[1]) for r in db.execute(sql, params).fetchall()],
+            snapshot=False,
+        )
+
+    async def last_seen_of(self, user_ids: Sequence[str]) -> dict[str, int]:
+        if not user_ids:
+            return {}
+        names = [f"u{index}" for index in range(len(user_ids))]
+        sql = self._dialect.sql_text(
+            "SELECT user_id, last_seen_ms FROM presence WHERE user_id IN"
+            f" ({', '.join(':' + name for name in names)})"
+        )
+        params = dict(zip(names, user_ids, strict=True))
+        return await self._read(
+            lambda db: {r[0]: int(r[1]) for r in db.execute(sql, params).fetchall()},
+            snapshot=False,
+        )
+
 
 def _chat_row(chat: Chat) -> int:
     row = int_id(chat.chat_id)
@@ -781,6 +894,7 @@ def _chat_row(chat: Chat) -> int:
 
 
 __all__ = [
+    "BlockRequest",
     "Change",
     "Database",
     "Delivered",
@@ -793,4 +907,5 @@ __all__ = [
     "SQLStore",
     "change_refused",
     "not_in_chat",
+    "register_queries",
 ]

@@ -27,12 +27,13 @@ import trio
 from handler.config import StorageConfig
 from handler.errors import StoreUnavailable
 from handler.protocol import GROUP, Chat, Message, ReceiptFrame
-from handler.store import groups
+from handler.store import blocks, groups
 from handler.store.base import Committed
 from handler.store.group_commit import DedicatedThread, GroupCommitWriter, Op, WriterOptions
 from handler.store.rows import CHAT_COLUMNS, MESSAGE_COLUMNS, chat_of, message_of
 from handler.store.schema import SQLITE_MIGRATIONS
 from handler.store.sql_store import (
+    BlockRequest,
     Change,
     Delivered,
     Dialect,
@@ -203,6 +204,8 @@ class SQLiteStore(SQLStore[_Write]):
                 f"SELECT {CHAT_COLUMNS} FROM chats WHERE user_a = ? AND user_b = ?",
                 (user_a, user_b),
             ).fetchone()
+            if blocks.block_between(db, _DIALECT, user_a, user_b):
+                return blocks.refused(), None
             if row is not None:
                 return (chat_of(row), False), None
             created = now_ms()
@@ -254,6 +257,28 @@ class SQLiteStore(SQLStore[_Write]):
 
         return _Write(run)
 
+    def _block_op(self, request: BlockRequest) -> _Write:
+        def run(db: sqlite3.Connection) -> Written:
+            return blocks.set_block(
+                db,
+                _DIALECT,
+                request.blocker,
+                request.blocked,
+                request.on,
+                request.max_blocked,
+                now_ms(),
+                request.origin,
+            )
+
+        return _Write(run)
+
+    def _last_seen_op(self, entries: tuple[tuple[str, int], ...]) -> _Write:
+        def run(db: sqlite3.Connection) -> Written:
+            blocks.save_last_seen(db, _DIALECT, entries, greatest="max")
+            return None, None
+
+        return _Write(run)
+
     def _members_op(self, change: MembersChange) -> _Write:
         def run(db: sqlite3.Connection) -> Written:
             last_seq, version = db.execute(
@@ -281,9 +306,12 @@ class SQLiteStore(SQLStore[_Write]):
                 ).fetchone()
                 if row is not None:
                     return (message_of(row), False), None
-            last_ms, last_seq, version = db.execute(
-                "SELECT last_message_ms, last_seq, version FROM chats WHERE id = ?", (chat_row,)
+            last_ms, last_seq, version, blocked = db.execute(
+                "SELECT last_message_ms, last_seq, version, blocked FROM chats WHERE id = ?",
+                (chat_row,),
             ).fetchone()
+            if blocked:
+                return blocks.refused_in_chat(), None
             created = max(now_ms(), last_ms)
             seq, version = last_seq + 1, version + 1
             cursor = db.execute(
@@ -348,6 +376,8 @@ class SQLiteStore(SQLStore[_Write]):
             assert current is not None
             if deleting and current.deleted:
                 return (current, False), None  # deleting again changes nothing
+            if not deleting and blocks.chat_blocked(db, _DIALECT, change.chat_row):
+                return blocks.refused_in_chat(), None  # deleting one's own stays allowed
             (version,) = db.execute(
                 "UPDATE chats SET version = version + 1 WHERE id = ? RETURNING version",
                 (change.chat_row,),

@@ -39,6 +39,9 @@ _REQUESTS: Final = (
     ev.StoreChange,
     ev.ListChats,
     ev.ReadPage,
+    ev.SendTyping,
+    ev.ReadPresence,
+    ev.StoreBlock,
 )
 
 
@@ -95,6 +98,16 @@ class SessionDriver:
         """Queue a WebSocket ping (the connection was quiet for `ping_interval_s`)."""
         await self.connection.writer.ensure(self._home)
         self.connection.push_ping()
+
+    def closing(self) -> None:
+        """The connection is closing: where its user was shown typing, stop it now rather
+        than when the receivers' indicators expire."""
+        user_id = self.machine.user_id
+        if user_id is None:
+            return
+        hub = self._services.hub
+        for chat in self.machine.typing_left_on(trio.current_time()):
+            hub.stop_typing(user_id, chat)
 
     def deliver_nowait(self, item: Outgoing) -> None:
         """Fan-out from the hub (the machine's `fan_out`: only commands that never wait)."""
@@ -212,6 +225,25 @@ class SessionDriver:
                 for view in chats:
                     services.chats.put(view.chat)
                 return ev.ChatsListed(command.frame, tuple(chats))
+            case ev.SendTyping():
+                await services.hub.typing(command.user_id, command.chat, command.frame.active)
+            case ev.ReadPresence():
+                entries = await services.hub.presence.answer(
+                    command.user_id, command.frame.user_ids
+                )
+                return ev.PresenceRead(command.frame, entries)
+            case ev.StoreBlock():
+                block = command.frame
+                if isinstance(block, protocol.FetchBlocked):
+                    return ev.BlockStored(block, await store.blocks_of(command.user_id))
+                blocks, changed = await store.set_block(
+                    command.user_id,
+                    block.user_id,
+                    isinstance(block, protocol.BlockUser),
+                    services.limits.max_blocked_users,
+                    Origin(connection.id, block.request_id),
+                )
+                return ev.BlockStored(block, blocks, changed)
             case ev.ReadPage():
                 frame = command.frame
                 page = await store.messages_before(

@@ -111,6 +111,7 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, services: 
     client = scope.get("client")
     log.info("open conn=%s peer=%s", connection.id, client[0] if client else "-")
     disconnected = False
+    driver: SessionDriver | None = None
     try:
         with connection.cancel_scope:
             async with trio.open_nursery() as nursery:
@@ -133,6 +134,8 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, services: 
                 await _send_close(send, connection, services)
             connection.close_outbox()
             await sent.settle()
+            if driver is not None:
+                driver.closing()
             await hub.detach(connection)
         log.info(
             "close conn=%s user=%s code=%s",
