@@ -29,6 +29,7 @@ from attack_support import (
     copy_database,
     mib,
     seed_history,
+    slow_consumers_dropped,
     server_environment,
     server_process,
     summary,
@@ -602,3 +603,100 @@ async def _flood_group(
         done.set()
         nursery.cancel_scope.cancel()
     return sent, created
+
+
+# --------------------------------------------------------------------------- live signals
+
+SIGNALS_ATTACK_S: Final = 8.0
+CHURNERS: Final = 100  # contacts of the watcher who reconnect every second
+SIGNALS_PING_P99_LIMIT_S: Final = 0.1
+SIGNALS_RSS_LIMIT: Final = 40 * 2**20
+
+
+async def test_typing_flood_at_a_non_reader_and_reconnect_churn(tmp_path: Path) -> None:
+    """The attacker sends `typing` at ~1,000 frames a second (on, off, on, ...) into
+    its chat with a victim who never reads, while 100 of a watcher's contacts reconnect
+    every second (the load of 10% of 1,000 users reconnecting each second). The victim must never be dropped for typing; the watcher hears no flicker (the
+    grace); a bystander's round trips and the server's memory stay flat."""
+    config = write_config(tmp_path)
+    async with server_process(config) as handler:
+        server = handler.server
+        churners = [f"churner{index:03d}" for index in range(CHURNERS)]
+        async with server.connect("attacker") as attacker:
+            chat = (await attacker.create_chat("victim"))["chat_id"]
+        for churner in churners:
+            async with server.connect(churner) as client:
+                await client.create_chat("watcher")
+        await trio.sleep(6)  # past the grace: every churner is offline now
+        rss = RssSampler(handler)
+        pings: list[float] = []
+        counts = collections.Counter[str]()
+        with trio.fail_after(SIGNALS_ATTACK_S + 30):
+            async with (
+                server.connect("victim") as victim,
+                server.connect("watcher") as watcher,
+                server.connect("attacker") as attacker,
+                server.connect("bystander") as bystander,
+                trio.open_nursery() as nursery,
+            ):
+                watcher.set_aside = frozenset({"receipt"})
+                await nursery.start(rss.run)
+                done = trio.Event()
+
+                async def watch() -> None:
+                    with contextlib.suppress(ConnectionClosed):
+                        while True:
+                            frame = await watcher.recv(timeout=float("inf"))
+                            counts[f"watcher {frame['type']}"] += 1
+
+                async def churn(user: str, phase: float) -> None:
+                    await trio.sleep(phase)
+                    while not done.is_set():
+                        async with server.connect(user):
+                            counts["reconnects"] += 1
+                        await trio.sleep(1.0)
+
+                async def ping() -> None:
+                    while not done.is_set():
+                        started = trio.current_time()
+                        assert await bystander.request({"type": "ping"}) == {"type": "pong"}
+                        pings.append(trio.current_time() - started)
+                        await trio.sleep(0.05)
+
+                nursery.start_soon(watch)
+                nursery.start_soon(ping)
+                for index, user in enumerate(churners):
+                    nursery.start_soon(churn, user, index / CHURNERS)
+                deadline = trio.current_time() + SIGNALS_ATTACK_S
+                while trio.current_time() < deadline:
+                    await attacker.send(
+                        {"type": "typing", "chat_id": chat, "active": counts["typed"] % 2 == 0}
+                    )
+                    counts["typed"] += 1
+                    if counts["typed"] % 20 == 0:
+                        await trio.sleep(0.02)  # ~1,000 a second: 50 times the default rate
+                done.set()
+                await trio.sleep(1.0)
+                # The victim, who never read, is still connected and reads normally now.
+                assert victim.closed_code is None
+                await attacker.send_message(chat, "victim", "still there?")
+                with trio.fail_after(20):
+                    frame = await victim.recv_until("message", timeout=20)
+                assert frame["content"] == "still there?"
+                dropped = await slow_consumers_dropped(server)
+                nursery.cancel_scope.cancel()
+        print(
+            f"\nattacker: {counts['typed']} typing frames in {SIGNALS_ATTACK_S:.0f} s at a"
+            f" non-reader; {counts['reconnects']} reconnects by {CHURNERS} contacts"
+        )
+        print(f"watcher got: {dict((k, v) for k, v in counts.items() if k.startswith('watcher'))}")
+        print(f"bystander pings: {summary(pings)}")
+        print(rss.report())
+        assert dropped == 0
+        # Reconnecting within the grace is no change: at most the first connections show.
+        assert counts["watcher presence"] <= CHURNERS
+        ordered = sorted(pings)
+        assert ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)] < (
+            SIGNALS_PING_P99_LIMIT_S
+        )
+        assert rss.growth < SIGNALS_RSS_LIMIT

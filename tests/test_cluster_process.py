@@ -254,3 +254,58 @@ async def test_hypercorn_workers_refuse_the_local_bus(tmp_path: Path) -> None:
         output = "\n".join(hypercorn.output)
     assert 'bus.backend: "local" cannot serve 2 workers' in output
     assert 'use storage.backend "postgres" with bus.backend "redis"' in output
+
+
+@pytest.mark.scale
+async def test_the_users_of_a_killed_node_are_reported_offline(
+    scale_config: tuple[Path, str], tmp_path: Path
+) -> None:
+    """kill -9 of one node: its users are reported offline by the other within 30 s, and
+    their last_seen is kept (PROTOCOL.md, "Presence")."""
+    config_path, _ = scale_config
+    raw = json.loads(config_path.read_text())
+    raw["limits"]["presence_grace_s"] = 1
+    config_path.write_text(json.dumps(raw))
+    command = [sys.executable, "-m", "handler", "--config", str(config_path)]
+    env = _environment()
+    async with running(command, env, tmp_path) as one, running(command, env, tmp_path) as two:
+        async with one.server.connect("alice") as alice:
+            alice.set_aside = frozenset({"receipt"})
+            async with two.server.connect("bob") as bob:
+                await bob.create_chat("alice")
+                await alice.recv_until("new_chats")
+                await _fetch_until(alice, "bob", online=True)
+                two.process.kill()  # SIGKILL: no goodbye, no close frames
+                killed = trio.current_time()
+                with trio.fail_after(30):
+                    entry = await _next_presence_of(alice, "bob")
+                took = trio.current_time() - killed
+                assert entry["online"] is False, entry
+                assert entry["last_seen"] is not None, entry
+                print(f"killed node's user reported offline after {took:.1f} s")
+            await trio.sleep(1)  # the live node writes the last_seen it announced
+        async with one.server.connect("alice") as alice:
+            [stored] = await _fetch_presence(alice, ["bob"])
+            assert stored == {"user_id": "bob", "online": False, "last_seen": entry["last_seen"]}
+        await _sigterm_and_wait(one)
+
+
+async def _fetch_presence(client: Client, user_ids: list[str]) -> list[dict[str, Any]]:
+    await client.send({"type": "fetch_presence", "user_ids": user_ids, "request_id": "p"})
+    reply = await client.recv_aside(lambda f: f.get("request_id") == "p")
+    assert reply["type"] == "presence", reply
+    return list(reply["data"])
+
+
+async def _fetch_until(client: Client, user_id: str, *, online: bool) -> None:
+    with trio.fail_after(10):
+        while (await _fetch_presence(client, [user_id]))[0]["online"] is not online:
+            await trio.sleep(0.05)
+
+
+async def _next_presence_of(client: Client, user_id: str) -> dict[str, Any]:
+    while True:
+        frame = await client.recv_until("presence", timeout=40)
+        [entry] = frame["data"]
+        if entry["user_id"] == user_id:
+            return dict(entry)
