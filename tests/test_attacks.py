@@ -29,9 +29,9 @@ from attack_support import (
     copy_database,
     mib,
     seed_history,
-    slow_consumers_dropped,
     server_environment,
     server_process,
+    slow_consumers_dropped,
     summary,
     write_config,
 )
@@ -616,8 +616,9 @@ SIGNALS_RSS_LIMIT: Final = 40 * 2**20
 async def test_typing_flood_at_a_non_reader_and_reconnect_churn(tmp_path: Path) -> None:
     """The attacker sends `typing` at ~1,000 frames a second (on, off, on, ...) into
     its chat with a victim who never reads, while 100 of a watcher's contacts reconnect
-    every second (the load of 10% of 1,000 users reconnecting each second). The victim must never be dropped for typing; the watcher hears no flicker (the
-    grace); a bystander's round trips and the server's memory stay flat."""
+    every second (the load of 10% of 1,000 users reconnecting each second). The victim must
+    never be dropped for typing; the watcher hears no flicker (the grace); a bystander's
+    round trips and the server's memory stay flat."""
     config = write_config(tmp_path)
     async with server_process(config) as handler:
         server = handler.server

@@ -299,7 +299,10 @@ async def _fetch_presence(client: Client, user_ids: list[str]) -> list[dict[str,
 
 async def _fetch_until(client: Client, user_id: str, *, online: bool) -> None:
     with trio.fail_after(10):
-        while (await _fetch_presence(client, [user_id]))[0]["online"] is not online:
+        while True:
+            [entry] = await _fetch_presence(client, [user_id])
+            if entry["online"] is online:
+                return
             await trio.sleep(0.05)
 
 

@@ -14,8 +14,8 @@ from test_e2e_presence import (
     PRESENCE_LIMITS,
     fetch,
     fetch_eventually,
-    presence_becomes,
     online_is,
+    presence_becomes,
     watching,
 )
 from test_e2e_typing import typing_frame
