@@ -246,13 +246,15 @@ async def start_services(config: Config, nursery: trio.Nursery) -> Services:
             if process_lock is not None:
                 process_lock.release()
         raise
+    chats = ChatCache(store)
+    hub.on_group_changed = chats.forget_group
     return Services(
         store=store,
         hub=hub,
         authority=authority,
         limits=config.limits,
         metrics=metrics,
-        chats=ChatCache(store),
+        chats=chats,
         allowed_origins=config.allowed_origins,
         process_lock=process_lock,
     )

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final, Protocol
 
 import attrs
@@ -102,6 +102,9 @@ class Hub:
         self._max_connections = max_connections_per_user
         self._rate = rate_per_s
         self._burst = rate_burst
+        # Called with a group whose members changed (None: everything may have changed), so
+        # the process's chat cache drops it (`ChatCache.forget_group`).
+        self.on_group_changed: Callable[[str | None], None] = lambda chat_id: None
         self.users: dict[str, _UserEntry] = {}
         self.connections: dict[str, Connection] = {}
         self.closing = False
@@ -458,6 +461,7 @@ class Hub:
         change = event.group
         assert change is not None
         assert self._nursery is not None
+        self.on_group_changed(change.view.chat_id)
         self.relations.members_changed(change, event.recipients, self._nursery)
         chat_id = change.view.chat_id
         now = trio.current_time()
@@ -516,6 +520,7 @@ class Hub:
         backlog, then replay), so repair reuses it: the user is closed with 1013 and its
         clients reconnect and receive what they missed as backlog.
         """
+        self.on_group_changed(None)
         for user_id in user_ids:
             if user_id in self.users:
                 log.warning("resync user=%s: closing its connections so they rebind", user_id)

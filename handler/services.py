@@ -2,8 +2,11 @@
 
 Also the chat cache: a direct chat never changes once created, so the lookups on the hot path
 (every `send_message` names its chat) skip the database. A group's members change, on any
-node: a group is read from the store each time (and its writes check membership again in the
-writer's transaction).
+node, so a group is kept for `GROUP_TTL_S` only, and dropped at once when a change of its
+members passes through this node's hub (which it does whenever a user acting here is or was a
+member: they are among its recipients). Every write to a group checks membership again in the
+writer's transaction, so the cache only decides whom a typing signal reaches and who is
+refused early.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from collections import OrderedDict
 from typing import Final
 
 import attrs
+import trio
 
 from handler import protocol
 from handler.auth import TokenAuthority
@@ -22,6 +26,7 @@ from handler.single_process import ProcessLock
 from handler.store.base import Store
 
 _CHAT_CACHE_SIZE: Final = 100_000
+GROUP_TTL_S: Final = 5.0
 
 
 class ChatCache:
@@ -31,12 +36,16 @@ class ChatCache:
         self._store = store
         self._size = size
         self._chats: OrderedDict[str, protocol.Chat] = OrderedDict()
+        self._groups: dict[str, tuple[float, protocol.Chat]] = {}  # chat id -> (read at, chat)
 
     async def get(self, chat_id: str) -> protocol.Chat | None:
         chat = self._chats.get(chat_id)
         if chat is not None:
             self._chats.move_to_end(chat_id)
             return chat
+        group = self._groups.get(chat_id)
+        if group is not None and trio.current_time() - group[0] < GROUP_TTL_S:
+            return group[1]
         chat = await self._store.get_chat(chat_id)
         if chat is not None:
             self.put(chat)
@@ -44,10 +53,21 @@ class ChatCache:
 
     def put(self, chat: protocol.Chat) -> None:
         if chat.is_group:
-            return  # its members change (on any node): always read from the store
+            groups = self._groups
+            if len(groups) >= self._size:
+                groups.clear()  # short-lived entries: starting afresh costs a read each
+            groups[chat.chat_id] = (trio.current_time(), chat)
+            return
         self._chats[chat.chat_id] = chat
         if len(self._chats) > self._size:
             self._chats.popitem(last=False)
+
+    def forget_group(self, chat_id: str | None) -> None:
+        """A group's members changed (None: this node may have missed such changes)."""
+        if chat_id is None:
+            self._groups.clear()
+        else:
+            self._groups.pop(chat_id, None)
 
 
 @attrs.define

@@ -101,12 +101,11 @@ async def test_messages_and_edits_are_refused_both_ways_and_deletes_allowed(
     async with server.connect("alice") as alice, server.connect("bob") as bob:
         chat = await alice.create_chat("bob")
         chat_id = chat["chat_id"]
-        await bob.sync()
+        await bob.recv_until("new_chats")
         mine = await alice.send_message(chat_id, "bob", "before")
-        await bob.sync()
+        assert (await bob.recv_until("message"))["message_id"] == mine["message_id"]
         theirs = await bob.send_message(chat_id, "alice", "hello")
-        await alice.sync()
-        await bob.sync()
+        assert (await alice.recv_until("message"))["message_id"] == theirs["message_id"]
         assert await blocked(bob, "block_user", "alice") == ["alice"]
         # The blocked user is not told.
         assert [f for f in await alice.sync() if f["type"] == "blocked"] == []
