@@ -10,7 +10,9 @@ import base64
 import json
 import os
 import re
+import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,8 @@ CHROMIUM_ARGS = [
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 780}
 RECONNECT_TIMEOUT_MS = 20_000
+PRESENCE_GRACE_S = 0.5  # the live server announces a user offline this soon, not after 5 s
+TYPING = "\u2026"  # the ellipsis of "bob is typing…"
 
 
 @pytest.fixture(scope="module")
@@ -62,28 +66,40 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HandlerProcess]
     handler.stop()
 
 
-@pytest.fixture
-def open_page(browser: Browser, server: HandlerProcess) -> Iterator[Callable[..., Page]]:
-    """Open the client in a fresh browser profile; fail the test on any uncaught JS error."""
+def page_opener(browser: Browser, url: str) -> Iterator[Callable[..., Page]]:
+    """Open the client in a fresh browser profile; fail the test on any uncaught JS error.
+    `fake_clock` installs Playwright's clock before the page loads, so every timer of the page
+    follows it; other keyword arguments go to the browser context (`locale`, `timezone_id`)."""
     page_errors: list[str] = []
     contexts = []
 
     def open_page(
-        viewport: dict[str, int] = DESKTOP, route: Callable[[WebSocketRoute], None] | None = None
+        viewport: dict[str, int] = DESKTOP,
+        route: Callable[[WebSocketRoute], None] | None = None,
+        *,
+        fake_clock: bool = False,
+        **context_options: Any,
     ) -> Page:
-        context = browser.new_context(viewport=viewport)
+        context = browser.new_context(viewport=viewport, **context_options)
         contexts.append(context)
         page = context.new_page()
         page.on("pageerror", lambda error: page_errors.append(str(error)))
         if route is not None:
             page.route_web_socket(re.compile(r"/ws"), route)
-        page.goto(server.url)
+        if fake_clock:
+            page.clock.install()  # time flows as usual until the test moves it
+        page.goto(url)
         return page
 
     yield open_page
     for context in contexts:
         context.close()
     assert page_errors == []
+
+
+@pytest.fixture
+def open_page(browser: Browser, server: HandlerProcess) -> Iterator[Callable[..., Page]]:
+    yield from page_opener(browser, server.url)
 
 
 def sign_in(page: Page, user: str) -> Page:
@@ -1129,3 +1145,486 @@ def test_new_group_dialog_refuses_what_the_server_would(open_page: Callable[...,
     expect(dialog).to_be_hidden()
     expect(eli.locator("#conversation-title")).to_have_text("Book club")
     expect(eli.locator("#conversation-id")).to_have_text("2 members")
+
+
+# ---------------------------------------------------------------------------- typing, presence
+
+LIVE_CONTRACT_JS = """async () => {
+    const { ChatClient } = await import("/chat-client.js");
+    class FakeSocket extends EventTarget {
+        static OPEN = 1;
+        static last = null;
+        constructor(url) {
+            super();
+            this.url = url;
+            this.readyState = 1;
+            this.sent = [];
+            FakeSocket.last = this;
+            setTimeout(() => this.dispatchEvent(new Event("open")));
+        }
+        send(text) { this.sent.push(JSON.parse(text)); }
+        receive(frame) {
+            this.dispatchEvent(new MessageEvent("message", { data: JSON.stringify(frame) }));
+        }
+        drop() {
+            this.readyState = 3;
+            this.dispatchEvent(new CloseEvent("close", { code: 1006 }));
+        }
+        close() {}
+    }
+    const tick = (ms = 10) => new Promise((resolve) => setTimeout(resolve, ms));
+    const client = new ChatClient({ url: "/ws", token: "t", WebSocket: FakeSocket,
+        typingRenewMs: 200, typingMuteMs: 300, backoffBaseMs: 1, backoffMaxMs: 2 });
+    const events = new Set();
+    for (const type of ["typing", "presence", "blocked", "error"]) {
+        client.addEventListener(type, () => events.add(type));
+    }
+    let changed = new Set();
+    client.addEventListener("change", (event) => {
+        for (const chatId of event.detail.chatIds) changed.add(chatId);
+    });
+    client.start();
+    await tick();
+    let ws = FakeSocket.last;
+    const sent = (type) => ws.sent.filter((frame) => frame.type === type);
+    const out = {};
+    ws.receive({ type: "authenticated", user_id: "ann" });
+    out.onBind = ["fetch_chats", "fetch_blocked", "fetch_presence"].map((t) => sent(t).length);
+    const direct = (chatId, peer) => ({ chat_id: chatId, kind: "direct", title: null,
+        participants: ["ann", peer].sort(), created_by: "ann",
+        created_at: "2024-01-01T00:00:00.000Z", last_message: null, unread_count: 0,
+        read_up_to: {}, delivered_up_to: {} });
+    const chats = Array.from({ length: 250 }, (_, n) => direct(`d${n}`, `u${n}`));
+    chats.push({ ...direct("g", "x"), kind: "group", title: "G",
+        participants: ["ann", "gus", "hal"] });
+    ws.receive({ type: "all_chats", data: chats,
+        request_id: sent("fetch_chats")[0].request_id });
+    out.asked = sent("fetch_presence").map((frame) => frame.user_ids.length);
+    out.groupAsked = sent("fetch_presence").some((frame) => frame.user_ids.includes("gus"));
+    ws.receive({ type: "new_chats", data: [direct("n", "zoe")] });
+    out.newChatAsked = sent("fetch_presence").at(-1).user_ids;
+    ws.receive({ type: "all_chats", data: [...chats, direct("n", "zoe")] });
+    out.askedOnce = sent("fetch_presence").length;
+
+    ws.receive({ type: "presence", request_id: sent("fetch_presence").at(-1).request_id,
+        data: [{ user_id: "zoe", online: true, last_seen: null },
+               { user_id: "u1", online: false, last_seen: "2024-01-02T03:04:05.678Z" }] });
+    out.presence = [client.presence("zoe"), client.presence("u1"), client.presence("nobody")];
+    changed = new Set();
+    ws.receive({ type: "presence",
+        data: [{ user_id: "zoe", online: false, last_seen: "2024-01-03T00:00:00.000Z" }] });
+    out.presenceLive = [client.presence("zoe"), [...changed]];
+
+    // Typing goes out throttled: one `true` per renewal period, `false` only after a `true`.
+    out.typingCalls = [client.typing("n"), client.typing("n")];
+    await tick(220);
+    out.typingCalls.push(client.typing("n"), client.typing("n", false), client.typing("n", false));
+    out.typingFrames = sent("typing").map((frame) => [frame.chat_id, frame.active]);
+
+    // Typists: in the order they started, each until expiry, active: false, or their message.
+    ws.receive({ type: "typing", chat_id: "g", user_id: "gus", active: true, expires_in_ms: 80 });
+    ws.receive({ type: "typing", chat_id: "g", user_id: "hal", active: true,
+        expires_in_ms: 5000 });
+    out.typists = [client.typists("g")];
+    await tick(40);
+    ws.receive({ type: "typing", chat_id: "g", user_id: "gus", active: true, expires_in_ms: 80 });
+    await tick(50);
+    out.typists.push(client.typists("g")); // renewed: still there past the first expiry
+    changed = new Set();
+    await tick(60);
+    out.typists.push(client.typists("g"), [...changed]);
+    ws.receive({ type: "message", message_id: "m1", chat_id: "g", sender_id: "hal",
+        content: "hi", timestamp: "2024-01-01T00:00:01.000Z", seq: 1 });
+    out.typists.push(client.typists("g"));
+    ws.receive({ type: "typing", chat_id: "n", user_id: "zoe", active: true,
+        expires_in_ms: 5000 });
+    out.typists.push(client.typists("n"));
+    ws.receive({ type: "typing", chat_id: "n", user_id: "zoe", active: false,
+        expires_in_ms: 5000 });
+    out.typists.push(client.typists("n"));
+
+    // Blocking: the reply replaces the list; a blocked typist is gone; no typing to them.
+    const block = client.blockUser("zoe");
+    out.blockFrame = sent("block_user").map((frame) => [frame.user_id, frame.request_id === block]);
+    ws.receive({ type: "typing", chat_id: "n", user_id: "zoe", active: true,
+        expires_in_ms: 5000 });
+    changed = new Set();
+    ws.receive({ type: "blocked", data: ["mallory", "zoe"], request_id: block });
+    out.blocked = [client.blocked, client.isBlocked("zoe"), client.typists("n"), [...changed]];
+    out.typingToBlocked = client.typing("n");
+    ws.receive({ type: "blocked", data: ["mallory"] }); // unasked: another device unblocked
+    out.unblockedElsewhere = client.isBlocked("zoe");
+    client.unblockUser("mallory");
+    out.unblockFrame = sent("unblock_user").map((frame) => frame.user_id);
+
+    // A refused typing frame is not an error for the UI; typing in that chat pauses a while.
+    out.typingAgain = client.typing("n");
+    ws.receive({ type: "error", code: "forbidden", field: null,
+        message: "a block is in place between you and this user",
+        request_id: sent("typing").at(-1).request_id });
+    await tick(220);
+    out.refused = [events.has("error"), client.typing("n")];
+    await tick(120);
+    out.afterPause = client.typing("n");
+
+    // A dropped connection: typists go (nobody can renew them), presence is asked again.
+    ws.receive({ type: "typing", chat_id: "g", user_id: "hal", active: true,
+        expires_in_ms: 5000 });
+    const before = ws;
+    ws.drop();
+    out.afterDrop = [client.typists("g"), client.presence("zoe").lastSeen];
+    await tick(30);
+    ws = FakeSocket.last;
+    await tick();
+    ws.receive({ type: "authenticated", user_id: "ann" });
+    ws.receive({ type: "all_chats", data: [...chats, direct("n", "zoe")],
+        request_id: sent("fetch_chats")[0].request_id });
+    out.rebind = [ws !== before, sent("fetch_blocked").length,
+        sent("fetch_presence").map((frame) => frame.user_ids.length)];
+    out.events = [...events].sort();
+    client.stop();
+    return out;
+}"""
+
+
+def test_chat_client_typing_presence_and_blocks_contract(open_page: Callable[..., Page]) -> None:
+    """Typing, presence and blocks in chat-client.js against a scripted server: what goes out
+    when, and what the model makes of `typing`, `presence` and `blocked` frames."""
+    out = open_page().evaluate(LIVE_CONTRACT_JS)
+    assert out["onBind"] == [1, 1, 0]  # presence waits for the chat list
+    assert out["asked"] == [200, 50]  # every direct chat's other side, 200 a frame
+    assert out["groupAsked"] is False
+    assert out["newChatAsked"] == ["zoe"]  # a new chat: its other side at once
+    assert out["askedOnce"] == 3  # the same list again asks nobody again
+    assert out["presence"] == [
+        {"online": True, "lastSeen": None},
+        {"online": False, "lastSeen": "2024-01-02T03:04:05.678Z"},
+        None,
+    ]
+    assert out["presenceLive"] == [
+        {"online": False, "lastSeen": "2024-01-03T00:00:00.000Z"},
+        ["n"],  # the direct chat with zoe changed
+    ]
+    assert out["typingCalls"] == [True, False, True, True, False]
+    assert out["typingFrames"] == [["n", True], ["n", True], ["n", False]]
+    assert out["typists"] == [
+        ["gus", "hal"],
+        ["gus", "hal"],
+        ["hal"],
+        ["g"],  # an expiry is a change of that chat
+        [],  # hal's message arrived
+        ["zoe"],
+        [],  # active: false
+    ]
+    assert out["blockFrame"] == [["zoe", True]]
+    assert out["blocked"] == [["mallory", "zoe"], True, [], ["n"]]
+    assert out["typingToBlocked"] is False
+    assert out["unblockedElsewhere"] is False
+    assert out["unblockFrame"] == ["mallory"]
+    assert out["typingAgain"] is True
+    assert out["refused"] == [False, False]  # no error event; paused
+    assert out["afterPause"] is True
+    assert out["afterDrop"] == [[], "2024-01-03T00:00:00.000Z"]  # the last known stays
+    assert out["rebind"] == [True, 1, [200, 51]]
+    assert out["events"] == ["blocked", "presence", "typing"]
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HandlerProcess]:
+    """A handler that says a user is offline half a second after their last connection went."""
+    handler = HandlerProcess(
+        tmp_path_factory.mktemp("live"),
+        extra={"limits": {"presence_grace_s": PRESENCE_GRACE_S}},
+    )
+    handler.start()
+    yield handler
+    handler.stop()
+
+
+@pytest.fixture
+def open_live_page(browser: Browser, live_server: HandlerProcess) -> Iterator[Callable[..., Page]]:
+    yield from page_opener(browser, live_server.url)
+
+
+def header_status(page: Page) -> Any:
+    """The line under the chat's name: typing, presence (direct chats) or members (groups)."""
+    return page.locator("#conversation-status")
+
+
+def preview(page: Page, name: str) -> Any:
+    return chat_item(page, name).locator(".chat-preview")
+
+
+def online_dot(page: Page, name: str) -> Any:
+    return chat_item(page, name).locator(".avatar.online")
+
+
+def composer_box(page: Page) -> Any:
+    return page.get_by_label("Message", exact=True)
+
+
+def frame_order(page: Page) -> list[str]:
+    """The raw frame log as "in:type" / "out:type", oldest first."""
+    return list(
+        page.evaluate(
+            """() => [...document.querySelectorAll("#frame-list li")]
+                .map((item) => `${item.dataset.direction}:${item.dataset.type}`)"""
+        )
+    )
+
+
+def test_typing_shows_in_the_header_and_the_list_until_sent_cleared_or_expired(
+    open_live_page: Callable[..., Page],
+) -> None:
+    alice = sign_in(open_live_page(), "alice")
+    carol = sign_in(open_live_page(), "carol")
+    start_chat(carol, "alice")
+    send(carol, "Are we still on for tonight?")
+    carol.close()  # carol is gone: her row has no dot
+    bob = sign_in(open_live_page(), "bob")
+    start_chat(alice, "bob")
+    send(alice, "Hi Bob!")
+    chat_item(bob, "alice").click()
+    expect(bubbles(bob)).to_have_text(["Hi Bob!"])
+    expect(header_status(alice)).to_have_text("online")
+
+    box = composer_box(bob)
+    box.press_sequentially("On my way", delay=40)
+    typing = f"bob is typing{TYPING}"
+    expect(header_status(alice)).to_have_text(typing)  # in place of "online"
+    expect(header_status(alice)).to_have_class(re.compile(r"\btyping\b"))
+    expect(preview(alice, "bob")).to_have_text(typing)  # in place of "You: Hi Bob!"
+    expect(preview(alice, "bob")).to_have_class(re.compile(r"\btyping\b"))
+    expect(online_dot(alice, "bob")).to_have_count(1)
+    expect(online_dot(alice, "carol")).to_have_count(0)
+    expect(preview(alice, "carol")).to_have_text("Are we still on for tonight?")
+    # Nine key presses within a second: one `typing` on the wire (renewed every 3 s).
+    expect(logged(bob, "out", "typing")).to_have_count(1)
+    expect(logged(bob, "out", "typing")).to_contain_text('"active": true')
+    save_screenshot(alice.screenshot(), "screenshot-web-presence.png", docs=True)
+
+    # Sent: the indicator goes with the message (and bob's client says it stopped).
+    box.press("Enter")
+    expect(bubbles(alice)).to_have_text(["Hi Bob!", "On my way"])
+    expect(header_status(alice)).to_have_text("online")
+    expect(preview(alice, "bob")).to_have_text("On my way")
+    expect(preview(alice, "bob")).not_to_have_class(re.compile(r"\btyping\b"))
+    expect(logged(bob, "out", "typing").last).to_contain_text('"active": false')
+
+    # Cleared composer: stopped at once.
+    box.press_sequentially("wait")
+    expect(header_status(alice)).to_have_text(typing)
+    box.fill("")
+    expect(logged(bob, "out", "typing")).to_have_count(4)
+    expect(logged(bob, "out", "typing").last).to_contain_text('"active": false')
+    expect(header_status(alice)).to_have_text("online", timeout=3_000)  # long before 6 s
+
+    # Switching to another chat stops it too.
+    box.press_sequentially("Hold on")
+    expect(header_status(alice)).to_have_text(typing)
+    start_chat(bob, "dave")
+    expect(bob.locator("#conversation-title")).to_have_text("dave")
+    expect(logged(bob, "out", "typing").last).to_contain_text('"active": false')
+    expect(header_status(alice)).to_have_text("online", timeout=3_000)
+
+    # Left alone with text in the composer, the indicator lasts its expires_in_ms (6 s).
+    chat_item(bob, "alice").click()
+    expect(box).to_have_value("Hold on")  # the draft came back
+    box.press_sequentially(", almost")
+    expect(header_status(alice)).to_have_text(typing)
+    typed = time.monotonic()
+    expect(header_status(alice)).to_have_text("online", timeout=10_000)
+    assert time.monotonic() - typed > 3  # it expired: nothing said it stopped
+    expect(logged(bob, "out", "typing")).to_have_count(7)  # no `false` for the expiry
+    expect(logged(bob, "out", "typing").last).to_contain_text('"active": true')
+    expect(preview(alice, "bob")).to_have_text("On my way")
+
+
+def test_typing_in_a_group_names_everyone_who_types(open_live_page: Callable[..., Page]) -> None:
+    erin = sign_in(open_live_page(PHONE), "erin")
+    carl = sign_in(open_live_page(), "carl")
+    dina = sign_in(open_live_page(), "dina")
+    create_group(carl, "Band practice", "dina, erin")
+    send(carl, "Saturday at 4?")
+    chat_item(dina, "Band practice").click()
+    row = preview(erin, "Band practice")
+    expect(row).to_have_text("carl: Saturday at 4?")
+
+    composer_box(carl).press_sequentially("Or 5")
+    expect(row).to_have_text(f"carl is typing{TYPING}")
+    composer_box(dina).press_sequentially("4 is fine")
+    both = f"carl and dina are typing{TYPING}"
+    expect(row).to_have_text(both)
+    expect(erin.locator(".chat-item .avatar.online")).to_have_count(0)  # no dot for a group
+    save_screenshot(erin.screenshot(), "screenshot-web-phone-typing.png", docs=True)
+
+    chat_item(erin, "Band practice").click()
+    expect(header_status(erin)).to_have_text(both)
+    expect(erin.locator("#conversation-id")).to_be_hidden()  # "3 members" gives way
+    composer_box(carl).press("Enter")
+    expect(bubbles(erin)).to_have_text(["Saturday at 4?", "Or 5"])
+    expect(header_status(erin)).to_have_text(f"dina is typing{TYPING}")
+    composer_box(dina).press("Enter")
+    expect(header_status(erin)).to_be_hidden()
+    expect(erin.locator("#conversation-id")).to_have_text("3 members")
+    expect(erin.locator("#conversation-id")).to_be_visible()
+
+
+def test_presence_dot_and_last_seen_follow_the_other_side(
+    open_live_page: Callable[..., Page],
+) -> None:
+    fay = sign_in(open_live_page(fake_clock=True), "fay")
+    fay_phone = sign_in(open_live_page(PHONE), "fay")
+    gus = sign_in(open_live_page(), "gus")
+    start_chat(fay, "gus")
+    expect(fay.locator("#conversation-title")).to_have_text("gus")
+    # The new chat's other side was asked about at once.
+    expect(logged(fay, "out", "fetch_presence").last).to_contain_text('"gus"')
+    expect(online_dot(fay, "gus")).to_have_count(1)
+    expect(fay.locator("#conversation-avatar")).to_have_class(re.compile(r"\bonline\b"))
+    expect(header_status(fay)).to_have_text("online")
+    expect(header_status(fay)).to_have_class(re.compile(r"\bonline\b"))
+    expect(online_dot(fay_phone, "gus")).to_have_count(1)  # live, on the other device too
+    send(fay, "Lunch tomorrow?")
+    chat_item(gus, "fay").click()
+    send(gus, "Sure, 1 pm at the usual place")
+    expect(bubbles(fay)).to_have_text(["Lunch tomorrow?", "Sure, 1 pm at the usual place"])
+
+    gus.close()  # after the grace, every device of fay's is told
+    expect(header_status(fay)).to_have_text("last seen just now")
+    expect(online_dot(fay, "gus")).to_have_count(0)
+    expect(fay.locator("#conversation-avatar")).not_to_have_class(re.compile(r"\bonline\b"))
+    expect(online_dot(fay_phone, "gus")).to_have_count(0)
+    # As time passes the line ages with it, without any frame.
+    fay.clock.fast_forward("05:00")
+    expect(header_status(fay)).to_have_text("last seen 5 minutes ago")
+    chat_item(fay_phone, "gus").click()
+    expect(header_status(fay_phone)).to_have_text("last seen just now")
+    save_screenshot(fay_phone.screenshot(), "screenshot-web-phone-presence.png", docs=True)
+
+    # A fresh page asks: fetch_presence with the direct chats' user_ids, once the list is in.
+    fay_phone.reload()
+    expect(fay_phone.locator("#connection")).to_have_text("Online")
+    expect(header_status(fay_phone)).to_have_text("last seen just now")
+    order = frame_order(fay_phone)
+    assert order.index("in:all_chats") < order.index("out:fetch_presence")
+    expect(logged(fay_phone, "out", "fetch_presence")).to_contain_text('"user_ids"')
+
+    # gus is back: live, and the dot returns.
+    sign_in(open_live_page(), "gus")
+    for page in (fay, fay_phone):
+        expect(header_status(page)).to_have_text("online")
+    expect(online_dot(fay, "gus")).to_have_count(1)
+
+
+def test_last_seen_reads_like_a_messenger(open_live_page: Callable[..., Page]) -> None:
+    sockets: list[WebSocketRoute] = []
+
+    def keep(ws: WebSocketRoute) -> None:
+        ws.connect_to_server()  # frames pass through both ways
+        sockets.append(ws)
+
+    hal = sign_in(open_live_page(route=keep, locale="en-GB", timezone_id="UTC"), "hal")
+    start_chat(hal, "ida")  # ida never connected: nothing to say about her
+    expect(hal.locator("#conversation-title")).to_have_text("ida")
+    expect(logged(hal, "in", "presence")).to_have_count(1)
+    expect(header_status(hal)).to_be_hidden()
+
+    def seen(at: datetime | None, *, online: bool = False) -> None:
+        stamp = None if at is None else at.isoformat(timespec="milliseconds")
+        entry = {"user_id": "ida", "online": online, "last_seen": stamp}
+        sockets[-1].send(json.dumps({"type": "presence", "data": [entry]}))
+
+    now = datetime.now(UTC)
+    two_hours_ago = now - timedelta(hours=2)
+    day = "today" if two_hours_ago.date() == now.date() else "yesterday"
+    seen(two_hours_ago)
+    expect(header_status(hal)).to_have_text(f"last seen {day} at {two_hours_ago:%H:%M}")
+    yesterday = (now - timedelta(days=1)).replace(hour=9, minute=12)
+    seen(yesterday)
+    expect(header_status(hal)).to_have_text("last seen yesterday at 09:12")
+    last_year = now.replace(year=now.year - 1, month=12, day=2)
+    seen(last_year)
+    expect(header_status(hal)).to_have_text(f"last seen 2 Dec {now.year - 1}")
+    if now.timetuple().tm_yday > 2:  # the 1st of January is not today or yesterday
+        seen(now.replace(month=1, day=1))
+        expect(header_status(hal)).to_have_text("last seen 1 Jan")
+    seen(now - timedelta(minutes=1, seconds=5))
+    expect(header_status(hal)).to_have_text("last seen 1 minute ago")
+    seen(None, online=True)
+    expect(header_status(hal)).to_have_text("online")
+    expect(online_dot(hal, "ida")).to_have_count(1)
+    seen(None)  # what a stranger, or someone across a block, is told
+    expect(header_status(hal)).to_be_hidden()
+    expect(online_dot(hal, "ida")).to_have_count(0)
+
+
+def test_blocking_replaces_the_composer_and_a_blocked_send_is_explained(
+    open_live_page: Callable[..., Page],
+) -> None:
+    jan = sign_in(open_live_page(), "jan")
+    jan_phone = sign_in(open_live_page(PHONE), "jan")
+    kai = sign_in(open_live_page(), "kai")
+    start_chat(jan, "kai")
+    send(jan, "Hi Kai")
+    chat_item(kai, "jan").click()
+    chat_item(jan_phone, "kai").click()
+    expect(bubbles(kai)).to_have_text(["Hi Kai"])
+    expect(header_status(jan)).to_have_text("online")
+    expect(logged(jan, "out", "fetch_blocked")).to_have_count(1)  # asked after binding
+
+    jan.get_by_role("button", name="Chat menu").click()
+    jan.get_by_role("menuitem", name="Block user", exact=True).click()
+    confirm = jan.locator("#group-confirm")
+    expect(confirm).to_contain_text("Block kai?")
+    confirm.get_by_role("button", name="Block").click()
+    bar = jan.locator("#blocked-bar")
+    expect(bar).to_be_visible()
+    expect(bar.locator("#blocked-text")).to_have_text("You blocked kai. Unblock to send messages.")
+    expect(composer_box(jan)).to_be_hidden()
+    expect(composer_box(jan)).to_be_disabled()
+    expect(jan.locator("#send-button")).to_be_hidden()
+    expect(logged(jan, "in", "blocked").last).to_contain_text('"kai"')
+    # No presence across a block: no dot, no line (kai is still online).
+    expect(header_status(jan)).to_be_hidden()
+    expect(jan.locator("#conversation-avatar")).not_to_have_class(re.compile(r"\bonline\b"))
+    expect(online_dot(jan, "kai")).to_have_count(0)
+    # The other device follows without asking, and so does the chat menu.
+    expect(jan_phone.locator("#blocked-bar")).to_be_visible()
+    expect(logged(jan_phone, "out", "block_user")).to_have_count(0)
+    jan.get_by_role("button", name="Chat menu").click()
+    expect(jan.get_by_role("menuitem", name="Unblock user", exact=True)).to_be_visible()
+    expect(jan.get_by_role("menuitem", name="Block user", exact=True)).to_be_hidden()
+    jan.mouse.move(0, 0)
+    save_screenshot(jan.screenshot(), "screenshot-web-blocked.png", docs=True)
+    jan.keyboard.press("Escape")
+    expect(jan.locator("#chat-menu")).to_be_hidden()
+
+    # kai cannot tell from his screen, until he sends: then he is told, clearly.
+    expect(header_status(kai)).to_be_hidden()  # jan's presence is hidden from him
+    box = composer_box(kai)
+    box.press_sequentially("Jan?")
+    expect(logged(kai, "in", "error")).to_have_count(1)  # the typing frame was refused...
+    expect(kai.locator(".toast")).to_have_count(0)  # ...which is nothing to show
+    expect(header_status(jan)).to_be_hidden()  # and jan sees no typing
+    box.press("Enter")
+    toast = kai.locator('.toast[data-reason="blocked"]')
+    expect(toast).to_contain_text("Message not sent")
+    expect(toast).to_contain_text("jan has blocked you")
+    failed = kai.locator('.bubble.own[data-state="failed"]')
+    expect(failed.locator(".failure")).to_contain_text("Not sent: jan has blocked you")
+    save_screenshot(kai.screenshot(), "screenshot-web-blocked-sender.png", docs=True)
+    expect(bubbles(jan)).to_have_text(["Hi Kai"])  # nothing reached jan
+
+    # Unblocked from the bar: the composer is back (focused), so is presence, everywhere.
+    bar.get_by_role("button", name="Unblock").click()
+    expect(bar).to_be_hidden()
+    expect(composer_box(jan)).to_be_enabled()
+    expect(composer_box(jan)).to_be_focused()
+    expect(jan_phone.locator("#blocked-bar")).to_be_hidden()
+    expect(header_status(jan)).to_have_text("online")
+    expect(header_status(kai)).to_have_text("online")
+    failed.get_by_role("button", name="Retry").click()
+    expect(bubbles(jan)).to_have_text(["Hi Kai", "Jan?"])
+    send(jan, "Sorry, wrong button!")
+    expect(bubbles(kai)).to_have_text(["Hi Kai", "Jan?", "Sorry, wrong button!"])

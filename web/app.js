@@ -5,6 +5,8 @@
  * with its messages, marks and unread counts) lives in chat-client.js; this file renders that
  * model and turns what the person does into client calls. What it keeps itself is only what is
  * about the screen: the open chat, the "new messages" divider, the message being edited, drafts.
+ * Typing indicators, presence and blocks come from the client's model too; the composer only
+ * tells the client when the person types (the client throttles what goes on the wire).
  * Rendering rebuilds the visible lists from the model, batched per animation frame, reusing the
  * DOM node of every bubble whose content did not change.
  */
@@ -28,6 +30,7 @@ const MAX_USER_ID_CHARS = 128;
 const COUNTER_FROM = MAX_MESSAGE_CHARS - 500; // show the character counter this close to the limit
 const GROUP_GAP_MS = 5 * 60_000; // bubbles of one sender this close together form a group
 const NEAR_BOTTOM_PX = 80;
+const CLOCK_TICK_MS = 30_000; // "last seen 5 minutes ago" and day labels follow the clock
 
 const $ = (id) => document.getElementById(id);
 
@@ -42,6 +45,8 @@ const model = {
   editing: null, // {chatId, messageId, seq, stash}: the message the composer is editing
   menuFor: null, // {chatId, message} of the open message menu
   menuButton: null, // the bubble button that opened it
+  chatMenuFor: null, // chat_id whose chat menu (block, unblock) is open
+  focusAfterUnblock: false, // the bar's Unblock was pressed: the composer gets the focus back
   pendingOpen: null, // request_id of the create_chat whose reply should open that chat
   pendingGroup: null, // request_id of the create_group of the new-group dialog
   pendingAdd: null, // {requestId, chatId, userIds} of the add_members of the members panel
@@ -103,6 +108,7 @@ function signOut(reason = "") {
   model.divider = null;
   model.editing = null;
   closeMenu();
+  closeChatMenu();
   closeReaders();
   for (const id of ["group-dialog", "members-dialog", "group-confirm", "delete-dialog"]) {
     if ($(id).open) $(id).close();
@@ -183,6 +189,11 @@ function wireClient(client) {
   });
   on("outbox", ({ entry }) => {
     if (entry.state === "failed") model.reported.add(entry.requestId);
+    if (entry.state === "failed" && entry.kind === "send") {
+      const chat = client.chat(entry.chatId);
+      // The person is in this direct chat, so a refusal can only mean a block is in place.
+      if (blockRefused(chat, entry.error)) showBlockedNotice(chat);
+    }
     // What the person just sent here stays in view (not what another device of theirs sent).
     const own = entry.kind === "send" && entry.chatId === model.openChatId;
     if (entry.state === "failed" && entry.kind !== "send") {
@@ -210,6 +221,11 @@ function wireClient(client) {
       if (model.openChatId && !client.chat(model.openChatId)?.known) closeChat();
     }
   });
+  on("blocked", () => {
+    // Another device may have changed the list: the open chat's menu must not show stale state.
+    closeChatMenu();
+    render();
+  });
   on("auth-failed", ({ message }) => signOut(message));
 }
 
@@ -219,6 +235,8 @@ function openChat(chatId, { focus = true } = {}) {
   if (model.openChatId !== chatId) {
     stopEditing(); // the draft from before the edit comes back, and is kept
     saveDraft();
+    stopTyping();
+    closeChatMenu();
     const chat = model.client.chat(chatId);
     model.openChatId = chatId;
     model.divider = null;
@@ -262,7 +280,9 @@ function placeDivider() {
 function closeChat() {
   stopEditing();
   saveDraft();
+  stopTyping();
   closeMenu();
+  closeChatMenu();
   closeReaders();
   model.openChatId = null;
   model.divider = null;
@@ -277,6 +297,19 @@ function closeChat() {
 function updateViewing() {
   const visible = document.visibilityState === "visible";
   model.client?.setViewing(visible ? model.openChatId : null);
+  if (!visible) stopTyping(); // a hidden page is not typing
+}
+
+/** The composer changed by the person's hand: they are typing, or stopped (cleared it). */
+function noteTyping() {
+  const chat = model.openChatId && model.client?.chat(model.openChatId);
+  if (!chat?.known || model.editing || blockedPeer(chat)) return;
+  model.client.typing(chat.chatId, $("message-input").value.trim() !== "");
+}
+
+/** The person stopped typing in the open chat (sent, left it, or started an edit). */
+function stopTyping() {
+  if (model.openChatId) model.client?.typing(model.openChatId, false);
 }
 
 function submitComposer() {
@@ -302,6 +335,7 @@ function submitComposer() {
     });
     input.value = "";
     model.divider = null; // replying means everything above has been read
+    stopTyping();
   }
   composerChanged();
   render({ scrollToEnd: true });
@@ -312,6 +346,7 @@ function startEditing(chatId, message) {
   const pending = model.client.pendingChange(chatId, message.message_id);
   const current = pending?.kind === "edit" ? pending.frame.content : message.content;
   const stash = model.editing ? model.editing.stash : input.value;
+  stopTyping(); // editing an old message is not writing a new one
   model.editing = {
     chatId,
     messageId: message.message_id,
@@ -383,6 +418,10 @@ function composerChanged({ save = true } = {}) {
 function openMenu(target, chatId, message, at = null) {
   const menu = $("message-menu");
   model.menuFor = { chatId, message };
+  closeChatMenu();
+  // While the person blocks the other side there is no composer to edit in (deleting stays).
+  const blocked = Boolean(blockedPeer(model.client.chat(chatId)));
+  menu.querySelector('[data-action="edit"]').hidden = blocked;
   menu.hidden = false;
   const box = target.getBoundingClientRect();
   const width = menu.offsetWidth;
@@ -401,6 +440,92 @@ function closeMenu() {
   model.menuButton = null;
   model.menuFor = null;
   $("message-menu").hidden = true;
+}
+
+// ---------------------------------------------------------------------------- chat menu, blocks
+
+/** The other side of a direct chat when the person blocks them, else null. */
+function blockedPeer(chat) {
+  if (!chat || isGroup(chat) || !model.client) return null;
+  const peer = otherParticipant(chat);
+  return model.client.isBlocked(peer) ? peer : null;
+}
+
+/** A refused send in a direct chat: the person is a participant, so a block is in place. */
+function blockRefused(chat, error) {
+  return Boolean(chat?.known && !isGroup(chat) && error?.code === "forbidden");
+}
+
+/** Who blocks whom, as the person needs to read it: they know only their own blocks. */
+function blockSentence(chat) {
+  const peer = otherParticipant(chat);
+  return model.client.isBlocked(peer)
+    ? `You blocked ${peer}. Unblock to send messages.`
+    : `${peer} has blocked you.`;
+}
+
+function showBlockedNotice(chat) {
+  const peer = otherParticipant(chat);
+  const why = model.client.isBlocked(peer)
+    ? blockSentence(chat)
+    : `${blockSentence(chat)} You cannot send ${peer} messages while they do.`;
+  const text = el(
+    "div",
+    { class: "toast-text" },
+    el("strong", {}, "Message not sent"),
+    el("span", {}, why),
+  );
+  const toast = el("div", { class: "toast", "data-code": "forbidden", "data-reason": "blocked" });
+  toast.append(text);
+  addToast(toast, ERROR_TOAST_MS);
+}
+
+function openChatMenu() {
+  const chat = model.openChatId && model.client.chat(model.openChatId);
+  if (!chat?.known || isGroup(chat)) return;
+  closeMenu();
+  closeReaders();
+  const menu = $("chat-menu");
+  const button = $("chat-menu-button");
+  const blocked = Boolean(blockedPeer(chat));
+  menu.querySelector('[data-action="block"]').hidden = blocked;
+  menu.querySelector('[data-action="unblock"]').hidden = !blocked;
+  model.chatMenuFor = chat.chatId;
+  menu.hidden = false;
+  button.setAttribute("aria-expanded", "true");
+  const box = button.getBoundingClientRect();
+  const width = menu.offsetWidth;
+  const left = Math.max(8, Math.min(box.right - width, window.innerWidth - width - 8));
+  menu.style.left = `${left}px`;
+  menu.style.top = `${box.bottom + 4}px`;
+  menu.querySelector("button:not([hidden])").focus();
+}
+
+function closeChatMenu() {
+  model.chatMenuFor = null;
+  $("chat-menu").hidden = true;
+  $("chat-menu-button").removeAttribute("aria-expanded");
+}
+
+async function chatMenuAction(action) {
+  const chat = model.chatMenuFor && model.client.chat(model.chatMenuFor);
+  closeChatMenu();
+  if (!chat) return;
+  const peer = otherParticipant(chat);
+  if (action === "unblock") {
+    model.client.unblockUser(peer);
+    return;
+  }
+  const ok = await confirmAction({
+    title: `Block ${peer}?`,
+    text:
+      `${peer} will not be able to message you or see when you are online, and you will not ` +
+      "see when they are. The chat stays; you can unblock at any time.",
+    action: "Block",
+  });
+  if (!ok || !model.client) return;
+  model.client.typing(chat.chatId, false);
+  model.client.blockUser(peer);
 }
 
 async function menuAction(action) {
@@ -791,6 +916,33 @@ function memberCountLabel(chat) {
   return count === 1 ? "1 member" : `${count} members`;
 }
 
+/** "bob is typing…", "alice and bob are typing…", or "" when nobody is. */
+function typingLabel(chat) {
+  const client = model.client;
+  const names = client.typists(chat.chatId).filter((user) => !client.isBlocked(user));
+  const [first, second, third] = names;
+  if (names.length === 0) return "";
+  if (names.length === 1) return `${first} is typing\u2026`;
+  if (names.length === 2) return `${first} and ${second} are typing\u2026`;
+  if (names.length === 3) return `${first}, ${second} and ${third} are typing\u2026`;
+  return `${first}, ${second} and ${names.length - 2} others are typing\u2026`;
+}
+
+/** The other side of a direct chat is online (and not blocked): the green dot. */
+function peerOnline(chat) {
+  if (isGroup(chat) || blockedPeer(chat)) return false;
+  return model.client.presence(otherParticipant(chat))?.online === true;
+}
+
+/** The header's presence line of a direct chat: "online", "last seen …", or "". */
+function presenceLabel(chat) {
+  if (isGroup(chat) || blockedPeer(chat)) return "";
+  const presence = model.client.presence(otherParticipant(chat));
+  if (!presence) return "";
+  if (presence.online) return "online";
+  return presence.lastSeen ? lastSeenLabel(presence.lastSeen) : "";
+}
+
 /** Sends of this chat not stored yet, in the order they were typed. */
 function unsentOf(chatId) {
   return [...model.client.outbox, ...model.client.failed]
@@ -841,9 +993,16 @@ function renderChatList() {
     } else {
       preview.append(last.content);
     }
+    const typing = typingLabel(chat);
+    if (typing) {
+      preview.replaceChildren(typing); // in place of the last message, while it lasts
+      preview.classList.add("typing");
+    }
     if (isGroup(chat)) button.classList.add("is-group");
+    const face = avatar(name);
+    if (peerOnline(chat)) face.classList.add("online");
     button.append(
-      avatar(name),
+      face,
       el("span", { class: "chat-name" }, ...(isGroup(chat) ? [peopleIcon()] : []), name),
       el("span", { class: "chat-time" }, time ? formatListTime(time) : ""),
       preview,
@@ -883,13 +1042,17 @@ function renderConversation() {
   input.placeholder = model.editing ? "Edit message" : "Message";
   const group = isGroup(chat);
   $("members-button").hidden = !group;
+  $("chat-menu-button").hidden = !chat || group;
   $("conversation-heading").classList.toggle("clickable", group);
   if (group) $("conversation-heading").setAttribute("title", "Show the members");
   else $("conversation-heading").removeAttribute("title");
   if (!chat) {
     $("conversation-title").textContent = model.openChatId ? "Loading\u2026" : "Select a chat";
     $("conversation-id").textContent = "";
+    $("conversation-id").hidden = false;
+    $("conversation-status").hidden = true;
     $("conversation-avatar").hidden = true;
+    renderBlocked(null);
     syncChildren($("message-list"), []);
     $("no-messages").hidden = true;
     $("load-older").hidden = true;
@@ -901,11 +1064,23 @@ function renderConversation() {
   $("conversation-title").textContent = name;
   $("conversation-id").textContent = group ? memberCountLabel(chat) : `chat ${chat.chatId}`;
   $("conversation-id").classList.toggle("member-count", group);
+  // One line under the name: who is typing, else a group's members or the other side's presence.
+  const typing = typingLabel(chat);
+  const status = typing || (group ? "" : presenceLabel(chat));
+  const statusNode = $("conversation-status");
+  statusNode.textContent = status;
+  statusNode.hidden = !status;
+  statusNode.classList.toggle("typing", Boolean(typing));
+  statusNode.classList.toggle("online", !typing && status === "online");
+  $("conversation-id").hidden = !group || Boolean(typing);
+  if (!group) $("conversation-heading").setAttribute("title", `Chat ${chat.chatId}`);
   const avatarNode = $("conversation-avatar");
   avatarNode.hidden = false;
   avatarNode.textContent = initials(name);
   avatarNode.style.setProperty("--hue", hue(name));
+  avatarNode.classList.toggle("online", peerOnline(chat));
   $("send-button").disabled = characterCount(input.value) > MAX_MESSAGE_CHARS;
+  renderBlocked(chat);
 
   // Keep what the person is reading in place: remember the first bubble on screen.
   const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < NEAR_BOTTOM_PX;
@@ -936,6 +1111,26 @@ function renderConversation() {
     if (node) list.scrollTop = node.offsetTop - anchor.offset;
   }
   updateJump(chat);
+}
+
+/**
+ * While the person blocks the other side of the open chat, the composer gives way to a line
+ * that says so, with the way back.
+ */
+function renderBlocked(chat) {
+  const peer = blockedPeer(chat);
+  const composer = $("composer");
+  composer.classList.toggle("blocked", Boolean(peer));
+  $("blocked-bar").hidden = !peer;
+  if (peer) {
+    $("blocked-text").textContent = blockSentence(chat);
+    $("message-input").disabled = true;
+    $("send-button").disabled = true;
+    if (model.editing) stopEditing();
+  } else if (chat && model.focusAfterUnblock) {
+    model.focusAfterUnblock = false;
+    $("message-input").focus(); // unblocked from the bar: carry on writing
+  }
 }
 
 /** The bubbles, date separators and the "new messages" divider of a chat, in order. */
@@ -1203,8 +1398,14 @@ function renderBubble(item) {
   }
 
   if (entry && entry.state === "failed") {
-    const reason = entry.error ? errorSentence(entry.error) : "The server refused it.";
-    const detail = entry.error?.message ? ` (${entry.error.message})` : "";
+    const chat = model.client.chat(entry.chatId);
+    const blocked = blockRefused(chat, entry.error);
+    const reason = blocked
+      ? blockSentence(chat)
+      : entry.error
+        ? errorSentence(entry.error)
+        : "The server refused it.";
+    const detail = entry.error?.message && !blocked ? ` (${entry.error.message})` : "";
     const retry = el("button", { type: "button", class: "link-button" }, "Retry");
     retry.addEventListener("click", () => model.client.retry(entry.clientMessageId));
     const edit = el("button", { type: "button", class: "link-button" }, "Edit");
@@ -1434,6 +1635,32 @@ function formatListTime(iso) {
     : date.toLocaleDateString([], { month: "short", day: "numeric" });
 }
 
+/**
+ * "last seen just now", "… 5 minutes ago", "… today at 18:04", "… yesterday at 09:12",
+ * "… 2 Dec" (with the year when it is not this year's), in the person's locale.
+ */
+function lastSeenLabel(iso, now = new Date()) {
+  const date = new Date(iso);
+  if (Number.isNaN(date.getTime())) return "";
+  const ago = now - date;
+  if (ago < 60_000) return "last seen just now"; // also a clock a little behind the server's
+  if (ago < 60 * 60_000) {
+    const minutes = Math.floor(ago / 60_000);
+    return `last seen ${minutes} ${minutes === 1 ? "minute" : "minutes"} ago`;
+  }
+  const yesterday = new Date(now.getFullYear(), now.getMonth(), now.getDate() - 1);
+  if (date.toDateString() === now.toDateString()) return `last seen today at ${formatTime(iso)}`;
+  if (date.toDateString() === yesterday.toDateString()) {
+    return `last seen yesterday at ${formatTime(iso)}`;
+  }
+  const day = date.toLocaleDateString([], {
+    day: "numeric",
+    month: "short",
+    ...(date.getFullYear() === now.getFullYear() ? {} : { year: "numeric" }),
+  });
+  return `last seen ${day}`;
+}
+
 function formatClock(date) {
   const milliseconds = String(date.getMilliseconds()).padStart(3, "0");
   return `${date.toLocaleTimeString([], { hour12: false })}.${milliseconds}`;
@@ -1499,6 +1726,28 @@ function setUp() {
     if (event.target === event.currentTarget) memberInput.focus();
   });
   $("members-button").addEventListener("click", () => openMembers());
+  const chatMenu = $("chat-menu");
+  $("chat-menu-button").addEventListener("click", (event) => {
+    event.stopPropagation();
+    if (chatMenu.hidden) openChatMenu();
+    else closeChatMenu();
+  });
+  chatMenu.addEventListener("click", (event) => {
+    const action = event.target.closest("[data-action]")?.dataset.action;
+    if (action) chatMenuAction(action);
+  });
+  chatMenu.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") {
+      closeChatMenu();
+      $("chat-menu-button").focus();
+    }
+  });
+  $("unblock-button").addEventListener("click", () => {
+    const peer = blockedPeer(model.client?.chat(model.openChatId));
+    if (!peer) return;
+    model.client.unblockUser(peer);
+    model.focusAfterUnblock = true;
+  });
   $("conversation-heading").addEventListener("click", () => openMembers());
   $("members-close").addEventListener("click", () => $("members-dialog").close());
   $("members-dialog").addEventListener("close", () => {
@@ -1536,7 +1785,10 @@ function setUp() {
       }
     }
   });
-  input.addEventListener("input", () => composerChanged());
+  input.addEventListener("input", () => {
+    composerChanged();
+    noteTyping();
+  });
   $("cancel-edit").addEventListener("click", () => {
     stopEditing();
     input.focus();
@@ -1574,10 +1826,12 @@ function setUp() {
   });
   document.addEventListener("click", (event) => {
     if (!menu.hidden && !menu.contains(event.target)) closeMenu();
+    if (!chatMenu.hidden && !chatMenu.contains(event.target)) closeChatMenu();
     if (!readersPopover.hidden && !readersPopover.contains(event.target)) closeReaders();
   });
   window.addEventListener("resize", () => {
     closeMenu();
+    closeChatMenu();
     closeReaders();
   });
   $("clear-log").addEventListener("click", () => {
@@ -1600,6 +1854,7 @@ function setUp() {
   setInterval(() => {
     if (model.client?.state === "waiting") setConnectionPill("waiting");
   }, 1000);
+  setInterval(() => render(), CLOCK_TICK_MS); // "last seen …" and "Today" age with the clock
 
   const saved = sessionStorage.getItem(SESSION_KEY);
   if (saved) startSession(JSON.parse(saved));

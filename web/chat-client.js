@@ -1,6 +1,7 @@
 /**
  * chat-client.js: a dependency-free client for the handler's WebSocket protocol (PROTOCOL.md,
- * version 1 and the receipts, unread counts, edits, deletes and group chats of version 2).
+ * version 1 and the receipts, unread counts, edits, deletes, group chats, typing, presence and
+ * blocking of version 2).
  *
  * Lift this file into your own front end: it has no DOM code and no framework. It keeps one
  * WebSocket open, reconnects when it drops, keeps it alive, refreshes the token in-band, makes
@@ -16,6 +17,10 @@
  *   client.createGroup({ title, memberIds });     // reply: new_chats
  *   client.addMembers(chatId, memberIds);          // reply: chat_updated
  *   client.removeMember(chatId, userId);           // the creator removes; anyone leaves
+ *   client.typing(chatId, composer.value !== "");  // on every input; throttled here
+ *   client.typists(chatId);      // who is typing there now
+ *   client.presence(userId);     // {online, lastSeen} of a contact, or null
+ *   client.blockUser(userId);    // reply: blocked; client.isBlocked(userId)
  *
  * Theory of operation
  * -------------------
@@ -56,6 +61,24 @@
  * chat missing from `all_chats` (the change happened while this device was away).
  * `readers(chatId, message)` lists the other members whose read mark reached a message.
  *
+ * Typing: `typing(chatId, active)` may be called on every keystroke. An `active: true` goes out
+ * at most once per `typingRenewMs` (3 s) per chat, which renews the indicator on the other side
+ * (it lasts 6 s there) for as long as the person keeps typing; an `active: false` only when a
+ * `true` went out less than that lifetime ago. Typing is ephemeral: nothing is queued offline,
+ * and a refusal (a block is in place) is not an `error` event: typing in that chat pauses for
+ * `typingMuteMs` instead. Incoming `typing` frames keep, per chat, the members typing now; each
+ * one goes when its `expires_in_ms` passes without a renewal, on `active: false`, when a
+ * message from them arrives in that chat, and when the connection drops.
+ *
+ * Presence: once the chat list is loaded after a bind, the client asks `fetch_presence` for the
+ * other side of every direct chat (at most 200 ids a frame), and for each new direct chat as it
+ * appears; live `presence` frames update it. `presence(userId)` is null until the server said.
+ *
+ * Blocking: `fetch_blocked` after every bind; a `blocked` frame (the answer to this client's
+ * `block_user`, `unblock_user`, `fetch_blocked`, or sent unasked when another device of the user
+ * changed the list) replaces the whole list. The server refuses sends in a direct chat while a
+ * block is in place either way; this client only knows the blocks its user made.
+ *
  * Liveness: a `ping` every 25 s keeps the server's idle timeout (60 s) from closing the socket;
  * if the `pong` is not back within `pongTimeoutMs`, the socket is presumed dead and replaced.
  * Tokens with an `exp` claim are refreshed `refreshMarginMs` before expiry by sending the new
@@ -66,8 +89,11 @@
  *   "frame"          {direction: "in" | "out", text, frame, at}   every frame on the wire
  *   "change"         {chatIds}   the model of these chats changed (messages, marks, counts, list)
  *   "authenticated", "all_chats", "new_chats", "all_messages", "new_messages", "message",
- *   "receipt", "message_updated", "updated_messages", "chat_updated", "pong", "error"
+ *   "receipt", "message_updated", "updated_messages", "chat_updated", "typing", "presence",
+ *   "blocked", "pong", "error"
  *                    the server frame of that type, as parsed JSON, after the model took it in
+ *                    (a `change` names the chats a `typing`, `presence` or `blocked` affects,
+ *                    and the chat whose typists expired)
  *   "chat-removed"   {chatId, title, kind, left}   the user is no longer in that chat: `left`
  *                    when this client asked to leave it, else removed (or left elsewhere)
  *   "outbox"         {entry}   a send, edit or delete changed state: "queued", "sending",
@@ -87,6 +113,9 @@ export const SERVER_FRAME_TYPES = Object.freeze([
   "message_updated",
   "updated_messages",
   "chat_updated",
+  "typing",
+  "presence",
+  "blocked",
   "pong",
   "error",
 ]);
@@ -139,7 +168,14 @@ const DEFAULT_OPTIONS = Object.freeze({
   minRefreshMs: 30_000,
   maxInternalRetries: 3,
   pageSize: 50,
+  typingRenewMs: 3_000, // an active typist's `typing` goes out again this often
+  typingExpiresMs: 6_000, // the indicator's lifetime when a frame does not say (`expires_in_ms`)
+  typingMuteMs: 60_000, // no typing in a chat for this long after the server refused it
+  presenceBatch: 200, // user ids per `fetch_presence` (the server's limit)
 });
+
+/** Typing request ids remembered for matching a refusal; typing gets no answer otherwise. */
+const TYPING_REQUESTS_KEPT = 32;
 
 /**
  * Reconnect delay for the given attempt (0-based): exponential, capped, with "equal jitter".
@@ -284,6 +320,15 @@ export class ChatClient extends EventTarget {
   #timers = { reconnect: null, ping: null, pongDeadline: null, refresh: null };
   #refreshingAuth = false;
   #leaving = new Map(); // request_id of this user's own remove_member -> chat_id
+  #typists = new Map(); // chat_id -> Map user_id -> expiry timer, in the order they started
+  #typingSent = new Map(); // chat_id -> when this client last sent `active: true` there
+  #typingRequests = new Map(); // request_id of a recent typing frame -> chat_id
+  #typingMuted = new Map(); // chat_id -> until when typing there is not sent (refused)
+  #presence = new Map(); // user_id -> {online, lastSeen}
+  #presenceAsked = new Set(); // user ids asked with fetch_presence since the last bind
+  #presenceWanted = new Set(); // direct-chat peers to ask about once the list is loaded
+  #listLoaded = false; // an all_chats arrived since the last bind
+  #blocked = new Set(); // the user ids this user blocks (from `blocked` frames)
 
   /**
    * @param {object} options
@@ -385,6 +430,7 @@ export class ChatClient extends EventTarget {
   /** Close for good; pending sends stay in `outbox` (and storage) but are not retried. */
   stop() {
     this.#clearTimers();
+    this.#clearTypists();
     this.#setState("stopped");
     const socket = this.#socket;
     this.#socket = null;
@@ -435,6 +481,98 @@ export class ChatClient extends EventTarget {
   readers(chatId, message) {
     const chat = this.#chats.get(chatId);
     return chat ? readersOf(chat, message, this.#userId) : [];
+  }
+
+  /**
+   * Say that this user is typing in a chat (`active` true) or stopped (false). Call it on every
+   * input event, with false when the composer is cleared, after a send, and when the person
+   * leaves the chat: the throttling is done here (see "Typing" above). Returns true when a
+   * frame went out.
+   */
+  typing(chatId, active = true) {
+    const now = Date.now();
+    const last = this.#typingSent.get(chatId);
+    if (active) {
+      if (last !== undefined && now - last < this.#options.typingRenewMs) return false;
+      if ((this.#typingMuted.get(chatId) ?? 0) > now) return false;
+      const chat = this.#chats.get(chatId);
+      // The server refuses it across a block; this user's own blocks are known here.
+      if (chat?.kind === "direct" && chat.participants.some((user) => this.#blocked.has(user))) {
+        return false;
+      }
+    } else {
+      if (last === undefined) return false;
+      this.#typingSent.delete(chatId);
+      if (now - last >= this.#options.typingExpiresMs) return false; // expired there already
+    }
+    if (this.#state !== "online") return false;
+    const requestId = this.#nextRequestId();
+    if (!this.#write({ type: "typing", chat_id: chatId, active, request_id: requestId })) {
+      return false;
+    }
+    if (active) this.#typingSent.set(chatId, now);
+    this.#typingRequests.set(requestId, chatId);
+    if (this.#typingRequests.size > TYPING_REQUESTS_KEPT) {
+      this.#typingRequests.delete(this.#typingRequests.keys().next().value);
+    }
+    return true;
+  }
+
+  /** The other members typing in a chat now, in the order they started. */
+  typists(chatId) {
+    return [...(this.#typists.get(chatId)?.keys() ?? [])];
+  }
+
+  /**
+   * What the server last said about a user's presence: `{online, lastSeen}` (`lastSeen` an
+   * ISO timestamp, or null while online, if never connected, or when not visible: a stranger,
+   * or a block either way), or null when it has not said.
+   */
+  presence(userId) {
+    return this.#presence.get(userId) ?? null;
+  }
+
+  /**
+   * Ask for presence: of `userIds` (any number; sent 200 a frame), or without them of the
+   * user's 200 most recently active contacts. Returns the request ids. The client asks for
+   * the direct chats' other sides by itself; this is for anyone else the UI shows.
+   */
+  fetchPresence(userIds = null) {
+    if (userIds === null || userIds === undefined) {
+      return [this.#request({ type: "fetch_presence" })];
+    }
+    const ids = [...new Set(userIds)];
+    const requests = [];
+    for (let start = 0; start < ids.length; start += this.#options.presenceBatch) {
+      const batch = ids.slice(start, start + this.#options.presenceBatch);
+      requests.push(this.#request({ type: "fetch_presence", user_ids: batch }));
+    }
+    return requests;
+  }
+
+  /** The user ids this user blocks, sorted (as the server last said). */
+  get blocked() {
+    return [...this.#blocked].sort();
+  }
+
+  /** True while this user blocks `userId`. */
+  isBlocked(userId) {
+    return this.#blocked.has(userId);
+  }
+
+  /** Block a user; the reply is a `blocked` frame with the whole list, or an `error`. */
+  blockUser(userId) {
+    return this.#request({ type: "block_user", user_id: userId });
+  }
+
+  /** Unblock a user; the reply is a `blocked` frame with the whole list, or an `error`. */
+  unblockUser(userId) {
+    return this.#request({ type: "unblock_user", user_id: userId });
+  }
+
+  /** Ask for the list of blocked users (done after every bind); the reply is `blocked`. */
+  fetchBlocked() {
+    return this.#request({ type: "fetch_blocked" });
   }
 
   /**
@@ -611,6 +749,17 @@ export class ChatClient extends EventTarget {
     this.#leaving.clear();
     this.#chatsRequest = null;
     this.#chatsAgain = false;
+    // Typing is live only: nobody's indicator can be renewed or stopped while away (and the
+    // server stops this user's own when the connection goes).
+    this.#clearTypists();
+    this.#typingSent.clear();
+    this.#typingRequests.clear();
+    this.#typingMuted.clear();
+    // Presence is asked again once the next bind's chat list is in; until then the last
+    // known state stays on screen, so a quick reconnect does not flicker.
+    this.#presenceAsked.clear();
+    this.#presenceWanted.clear();
+    this.#listLoaded = false;
     for (const chat of this.#chats.values()) {
       // Messages may arrive on another device meanwhile and never be this one's backlog.
       chat.loaded = false;
@@ -644,7 +793,10 @@ export class ChatClient extends EventTarget {
     for (const entry of this.#outbox.values()) {
       if (entry.state === "queued") this.#transmit(entry);
     }
-    // The chat list with every count and mark; receipts are not replayed on binding.
+    // The blocks first (another device may have changed them meanwhile), so a blocked chat is
+    // shown as such from the start; then the chat list with every count and mark (receipts are
+    // not replayed on binding).
+    this.fetchBlocked();
     this.#refreshChats();
   }
 
@@ -691,12 +843,23 @@ export class ChatClient extends EventTarget {
       case "chat_updated":
         this.#onChatUpdated(frame);
         break;
+      case "typing":
+        this.#onTyping(frame);
+        break;
+      case "presence":
+        this.#onPresence(frame);
+        break;
+      case "blocked":
+        this.#onBlocked(frame);
+        break;
       case "error":
+        if (this.#typingRefused(frame)) return; // best effort: not the UI's business
         this.#onError(frame);
         break;
       default:
         break;
     }
+    this.#askPresence();
     this.#flushChanges();
     // Unknown types are ignored, as the protocol asks of clients.
     if (SERVER_FRAME_TYPES.includes(frame.type)) this.#emit(frame.type, frame);
@@ -719,6 +882,7 @@ export class ChatClient extends EventTarget {
     for (const [chatId, chat] of this.#chats) {
       if (chat.known && !present.has(chatId)) this.#dropChat(chat, false);
     }
+    this.#listLoaded = true; // presence can be asked for its direct chats now
     const viewing = this.#viewing && this.#chats.get(this.#viewing);
     if (viewing) {
       if (!viewing.loaded) this.#fetchNewest(viewing);
@@ -750,6 +914,7 @@ export class ChatClient extends EventTarget {
   /** The user is not in this chat any more: forget it, and what waits to be sent to it. */
   #dropChat(chat, left) {
     this.#chats.delete(chat.chatId);
+    for (const user of this.typists(chat.chatId)) this.#stopTyping(chat.chatId, user);
     if (this.#viewing === chat.chatId) this.#viewing = null;
     for (const [id, entry] of [...this.#outbox, ...this.#failed]) {
       if (entry.chatId !== chat.chatId) continue;
@@ -781,6 +946,11 @@ export class ChatClient extends EventTarget {
       raise(chat.deliveredUpTo, user, seq);
     }
     if (object.joined_seq) chat.joinedSeq = { ...object.joined_seq };
+    if (chat.kind === "direct") {
+      for (const user of chat.participants) {
+        if (user !== me && !this.#presenceAsked.has(user)) this.#presenceWanted.add(user);
+      }
+    }
     const last = object.last_message ?? null;
     const lastSeq = last?.seq ?? 0;
     if (last) {
@@ -859,6 +1029,7 @@ export class ChatClient extends EventTarget {
         raise(chat.deliveredUpTo, message.sender_id, message.seq);
         if (message.sender_id !== me) {
           othersArrived = true;
+          this.#stopTyping(chat.chatId, message.sender_id); // what they typed has arrived
           const onScreen = this.#viewing === chat.chatId;
           if (!onScreen && this.#countable(message)) chat.unread += 1;
         }
@@ -936,6 +1107,108 @@ export class ChatClient extends EventTarget {
       if (!this.#recount(chat)) this.#refreshChats();
     }
     this.#touch(chat.chatId);
+  }
+
+  // ------------------------------------------------------------------ typing, presence, blocks
+
+  #onTyping(frame) {
+    const { chat_id: chatId, user_id: userId } = frame;
+    if (typeof chatId !== "string" || typeof userId !== "string") return;
+    if (userId === this.#userId) return; // the server never sends it; a typist is someone else
+    if (frame.active === false) {
+      this.#stopTyping(chatId, userId);
+      return;
+    }
+    const lifetime =
+      Number.isFinite(frame.expires_in_ms) && frame.expires_in_ms > 0
+        ? frame.expires_in_ms
+        : this.#options.typingExpiresMs;
+    let typists = this.#typists.get(chatId);
+    if (!typists) {
+      typists = new Map();
+      this.#typists.set(chatId, typists);
+    }
+    clearTimeout(typists.get(userId));
+    const timer = setTimeout(() => {
+      if (this.#typists.get(chatId)?.get(userId) !== timer) return;
+      this.#stopTyping(chatId, userId);
+      this.#flushChanges();
+    }, lifetime);
+    typists.set(userId, timer); // a renewal keeps the typist's place in the order
+    this.#touch(chatId);
+  }
+
+  #stopTyping(chatId, userId) {
+    const typists = this.#typists.get(chatId);
+    if (!typists?.has(userId)) return;
+    clearTimeout(typists.get(userId));
+    typists.delete(userId);
+    if (typists.size === 0) this.#typists.delete(chatId);
+    this.#touch(chatId);
+  }
+
+  #clearTypists() {
+    for (const [chatId, typists] of this.#typists) {
+      for (const timer of typists.values()) clearTimeout(timer);
+      this.#touch(chatId);
+    }
+    this.#typists.clear();
+  }
+
+  /** An error answering one of this client's typing frames: pause typing in that chat. */
+  #typingRefused(frame) {
+    const chatId = this.#typingRequests.get(frame.request_id);
+    if (chatId === undefined) return false;
+    this.#typingRequests.delete(frame.request_id);
+    this.#typingSent.delete(chatId);
+    if (frame.code === "rate_limited") return true; // the next keystroke tries again
+    this.#typingMuted.set(chatId, Date.now() + this.#options.typingMuteMs);
+    return true;
+  }
+
+  #onPresence(frame) {
+    if (!Array.isArray(frame.data)) return;
+    const changed = new Set();
+    for (const entry of frame.data) {
+      if (typeof entry?.user_id !== "string") continue;
+      const lastSeen = typeof entry.last_seen === "string" ? entry.last_seen : null;
+      this.#presence.set(entry.user_id, { online: entry.online === true, lastSeen });
+      changed.add(entry.user_id);
+    }
+    this.#touchDirectChatsOf(changed);
+  }
+
+  #onBlocked(frame) {
+    if (!Array.isArray(frame.data)) return;
+    const next = new Set(frame.data.filter((user) => typeof user === "string"));
+    const changed = new Set();
+    for (const user of next) if (!this.#blocked.has(user)) changed.add(user);
+    for (const user of this.#blocked) if (!next.has(user)) changed.add(user);
+    this.#blocked = next;
+    for (const user of changed) {
+      if (!next.has(user)) continue;
+      // Nothing more comes from them across the block, not even the end of their typing.
+      for (const chatId of [...this.#typists.keys()]) this.#stopTyping(chatId, user);
+    }
+    this.#touchDirectChatsOf(changed);
+  }
+
+  #touchDirectChatsOf(users) {
+    if (users.size === 0) return;
+    for (const chat of this.#chats.values()) {
+      if (chat.kind === "direct" && chat.participants.some((user) => users.has(user))) {
+        this.#touch(chat.chatId);
+      }
+    }
+  }
+
+  /** Ask about the direct chats' other sides not asked since the bind, 200 ids a frame. */
+  #askPresence() {
+    if (!this.#listLoaded || this.#state !== "online" || this.#presenceWanted.size === 0) return;
+    const users = [...this.#presenceWanted].filter((user) => !this.#presenceAsked.has(user));
+    this.#presenceWanted.clear();
+    for (const user of users) this.#presenceAsked.add(user);
+    if (users.length > 0) this.fetchPresence(users);
   }
 
   async #onError(frame) {
