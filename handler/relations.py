@@ -1,8 +1,9 @@
 """What a node knows of its bound users' relations: whom each blocks and is blocked by, and
 their contacts (who shares a chat with them), with the reverse index presence fans out by.
 
-Loaded from the store when a user's first connection binds here (in the background: binding
-does not wait for it; what needs it waits for `ready`), forgotten when the last one leaves,
+Loaded from the store, in one read, when a user's first connection binds here (in the
+background: binding does not wait for it; what needs it waits for `ready`) if presence is on,
+else when first needed (a typing check), forgotten when the last connection leaves,
 and kept current by the committed events the hub passes on (new chats, members, blocks), on
 every node that serves either side. The store stays the truth: the writer refuses a message
 across a block by itself; this copy serves what never reaches the writer (typing, presence).
@@ -24,7 +25,9 @@ _LOAD_RETRY_S: Final = 1.0
 
 
 class RelationsStore(Protocol):
-    async def block_relations(self, user_id: str) -> tuple[frozenset[str], frozenset[str]]: ...
+    async def relations_of(
+        self, user_id: str, *, with_contacts: bool
+    ) -> tuple[frozenset[str], frozenset[str], dict[str, int]]: ...
 
     async def contacts_of(self, user_id: str) -> dict[str, int]: ...
 
@@ -32,13 +35,15 @@ class RelationsStore(Protocol):
 class UserRelations:
     """One bound user's relations (see the module docstring)."""
 
-    __slots__ = ("blocked_by", "blocks", "contacts", "ready")
+    __slots__ = ("block_changes", "blocked_by", "blocks", "contacts", "loading", "ready")
 
     def __init__(self) -> None:
         self.blocks: set[str] = set()
         self.blocked_by: set[str] = set()
         self.contacts: set[str] = set()
         self.ready = trio.Event()
+        self.loading = False
+        self.block_changes = 0  # bumped by every block event: a read that overlapped one is redone
 
     def apart(self, other: str) -> bool:
         """Whether a block stands between the user and `other`, either way."""
@@ -53,15 +58,25 @@ class Relations:
         self._with_contacts = with_contacts
         self._users: dict[str, UserRelations] = {}
         self._watchers: dict[str, set[str]] = {}  # contact -> bound users who have them
+        self._nursery: trio.Nursery | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
     def bind(self, user_id: str, nursery: trio.Nursery) -> None:
-        """The user's first connection here bound: load their relations in the background."""
+        """The user's first connection here bound: with presence on, load their relations in
+        the background (its live changes need the contacts); else on first need."""
+        self._nursery = nursery
         if user_id in self._users:
             return
         relations = self._users[user_id] = UserRelations()
-        nursery.start_soon(self._load, user_id, relations)
+        if self._with_contacts:
+            self._start_load(user_id, relations)
+
+    def _start_load(self, user_id: str, relations: UserRelations) -> None:
+        if relations.loading or relations.ready.is_set() or self._nursery is None:
+            return
+        relations.loading = True
+        self._nursery.start_soon(self._load, user_id, relations)
 
     def forget(self, user_id: str) -> None:
         relations = self._users.pop(user_id, None)
@@ -71,10 +86,10 @@ class Relations:
 
     async def _load(self, user_id: str, relations: UserRelations) -> None:
         while self._users.get(user_id) is relations:
+            changes = relations.block_changes
             try:
-                blocks, blocked_by = await self._store.block_relations(user_id)
-                contacts = (
-                    set(await self._store.contacts_of(user_id)) if self._with_contacts else set()
+                blocks, blocked_by, contacts = await self._store.relations_of(
+                    user_id, with_contacts=self._with_contacts
                 )
             except Exception as error:  # the store is down: try again while the user is here
                 log.warning("loading the relations of user=%s failed: %r", user_id, error)
@@ -82,9 +97,11 @@ class Relations:
                 continue
             if self._users.get(user_id) is not relations:
                 return
-            relations.blocks |= blocks  # keep what events added meanwhile
-            relations.blocked_by |= blocked_by
-            self._set_contacts(user_id, relations, relations.contacts | contacts)
+            if relations.block_changes != changes:
+                continue  # a block changed while reading: the read may predate it
+            relations.blocks = set(blocks)
+            relations.blocked_by = set(blocked_by)
+            self._set_contacts(user_id, relations, relations.contacts | set(contacts))
             relations.ready.set()
             return
 
@@ -108,8 +125,10 @@ class Relations:
         return self._users.get(user_id)
 
     async def ready(self, user_id: str) -> UserRelations | None:
+        """The user's relations once loaded (None if the user is not bound here)."""
         relations = self._users.get(user_id)
         if relations is not None:
+            self._start_load(user_id, relations)
             await relations.ready.wait()
         return relations
 
@@ -143,12 +162,15 @@ class Relations:
 
     def block_changed(self, change: BlockChange) -> None:
         blocker = self._users.get(change.blocker)
+        blocked = self._users.get(change.blocked)
+        for relations in (blocker, blocked):
+            if relations is not None:
+                relations.block_changes += 1
         if blocker is not None:
             if change.on:
                 blocker.blocks.add(change.blocked)
             else:
                 blocker.blocks.discard(change.blocked)
-        blocked = self._users.get(change.blocked)
         if blocked is not None:
             if change.on:
                 blocked.blocked_by.add(change.blocker)

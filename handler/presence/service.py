@@ -192,7 +192,8 @@ class Presence:
         now = trio.current_time()
         for watcher in relations.watchers_of(user_id):
             seen = relations.get(watcher)
-            if seen is None or seen.apart(user_id):
+            # Not loaded yet: its blocks are unknown (its `fetch_presence` waits for them).
+            if seen is None or not seen.ready.is_set() or seen.apart(user_id):
                 continue
             if text is None:
                 last_seen = transition.last_seen_ms

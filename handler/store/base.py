@@ -332,6 +332,11 @@ class Store(Protocol):
     async def contacts_of(self, user_id: str) -> dict[str, int]:
         """Everyone who shares a chat with the user, with how many chats they share."""
 
+    async def relations_of(
+        self, user_id: str, *, with_contacts: bool
+    ) -> tuple[frozenset[str], frozenset[str], dict[str, int]]:
+        """`block_relations`, and `contacts_of` when asked (else empty), in one snapshot."""
+
     async def recent_contacts(self, user_id: str, limit: int) -> list[tuple[str, int | None]]:
         """The user's contacts with their last-seen time (epoch ms, None if never seen),
         most recent first."""

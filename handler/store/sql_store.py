@@ -856,6 +856,25 @@ class SQLStore(abc.ABC, Generic[OpT]):
 
         return await self._read(query)
 
+    async def relations_of(
+        self, user_id: str, *, with_contacts: bool
+    ) -> tuple[frozenset[str], frozenset[str], dict[str, int]]:
+        """`block_relations`, and `contacts_of` when asked, in one read."""
+        dialect = self._dialect
+
+        def query(db: Database) -> tuple[frozenset[str], frozenset[str], dict[str, int]]:
+            user = {"user": user_id}
+            blocks = db.execute(dialect.sql("blocks_of"), user).fetchall()
+            blocked_by = db.execute(dialect.sql("blocked_by"), user).fetchall()
+            contacts = db.execute(dialect.sql("contacts"), user).fetchall() if with_contacts else []
+            return (
+                frozenset(r[0] for r in blocks),
+                frozenset(r[0] for r in blocked_by),
+                {r[0]: int(r[1]) for r in contacts},
+            )
+
+        return await self._read(query)
+
     async def contacts_of(self, user_id: str) -> dict[str, int]:
         sql = self._dialect.sql("contacts")
         return await self._read(
