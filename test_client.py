@@ -14,9 +14,11 @@ three layers, top to bottom:
 
 1. Pure helpers (no I/O, unit-tested): endpoint resolution, frame templates checked against the
    server's own decoder (`handler.protocol`), the context that fills in the last chat, group
-   and message ids (and keeps the chats' kinds, titles and members), the sent-frame history,
-   formatting of the frame log (with a one-line summary of each frame: seq, receipts, edits
-   and deletes, unread counts, group members), reconnect backoff.
+   and message ids (and keeps the chats' kinds, titles and members, the presence the server
+   reported and the block list), who is typing where until when (`TypingBoard`, on a clock
+   the caller passes), the sent-frame history, formatting of the frame log (with a one-line
+   summary of each frame: seq, receipts, edits and deletes, unread counts, group members,
+   typing, presence, blocks), reconnect backoff.
 2. `Link`: the WebSocket connection in Trio with trio-websocket. One reader, one writer fed by a
    bounded channel (so the keep-alive `ping` and the person's frames never interleave badly),
    reconnect with exponential backoff and jitter, each time with the token it holds then
@@ -24,6 +26,7 @@ three layers, top to bottom:
 3. `App`: the Tk window. Trio runs in *guest mode* inside Tk's event loop: Trio tasks run on the
    Tk thread between Tk events, so they update widgets directly, and Tk callbacks hand work to
    Trio with `TrioToken.run_sync_soon`. No thread ever touches a socket or a widget it does not own.
+   One Trio task of the window takes typing indicators off when their time is up.
 """
 
 from __future__ import annotations
@@ -33,13 +36,14 @@ import collections
 import enum
 import functools
 import json
+import math
 import random
 import sys
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any, Final, Protocol
 from urllib.parse import urlencode, urlsplit
@@ -103,17 +107,25 @@ TEMPLATE_TYPES: Final = (
     "create_group",
     "add_members",
     "remove_member",
+    "typing",
+    "fetch_presence",
+    "block_user",
+    "unblock_user",
+    "fetch_blocked",
 )
 # `fetch_chats` with `limit: 0`: only the chat list (`all_chats`, with unread counts and marks).
 CHAT_LIST: Final = "fetch_chats limit 0"
 # `send_message` to a group: no `recipient_id` (the server refuses one there).
 GROUP_MESSAGE: Final = "send_message group"
-# The template buttons, in three rows: writing to a chat, reading, groups. The order in a row is
-# the order a conversation usually needs them.
+# `fetch_presence` naming users (the contacts known from the chats) instead of asking for all.
+PRESENCE_OF: Final = "fetch_presence user_ids"
+# The template buttons, in four rows: writing to a chat, reading, groups, then the people
+# (typing, presence, blocking). The order in a row is the order a conversation usually needs.
 TEMPLATE_ROWS: Final = (
     ("create_chat", "send_message", "mark_read", "edit_message", "delete_message"),
     ("fetch_chats", CHAT_LIST, "fetch_messages", "ping"),
     ("create_group", GROUP_MESSAGE, "add_members", "remove_member"),
+    ("typing", "fetch_presence", PRESENCE_OF, "block_user", "unblock_user", "fetch_blocked"),
 )
 # Made-up user ids the group templates offer as members, after the other person of the last
 # direct chat: the first ones that are neither this user nor in the group already.
@@ -249,15 +261,19 @@ class SignIn:
 
 
 # Header colours of arriving frames that are not messages as such: receipts, and the edits
-# and deletes of messages already shown, and changes of a group's members (errors are red both
-# ways).
+# and deletes of messages already shown, changes of a group's members and of the block list;
+# typing and presence, which come often and say little, are subdued (errors are red both ways).
 HEADER_TAGS: Final = {
     "receipt": "receipt",
     "message_updated": "update",
     "updated_messages": "update",
     "chat_updated": "update",
+    "blocked": "update",
+    "typing": "activity",
+    "presence": "activity",
 }
 
+ACCENT: Final = "#2f6fed"  # the browser client's accent: "bob is typing…"
 AMBER: Final = "#b26a00"
 GREEN: Final = "#1b8a4b"
 GREY: Final = "#667085"
@@ -310,16 +326,27 @@ def chat_info(chat: Mapping[str, Any]) -> ChatInfo | None:
     )
 
 
+@dataclass(frozen=True)
+class Presence:
+    """One user's entry of a `presence` frame: `last_seen` is None while online, when never
+    connected, and when the server does not show them to this user (a stranger, a block)."""
+
+    online: bool
+    last_seen: str | None = None
+
+
 @dataclass
 class Context:
     """What the frames seen so far tell us: who we are, the last chat and the other person in
     it, the newest message seen in that chat, the last message this user sent, the chats this
-    user is in (`chats`, from the chat objects) and the last group seen.
+    user is in (`chats`, from the chat objects), the last group seen, the presence of the
+    users the server told us about and the users this user blocks (None until a `blocked`).
 
     Templates read it so that, after `create_chat`, a `send_message` is ready to go, and after
     a message, `mark_read`, `edit_message` and `delete_message` name it; after `create_group`,
-    the group templates name the group. `peer` is the other person of a direct chat: groups
-    and their messages do not change it.
+    the group templates name the group; `block_user` and `unblock_user` name the other person
+    (or one already blocked). `peer` is the other person of a direct chat: groups and their
+    messages do not change it.
     """
 
     user_id: str | None = None
@@ -329,6 +356,18 @@ class Context:
     own_message: tuple[str, str] | None = None  # (chat_id, message_id) this user sent last
     chats: dict[str, ChatInfo] = field(default_factory=dict)
     group_id: str | None = None  # the last group seen
+    presence: dict[str, Presence] = field(default_factory=dict)
+    blocked: tuple[str, ...] | None = None  # sorted, as the server sends it
+
+    def contacts(self) -> list[str]:
+        """The users who share a chat with this user, `peer` first, then by user id."""
+        others = {
+            user
+            for info in self.chats.values()
+            for user in info.participants
+            if user != self.user_id
+        }
+        return sorted(others, key=lambda user: (user != self.peer, user))
 
     def is_group(self, chat_id: str | None) -> bool:
         info = self.chats.get(chat_id) if chat_id is not None else None
@@ -356,6 +395,8 @@ class Context:
                 self.own_message = None  # someone else's message now: not ours to edit
                 self.chats.clear()  # nor their chats
                 self.group_id = None
+                self.presence.clear()  # what they were shown of others
+                self.blocked = None
             self.user_id = frame["user_id"]
         elif kind == "all_chats" and isinstance(data, list):
             # Every chat of the user: any other one is gone (left, or removed while away).
@@ -387,6 +428,19 @@ class Context:
             for message in data:
                 if isinstance(message, Mapping):
                     self._forget_if_deleted(message)
+        elif kind == "presence" and isinstance(data, list):
+            # A reply lists the users asked about, a live frame the one who came or went: either
+            # way only those entries change.
+            for entry in data:
+                presence = presence_entry(entry)
+                if presence is not None:
+                    self.presence[presence[0]] = presence[1]
+        elif (
+            kind == "blocked"
+            and isinstance(data, list)
+            and all(isinstance(user, str) for user in data)
+        ):
+            self.blocked = tuple(data)
 
     def _use_chats(self, data: list[Any], *, newest_first: bool) -> None:
         """Take in the chat objects of `all_chats` (newest first) or `new_chats` (oldest first):
@@ -473,6 +527,16 @@ class Context:
             self.own_message = None
 
 
+def presence_entry(entry: Any) -> tuple[str, Presence] | None:
+    """The user id and `Presence` of one entry of a `presence` frame's `data` (None if junk)."""
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("user_id"), str):
+        return None
+    last_seen = entry.get("last_seen")
+    return entry["user_id"], Presence(
+        entry.get("online") is True, last_seen if isinstance(last_seen, str) else None
+    )
+
+
 def context_line(context: Context) -> str:
     """What the templates will fill in, as the window shows it next to their buttons."""
     text = f"last chat: {context.chat_id or 'none yet'}  with: {context.peer or '?'}"
@@ -496,6 +560,158 @@ def group_line(context: Context) -> str:
     return f"group: {context.group_id} {title}, {_plural(len(info.participants), 'member')}"
 
 
+MAX_NAMES_TYPING: Final = 3  # typists named in one chat; the rest are "and 2 others"
+
+
+@dataclass
+class TypingBoard:
+    """Who is typing where, from the `typing` frames, on the clock the caller passes (`now`).
+
+    An indicator ends when its `expires_in_ms` has passed without a renewal, with an
+    `active: false`, with a `message` from the typist in that chat, and when this user blocks
+    the typist. A new binding starts afresh: typing is never replayed, and a typist who still
+    types renews within seconds.
+    """
+
+    # (chat_id, user_id) -> when the indicator ends; in the order they started.
+    until: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    def observe(self, frame: Mapping[str, Any], now: float) -> bool:
+        """Take in a received frame; True when who is typing changed (or a renewal moved it)."""
+        kind, chat_id = frame.get("type"), frame.get("chat_id")
+        if kind == "typing":
+            user = frame.get("user_id")
+            if not isinstance(chat_id, str) or not isinstance(user, str):
+                return False
+            if frame.get("active") is False:
+                return self.until.pop((chat_id, user), None) is not None
+            expires = _seq(frame.get("expires_in_ms"))
+            # Without one, the server's documented value.
+            ms = expires if expires is not None and expires > 0 else protocol.TYPING_EXPIRES_MS
+            self.until[(chat_id, user)] = now + ms / 1000
+            return True
+        if kind == "message":
+            sender = frame.get("sender_id")
+            if isinstance(chat_id, str) and isinstance(sender, str):
+                return self.until.pop((chat_id, sender), None) is not None
+            return False
+        if kind == "blocked" and isinstance(frame.get("data"), list):
+            return self._drop(lambda _chat, user: user in frame["data"])
+        if kind == "authenticated":
+            return self._drop(lambda _chat, _user: True)
+        return False
+
+    def expire(self, now: float) -> bool:
+        """Drop the indicators whose time is up; True when any was."""
+        return self._drop(lambda chat, user: self.until[(chat, user)] <= now)
+
+    def next_end(self) -> float | None:
+        """When the next indicator ends by itself (None when nobody types)."""
+        return min(self.until.values(), default=None)
+
+    def typists(self) -> dict[str, list[str]]:
+        """chat_id -> who is typing there, in the order they started."""
+        chats: dict[str, list[str]] = {}
+        for chat_id, user in self.until:
+            chats.setdefault(chat_id, []).append(user)
+        return chats
+
+    def _drop(self, which: Callable[[str, str], bool]) -> bool:
+        gone = [key for key in self.until if which(*key)]
+        for key in gone:
+            del self.until[key]
+        return bool(gone)
+
+
+def _names(users: list[str], most: int) -> str:
+    """`bob`, `alice and bob`, `alice, bob and carol`, `alice, bob, carol and 2 others`."""
+    if len(users) > most:
+        rest = len(users) - most
+        return f"{', '.join(users[:most])} and {_plural(rest, 'other')}"
+    if len(users) == 1:
+        return users[0]
+    return f"{', '.join(users[:-1])} and {users[-1]}"
+
+
+def typing_line(board: TypingBoard, context: Context) -> str:
+    """`bob is typing… (chat 7)`; in a group `alice and bob are typing… ("Team")`; "" when
+    nobody types. Several chats are joined with `; `."""
+    parts = []
+    for chat_id, users in board.typists().items():
+        info = context.chats.get(chat_id)
+        if info is not None and info.kind == "group" and info.title is not None:
+            where = json.dumps(info.title, ensure_ascii=False)
+        else:
+            where = f"chat {chat_id}"
+        verb = "is" if len(users) == 1 else "are"
+        parts.append(f"{_names(users, MAX_NAMES_TYPING)} {verb} typing… ({where})")
+    return "; ".join(parts)
+
+
+MAX_PRESENCE_SHOWN: Final = 4  # users on the presence line; the rest are "+2"
+
+
+def seen_at(last_seen: str, tz: tzinfo | None = None) -> datetime | None:
+    """A `last_seen` timestamp (ISO 8601 UTC) in local time (or `tz`); None if it is not one."""
+    try:
+        when = datetime.fromisoformat(last_seen)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(tz)
+
+
+def presence_text(presence: Presence, tz: tzinfo | None = None) -> str:
+    """`online`, `last seen 2 Dec 18:04` (local time), or `offline` (never seen, or hidden)."""
+    if presence.online:
+        return "online"
+    when = seen_at(presence.last_seen, tz) if presence.last_seen is not None else None
+    if when is None:
+        return "offline"
+    return f"last seen {when.day} {when:%b %H:%M}"
+
+
+def _by_presence(item: tuple[str, Presence]) -> tuple[int, float, str]:
+    """Online first, then the most recently seen, then the never seen; then by user id."""
+    user, presence = item
+    when = seen_at(presence.last_seen) if presence.last_seen is not None else None
+    rank = 0 if presence.online else 1 if when is not None else 2
+    return rank, -when.timestamp() if when is not None else 0.0, user
+
+
+def people_line(context: Context, now: datetime | None = None, tz: tzinfo | None = None) -> str:
+    """Presence and blocks, as the window shows them under their templates:
+    `● bob  ○ carol 18:04  ○ dave  +2   blocked: mallory` (● online, ○ offline with the
+    time last seen, the day when it was not today)."""
+    if not context.presence:
+        text = "presence: none yet"
+    else:
+        today = (now or datetime.now(tz)).astimezone(tz).date()
+        shown = []
+        ranked = sorted(context.presence.items(), key=_by_presence)
+        for user, presence in ranked[:MAX_PRESENCE_SHOWN]:
+            if presence.online:
+                shown.append(f"● {user}")
+                continue
+            when = seen_at(presence.last_seen, tz) if presence.last_seen is not None else None
+            if when is None:
+                shown.append(f"○ {user}")
+            elif when.date() == today:
+                shown.append(f"○ {user} {when:%H:%M}")
+            else:
+                shown.append(f"○ {user} {when.day} {when:%b}")
+        if len(ranked) > MAX_PRESENCE_SHOWN:
+            shown.append(f"+{len(ranked) - MAX_PRESENCE_SHOWN}")
+        text = "  ".join(shown)
+    if context.blocked is None:
+        return text
+    blocked = list(context.blocked)
+    names = ", ".join(blocked[:MAX_PRESENCE_SHOWN]) or "nobody"
+    more = f" +{len(blocked) - MAX_PRESENCE_SHOWN}" if len(blocked) > MAX_PRESENCE_SHOWN else ""
+    return f"{text}   blocked: {names}{more}"
+
+
 def _pick_users(
     candidates: Iterable[str | None], taken: Iterable[str | None], count: int
 ) -> list[str]:
@@ -509,8 +725,8 @@ def _pick_users(
 
 
 def frame_template(name: str, context: Context) -> dict[str, Any]:
-    """A ready-to-send client frame: of type `name`, or the `CHAT_LIST` or `GROUP_MESSAGE`
-    one; filled in from `context`.
+    """A ready-to-send client frame: of type `name`, or the `CHAT_LIST`, `GROUP_MESSAGE` or
+    `PRESENCE_OF` one; filled in from `context`.
 
     `mark_read` names the newest message seen in the last chat; `edit_message` and
     `delete_message` the last message this user sent (only the sender may change one).
@@ -519,6 +735,11 @@ def frame_template(name: str, context: Context) -> dict[str, Any]:
     `add_members` the first of those not in the group yet, and `remove_member` the last other
     member when this user created the group (only the creator may remove someone else), else
     this user (leaving).
+    `typing` is for the last chat (edit `active` to `false` to stop); `PRESENCE_OF` asks
+    about the contacts (everyone this user shares a chat with), else a made-up user;
+    `block_user` names the other person of the last direct chat unless already blocked (then
+    the next contact or made-up user who is not), `unblock_user` that person when blocked, else
+    the first one blocked. Neither ever names this user (the server refuses that).
     The tests check every template against `handler.protocol.decode`, the server's own decoder.
     """
     chat_id = context.chat_id or "CHAT_ID"
@@ -531,6 +752,14 @@ def frame_template(name: str, context: Context) -> dict[str, Any]:
     members = group.participants if group is not None else ()
     others = [user for user in members if user != me]
     creator = group is not None and me is not None and group.created_by == me
+    contacts = context.contacts()
+    blocked = list(context.blocked or ())
+    candidates = [context.peer, *contacts, *SAMPLE_USERS]
+    to_block = _pick_users(candidates, [me, *blocked], 1) or [peer]
+    if context.peer is not None and context.peer in blocked:
+        to_unblock = context.peer
+    else:
+        to_unblock = (blocked or _pick_users(candidates, [me], 1) or [peer])[0]
     templates: dict[str, dict[str, Any]] = {
         "create_chat": {"type": "create_chat", "recipient_id": peer},
         "send_message": {
@@ -578,6 +807,16 @@ def frame_template(name: str, context: Context) -> dict[str, Any]:
             "chat_id": group_id,
             "user_id": others[-1] if creator and others else (me or peer),
         },
+        "typing": {"type": "typing", "chat_id": chat_id, "active": True},
+        "fetch_presence": {"type": "fetch_presence"},
+        PRESENCE_OF: {
+            "type": "fetch_presence",
+            "user_ids": _pick_users(contacts, [me], protocol.MAX_PRESENCE_IDS)
+            or _pick_users([context.peer, *SAMPLE_USERS], [me], 1),
+        },
+        "block_user": {"type": "block_user", "user_id": to_block[0]},
+        "unblock_user": {"type": "unblock_user", "user_id": to_unblock},
+        "fetch_blocked": {"type": "fetch_blocked"},
     }
     return templates[name]
 
@@ -661,6 +900,19 @@ def chat_summary(info: ChatInfo) -> str:
     return f"group {title}, {_plural(len(info.participants), 'member')}"
 
 
+def typing_summary(frame: Mapping[str, Any]) -> str:
+    """`bob is typing in chat 7 (6 s)` or `bob stopped typing in chat 7`."""
+    user, chat_id = frame.get("user_id"), frame.get("chat_id")
+    if not isinstance(user, str):
+        return ""
+    where = f" in chat {chat_id}" if isinstance(chat_id, str) else ""
+    if frame.get("active") is False:
+        return f"{user} stopped typing{where}"
+    expires = _seq(frame.get("expires_in_ms"))
+    for_how_long = f" ({expires / 1000:g} s)" if expires is not None else ""
+    return f"{user} is typing{where}{for_how_long}"
+
+
 def frame_summary(frame: Mapping[str, Any]) -> str:
     """One line on what a server frame says, for the log's header line ("" when nothing)."""
     kind = frame.get("type")
@@ -683,8 +935,22 @@ def frame_summary(frame: Mapping[str, Any]) -> str:
         if frame.get("kind") == "delivered":
             return f"delivered to {user}{upto}"
         return ""
+    if kind == "typing":
+        return typing_summary(frame)
     if not isinstance(data, list):
         return ""
+    if kind == "presence":
+        entries = [entry for entry in map(presence_entry, data) if entry is not None]
+        said = [f"{user} {presence_text(presence)}" for user, presence in entries[:5]]
+        more = "; …" if len(entries) > 5 else ""
+        return "; ".join(said) + more if said else "nobody"
+    if kind == "blocked":
+        users = [user for user in data if isinstance(user, str)]
+        if not users:
+            return "nobody"
+        names = ", ".join(users[:MAX_NAMES_SHOWN])
+        more = ", …" if len(users) > MAX_NAMES_SHOWN else ""
+        return f"{_plural(len(users), 'user')}: {names}{more}"
     items = [item for item in data if isinstance(item, Mapping)]
     if kind in ("all_chats", "new_chats"):
         unread = [_seq(chat.get("unread_count")) for chat in items]
@@ -1087,6 +1353,7 @@ class App:
         self.endpoints = endpoints
         self.link = Link(self)
         self.context = Context()
+        self.typing = TypingBoard()
         self.history = SentHistory()
         self.entries: list[LogEntry] = []
         self.trio_outcome: outcome.Outcome[None] | None = None
@@ -1094,6 +1361,9 @@ class App:
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._link_scope: trio.CancelScope | None = None
         self._closing: trio.Event | None = None
+        # Set when a typing indicator starts, is renewed or ends: the task that ends them
+        # when their time is up looks at the next deadline again.
+        self._typing_changed: trio.Event | None = None
         # The last dev token this window fetched, and for whom: only that one is renewed by
         # itself when the server refuses it (a pasted token is the person's to replace).
         self._dev_token: tuple[str, str] | None = None
@@ -1185,6 +1455,16 @@ class App:
         self.context_label.pack(side="right", padx=(8, 0))
         self.group_label = ttk.Label(rows[2], text=group_line(self.context), foreground=GREY)
         self.group_label.pack(side="right", padx=(8, 0))
+        # The people row is full: under it, who is typing (as a chat header shows it), and
+        # the presence and block list the server reported.
+        people = ttk.Frame(templates)
+        people.grid(row=len(TEMPLATE_ROWS), column=1, sticky="ew", pady=(3, 0))
+        italic = tkfont.nametofont("TkDefaultFont").copy()
+        italic.configure(slant="italic")
+        self.typing_label = ttk.Label(people, text="", foreground=ACCENT, font=italic)
+        self.typing_label.pack(side="left", padx=(2, 0))
+        self.people_label = ttk.Label(people, text=people_line(self.context), foreground=GREY)
+        self.people_label.pack(side="right", padx=(8, 0))
 
         editor = ttk.Frame(root, padding=(8, 2))
         editor.grid(row=3, column=0, sticky="ew")
@@ -1222,6 +1502,7 @@ class App:
         self.log.tag_configure("error", foreground="#c62828", font=bold)
         self.log.tag_configure("receipt", foreground="#00838f", font=bold)
         self.log.tag_configure("update", foreground="#7b3fb5", font=bold)
+        self.log.tag_configure("activity", foreground="#5b6b8c", font=bold)
         self.log.tag_configure("body", lmargin1=24, lmargin2=24)
 
         self.fill_template("ping")
@@ -1244,10 +1525,24 @@ class App:
         self._trio_token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._end_typing_in_time)
             if script is not None:
                 nursery.start_soon(script, self)
             await self._closing.wait()
             nursery.cancel_scope.cancel()
+
+    async def _end_typing_in_time(self) -> None:
+        """Take each typing indicator off when its `expires_in_ms` has passed unrenewed."""
+        while True:
+            self._typing_changed = trio.Event()
+            end = self.typing.next_end()
+            with trio.move_on_at(math.inf if end is None else end):
+                await self._typing_changed.wait()
+            if self.typing.expire(trio.current_time()):
+                self._show_typing()
+
+    def _show_typing(self) -> None:
+        self.typing_label.configure(text=typing_line(self.typing, self.context))
 
     def _trio_done(self, result: outcome.Outcome[None]) -> None:
         self.trio_outcome = result
@@ -1433,6 +1728,12 @@ class App:
             return
         known = dict(self.context.chats)
         self.context.observe_received(frame)
+        if self.typing.observe(frame, trio.current_time()):
+            if self._typing_changed is not None:
+                self._typing_changed.set()
+            self._show_typing()
+        elif frame.get("type") in ("new_chats", "all_chats", "chat_updated"):
+            self._show_typing()  # a group's title may have come or changed
         self._add_entry(entry)
         if frame.get("type") == "chat_updated":
             # The removed user's copy: say why the group templates stopped offering it.
@@ -1458,6 +1759,7 @@ class App:
         self.log_title.configure(text=f"Frames in and out ({len(self.entries)})")
         self.context_label.configure(text=context_line(self.context))
         self.group_label.configure(text=group_line(self.context))
+        self.people_label.configure(text=people_line(self.context))
 
 
 # =============================================================================== entry point

@@ -252,10 +252,12 @@ class Hub:
             for endpoint in list(entry.endpoints.values()):
                 self._hand(endpoint, item)
 
-    async def typing(self, user_id: str, chat: protocol.Chat, active: bool) -> None:
+    async def typing(
+        self, user_id: str, chat: protocol.Chat, active: bool, *, forward: bool = True
+    ) -> None:
         """Tell the chat's other participants, on every node, that the user types (or
         stopped); never stored. A block hides it: refused in a direct chat (`forbidden`),
-        left out per member in a group."""
+        left out per member in a group. With `forward` False it is only checked."""
         relations = await self.relations.ready(user_id)
         if (
             relations is not None
@@ -263,7 +265,8 @@ class Hub:
             and any(relations.apart(other) for other in chat.participants)
         ):
             raise refused_in_chat()
-        self._signal_typing(user_id, chat, active)
+        if forward:
+            self._signal_typing(user_id, chat, active)
 
     def stop_typing(self, user_id: str, chat: protocol.Chat) -> None:
         self._signal_typing(user_id, chat, False)

@@ -73,6 +73,7 @@ _SINGLE_NODE: Final = {
     # Restarts one server on the same SQLite file; a cluster's last_seen lives in PostgreSQL
     # and is checked after a node is killed (test_cluster_process).
     "test_last_seen_survives_a_restart": "one SQLite file restarted",
+    "test_last_seen_is_kept_when_the_server_stops_within_the_grace": "one SQLite file restarted",
 }
 
 

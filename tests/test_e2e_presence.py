@@ -260,3 +260,20 @@ async def test_fetch_presence_validation(server: RunningServer) -> None:
             assert (reply["code"], reply["field"]) == ("bad_request", "user_ids"), reply
         entries = await fetch(alice, [f"user{i}" for i in range(200)])
         assert len(entries) == 200
+
+
+async def test_last_seen_is_kept_when_the_server_stops_within_the_grace(
+    start_server: StartServer, tmp_path: Any
+) -> None:
+    storage = {"backend": "sqlite", "path": str(tmp_path / "stopped.db")}
+    first = await start_server(limits={"presence_grace_s": 30}, storage=storage)
+    async with first.connect("bob") as bob:
+        await bob.create_chat("alice")
+    closed = datetime.now(UTC)
+    await first.stop()  # bob is still within his grace: the stop writes his last_seen
+    second = await start_server(limits=PRESENCE_LIMITS, storage=storage)
+    async with second.connect("alice") as alice:
+        [entry] = await fetch(alice, ["bob"])
+    assert entry["online"] is False
+    assert entry["last_seen"] is not None
+    assert abs((parse(entry["last_seen"]) - closed).total_seconds()) < 1.0

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,11 @@ def test_templates_cover_every_client_frame_and_pass_the_servers_decoder() -> No
     assert "recipient_id" not in group_message
     decoded = protocol.decode(json.dumps(group_message))
     assert (decoded.type, decoded.recipient_id) == ("send_message", None)
+    # fetch_presence both ways: for the contacts (no user_ids), and naming users.
+    everyone = protocol.decode(json.dumps(tc.frame_template("fetch_presence", context)))
+    assert everyone.user_ids is None
+    decoded = protocol.decode(json.dumps(tc.frame_template(tc.PRESENCE_OF, context)))
+    assert (decoded.type, decoded.user_ids) == ("fetch_presence", ("bob",))
 
 
 def test_send_message_template_uses_the_context_and_a_fresh_client_message_id() -> None:
@@ -116,7 +121,9 @@ def test_send_message_template_uses_the_context_and_a_fresh_client_message_id() 
 
 def test_every_template_has_a_button_and_the_chat_list_asks_for_chats_only() -> None:
     buttons = [name for row in tc.TEMPLATE_ROWS for name in row]
-    assert sorted(buttons) == sorted([*tc.TEMPLATE_TYPES, tc.CHAT_LIST, tc.GROUP_MESSAGE])
+    assert sorted(buttons) == sorted(
+        [*tc.TEMPLATE_TYPES, tc.CHAT_LIST, tc.GROUP_MESSAGE, tc.PRESENCE_OF]
+    )
     frame = tc.frame_template(tc.CHAT_LIST, tc.Context())
     decoded = protocol.decode(json.dumps(frame))
     assert (decoded.type, decoded.limit) == ("fetch_chats", 0)
@@ -313,6 +320,210 @@ def test_context_drops_a_group_it_is_no_longer_in() -> None:
     assert context.chats == {}
 
 
+def test_people_templates_before_anything_are_valid_placeholders() -> None:
+    context = tc.Context(user_id="alice")
+    assert tc.frame_template("typing", context) == {
+        "type": "typing",
+        "chat_id": "CHAT_ID",
+        "active": True,
+    }
+    assert decoded("typing", context).active is True
+    assert tc.frame_template("fetch_presence", context) == {"type": "fetch_presence"}
+    assert decoded(tc.PRESENCE_OF, context).user_ids == ("bob",)
+    assert decoded("block_user", context).user_id == "bob"
+    assert decoded("unblock_user", context).user_id == "bob"
+    assert tc.frame_template("fetch_blocked", context) == {"type": "fetch_blocked"}
+    # Never this user: the server refuses blocking yourself.
+    bob = tc.Context(user_id="bob")
+    assert decoded("block_user", bob).user_id == "carol"
+    assert decoded("unblock_user", bob).user_id == "carol"
+    assert decoded(tc.PRESENCE_OF, bob).user_ids == ("carol",)
+
+
+def test_people_templates_follow_the_chats_and_the_block_list() -> None:
+    context = tc.Context()
+    context.observe_received({"type": "authenticated", "user_id": "alice"})
+    context.observe_received({"type": "new_chats", "data": [chat("d1", "alice", "bob")]})
+    team = group("g1", "Team", "carol", "alice", "dave", "bob")
+    context.observe_received({"type": "new_chats", "data": [team]})
+    assert context.contacts() == ["bob", "carol", "dave"]  # the other person first
+    assert decoded("typing", context).chat_id == "g1"  # the last chat
+    assert decoded(tc.PRESENCE_OF, context).user_ids == ("bob", "carol", "dave")
+    assert decoded("block_user", context).user_id == "bob"
+    context.observe_received({"type": "blocked", "data": ["bob"], "request_id": 1})
+    assert context.blocked == ("bob",)
+    # bob is blocked: unblock names him, block the next contact who is not blocked.
+    assert decoded("unblock_user", context).user_id == "bob"
+    assert decoded("block_user", context).user_id == "carol"
+    context.observe_received({"type": "blocked", "data": ["mallory", "zed"]})
+    assert decoded("unblock_user", context).user_id == "mallory"
+    assert decoded("block_user", context).user_id == "bob"
+    context.observe_received({"type": "blocked", "data": []})
+    assert context.blocked == ()
+    assert decoded("unblock_user", context).user_id == "bob"
+    # Only chats this user is in make contacts: a group left is not asked about.
+    context.observe_received({"type": "chat_updated", "data": group("g1", "Team", "carol", "bob")})
+    assert decoded(tc.PRESENCE_OF, context).user_ids == ("bob",)
+
+
+def test_context_keeps_the_presence_and_the_block_list_it_was_told() -> None:
+    context = tc.Context(user_id="alice")
+    reply = [
+        {"user_id": "bob", "online": True, "last_seen": None},
+        {"user_id": "carol", "online": False, "last_seen": "2026-12-02T18:00:00.123Z"},
+        {"user_id": "dave", "online": False, "last_seen": None},
+        {"online": True},
+        "junk",
+    ]
+    context.observe_received({"type": "presence", "data": reply, "request_id": 1})
+    assert context.presence == {
+        "bob": tc.Presence(online=True),
+        "carol": tc.Presence(online=False, last_seen="2026-12-02T18:00:00.123Z"),
+        "dave": tc.Presence(online=False),
+    }
+    # A live frame changes its one entry only.
+    live = {"user_id": "bob", "online": False, "last_seen": "2026-12-02T18:05:00.000Z"}
+    context.observe_received({"type": "presence", "data": [live]})
+    assert context.presence["bob"] == tc.Presence(False, "2026-12-02T18:05:00.000Z")
+    assert len(context.presence) == 3
+    context.observe_received({"type": "blocked", "data": ["mallory"]})
+    context.observe_received({"type": "blocked", "data": ["bob", 7]})  # junk: kept as it was
+    assert context.blocked == ("mallory",)
+    # The same user signing in again keeps it; someone else starts afresh.
+    context.observe_received({"type": "authenticated", "user_id": "alice"})
+    assert (len(context.presence), context.blocked) == (3, ("mallory",))
+    context.observe_received({"type": "authenticated", "user_id": "bob"})
+    assert (context.presence, context.blocked) == ({}, None)
+
+
+def typing(chat_id: str, user_id: str, active: bool = True, **more: Any) -> dict[str, Any]:
+    """A `typing` frame as the server sends it."""
+    frame = {"type": "typing", "chat_id": chat_id, "user_id": user_id, "active": active}
+    return {**frame, "expires_in_ms": 6000, **more}
+
+
+def test_typing_board_ends_indicators_on_time_on_stop_and_on_a_message() -> None:
+    board = tc.TypingBoard()
+    assert board.next_end() is None
+    assert board.observe(typing("c1", "bob"), now=100.0)
+    assert board.typists() == {"c1": ["bob"]}
+    assert board.next_end() == pytest.approx(106.0)
+    # A renewal moves the end: 6 s from the last one.
+    assert board.observe(typing("c1", "bob"), now=103.0)
+    assert not board.expire(now=108.9)
+    assert board.expire(now=109.0)
+    assert (board.typists(), board.next_end()) == ({}, None)
+    # active: false ends it at once; a stop for nobody typing changes nothing.
+    board.observe(typing("c1", "bob"), now=0.0)
+    assert board.observe(typing("c1", "bob", active=False), now=1.0)
+    assert not board.observe(typing("c1", "bob", active=False), now=1.0)
+    # A message from the typist in that chat ends it; one elsewhere or from another does not.
+    board.observe(typing("c1", "bob"), now=0.0)
+    board.observe(typing("g1", "bob"), now=0.0)
+    assert not board.observe({"type": "message", **message("c1", "alice", "bob", "m1")}, now=1)
+    assert board.observe({"type": "message", **message("c1", "bob", "alice", "m2")}, now=1.0)
+    assert board.typists() == {"g1": ["bob"]}
+    # The server's expires_in_ms is what counts; without one, its documented 6 s.
+    board.observe(typing("g1", "carol", expires_in_ms=250), now=10.0)
+    board.observe({"type": "typing", "chat_id": "g1", "user_id": "dave"}, now=10.0)
+    assert board.next_end() == pytest.approx(6.0)
+    board.expire(now=6.0)
+    assert board.next_end() == pytest.approx(10.25)
+    board.expire(now=10.25)
+    assert board.until == {("g1", "dave"): pytest.approx(16.0)}
+
+
+def test_typing_board_forgets_whom_this_user_blocks_and_a_new_binding() -> None:
+    board = tc.TypingBoard()
+    for user in ("bob", "carol"):
+        board.observe(typing("g1", user), now=0.0)
+    assert board.observe({"type": "blocked", "data": ["bob", "mallory"]}, now=1.0)
+    assert board.typists() == {"g1": ["carol"]}
+    assert not board.observe({"type": "blocked", "data": ["mallory"]}, now=1.0)
+    assert board.observe({"type": "authenticated", "user_id": "alice"}, now=2.0)
+    assert board.typists() == {}
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"type": "typing", "chat_id": 7, "user_id": "bob"},
+        {"type": "typing", "chat_id": "c1"},
+        {"type": "message", "chat_id": "c1"},
+        {"type": "blocked", "data": "bob"},
+        {"type": "presence", "data": [{"user_id": "bob"}]},
+    ],
+)
+def test_typing_board_ignores_frames_it_cannot_use(frame: dict[str, Any]) -> None:
+    board = tc.TypingBoard()
+    board.observe(typing("c1", "bob"), now=0.0)
+    assert not board.observe(frame, now=1.0)
+    assert board.typists() == {"c1": ["bob"]}
+
+
+def test_typing_line_names_the_typists_of_each_chat() -> None:
+    context = tc.Context(user_id="alice")
+    context.observe_received(
+        {
+            "type": "new_chats",
+            "data": [chat("d1", "alice", "bob"), group("g1", "Team", "a", "alice")],
+        }
+    )
+    board = tc.TypingBoard()
+    assert tc.typing_line(board, context) == ""
+    board.observe(typing("d1", "bob"), now=0.0)
+    assert tc.typing_line(board, context) == "bob is typing… (chat d1)"
+    for user in ("carol", "dave"):
+        board.observe(typing("g1", user), now=0.0)
+    assert tc.typing_line(board, context) == (
+        'bob is typing… (chat d1); carol and dave are typing… ("Team")'
+    )
+    board.observe(typing("d1", "bob", active=False), now=0.0)
+    for user in ("erin", "frank", "gina"):
+        board.observe(typing("g1", user), now=0.0)
+    assert tc.typing_line(board, context) == ('carol, dave, erin and 2 others are typing… ("Team")')
+    # A group whose chat object was not seen is named by its id.
+    board.observe(typing("g9", "hugo"), now=0.0)
+    board.observe(typing("g9", "ivan"), now=0.0)
+    board.observe(typing("g9", "jane"), now=0.0)
+    assert tc.typing_line(board, context).endswith("; hugo, ivan and jane are typing… (chat g9)")
+
+
+def test_presence_reads_online_last_seen_or_offline() -> None:
+    assert tc.presence_text(tc.Presence(online=True)) == "online"
+    assert tc.presence_text(tc.Presence(online=False)) == "offline"
+    seen = tc.Presence(online=False, last_seen="2026-12-02T18:04:59.123Z")
+    assert tc.presence_text(seen, UTC) == "last seen 2 Dec 18:04"
+    assert tc.presence_text(seen, timezone(timedelta(hours=9))) == "last seen 3 Dec 03:04"
+    assert tc.presence_text(tc.Presence(False, "yesterday-ish")) == "offline"
+
+
+def test_people_line_shows_presence_compactly_and_the_block_list() -> None:
+    context = tc.Context(user_id="alice")
+    assert tc.people_line(context) == "presence: none yet"
+    now = datetime(2026, 12, 2, 20, 0, tzinfo=UTC)
+    entries = [
+        {"user_id": "carol", "online": False, "last_seen": "2026-12-01T09:30:00.000Z"},
+        {"user_id": "dave", "online": False, "last_seen": None},
+        {"user_id": "erin", "online": False, "last_seen": "2026-12-02T18:04:00.000Z"},
+        {"user_id": "bob", "online": True, "last_seen": None},
+    ]
+    context.observe_received({"type": "presence", "data": entries})
+    # Online first, then the most recently seen (the time today, else the day), then the rest.
+    assert tc.people_line(context, now, UTC) == "● bob  ○ erin 18:04  ○ carol 1 Dec  ○ dave"
+    context.observe_received(
+        {"type": "presence", "data": [{"user_id": "zoe", "online": True, "last_seen": None}]}
+    )
+    assert tc.people_line(context, now, UTC) == "● bob  ● zoe  ○ erin 18:04  ○ carol 1 Dec  +1"
+    context.observe_received({"type": "blocked", "data": []})
+    assert tc.people_line(context, now, UTC).endswith("  +1   blocked: nobody")
+    context.observe_received({"type": "blocked", "data": ["a", "b", "c", "d", "e", "f"]})
+    assert tc.people_line(tc.Context(blocked=("mallory",))) == (
+        "presence: none yet   blocked: mallory"
+    )
+    assert tc.people_line(context, now, UTC).endswith("   blocked: a, b, c, d +2")
+
+
 @pytest.mark.parametrize(
     "frame",
     [
@@ -326,12 +537,18 @@ def test_context_drops_a_group_it_is_no_longer_in() -> None:
         {"type": "chat_updated", "data": "junk"},
         {"type": "chat_updated", "data": {"chat_id": "c1"}},
         {"type": "chat_updated", "data": {"chat_id": 7, "participants": []}},
+        {"type": "presence", "data": "junk"},
+        {"type": "presence", "data": [{"user_id": 7, "online": True}, None]},
+        {"type": "blocked", "data": "bob"},
+        {"type": "blocked", "data": [None]},
+        {"type": "typing", "chat_id": "c9", "user_id": "dave", "active": True},
     ],
 )
 def test_context_ignores_frames_it_cannot_use(frame: dict[str, Any]) -> None:
     context = tc.Context(user_id="alice", chat_id="c1", peer="bob")
     context.observe_received(frame)
     assert (context.user_id, context.chat_id, context.peer) == ("alice", "c1", "bob")
+    assert (context.presence, context.blocked) == ({}, None)
 
 
 def test_check_frame_reports_what_the_server_would() -> None:
@@ -441,6 +658,36 @@ def test_log_entry_headers() -> None:
         ),
         ({"type": "all_messages", "data": [{"seq": 1}]}, "all_messages  1 message, seq 1"),
         ({"type": "all_messages", "data": []}, "all_messages  0 messages"),
+        (typing("c7", "bob"), "typing  bob is typing in chat c7 (6 s)"),
+        (typing("c7", "bob", expires_in_ms=2500), "typing  bob is typing in chat c7 (2.5 s)"),
+        (typing("c7", "bob", active=False), "typing  bob stopped typing in chat c7"),
+        ({"type": "typing", "user_id": "bob"}, "typing  bob is typing"),
+        ({"type": "typing"}, "typing"),
+        (
+            {
+                "type": "presence",
+                "data": [
+                    {"user_id": "bob", "online": True, "last_seen": None},
+                    {"user_id": "dave", "online": False, "last_seen": None},
+                ],
+                "request_id": 3,
+            },
+            "presence  bob online; dave offline",
+        ),
+        (
+            {
+                "type": "presence",
+                "data": [{"user_id": f"u{n}", "online": True} for n in range(7)],
+            },
+            "presence  u0 online; u1 online; u2 online; u3 online; u4 online; …",
+        ),
+        ({"type": "presence", "data": []}, "presence  nobody"),
+        ({"type": "blocked", "data": ["bob", "mallory"]}, "blocked  2 users: bob, mallory"),
+        ({"type": "blocked", "data": []}, "blocked  nobody"),
+        (
+            {"type": "blocked", "data": [f"u{n}" for n in range(7)]},
+            "blocked  7 users: u0, u1, u2, u3, u4, u5, …",
+        ),
         # Version 1 frames (no seq, no counts) and frames the client does not know.
         ({"type": "message", **message("c1", "alice", "bob")}, "message  alice → bob"),
         ({"type": "all_chats", "data": "junk"}, "all_chats"),
@@ -462,6 +709,9 @@ def test_log_colours_receipts_and_changes_apart() -> None:
             ("in", '{"type": "message_updated"}'),
             ("in", '{"type": "updated_messages"}'),
             ("in", '{"type": "chat_updated"}'),
+            ("in", '{"type": "blocked"}'),
+            ("in", '{"type": "typing"}'),
+            ("in", '{"type": "presence"}'),
             ("in", '{"type": "message"}'),
             ("in", '{"type": "error"}'),
             ("out", '{"type": "mark_read"}'),
@@ -473,6 +723,9 @@ def test_log_colours_receipts_and_changes_apart() -> None:
         "update",
         "update",
         "update",
+        "update",
+        "activity",
+        "activity",
         "in",
         "error",
         "out",
@@ -1263,6 +1516,190 @@ def test_window_creates_a_group_and_follows_its_members(
         app.root.event_generate("<Motion>", warp=True, x=WINDOW[0] - 1, y=WINDOW[1] - 1)
         await trio.sleep(0.2)  # let Tk paint before the screenshot
         save_screenshot(xvfb.screenshot(), "screenshot-tk-groups.png")
+        app.close()
+
+    run_window(app, person)
+
+
+PRESENCE_GRACE_S = 0.5  # how long the server below waits before it announces someone offline
+
+
+@pytest.fixture
+def quick_presence_process(tmp_path: Path) -> Iterator[HandlerProcess]:
+    # Going offline is announced after presence_grace_s: half a second here, not five.
+    server = HandlerProcess(
+        tmp_path, extra={"limits": {"auth_timeout_s": 0.5, "presence_grace_s": PRESENCE_GRACE_S}}
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+def typing_shown(app: tc.App) -> str:
+    return str(app.typing_label.cget("text"))
+
+
+def people_shown(app: tc.App) -> str:
+    return str(app.people_label.cget("text"))
+
+
+@pytest.mark.gui
+def test_window_shows_typing_presence_and_blocks(
+    xvfb: Xvfb, quick_presence_process: HandlerProcess
+) -> None:
+    # Typing, presence and blocking through the window: every frame alice sends is a template's,
+    # unchanged. bob is a plain WebSocket, and so is alice's second device.
+    server = quick_presence_process
+    app = open_window(xvfb, server.url, user="alice")
+
+    def received(frame_type: str) -> list[dict[str, Any]]:
+        return window_received(app, frame_type)
+
+    def errors(peer: Peer) -> list[tuple[str, str]]:
+        return [(error["code"], error["message"]) for error in peer.received("error")]
+
+    async def person(app: tc.App) -> None:
+        app.dev_token_button.invoke()
+        await wait_until(app.token_var.get)
+        app.connect_button.invoke()
+        await wait_until(lambda: app.link.sign_in.user_id == "alice")
+        async with (
+            Peer.connect(server, "bob") as bob,
+            Peer.connect(server, "alice") as other_device,
+        ):
+            await bob.send(type="create_chat", recipient_id="alice")
+            await wait_until(lambda: received("new_chats"))
+            chat_id = received("new_chats")[0]["data"][0]["chat_id"]
+
+            # Presence: of the contacts by name, and of all of them; bob is online.
+            asked = send_template(app, tc.PRESENCE_OF)
+            assert asked == {"type": "fetch_presence", "user_ids": ["bob"]}
+            await wait_until(lambda: received("presence"))
+            assert people_shown(app) == "● bob"
+            count = len(received("presence"))
+            assert send_template(app, "fetch_presence") == {"type": "fetch_presence"}
+            await wait_until(lambda: len(received("presence")) > count)
+            assert received("presence")[-1]["data"] == [
+                {"user_id": "bob", "online": True, "last_seen": None}
+            ]
+
+            # Typing: shown until bob stops, sends the message, or lets it expire.
+            await bob.send(type="typing", chat_id=chat_id, active=True)
+            await wait_until(lambda: typing_shown(app))
+            assert typing_shown(app) == f"bob is typing… (chat {chat_id})"
+            assert received("typing")[-1] == {
+                "type": "typing",
+                "chat_id": chat_id,
+                "user_id": "bob",
+                "active": True,
+                "expires_in_ms": 6000,
+            }
+            await bob.send(type="typing", chat_id=chat_id, active=False)
+            await wait_until(lambda: not typing_shown(app))
+            # After a stop, typing again is not a repeat: it is shown at once.
+            await bob.send(type="typing", chat_id=chat_id)
+            await wait_until(lambda: typing_shown(app))
+            await bob.send(type="send_message", chat_id=chat_id, recipient_id="alice", content="hi")
+            await wait_until(lambda: received("message"))
+            assert typing_shown(app) == ""  # his message ended it
+            # Typing right after his message is news again: shown at once.
+            await bob.send(type="typing", chat_id=chat_id)
+            await wait_until(lambda: typing_shown(app))
+            shown_at = trio.current_time()
+            # Meanwhile alice types: bob sees it, her own devices do not.
+            sent = send_template(app, "typing")
+            assert sent == {"type": "typing", "chat_id": chat_id, "active": True}
+            await wait_until(lambda: bob.received("typing"))
+            assert bob.received("typing")[-1]["user_id"] == "alice"
+            assert all(frame["user_id"] == "bob" for frame in received("typing"))
+            assert all(frame["user_id"] == "bob" for frame in other_device.received("typing"))
+
+            await wait_until(lambda: not typing_shown(app), timeout=10)
+            assert trio.current_time() - shown_at > 5.0  # its expires_in_ms, 6 s, ran out
+
+            # alice blocks bob: her window shows the list, and bob as a stranger sees him.
+            assert send_template(app, "block_user") == {"type": "block_user", "user_id": "bob"}
+            await wait_until(lambda: received("blocked"))
+            assert received("blocked")[0]["data"] == ["bob"]
+            await wait_until(lambda: people_shown(app) == "○ bob   blocked: bob")
+            # Her other device gets the list too; bob only sees her as a stranger.
+            await wait_until(lambda: other_device.received("blocked"))
+            assert other_device.received("blocked")[0] == {"type": "blocked", "data": ["bob"]}
+            await wait_until(
+                lambda: (
+                    {"user_id": "alice", "online": False, "last_seen": None}
+                    in [entry for frame in bob.received("presence") for entry in frame["data"]]
+                )
+            )
+            assert bob.received("blocked") == []
+            # Neither side may write or type in their direct chat now.
+            await bob.send(type="send_message", chat_id=chat_id, recipient_id="alice", content="?")
+            await bob.send(type="typing", chat_id=chat_id)
+            await bob.send(type="create_chat", recipient_id="alice")
+            await wait_until(lambda: len(errors(bob)) == 3)
+            for code, text in errors(bob):
+                assert code == "forbidden"
+                assert "a block is in place" in text
+            typed = len(received("typing"))
+            send_template(app, "typing")
+            await wait_until(lambda: received("error"))
+            assert received("error")[0]["code"] == "forbidden"
+            assert "a block is in place" in received("error")[0]["message"]
+            assert len(received("typing")) == typed  # bob's typing did not come through
+            assert len(received("message")) == 1
+
+            # The other device unblocks him: the window's list follows, bob is online again.
+            app.template_buttons["unblock_user"].invoke()
+            assert json.loads(app.editor.get("1.0", "end")) == {
+                "type": "unblock_user",
+                "user_id": "bob",
+            }
+            blocked_before = len(received("blocked"))
+            await other_device.send(type="unblock_user", user_id="bob", request_id="u1")
+            await wait_until(lambda: len(other_device.received("blocked")) == 2)
+            assert other_device.received("blocked")[1] == {
+                "type": "blocked",
+                "data": [],
+                "request_id": "u1",
+            }
+            await wait_until(lambda: len(received("blocked")) > blocked_before)
+            await wait_until(lambda: people_shown(app) == "● bob   blocked: nobody")
+            assert send_template(app, "fetch_blocked") == {"type": "fetch_blocked"}
+            await wait_until(lambda: len(received("blocked")) > blocked_before + 1)
+            assert received("blocked")[-1]["data"] == []
+
+            # The screenshot: bob typing, his presence and the list in the people row. (His
+            # typing refused above did not go out: this one, a moment later, does.)
+            await bob.send(type="typing", chat_id=chat_id)
+            await wait_until(lambda: typing_shown(app))
+            app.template_buttons["block_user"].invoke()
+            app.root.event_generate("<Motion>", warp=True, x=WINDOW[0] - 1, y=WINDOW[1] - 1)
+            await trio.sleep(0.2)  # let Tk paint before the screenshot
+            save_screenshot(xvfb.screenshot(), "screenshot-tk-people.png")
+        # bob left: once the grace period is over the window shows when he was last seen.
+        await wait_until(lambda: people_shown(app).startswith("○ bob "), timeout=10)
+        assert re.fullmatch(r"○ bob \d\d:\d\d   blocked: nobody", people_shown(app))
+        last = received("presence")[-1]["data"]
+        assert [(entry["user_id"], entry["online"]) for entry in last] == [("bob", False)]
+        assert last[0]["last_seen"].endswith("Z")
+        # His connection closed while he was typing: the server said he stopped (well before
+        # the 6 s were up).
+        assert typing_shown(app) == ""
+        assert received("typing")[-1]["active"] is False
+        shown = app.log.get("1.0", "end")
+        for header in (
+            "→ out  fetch_presence",
+            "← in   presence  bob online",
+            f"← in   typing  bob is typing in chat {chat_id} (6 s)",
+            f"← in   typing  bob stopped typing in chat {chat_id}",
+            "→ out  block_user",
+            "← in   blocked  1 user: bob",
+            "← in   presence  bob offline",
+            "← in   error forbidden",
+            "← in   blocked  nobody",
+            "← in   presence  bob last seen ",
+        ):
+            assert header in shown, header
         app.close()
 
     run_window(app, person)

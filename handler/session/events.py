@@ -414,11 +414,13 @@ class Close:
 
 @attrs.define
 class SendTyping:
-    """Tell the chat's other participants (no result; `RequestFailed` across a block)."""
+    """Tell the chat's other participants, unless `forward` is False (a renewal sent too
+    soon: only checked). No result; `RequestFailed` across a block."""
 
     frame: protocol.Typing
     chat: protocol.Chat
     user_id: str
+    forward: bool = True
 
 
 @attrs.define

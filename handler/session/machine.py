@@ -283,6 +283,8 @@ class SessionMachine:
                 blocked = protocol.BlockedFrame(event.blocks, event.frame.request_id)
                 return [ev.Reply(blocked, "blocked")]
             case ev.RequestFailed():
+                if isinstance(event.frame, protocol.Typing):
+                    self._typing.pop(event.frame.chat_id, None)  # it did not go out
                 return self._failure(event.error, event.frame.request_id)
         raise AssertionError(f"unknown event {event!r}")
 
@@ -317,8 +319,6 @@ class SessionMachine:
             return [_error_reply(error.with_request_id(frame.request_id))]
         if identity is not None:
             return self._start_binding(identity, now, frame)
-        if isinstance(frame, protocol.Typing) and self._typing_repeated(frame, now.monotonic):
-            return []
         try:
             return self._serve(frame)
         except ProtocolError as error:
@@ -445,28 +445,29 @@ class SessionMachine:
             _check_recipient(frame, chat, user_id)
         except ProtocolError as error:
             return [_error_reply(error.with_request_id(frame.request_id))]
+        # The receivers stop showing the sender typing when the message arrives: the next
+        # `typing` in this chat is news again.
+        self._typing.pop(frame.chat_id, None)
         return [ev.StoreMessage(frame, chat, user_id)]
 
     # ------------------------------------------------------------------ typing
 
-    def _typing_repeated(self, frame: protocol.Typing, now: float) -> bool:
-        """A renewal within `TYPING_REPEAT_S` of the last one forwarded for the chat: the
-        receivers still show it, so it is not sent again (a client may send one per key)."""
-        if not frame.active:
-            return False
-        last = self._typing.get(frame.chat_id)
-        return last is not None and now - last[0] < TYPING_REPEAT_S
-
     def _typing_to(
         self, frame: protocol.Typing, chat: protocol.Chat, user_id: str, now: float
     ) -> list[ev.Command]:
-        if frame.active:
-            expired = now - TYPING_SHOWN_S
-            for chat_id in [c for c, (at, _) in self._typing.items() if at < expired]:
-                del self._typing[chat_id]
-            self._typing[frame.chat_id] = (now, chat)
-        else:
+        """Checked like every frame (the driver's `SendTyping` refuses it across a block);
+        a renewal within `TYPING_REPEAT_S` of the last one forwarded for the chat is not
+        forwarded again: the receivers still show it (a client may send one per key)."""
+        if not frame.active:
             self._typing.pop(frame.chat_id, None)
+            return [ev.SendTyping(frame, chat, user_id)]
+        last = self._typing.get(frame.chat_id)
+        if last is not None and now - last[0] < TYPING_REPEAT_S:
+            return [ev.SendTyping(frame, chat, user_id, forward=False)]
+        expired = now - TYPING_SHOWN_S
+        for chat_id in [c for c, (at, _) in self._typing.items() if at < expired]:
+            del self._typing[chat_id]
+        self._typing[frame.chat_id] = (now, chat)
         return [ev.SendTyping(frame, chat, user_id)]
 
     def typing_left_on(self, now: float) -> list[protocol.Chat]:

@@ -226,7 +226,9 @@ class SessionDriver:
                     services.chats.put(view.chat)
                 return ev.ChatsListed(command.frame, tuple(chats))
             case ev.SendTyping():
-                await services.hub.typing(command.user_id, command.chat, command.frame.active)
+                await services.hub.typing(
+                    command.user_id, command.chat, command.frame.active, forward=command.forward
+                )
             case ev.ReadPresence():
                 entries = await services.hub.presence.answer(
                     command.user_id, command.frame.user_ids
