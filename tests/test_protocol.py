@@ -23,6 +23,8 @@ from handler.protocol import (
     AllChats,
     AllMessages,
     Authenticated,
+    BlockedFrame,
+    BlockUser,
     Chat,
     ChatUpdated,
     ChatView,
@@ -31,8 +33,10 @@ from handler.protocol import (
     DeleteMessage,
     EditMessage,
     ErrorFrame,
+    FetchBlocked,
     FetchChats,
     FetchMessages,
+    FetchPresence,
     GroupChange,
     Limits,
     MarkRead,
@@ -43,9 +47,14 @@ from handler.protocol import (
     NewMessages,
     Ping,
     Pong,
+    PresenceEntry,
+    PresenceFrame,
     ReceiptFrame,
     RemoveMember,
     SendMessage,
+    Typing,
+    TypingEvent,
+    UnblockUser,
     UpdatedMessages,
     decode,
     encode,
@@ -176,16 +185,21 @@ def test_missing_or_unknown_type(frame: dict[str, Any]) -> None:
 def test_client_frame_types() -> None:
     assert protocol.CLIENT_FRAME_TYPES == (
         "add_members",
+        "block_user",
         "create_chat",
         "create_group",
         "delete_message",
         "edit_message",
+        "fetch_blocked",
         "fetch_chats",
         "fetch_messages",
+        "fetch_presence",
         "mark_read",
         "ping",
         "remove_member",
         "send_message",
+        "typing",
+        "unblock_user",
     )
 
 
@@ -846,7 +860,9 @@ def test_member_ids_rules(base: dict[str, Any], value: Any) -> None:
 def test_member_ids_follow_the_configured_group_size(base: dict[str, Any]) -> None:
     """At most max_group_members - 1 others: the requester makes the group one larger."""
     most = ["bob", "carol", "dave"]
-    assert decode(dumps(with_fields(base, member_ids=most)), SMALL).member_ids == tuple(most)
+    frame = decode(dumps(with_fields(base, member_ids=most)), SMALL)
+    assert isinstance(frame, CreateGroup | AddMembers)
+    assert frame.member_ids == tuple(most)
     error = error_of(with_fields(base, member_ids=[*most, "erin"]), SMALL)
     assert (error.code, error.field) == ("bad_request", "member_ids")
     assert "4" in error.message  # names the limit
@@ -854,6 +870,7 @@ def test_member_ids_follow_the_configured_group_size(base: dict[str, Any]) -> No
     members = [f"user {n}" for n in range(protocol.MAX_GROUP_MEMBERS)]
     assert protocol.MAX_GROUP_MEMBERS == 256
     frame = decode(dumps(with_fields(base, member_ids=members[:255])))
+    assert isinstance(frame, CreateGroup | AddMembers)
     assert frame.member_ids == tuple(members[:255])
     error = error_of(with_fields(base, member_ids=members))
     assert (error.code, error.field) == ("bad_request", "member_ids")
@@ -864,7 +881,9 @@ def test_member_ids_keep_valid_user_ids_and_their_order(base: dict[str, Any]) ->
     valid = VALID_USER_IDS[:5]
     for ascii_only in (True, False):
         text = dumps(with_fields(base, member_ids=valid), ascii_only=ascii_only)
-        assert decode(text).member_ids == tuple(valid)
+        frame = decode(text)
+        assert isinstance(frame, CreateGroup | AddMembers)
+        assert frame.member_ids == tuple(valid)
 
 
 @pytest.mark.parametrize("value", BAD_IDS)
@@ -919,6 +938,196 @@ def test_group_fields_are_validated_in_declaration_order(frame: dict[str, Any], 
     "base", [CREATE_GROUP, ADD_MEMBERS, REMOVE_MEMBER], ids=["create", "add", "remove"]
 )
 def test_group_frames_quote_the_request_id_and_check_the_token(base: dict[str, Any]) -> None:
+    assert decode(dumps(with_fields(base, token="a.b.c", request_id=3))).token == "a.b.c"
+    error = error_of(with_fields(base, token=5, request_id=3))
+    assert (error.code, error.field, error.request_id) == ("bad_request", "token", 3)
+    error = error_of(with_fields(base, request_id=""))
+    assert (error.code, error.field, error.request_id) == ("bad_request", "request_id", None)
+
+
+# --------------------------------------------------------------------------- typing
+
+TYPING: dict[str, Any] = {"type": "typing", "chat_id": "7"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({}, Typing("7", True)),  # `active` defaults to true
+        ({"active": None}, Typing("7", True)),  # null is absent, as for every optional field
+        ({"active": True}, Typing("7", True)),
+        ({"active": False}, Typing("7", False)),
+        (
+            {"active": False, "token": "t", "request_id": 9},
+            Typing("7", False, token="t", request_id=9),
+        ),
+        # Extra fields are ignored, as on every frame; the server sets `expires_in_ms`.
+        ({"user_id": 5, "expires_in_ms": "x", "content": ""}, Typing("7", True)),
+    ],
+    ids=["default", "null", "true", "false", "token-and-request-id", "extras"],
+)
+def test_typing(fields: dict[str, Any], expected: Typing) -> None:
+    assert decode(dumps(with_fields(TYPING, **fields))) == expected
+
+
+@pytest.mark.parametrize(
+    "active",
+    [1, 0, -1, 1.0, 0.0, "true", "false", "", [], [True], {}, {"active": True}],
+    ids=repr,
+)
+def test_typing_active_must_be_a_boolean(active: Any) -> None:
+    error = error_of(with_fields(TYPING, active=active, request_id="ty"))
+    assert (error.code, error.field, error.request_id) == ("bad_request", "active", "ty")
+
+
+@pytest.mark.parametrize("value", BAD_IDS)
+def test_typing_chat_id_rules(value: Any) -> None:
+    error = error_of(with_fields(TYPING, chat_id=value, request_id=2))
+    assert (error.code, error.field, error.request_id) == ("bad_request", "chat_id", 2)
+
+
+def test_typing_chat_id_is_opaque_up_to_128_characters() -> None:
+    for chat_id in ("0", "abc", "c" * 128, EMOJI * 128, " padded "):
+        assert decode(dumps(with_fields(TYPING, chat_id=chat_id))) == Typing(chat_id)
+
+
+def test_typing_checks_chat_id_before_active() -> None:
+    error = error_of({"type": "typing", "active": "yes"})
+    assert (error.code, error.field) == ("bad_request", "chat_id")
+
+
+# --------------------------------------------------------------------------- fetch_presence
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({}, FetchPresence()),  # the user's contacts
+        ({"user_ids": None}, FetchPresence()),
+        ({"user_ids": ["bob"]}, FetchPresence(("bob",))),
+        # The asked order is kept: the answer has one entry per id, in that order.
+        ({"user_ids": ["carol", "bob", EMOJI]}, FetchPresence(("carol", "bob", EMOJI))),
+        (
+            {"user_ids": ["bob"], "token": "t", "request_id": "p"},
+            FetchPresence(("bob",), token="t", request_id="p"),
+        ),
+        ({"user_id": 5, "chat_id": []}, FetchPresence()),  # extras are ignored
+    ],
+    ids=["contacts", "null", "one", "order-kept", "token-and-request-id", "extras"],
+)
+def test_fetch_presence(fields: dict[str, Any], expected: FetchPresence) -> None:
+    assert decode(dumps({"type": "fetch_presence", **fields})) == expected
+
+
+def test_fetch_presence_takes_up_to_200_distinct_valid_user_ids() -> None:
+    assert protocol.MAX_PRESENCE_IDS == 200
+    users = [f"user {n}" for n in range(200)]
+    assert decode(dumps({"type": "fetch_presence", "user_ids": users})) == FetchPresence(
+        tuple(users)
+    )
+    for ascii_only in (True, False):
+        text = dumps({"type": "fetch_presence", "user_ids": VALID_USER_IDS}, ascii_only=ascii_only)
+        assert decode(text) == FetchPresence(tuple(VALID_USER_IDS))
+
+
+def test_fetch_presence_limit_is_not_the_group_size() -> None:
+    users = [f"user {n}" for n in range(10)]
+    frame = decode(dumps({"type": "fetch_presence", "user_ids": users}), SMALL)
+    assert frame == FetchPresence(tuple(users))
+
+
+BAD_USER_IDS_LISTS = [
+    pytest.param([], id="empty"),
+    pytest.param([f"user {n}" for n in range(201)], id="201-items"),
+    pytest.param(["bob", "bob"], id="duplicate"),
+    pytest.param(["bob", "carol", "bob"], id="duplicate-apart"),
+    pytest.param([5], id="int-member"),
+    pytest.param(["bob", None], id="null-member"),
+    pytest.param(["bob", True], id="bool-member"),
+    pytest.param(["bob", ["carol"]], id="list-member"),
+    pytest.param(["bob", {"id": "carol"}], id="object-member"),
+    pytest.param("bob", id="a-string"),
+    pytest.param({"0": "bob"}, id="object"),
+    pytest.param(5, id="int"),
+    pytest.param(True, id="true"),
+    pytest.param(False, id="false"),
+    *(pytest.param(["bob", user], id=f"invalid-{user!r}") for user in INVALID_USER_IDS),
+]
+
+
+@pytest.mark.parametrize("value", BAD_USER_IDS_LISTS)
+def test_fetch_presence_user_ids_rules(value: Any) -> None:
+    error = error_of({"type": "fetch_presence", "user_ids": value, "request_id": "fp"})
+    assert (error.code, error.field, error.request_id) == ("bad_request", "user_ids", "fp")
+    assert error.message
+
+
+# --------------------------------------------------------------------------- blocking
+
+BLOCK_FRAMES = [
+    pytest.param(("block_user", BlockUser), id="block_user"),
+    pytest.param(("unblock_user", UnblockUser), id="unblock_user"),
+]
+
+
+@pytest.mark.parametrize("user_id", VALID_USER_IDS, ids=repr)
+@pytest.mark.parametrize("kind", BLOCK_FRAMES)
+def test_block_and_unblock_take_any_valid_user_id(
+    kind: tuple[str, type[BlockUser | UnblockUser]], user_id: str
+) -> None:
+    frame_type, cls = kind
+    for ascii_only in (True, False):
+        text = dumps({"type": frame_type, "user_id": user_id}, ascii_only=ascii_only)
+        assert decode(text) == cls(user_id)
+    text = dumps({"type": frame_type, "user_id": user_id, "token": "t", "request_id": 0, "x": 1})
+    assert decode(text) == cls(user_id, token="t", request_id=0)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(_MISSING, id="missing"),
+        pytest.param(None, id="null"),
+        pytest.param(5, id="int"),
+        pytest.param(True, id="bool"),
+        pytest.param(["bob"], id="list"),
+        pytest.param({"id": "bob"}, id="object"),
+        *(pytest.param(user, id=f"invalid-{user!r}") for user in INVALID_USER_IDS),
+    ],
+)
+@pytest.mark.parametrize("kind", BLOCK_FRAMES)
+def test_block_and_unblock_user_id_rules(
+    kind: tuple[str, type[BlockUser | UnblockUser]], value: Any
+) -> None:
+    frame = with_fields({"type": kind[0], "user_id": value}, request_id="b")
+    error = error_of(frame)
+    assert (error.code, error.field, error.request_id) == ("bad_request", "user_id", "b")
+
+
+def test_a_block_of_yourself_decodes_the_machine_refuses_it() -> None:
+    """Who "yourself" is depends on the connection (test_session_machine)."""
+    assert decode('{"type": "block_user", "user_id": "alice"}') == BlockUser("alice")
+
+
+def test_fetch_blocked() -> None:
+    assert decode('{"type": "fetch_blocked"}') == FetchBlocked()
+    assert decode(
+        dumps({"type": "fetch_blocked", "token": "t", "request_id": "fb", "user_id": 5})
+    ) == FetchBlocked(token="t", request_id="fb")
+
+
+@pytest.mark.parametrize(
+    "base",
+    [
+        TYPING,
+        {"type": "fetch_presence", "user_ids": ["bob"]},
+        {"type": "block_user", "user_id": "bob"},
+        {"type": "unblock_user", "user_id": "bob"},
+        {"type": "fetch_blocked"},
+    ],
+    ids=["typing", "fetch_presence", "block_user", "unblock_user", "fetch_blocked"],
+)
+def test_new_frames_quote_the_request_id_and_check_the_token(base: dict[str, Any]) -> None:
     assert decode(dumps(with_fields(base, token="a.b.c", request_id=3))).token == "a.b.c"
     error = error_of(with_fields(base, token=5, request_id=3))
     assert (error.code, error.field, error.request_id) == ("bad_request", "token", 3)
@@ -1489,6 +1698,104 @@ def test_group_change_kept_are_the_members_before_who_still_are() -> None:
     assert left.kept == ("alice", "carol")
 
 
+# ---------------------------------------------------------- encode: typing, presence, blocking
+
+
+@pytest.mark.parametrize(
+    ("frame", "wire"),
+    [
+        (
+            TypingEvent("7", "alice", True),
+            {
+                "type": "typing",
+                "chat_id": "7",
+                "user_id": "alice",
+                "active": True,
+                "expires_in_ms": 6000,
+            },
+        ),
+        (
+            TypingEvent("g1", EMOJI, False),
+            {
+                "type": "typing",
+                "chat_id": "g1",
+                "user_id": EMOJI,
+                "active": False,
+                "expires_in_ms": 6000,
+            },
+        ),
+        (PresenceFrame(()), {"type": "presence", "data": []}),
+        (
+            PresenceFrame(
+                (
+                    PresenceEntry("bob", True),
+                    PresenceEntry("carol", False, "2026-12-02T18:00:00.123Z"),
+                    PresenceEntry("dave"),  # a stranger, or never seen
+                ),
+                "p",
+            ),
+            {
+                "type": "presence",
+                "data": [
+                    {"user_id": "bob", "online": True, "last_seen": None},
+                    {
+                        "user_id": "carol",
+                        "online": False,
+                        "last_seen": "2026-12-02T18:00:00.123Z",
+                    },
+                    {"user_id": "dave", "online": False, "last_seen": None},
+                ],
+                "request_id": "p",
+            },
+        ),
+        (
+            PresenceFrame((PresenceEntry("bob", False, "2026-12-02T18:00:00.000Z"),)),
+            {
+                "type": "presence",
+                "data": [
+                    {"user_id": "bob", "online": False, "last_seen": "2026-12-02T18:00:00.000Z"}
+                ],
+            },
+        ),
+        (
+            PresenceFrame((PresenceEntry("bob"),), 0),
+            {
+                "type": "presence",
+                "data": [{"user_id": "bob", "online": False, "last_seen": None}],
+                "request_id": 0,
+            },
+        ),
+        (BlockedFrame(()), {"type": "blocked", "data": []}),
+        (
+            BlockedFrame(("bob", "mallory"), "r"),
+            {"type": "blocked", "data": ["bob", "mallory"], "request_id": "r"},
+        ),
+        (BlockedFrame(("bob",), 0), {"type": "blocked", "data": ["bob"], "request_id": 0}),
+    ],
+    ids=[
+        "typing",
+        "typing-stopped",
+        "presence-empty",
+        "presence-answer",
+        "presence-live",
+        "presence-request-id-0",
+        "blocked-empty",
+        "blocked",
+        "blocked-request-id-0",
+    ],
+)
+def test_encode_typing_presence_and_blocked(
+    frame: protocol.ServerFrame, wire: dict[str, Any]
+) -> None:
+    assert json.loads(encode(frame)) == wire
+
+
+def test_typing_expires_in_6_seconds_and_entries_default_to_a_strangers_view() -> None:
+    assert protocol.TYPING_EXPIRES_MS == 6000
+    assert TypingEvent("7", "alice", True).expires_in_ms == protocol.TYPING_EXPIRES_MS
+    assert PresenceEntry("bob") == PresenceEntry("bob", online=False, last_seen=None)
+
+
 # --------------------------------------------------------------------------- properties
 
 _TYPES = [*protocol.CLIENT_FRAME_TYPES, "nope", ""]
@@ -1506,6 +1813,8 @@ _FIELDS = [
     "title",
     "member_ids",
     "user_id",
+    "active",
+    "user_ids",
 ]
 
 any_text = st.text(st.characters(exclude_categories=()))
@@ -1558,7 +1867,12 @@ def _check(text: str | bytes) -> None:
         | Ping
         | MarkRead
         | EditMessage
-        | DeleteMessage,
+        | DeleteMessage
+        | Typing
+        | FetchPresence
+        | BlockUser
+        | UnblockUser
+        | FetchBlocked,
     )
     if isinstance(frame, SendMessage | EditMessage):
         assert 1 <= len(frame.content) <= protocol.MAX_MESSAGE_CHARS
@@ -1576,11 +1890,18 @@ def _check(text: str | bytes) -> None:
         assert len(set(frame.member_ids)) == len(frame.member_ids)
         for member in frame.member_ids:
             protocol.validate_user_id(member, "member_ids")
-    if isinstance(frame, RemoveMember):
+    if isinstance(frame, RemoveMember | BlockUser | UnblockUser):
         protocol.validate_user_id(frame.user_id, "user_id")
-    if isinstance(frame, AddMembers | RemoveMember):
+    if isinstance(frame, AddMembers | RemoveMember | Typing):
         assert 1 <= len(frame.chat_id) <= protocol.MAX_ID_CHARS
         frame.chat_id.encode()
+    if isinstance(frame, Typing):
+        assert type(frame.active) is bool
+    if isinstance(frame, FetchPresence) and frame.user_ids is not None:
+        assert 1 <= len(frame.user_ids) <= protocol.MAX_PRESENCE_IDS
+        assert len(set(frame.user_ids)) == len(frame.user_ids)
+        for user in frame.user_ids:
+            protocol.validate_user_id(user, "user_ids")
     if isinstance(frame, MarkRead | EditMessage | DeleteMessage):
         for value in (frame.chat_id, frame.message_id):
             assert 1 <= len(value) <= protocol.MAX_ID_CHARS
@@ -1713,6 +2034,42 @@ def test_valid_version_2_frames_round_trip(
     else:
         expected = DeleteMessage(chat_id, message_id, request_id=request_id)
     assert decode(json.dumps(frame, ensure_ascii=ascii_only)) == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    chat_id=st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=128),
+    active=st.none() | st.booleans(),
+    user_id=user_ids,
+    asked=st.none() | st.lists(user_ids, min_size=1, max_size=200, unique=True),
+    request_id=st.none()
+    | st.integers(-(2**63 - 1), 2**63 - 1)
+    | st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=64),
+    ascii_only=st.booleans(),
+)
+def test_valid_typing_presence_and_block_frames_round_trip(
+    chat_id: str,
+    active: bool | None,
+    user_id: str,
+    asked: list[str] | None,
+    request_id: str | int | None,
+    ascii_only: bool,
+) -> None:
+    def text(obj: dict[str, Any]) -> str:
+        return json.dumps({**obj, "request_id": request_id}, ensure_ascii=ascii_only)
+
+    typing = {"type": "typing", "chat_id": chat_id, "active": active}
+    assert decode(text(typing)) == Typing(
+        chat_id, True if active is None else active, request_id=request_id
+    )
+    presence = {"type": "fetch_presence", "user_ids": asked}
+    assert decode(text(presence)) == FetchPresence(
+        None if asked is None else tuple(asked), request_id=request_id
+    )
+    for frame_type, cls in (("block_user", BlockUser), ("unblock_user", UnblockUser)):
+        block = {"type": frame_type, "user_id": user_id}
+        assert decode(text(block)) == cls(user_id, request_id=request_id)
+    assert decode(text({"type": "fetch_blocked"})) == FetchBlocked(request_id=request_id)
 
 
 # --------------------------------------------------------------------------- layering

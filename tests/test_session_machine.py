@@ -1336,3 +1336,467 @@ def test_a_join_the_snapshot_carried_as_a_new_chat_is_not_pushed_again() -> None
     assert ev.Write(joined) not in replay
     m.handle(ev.Replayed(), at(1))
     assert m.handle(ev.FanOut(joined), at(2)) == []  # a late copy of it: covered too
+
+
+# --------------------------------------------------------------------------- typing
+
+TYPING_STOP_S = protocol.TYPING_EXPIRES_MS / 1000  # how long a receiver shows it
+
+
+def typing_frame(chat_id: str = "1", active: bool | None = None, **extra: Any) -> dict[str, Any]:
+    obj: dict[str, Any] = {"type": "typing", "chat_id": chat_id, **extra}
+    if active is not None:
+        obj["active"] = active
+    return obj
+
+
+def typed(
+    m: SessionMachine, obj: dict[str, Any], t: float, loaded_chat: protocol.Chat | None
+) -> list[ev.Command]:
+    """Send a typing frame at `t`: it loads its chat first, like every chat frame."""
+    decoded = protocol.decode(json.dumps(obj))
+    assert isinstance(decoded, protocol.Typing)
+    assert m.handle(ev.FrameReceived(decoded), at(t)) == [ev.LoadChat(decoded)]
+    return m.handle(ev.ChatLoaded(decoded, loaded_chat), at(t))
+
+
+def forwarded(commands: list[ev.Command]) -> bool:
+    """The commands are one SendTyping; whether it tells the other participants."""
+    (command,) = commands
+    assert isinstance(command, ev.SendTyping)
+    return command.forward
+
+
+@pytest.mark.parametrize(
+    ("loaded_chat", "active"),
+    [
+        (chat("1"), True),
+        (chat("1"), False),
+        (chat("1", "carol", "alice"), True),
+        (GROUP, True),
+        (GROUP, False),
+    ],
+    ids=["direct", "direct-stopped", "direct-with-carol", "group", "group-stopped"],
+)
+def test_typing_loads_the_chat_then_sends_typing(loaded_chat: protocol.Chat, active: bool) -> None:
+    m = machine()
+    bind(m)
+    obj = typing_frame(active=active, request_id="t")
+    assert typed(m, obj, 2, loaded_chat) == [
+        ev.SendTyping(protocol.Typing("1", active, request_id="t"), loaded_chat, "alice")
+    ]
+
+
+def test_typing_without_active_is_active() -> None:
+    m = machine()
+    bind(m)
+    (send,) = typed(m, typing_frame(), 2, chat("1"))
+    assert send == ev.SendTyping(protocol.Typing("1", True), chat("1"), "alice", forward=True)
+
+
+@pytest.mark.parametrize(
+    ("loaded_chat", "code"),
+    [
+        (None, ErrorCode.NOT_FOUND),
+        (chat("1", "carol", "dave"), ErrorCode.FORBIDDEN),
+        (group("1", "bob", "carol"), ErrorCode.FORBIDDEN),
+    ],
+    ids=["not-found", "not-a-participant", "not-a-member"],
+)
+@pytest.mark.parametrize("active", [True, False])
+def test_typing_refusals_send_nothing(
+    loaded_chat: protocol.Chat | None, code: ErrorCode, active: bool
+) -> None:
+    m = machine()
+    bind(m)
+    commands = typed(m, typing_frame(active=active, request_id=4), 2, loaded_chat)
+    assert error_of(commands) == (code, "chat_id", 4)
+    assert m.typing_left_on(3) == []
+
+
+def test_typing_needs_a_bound_connection() -> None:
+    m = machine()
+    assert error_of(m.handle(frame(typing_frame(request_id="u")), at(1))) == (
+        ErrorCode.UNAUTHORIZED,
+        "token",
+        "u",
+    )
+
+
+def test_a_typing_that_carried_the_token_is_checked_after_the_backlog() -> None:
+    m = machine()
+    obj = typing_frame(token="alice", request_id=1)
+    assert types(m.handle(frame(obj), at(1))) == ["Subscribe"]
+    m.handle(ev.Subscribed(PLAN, TokenBucket(20.0, 40)), at(1))
+    m.handle(ev.BacklogRead("1", ()), at(1))
+    (load,) = m.handle(ev.Replayed(), at(1))
+    assert load == ev.LoadChat(protocol.Typing("1", token="alice", request_id=1))
+
+
+# (seconds after the first forwarded `active: true`, the second frame's `active`, forwarded)
+@pytest.mark.parametrize(
+    ("after", "active", "expected"),
+    [
+        (0.0, True, False),  # at once: the receivers show it already
+        (0.5, True, False),
+        (0.999, True, False),
+        (1.0, True, True),  # TYPING_REPEAT_S later: forwarded again
+        (3.0, True, True),  # a client's usual renewal
+        (10.0, True, True),
+        (0.0, False, True),  # a stop always goes out
+        (0.5, False, True),
+        (3.0, False, True),
+    ],
+)
+def test_a_renewal_within_a_second_is_checked_but_not_forwarded(
+    after: float, active: bool, expected: bool
+) -> None:
+    m = machine()
+    bind(m)
+    assert forwarded(typed(m, typing_frame(active=True), 2, chat("1")))
+    (second,) = typed(m, typing_frame(active=active), 2 + after, chat("1"))
+    assert second == ev.SendTyping(protocol.Typing("1", active), chat("1"), "alice", expected)
+
+
+def test_the_throttle_counts_from_the_last_forwarded_renewal() -> None:
+    """A renewal that was not forwarded does not move the throttle: renewals sent every
+    0.4 s go out once a second."""
+    m = machine()
+    bind(m)
+    sent = [
+        t
+        for t in (2.0, 2.4, 2.8, 3.2, 3.6, 4.0, 4.4)
+        if forwarded(typed(m, typing_frame(), t, chat("1")))
+    ]
+    assert sent == [2.0, 3.2, 4.4]
+
+
+def test_the_throttle_is_per_chat() -> None:
+    m = machine()
+    bind(m)
+    assert forwarded(typed(m, typing_frame("1"), 2, chat("1")))
+    assert forwarded(typed(m, typing_frame("2"), 2.1, chat("2", "alice", "carol")))
+    assert not forwarded(typed(m, typing_frame("1"), 2.2, chat("1")))
+    assert not forwarded(typed(m, typing_frame("2"), 2.3, chat("2", "alice", "carol")))
+
+
+def test_a_stop_resets_the_throttle() -> None:
+    m = machine()
+    bind(m)
+    assert forwarded(typed(m, typing_frame(active=True), 2, chat("1")))
+    assert forwarded(typed(m, typing_frame(active=False), 2.1, chat("1")))
+    assert forwarded(typed(m, typing_frame(active=True), 2.2, chat("1")))  # news again
+
+
+def test_a_refused_typing_resets_the_throttle() -> None:
+    """The driver's check refused it (a block in the direct chat): it did not go out, so
+    the next one is news; and the chat is no longer one the user is shown typing in."""
+    m = machine()
+    bind(m)
+    (send,) = typed(m, typing_frame(request_id="b"), 2, chat("1"))
+    assert isinstance(send, ev.SendTyping)
+    refusal = ProtocolError(ErrorCode.FORBIDDEN, "a block is in place between you and this user")
+    assert error_of(m.handle(ev.RequestFailed(send.frame, refusal), at(2))) == (
+        ErrorCode.FORBIDDEN,
+        None,
+        "b",
+    )
+    assert m.typing_left_on(2.5) == []
+    assert forwarded(typed(m, typing_frame(), 2.1, chat("1")))
+
+
+def test_a_fault_in_typing_answers_internal() -> None:
+    m = machine()
+    bind(m)
+    (send,) = typed(m, typing_frame(request_id=5), 2, chat("1"))
+    assert isinstance(send, ev.SendTyping)
+    fault = RuntimeError("bus down")
+    assert m.handle(ev.RequestFailed(send.frame, fault), at(2)) == [ev.ReportInternal(fault, 5)]
+    assert state_of(m) is State.BOUND
+
+
+def test_a_message_in_the_chat_resets_the_throttle() -> None:
+    """The receivers stop showing the typist when the message arrives."""
+    m = machine()
+    bind(m)
+    assert forwarded(typed(m, typing_frame(), 2, chat("1")))
+    send = {"type": "send_message", "chat_id": "1", "recipient_id": "bob", "content": "hi"}
+    (load,) = m.handle(frame(send), at(2.1))
+    assert isinstance(load, ev.LoadChat)
+    assert types(m.handle(ev.ChatLoaded(load.frame, chat("1")), at(2.1))) == ["StoreMessage"]
+    assert m.typing_left_on(2.2) == []
+    assert forwarded(typed(m, typing_frame(), 2.2, chat("1")))
+
+
+def test_a_message_in_another_chat_keeps_the_throttle() -> None:
+    m = machine()
+    bind(m)
+    assert forwarded(typed(m, typing_frame("1"), 2, chat("1")))
+    send = {"type": "send_message", "chat_id": "2", "recipient_id": "carol", "content": "hi"}
+    (load,) = m.handle(frame(send), at(2.1))
+    assert isinstance(load, ev.LoadChat)
+    m.handle(ev.ChatLoaded(load.frame, chat("2", "alice", "carol")), at(2.1))
+    assert not forwarded(typed(m, typing_frame("1"), 2.2, chat("1")))
+
+
+# (when the connection closes, seconds after the last forwarded `active: true`, and whether
+# the receivers may still show it: 6 s, the indicator's expiry)
+@pytest.mark.parametrize(
+    ("after", "shown"),
+    [(0.0, True), (3.0, True), (5.999, True), (6.0, False), (60.0, False)],
+)
+def test_typing_left_on_names_the_chats_typed_in_within_6_seconds(
+    after: float, shown: bool
+) -> None:
+    assert TYPING_STOP_S == 6.0
+    m = machine()
+    bind(m)
+    typed(m, typing_frame(), 2, chat("1"))
+    assert m.typing_left_on(2 + after) == ([chat("1")] if shown else [])
+    assert m.typing_left_on(2 + after) == []  # cleared: told once
+
+
+def test_typing_left_on_follows_each_chats_last_forwarded_renewal() -> None:
+    m = machine()
+    bind(m)
+    carol = chat("2", "alice", "carol")
+    typed(m, typing_frame("1"), 2, chat("1"))
+    typed(m, typing_frame("2"), 4, carol)
+    typed(m, typing_frame("1"), 2.5, chat("1"))  # not forwarded: chat 1 counts from 2
+    typed(m, typing_frame("3", active=False), 4, chat("3", "alice", "dave"))  # a stop
+    assert m.typing_left_on(8.5) == [carol]
+
+
+def test_typing_left_on_leaves_out_stopped_chats() -> None:
+    m = machine()
+    bind(m)
+    typed(m, typing_frame("1"), 2, chat("1"))
+    typed(m, typing_frame("2"), 2, GROUP_2)
+    typed(m, typing_frame("1", active=False), 3, chat("1"))
+    assert m.typing_left_on(4) == [GROUP_2]
+
+
+def test_typing_left_on_a_connection_that_never_typed_is_empty() -> None:
+    m = machine()
+    assert m.typing_left_on(1) == []
+    bind(m)
+    assert m.typing_left_on(2) == []
+
+
+GROUP_2 = group("2", "alice", "bob", "carol")
+
+
+def typing_item(chat_id: str = "1", user: str = "bob") -> Outgoing:
+    """The hub's item for another participant's typing signal."""
+    text = protocol.encode(protocol.TypingEvent(chat_id, user, True))
+    return Outgoing(text, "typing", None, 0.0, None, chat_id)
+
+
+def test_typing_fan_out_is_pushed_live_once_bound() -> None:
+    m = machine()
+    bind(m)
+    item = typing_item()
+    # Within the backlog memory too: no backlog carries typing, so nothing covers it.
+    assert m.handle(ev.FanOut(item), at(2)) == [ev.Push(item)]
+    assert m.fan_out(item, 2 + BACKLOG_MEMORY_S + 1) is item
+
+
+def test_typing_fan_out_while_binding_is_dropped_never_parked_or_replayed() -> None:
+    m = machine()
+    m.handle(ev.Opened("alice"), at(1))
+    live = fan_out("8")
+    assert m.handle(ev.FanOut(typing_item()), at(1)) == []
+    assert m.handle(ev.FanOut(live), at(1)) == []
+    assert m.handle(ev.FanOut(typing_item("2", "carol")), at(1)) == []
+    m.handle(ev.Subscribed(PLAN, TokenBucket(20.0, 40)), at(1))
+    assert m.handle(ev.BacklogRead("1", ()), at(1)) == [ev.Write(live), ev.Replay()]
+    # Arriving while the replay is written: dropped too, not replayed next.
+    assert m.handle(ev.FanOut(typing_item()), at(1)) == []
+    assert m.handle(ev.Replayed(), at(1)) == []
+    assert state_of(m) is State.BOUND
+
+
+def test_typing_never_counts_towards_the_park_capacity() -> None:
+    m = machine()
+    m.handle(ev.Opened("alice"), at(1))
+    # Far more typing than the park holds: no drop.
+    for _ in range(RULES.park_capacity * 10):
+        assert m.handle(ev.FanOut(typing_item()), at(1)) == []
+    # The park is still empty: it takes its full capacity of other items...
+    parked = [fan_out(str(10 + n)) for n in range(RULES.park_capacity)]
+    for item in parked:
+        assert m.handle(ev.FanOut(item), at(1)) == []
+    # ...and once full, typing is still dropped, never the reason for a DropSlow.
+    for _ in range(RULES.park_capacity * 10):
+        assert m.handle(ev.FanOut(typing_item()), at(1)) == []
+    assert m.handle(ev.FanOut(receipt_item()), at(1)) == [ev.DropSlow()]
+    m.handle(ev.Subscribed(PLAN, TokenBucket(20.0, 40)), at(1))
+    assert m.handle(ev.BacklogRead("1", ()), at(1)) == [
+        *(ev.Write(item) for item in parked),
+        ev.Replay(),
+    ]
+
+
+def test_typing_fan_out_for_a_failed_binding_is_ignored() -> None:
+    m = machine()
+    m.handle(ev.Opened("alice"), at(1))
+    m.handle(ev.SubscribeFailed(StoreUnavailable("down")), at(1))
+    assert state_of(m) is State.UNBOUND
+    assert m.handle(ev.FanOut(typing_item()), at(1)) == []
+
+
+# --------------------------------------------------------------------------- presence
+
+PRESENCE = (
+    protocol.PresenceEntry("bob", True),
+    protocol.PresenceEntry("carol", False, "2026-12-02T18:00:00.123Z"),
+)
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {"type": "fetch_presence"},
+        {"type": "fetch_presence", "request_id": "p"},
+        {"type": "fetch_presence", "user_ids": ["bob", "carol"], "request_id": 3},
+        {"type": "fetch_presence", "user_ids": ["alice"]},  # yourself: the truth
+    ],
+    ids=["contacts", "contacts-request-id", "asked", "yourself"],
+)
+def test_fetch_presence_reads_then_replies_with_the_request_id(obj: dict[str, Any]) -> None:
+    m = machine()
+    bind(m)
+    decoded = protocol.decode(json.dumps(obj))
+    assert isinstance(decoded, protocol.FetchPresence)
+    assert m.handle(frame(obj), at(2)) == [ev.ReadPresence(decoded, "alice")]
+    assert m.handle(ev.PresenceRead(decoded, PRESENCE), at(2)) == [
+        ev.Reply(protocol.PresenceFrame(PRESENCE, obj.get("request_id")), "presence")
+    ]
+
+
+def test_an_empty_presence_answer_is_still_answered() -> None:
+    m = machine()
+    bind(m)
+    (read,) = m.handle(frame({"type": "fetch_presence", "request_id": 0}), at(2))
+    assert isinstance(read, ev.ReadPresence)
+    assert m.handle(ev.PresenceRead(read.frame, ()), at(2)) == [
+        ev.Reply(protocol.PresenceFrame((), 0), "presence")
+    ]
+
+
+def test_fetch_presence_needs_a_bound_connection() -> None:
+    m = machine()
+    obj = {"type": "fetch_presence", "request_id": "np"}
+    assert error_of(m.handle(frame(obj), at(1))) == (ErrorCode.UNAUTHORIZED, "token", "np")
+
+
+def test_a_failed_presence_read_answers_internal() -> None:
+    m = machine()
+    bind(m)
+    (read,) = m.handle(frame({"type": "fetch_presence", "request_id": 7}), at(2))
+    assert isinstance(read, ev.ReadPresence)
+    fault = StoreUnavailable("database down")
+    assert m.handle(ev.RequestFailed(read.frame, fault), at(2)) == [ev.ReportInternal(fault, 7)]
+
+
+# --------------------------------------------------------------------------- blocking
+
+BLOCK_FRAMES = [
+    pytest.param({"type": "block_user", "user_id": "bob", "request_id": "b"}, id="block"),
+    pytest.param({"type": "unblock_user", "user_id": "bob", "request_id": 2}, id="unblock"),
+]
+
+
+@pytest.mark.parametrize("obj", BLOCK_FRAMES)
+def test_block_and_unblock_store_the_block(obj: dict[str, Any]) -> None:
+    m = machine()
+    bind(m)
+    decoded = protocol.decode(json.dumps(obj))
+    assert isinstance(decoded, protocol.BlockUser | protocol.UnblockUser)
+    assert m.handle(frame(obj), at(2)) == [ev.StoreBlock(decoded, "alice")]
+
+
+@pytest.mark.parametrize("obj", BLOCK_FRAMES)
+def test_blocking_yourself_is_bad_request(obj: dict[str, Any]) -> None:
+    m = machine()
+    bind(m)
+    commands = m.handle(frame({**obj, "user_id": "alice"}), at(2))
+    assert error_of(commands) == (ErrorCode.BAD_REQUEST, "user_id", obj["request_id"])
+
+
+@pytest.mark.parametrize("obj", BLOCK_FRAMES)
+def test_a_block_that_changed_the_list_is_answered_by_its_fan_out(obj: dict[str, Any]) -> None:
+    m = machine()
+    bind(m)
+    (store,) = m.handle(frame(obj), at(2))
+    assert isinstance(store, ev.StoreBlock)
+    assert m.handle(ev.BlockStored(store.frame, ("bob",), changed=True), at(2)) == []
+
+
+@pytest.mark.parametrize("blocks", [(), ("bob",), ("bob", "mallory")])
+@pytest.mark.parametrize("obj", BLOCK_FRAMES)
+def test_a_block_that_changed_nothing_answers_the_list(
+    obj: dict[str, Any], blocks: tuple[str, ...]
+) -> None:
+    """Idempotent: blocking again (or unblocking someone not blocked) answers the list."""
+    m = machine()
+    bind(m)
+    (store,) = m.handle(frame(obj), at(2))
+    assert isinstance(store, ev.StoreBlock)
+    assert m.handle(ev.BlockStored(store.frame, blocks, changed=False), at(2)) == [
+        ev.Reply(protocol.BlockedFrame(blocks, obj["request_id"]), "blocked")
+    ]
+
+
+@pytest.mark.parametrize("request_id", [None, "fb", 0])
+def test_fetch_blocked_reads_then_replies(request_id: protocol.RequestId | None) -> None:
+    m = machine()
+    bind(m)
+    obj: dict[str, Any] = {"type": "fetch_blocked", "request_id": request_id}
+    (store,) = m.handle(frame(obj), at(2))
+    assert store == ev.StoreBlock(protocol.FetchBlocked(request_id=request_id), "alice")
+    assert isinstance(store, ev.StoreBlock)
+    blocks = ("bob", "mallory")
+    assert m.handle(ev.BlockStored(store.frame, blocks), at(2)) == [
+        ev.Reply(protocol.BlockedFrame(blocks, request_id), "blocked")
+    ]
+
+
+@pytest.mark.parametrize(
+    "obj", [*BLOCK_FRAMES, pytest.param({"type": "fetch_blocked", "request_id": "f"}, id="fetch")]
+)
+def test_block_frames_need_a_bound_connection(obj: dict[str, Any]) -> None:
+    m = machine()
+    assert error_of(m.handle(frame(obj), at(1))) == (
+        ErrorCode.UNAUTHORIZED,
+        "token",
+        obj["request_id"],
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (
+            ProtocolError(ErrorCode.BAD_REQUEST, "too many blocked users", field="user_id"),
+            (ErrorCode.BAD_REQUEST, "user_id"),
+        ),
+        (RuntimeError("boom"), None),
+        (StoreUnavailable("database down"), None),
+    ],
+    ids=["over-the-limit", "fault", "unavailable"],
+)
+@pytest.mark.parametrize("obj", BLOCK_FRAMES)
+def test_block_store_refusals_answer_their_code_and_faults_answer_internal(
+    obj: dict[str, Any], error: Exception, expected: tuple[ErrorCode, str] | None
+) -> None:
+    m = machine()
+    bind(m)
+    (store,) = m.handle(frame(obj), at(2))
+    assert isinstance(store, ev.StoreBlock)
+    commands = m.handle(ev.RequestFailed(store.frame, error), at(2))
+    if expected is None:
+        assert commands == [ev.ReportInternal(error, obj["request_id"])]
+    else:
+        assert error_of(commands) == (*expected, obj["request_id"])
+    assert state_of(m) is State.BOUND

@@ -178,6 +178,7 @@ def apply_batch(connection: Connection, batch: Sequence[Op]) -> None:
     """
     for op in batch:
         op.reset()
+    _lock_pairs(connection.cursor(), batch)
     together: list[Op] = []
     for op in batch:
         if isinstance(op, ChangeMembers | SetBlock | SaveLastSeen):
@@ -200,7 +201,6 @@ def _apply_alone(connection: Connection, op: ChangeMembers | SetBlock | SaveLast
         blocks.save_last_seen(cursor, _SQL, op.entries, greatest="GREATEST")
         return
     request = op.request
-    _lock_pair(cursor, request.blocker, request.blocked)
     op.result, op.committed = blocks.set_block(
         cursor,
         _SQL,
@@ -213,14 +213,19 @@ def _apply_alone(connection: Connection, op: ChangeMembers | SetBlock | SaveLast
     )
 
 
-def _lock_pair(cursor: psycopg.Cursor[TupleRow], user: str, other: str) -> None:
+def _lock_pairs(cursor: psycopg.Cursor[TupleRow], batch: Sequence[Op]) -> None:
     """Serialize a block with the creation of the pair's chat (across processes): neither may
-    miss the other's commit under READ COMMITTED. User ids hold no control characters, so
-    the newline cannot join two pairs alike."""
-    user_a, user_b = sorted((user, other))
-    cursor.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{user_a}\n{user_b}",)
-    )
+    miss the other's commit under READ COMMITTED. Every pair of the batch is locked before
+    anything else, in sorted order, so batches of two processes cannot deadlock on them
+    whatever their order of ops. User ids hold no control characters, so the newline cannot
+    join two pairs alike."""
+    pairs = {
+        "\n".join(sorted((op.request.blocker, op.request.blocked)))
+        for op in batch
+        if isinstance(op, SetBlock)
+    } | {f"{op.new.user_a}\n{op.new.user_b}" for op in batch if isinstance(op, CreateChat)}
+    for pair in sorted(pairs):
+        cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (pair,))
 
 
 def _change_members(connection: Connection, op: ChangeMembers) -> None:
@@ -368,7 +373,6 @@ def _create_group(cursor: psycopg.Cursor[TupleRow], op: CreateGroup) -> None:
 def _create_chat(cursor: psycopg.Cursor[TupleRow], create: CreateChat) -> None:
     new = create.new
     creator = new.creator_id
-    _lock_pair(cursor, new.user_a, new.user_b)
     if blocks.block_between(cursor, _SQL, new.user_a, new.user_b):
         create.result = blocks.refused()
         return
@@ -435,14 +439,16 @@ def _plan_inserts(
         if state.members is not None and add.new.sender_id not in state.members:
             add.result = groups.not_a_member()
             continue
+        key = None
+        if add.new.client_message_id is not None:
+            key = (add.new.sender_id, add.new.chat_row, encode(add.new.client_message_id))
+            if key in existing:  # a resend is answered even across a later block
+                add.result = (existing[key], False)
+                continue
         if state.blocked:
             add.result = blocks.refused_in_chat()
             continue
-        if add.new.client_message_id is not None:
-            key = (add.new.sender_id, add.new.chat_row, encode(add.new.client_message_id))
-            if key in existing:
-                add.result = (existing[key], False)
-                continue
+        if key is not None:
             if key in originals:  # a resend queued in the same batch as its original
                 resends.append((add, originals[key]))
                 continue
