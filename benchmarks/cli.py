@@ -2,7 +2,8 @@
 
 With `--compare GIT_REF` the same invocation also measures a server from a temporary checkout
 of GIT_REF (`benchmarks.compare`), its runs alternating with the working tree's, and writes
-the ratios beside the two reports.
+the ratios beside the two reports. `--vary SETTING` does the same with two configurations of
+the working tree's server (`benchmarks.compare.SETTINGS`), e.g. presence off and on.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ def _meta(
         "commit": _git_commit(source),
         "uncommitted": _uncommitted(source),
         "handler": _origin(source, strict=strict),
+        **({"setting": source.setting, "limits": dict(source.limits)} if source.setting else {}),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
@@ -144,6 +146,22 @@ def _measure(
         write()  # after every scenario, so an interrupted suite leaves what it measured
 
 
+@contextlib.contextmanager
+def _sides(
+    compare: str | None, vary: str | None, say: Callable[[str], None]
+) -> Iterator[tuple[Source, Source, comparing.Setting | None]]:
+    """The two sides of a comparison: (baseline, current, the setting varied if any)."""
+    if vary is not None:
+        setting = comparing.SETTINGS[vary]
+        say(f"varying {vary}: {setting.difference}")
+        yield setting.baseline, setting.current, setting
+        return
+    assert compare is not None
+    with comparing.checkout(compare) as baseline:
+        say(f"baseline: {compare} = {baseline.commit[:7]}, in a worktree at {baseline.root}")
+        yield baseline, CURRENT, None
+
+
 def run(
     *,
     profile: str = "full",
@@ -153,14 +171,18 @@ def run(
     client: str = "raw",
     say: Callable[[str], None] = print,
     compare: str | None = None,
+    vary: str | None = None,
 ) -> dict[str, Any]:
     """Run the chosen scenarios and write the report into `out`; returns the report.
 
     `compare` (a git ref): run every scenario against that ref's server too, its runs
     alternating with this tree's; the report then also holds the baseline's report
     (`baseline`, written to `out`/baseline/) and the comparison (`comparison`, written to
-    comparison.json and comparison.md).
+    comparison.json and comparison.md). `vary` (a name of `benchmarks.compare.SETTINGS`):
+    the same, with the two sides of that setting instead of two trees.
     """
+    if compare is not None and vary is not None:
+        raise ValueError("--compare and --vary cannot be combined")
     raise_nofile()
     shutil.rmtree(out / "logs", ignore_errors=True)  # logs of this invocation only
     chosen = [name for name in ORDER if scenarios is None or name in scenarios]
@@ -171,35 +193,39 @@ def run(
         logs = out / "logs"
         return Context(sizes, count, logs, client=client, say=say, sources=sources)
 
-    def write(report: dict[str, Any], baseline: Source | None = None) -> None:
+    def write(
+        report: dict[str, Any],
+        baseline: Source | None = None,
+        setting: comparing.Setting | None = None,
+    ) -> None:
         """The report (and, comparing, the baseline's and the comparison) into `out`."""
         if baseline is not None:
+            compiled = None if setting else comparing.compiled_modules(baseline.root)
             report["comparison"] = comparing.compare(
-                report, report["baseline"], compiled=comparing.compiled_modules(baseline.root)
+                report, report["baseline"], compiled=compiled, setting=setting
             )
             reporting.write(report["baseline"], out / "baseline")
             comparing.write(report["comparison"], out)
         reporting.write(report, out)
 
-    if compare is None:
+    if compare is None and vary is None:
         report: dict[str, Any] = {"meta": _meta(profile, count, client), "scenarios": {}}
         _measure(chosen, context([CURRENT]), {CURRENT.name: report}, lambda: write(report))
         return report
 
-    with _sigterm_unwinds(), comparing.checkout(compare) as baseline:
-        say(f"baseline: {compare} = {baseline.commit[:7]}, in a worktree at {baseline.root}")
+    with _sigterm_unwinds(), _sides(compare, vary, say) as (baseline, current, setting):
         before = {"meta": _meta(profile, count, client, baseline, strict=True), "scenarios": {}}
         report = {
-            "meta": _meta(profile, count, client, strict=True),
+            "meta": _meta(profile, count, client, current, strict=True),
             "scenarios": {},
             "baseline": before,
         }
         # The baseline comes first: every round of runs goes baseline, then current.
         _measure(
             chosen,
-            context([baseline, CURRENT]),
-            {baseline.name: before, CURRENT.name: report},
-            lambda: write(report, baseline),
+            context([baseline, current]),
+            {baseline.name: before, current.name: report},
+            lambda: write(report, baseline, setting),
         )
     return report
 
@@ -236,7 +262,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "temporary git worktree), its runs alternating with this tree's, and report both "
         "trees' medians and the ratios current/baseline (comparison.md, comparison.json)",
     )
+    parser.add_argument(
+        "--vary",
+        choices=sorted(comparing.SETTINGS),
+        help="measure every chosen scenario with the working tree's server configured both "
+        "ways, runs alternating (presence: `limits.presence` false as the baseline, true as "
+        "the current side), and report medians, ratios and the setting's budgets "
+        "(comparison.md, comparison.json)",
+    )
     args = parser.parse_args(argv)
+    if args.compare and args.vary:
+        parser.error("--compare and --vary cannot be combined")
     if args.nice:
         os.environ["BENCH_NICE"] = str(args.nice)
     wanted = [name.strip() for name in args.scenarios.split(",") if name.strip()]
@@ -257,14 +293,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs=args.runs,
             client=args.client,
             compare=args.compare,
+            vary=args.vary,
         )
     except KeyboardInterrupt:
         # Servers are stopped and the worktree removed by then; what ran is in --out.
         print(f"interrupted; the scenarios that finished are in {args.out}", file=sys.stderr)
         return 130
     print()
-    print((args.out / ("comparison.md" if args.compare else "results.md")).read_text())
-    trees = [("", report), *([("baseline ", report["baseline"])] if args.compare else [])]
+    paired = bool(args.compare or args.vary)
+    print((args.out / ("comparison.md" if paired else "results.md")).read_text())
+    trees = [("", report), *([("baseline ", report["baseline"])] if paired else [])]
     failed = [
         f"{tree}{name}"
         for tree, tree_report in trees

@@ -8,6 +8,10 @@ resolves into the worktree, and the bytecode the baseline's servers leave in the
 shows afterwards that they ran its modules. The load generator, the bare relays and this
 module always come from the working tree: only the server under test differs.
 
+`--vary SETTING` compares two sides of the working tree instead, whose servers differ only in
+a setting of their config.json (`SETTINGS`: presence off as the baseline, on as the current
+side); a setting may carry budgets, the least ratios its headline figures must reach.
+
 The comparison itself is arithmetic on the two report sections of each scenario: for every
 row of the table, both medians and the ratio current / baseline (per CPU-second figures as
 rows of their own), and for the scenario's headline figures every run, in the order they ran.
@@ -21,12 +25,48 @@ import shutil
 import statistics
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-from benchmarks.report import NOISY_CORES, fmt
+from benchmarks.report import NOISY_CORES, fmt, verdict
 from benchmarks.servers import REPO, Source
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A server setting measured both ways in one invocation (`--vary NAME`): two sides of the
+    working tree, `baseline` and `current`, whose config.json differ in their `limits` only."""
+
+    name: str
+    baseline: Source
+    current: Source
+    # (scenario, headline figure) -> the least ratio current / baseline allowed
+    budgets: Mapping[tuple[str, str], float] = field(default_factory=dict, hash=False)
+
+    @property
+    def difference(self) -> str:
+        """The config difference, as the report states it."""
+        sides = []
+        for side in (self.baseline, self.current):
+            limits = ", ".join(f"`limits.{k}: {json.dumps(v)}`" for k, v in side.limits.items())
+            sides.append(f"{side.setting}: {limits or 'the defaults'}")
+        return "; ".join(sides)
+
+
+SETTINGS: Final = {
+    "presence": Setting(
+        "presence",
+        baseline=Source("baseline", REPO, setting="presence off", limits={"presence": False}),
+        current=Source("current", REPO, setting="presence on", limits={"presence": True}),
+        # the issue's budget: what presence may cost the relay and the connect rate
+        budgets={
+            ("a", "delivered msg per server CPU-s"): 0.9,
+            ("d", "connect+bind per server CPU-s"): 0.85,
+        },
+    ),
+}
 
 
 def _git(*args: str) -> subprocess.CompletedProcess[str]:
@@ -164,22 +204,50 @@ def compare_section(current: dict[str, Any], baseline: dict[str, Any]) -> dict[s
     return out
 
 
+def _judge(scenarios: dict[str, Any], budgets: Mapping[tuple[str, str], float]) -> None:
+    """Mark each headline figure that has a budget: `budget` (the least ratio) and `ok`."""
+    for key, section in scenarios.items():
+        for figure in section["headline"]:
+            least = budgets.get((key, figure["figure"]))
+            if least is not None:
+                ratio = figure["ratio"]
+                figure["budget"] = least
+                figure["ok"] = None if ratio is None else ratio >= least
+
+
 def compare(
-    current: dict[str, Any], baseline: dict[str, Any], *, compiled: int | None = None
+    current: dict[str, Any],
+    baseline: dict[str, Any],
+    *,
+    compiled: int | None = None,
+    setting: Setting | None = None,
 ) -> dict[str, Any]:
     """The comparison of two reports of the same scenarios, the `current` and `baseline`
-    trees'; `compiled` is `compiled_modules` of the baseline checkout."""
-    return {
+    trees'; `compiled` is `compiled_modules` of the baseline checkout. Of two sides of one
+    tree (`setting`), the budgets are judged too."""
+    scenarios = {
+        key: compare_section(section, baseline["scenarios"].get(key, {}))
+        for key, section in current["scenarios"].items()
+    }
+    out: dict[str, Any] = {
         "current": current["meta"],
         "baseline": {**baseline["meta"], "modules_compiled": compiled},
         "runs": current["meta"]["runs"],
         "order": "interleaved: baseline, current, baseline, current, ...",
         "ratio": "current median / baseline median",
-        "scenarios": {
-            key: compare_section(section, baseline["scenarios"].get(key, {}))
-            for key, section in current["scenarios"].items()
-        },
+        "scenarios": scenarios,
     }
+    if setting is not None:
+        _judge(scenarios, setting.budgets)
+        out["setting"] = {
+            "name": setting.name,
+            "difference": setting.difference,
+            "budgets": [
+                {"scenario": key, "figure": figure, "least_ratio": least}
+                for (key, figure), least in setting.budgets.items()
+            ],
+        }
+    return out
 
 
 def _label(key: str) -> str:
@@ -194,35 +262,91 @@ def _with_unit(value: Any, unit: str) -> str:
     return "-" if value is None else f"{fmt(value)} {unit}".strip()
 
 
+def _header(comparison: dict[str, Any]) -> list[str]:
+    """The lines saying what was compared with what."""
+    base, current = comparison["baseline"], comparison["current"]
+    runs = comparison["runs"]
+    dirty = current.get("uncommitted") or []
+    setting = comparison.get("setting")
+    if setting is not None:
+        lines = [
+            f"# Benchmark comparison: {current.get('setting')} vs {base.get('setting')} "
+            "(same tree)",
+            "",
+            f"- both sides: commit `{current.get('commit')}`"
+            + (f" plus uncommitted changes to {', '.join(dirty)}" if dirty else "")
+            + f" (`handler` from {current.get('handler', '?')})",
+            f"- the only difference, in each server's config.json: {setting['difference']}",
+            f"- same scenarios and options for both: profile `{current['profile']}`, client "
+            f"`{current['client']}`",
+            f"- {runs} run{'s' if runs != 1 else ''} of each side per figure, interleaved "
+            f"({base.get('setting')}, {current.get('setting')}, ...); medians quoted; ratio = "
+            f"{current.get('setting')} median / {base.get('setting')} median",
+        ]
+    else:
+        compiled = base.get("modules_compiled")
+        trace = (
+            f"its servers compiled {compiled} `handler` modules there"
+            if compiled
+            else "**no `handler` bytecode was left there**: see logs/baseline/"
+        )
+        lines = [
+            f"# Benchmark comparison: current tree vs baseline `{base.get('ref')}`",
+            "",
+            f"- baseline: `{base.get('ref')}` = commit `{base.get('commit')}`, run from a "
+            f"temporary git worktree (`handler` from {base.get('handler', '?')}; {trace})",
+            f"- current: commit `{current.get('commit')}`"
+            + (f" plus uncommitted changes to {', '.join(dirty)}" if dirty else "")
+            + f" (`handler` from {current.get('handler', '?')})",
+            f"- same scenarios and options for both: profile `{current['profile']}`, client "
+            f"`{current['client']}`; the load generator is the current tree's, only the "
+            "server differs",
+            f"- {runs} run{'s' if runs != 1 else ''} of each tree per figure, interleaved "
+            "(baseline, current, baseline, ...); medians quoted; ratio = current median / "
+            "baseline median",
+        ]
+    return [
+        *lines,
+        "- per CPU-s figures are the ones to trust on a shared machine; for them a ratio above 1 "
+        "means the current side does more per server CPU-second",
+        "",
+    ]
+
+
+def _budgets(comparison: dict[str, Any]) -> list[str]:
+    """The budget table of a varied setting (nothing for a comparison of commits)."""
+    rows = [
+        f"| {_label(key)} | {figure['figure']} | {_ratio_text(figure['ratio'])} "
+        f"| >= {figure['budget']:g}x | {verdict(figure['ok'])} |"
+        for key, section in comparison["scenarios"].items()
+        for figure in section["headline"]
+        if "budget" in figure
+    ]
+    if not rows:
+        return []
+    current, base = comparison["current"], comparison["baseline"]
+    return [
+        f"## Budgets: {current.get('setting')} / {base.get('setting')}",
+        "",
+        "| scenario | figure | ratio | budget | result |",
+        "| --- | --- | ---: | --- | --- |",
+        *rows,
+        "",
+    ]
+
+
 def markdown(comparison: dict[str, Any]) -> str:
     """The comparison as printed and written to comparison.md."""
     base, current = comparison["baseline"], comparison["current"]
-    runs = comparison["runs"]
-    compiled = base.get("modules_compiled")
-    trace = (
-        f"its servers compiled {compiled} `handler` modules there"
-        if compiled
-        else "**no `handler` bytecode was left there**: see logs/baseline/"
-    )
-    dirty = current.get("uncommitted") or []
+    before = base.get("setting") or "baseline"
+    now = current.get("setting") or "current"
+    names = {"baseline": before, "current": now}
     lines = [
-        f"# Benchmark comparison: current tree vs baseline `{base.get('ref')}`",
-        "",
-        f"- baseline: `{base.get('ref')}` = commit `{base.get('commit')}`, run from a temporary "
-        f"git worktree (`handler` from {base.get('handler', '?')}; {trace})",
-        f"- current: commit `{current.get('commit')}`"
-        + (f" plus uncommitted changes to {', '.join(dirty)}" if dirty else "")
-        + f" (`handler` from {current.get('handler', '?')})",
-        f"- same scenarios and options for both: profile `{current['profile']}`, client "
-        f"`{current['client']}`; the load generator is the current tree's, only the server differs",
-        f"- {runs} run{'s' if runs != 1 else ''} of each tree per figure, interleaved (baseline, "
-        "current, baseline, ...); medians quoted; ratio = current median / baseline median",
-        "- per CPU-s figures are the ones to trust on a shared machine; for them a ratio above 1 "
-        "means the current tree does more per server CPU-second",
-        "",
+        *_header(comparison),
+        *_budgets(comparison),
         "## Headline figures",
         "",
-        "| scenario | figure | baseline runs | current runs | baseline | current | ratio |",
+        f"| scenario | figure | {before} runs | {now} runs | {before} | {now} | ratio |",
         "| --- | --- | --- | --- | ---: | ---: | ---: |",
     ]
     for key, section in comparison["scenarios"].items():
@@ -238,12 +362,12 @@ def markdown(comparison: dict[str, Any]) -> str:
         "",
         "## Every figure (medians)",
         "",
-        "| scenario | figure | baseline | current | ratio |",
+        f"| scenario | figure | {before} | {now} | ratio |",
         "| --- | --- | ---: | ---: | ---: |",
     ]
     for key, section in comparison["scenarios"].items():
         for side, problem in section["problems"].items():
-            lines.append(f"| {_label(key)} | {side}: {problem.replace('|', '/')} | | | |")
+            lines.append(f"| {_label(key)} | {names[side]}: {problem.replace('|', '/')} | | | |")
         for figure in section["figures"]:
             unit = figure["unit"]
             lines.append(
@@ -255,14 +379,14 @@ def markdown(comparison: dict[str, Any]) -> str:
         for side, failures in section["failed_runs"].items():
             for failure in failures:
                 notes.append(
-                    f"- {_label(key)}: **a {side} run failed** and is left out: "
+                    f"- {_label(key)}: **a {names[side]} run failed** and is left out: "
                     f"{failure.splitlines()[0]}"
                 )
         for side, noise in section["noise_cores"].items():
             if noise is not None and noise > NOISY_CORES:
                 notes.append(
-                    f"- {_label(key)}: **noisy** {side} runs: other processes used {noise:.2f} "
-                    "cores during the measured windows (median)"
+                    f"- {_label(key)}: **noisy** {names[side]} runs: other processes used "
+                    f"{noise:.2f} cores during the measured windows (median)"
                 )
     if "ceiling" in comparison["scenarios"]:
         notes.append(
@@ -270,8 +394,8 @@ def markdown(comparison: dict[str, Any]) -> str:
             "so its ratios show the machine's noise alone"
         )
     notes.append(
-        "- every table of each tree: results.md (current) and baseline/results.md; every run: "
-        "results.json"
+        f"- every table of each side: results.md ({now}) and baseline/results.md ({before}); "
+        "every run: results.json"
     )
     lines += ["", "## Notes", "", *notes]
     return "\n".join(lines) + "\n"

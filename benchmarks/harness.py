@@ -4,8 +4,9 @@ A scenario is a declaration (`Scenario`): its title, its series of runs (`Varian
 server, which generator job, which figures one run yields), an optional dataset, and how its
 table rows follow from the runs. `run_scenario` carries out the rest the same way for all:
 
-1. per server tree, a scratch directory, and the dataset if any (seeded once through that
-   tree's store, then copied for every run, so runs start from the same state);
+1. per server tree, a scratch directory, and the dataset if any (a history or a contact
+   graph, seeded once through that tree's store, then copied for every run, so runs start
+   from the same state);
 2. per series, per repetition, per tree: start the server (fresh config and database, pinned
    to its core), run one generator job against it (the generator warms up, then stops at its
    checkpoints while the orchestrator reads both sides' CPU seconds and RSS), stop the server,
@@ -14,8 +15,10 @@ table rows follow from the runs. `run_scenario` carries out the rest the same wa
 
 Alone there is one tree, the working tree. With `--compare` there are two, and step 2
 alternates them (baseline, current, baseline, current ...) so that noise on the shared machine
-falls on both alike. A failed run is recorded and the others still count; a failure outside
-the runs becomes the section's `error` instead of stopping the suite.
+falls on both alike. `--vary SETTING` alternates the same way between two sides of one tree
+whose servers differ only in their config's `limits` (`Source.limits`). A failed run is
+recorded and the others still count; a failure outside the runs becomes the section's `error`
+instead of stopping the suite.
 """
 
 from __future__ import annotations
@@ -99,7 +102,11 @@ class Context:
         cpus: tuple[int, ...] | None = SERVER_CPUS,
         **options: Any,
     ) -> Iterator[tuple[ServerProcess, str]]:
-        """The handler of `source` with this profile's stop grace, logging to NAME-server.log."""
+        """The handler of `source` with this profile's stop grace, logging to NAME-server.log;
+        the source's `limits` (a setting being varied) win over the variant's."""
+        limits = {**(options.pop("limits", None) or {}), **source.limits}
+        if limits:
+            options["limits"] = limits
         with handler_server(
             workdir,
             cpus=cpus,
@@ -221,6 +228,46 @@ class Dataset:
     owner: str
     sender: str
 
+    def describe(self, params: dict[str, Any]) -> str:
+        return f"{params['chats'] * params['per_chat']:,} messages"
+
+    def seed(
+        self, db_path: Path, params: dict[str, Any], *, workdir: Path, root: Path
+    ) -> dict[str, Any]:
+        return seeding.seed(
+            db_path,
+            owner=self.owner,
+            sender=self.sender,
+            chats=params["chats"],
+            per_chat=params["per_chat"],
+            workdir=workdir,
+            root=root,
+        )
+
+
+@dataclass(frozen=True)
+class Contacts:
+    """A contact graph seeded before the runs: `params["users"]` users on a ring, each sharing
+    a direct chat with `params["contacts"]` others (`benchmarks.seed.seed_contacts`)."""
+
+    prefix: str
+
+    def describe(self, params: dict[str, Any]) -> str:
+        chats = params["users"] * params["contacts"] // 2
+        return f"{chats:,} direct chats between {params['users']:,} users"
+
+    def seed(
+        self, db_path: Path, params: dict[str, Any], *, workdir: Path, root: Path
+    ) -> dict[str, Any]:
+        return seeding.seed_contacts(
+            db_path,
+            prefix=self.prefix,
+            users=params["users"],
+            contacts=params["contacts"],
+            workdir=workdir,
+            root=root,
+        )
+
 
 @dataclass(frozen=True)
 class Headline:
@@ -240,7 +287,7 @@ class Scenario:
     title: Callable[[dict[str, Any]], str]
     variants: Callable[[Context, dict[str, Any]], list[Variant]]
     rows: Callable[[Outcome, Context], None]  # rows and notes from the runs
-    dataset: Dataset | None = None
+    dataset: Dataset | Contacts | None = None
     unavailable: Callable[[Source], str | None] | None = None  # why it cannot run, or None
     # Figures listed run by run in a comparison; a function of the params when they name them.
     headline: tuple[Headline, ...] | Callable[[dict[str, Any]], tuple[Headline, ...]] = ()
@@ -267,17 +314,10 @@ def _prepare(spec: Scenario, ctx: Context, arm: _Arm, params: dict[str, Any]) ->
     arm.workdir.mkdir(parents=True, exist_ok=True)
     if spec.dataset is None:
         return
-    total = params["chats"] * params["per_chat"]
-    ctx.say(f"  seeding {total:,} messages{ctx.tag(arm.source)}")
+    ctx.say(f"  seeding {spec.dataset.describe(params)}{ctx.tag(arm.source)}")
     arm.template = arm.workdir / "template.db"
-    arm.out.extra["seeding"] = seeding.seed(
-        arm.template,
-        owner=spec.dataset.owner,
-        sender=spec.dataset.sender,
-        chats=params["chats"],
-        per_chat=params["per_chat"],
-        workdir=arm.workdir,
-        root=arm.source.root,
+    arm.out.extra["seeding"] = spec.dataset.seed(
+        arm.template, params, workdir=arm.workdir, root=arm.source.root
     )
 
 

@@ -17,7 +17,11 @@ Jobs (one per workload shape; the scenarios in `benchmarks.scenarios` pick sizes
 - `fetch`: one user sends `fetch_chats` and receives every chat with its history.
 - `group`: one group of `members` users, `senders` of them each sending at a fixed rate;
   every copy of every message is counted per member (latency, duplicates, missing).
-- `seed`: send messages through the server (when the store cannot be seeded directly).
+- `presence`: users of a contact ring reconnect at a fixed rate (some stay away past the
+  grace); live `presence` frames are counted and classified, apart from `fetch_presence`
+  answers.
+- `seed`: send messages through the server (when the store cannot be seeded directly);
+  `seed_contacts` the same for the contact ring of `presence`.
 
 Message contents start with the send time (`trio.current_time()`, same process for sender and
 recipient), so any copy of a message carries its own latency.
@@ -38,6 +42,7 @@ import time
 from array import array
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, Final
 
 import orjson
@@ -936,6 +941,399 @@ async def job_seed(gen: Generator) -> dict[str, Any]:
     return {"chats": chats, "messages": chats * per_chat, "elapsed_s": elapsed}
 
 
+def contact_user(prefix: str, index: int) -> str:
+    """The id of user `index` of a contact graph (`benchmarks.seed` writes the same ids)."""
+    return f"{prefix}-c{index}"
+
+
+def ring_contacts(users: int, contacts: int) -> list[tuple[int, int]]:
+    """The direct chats of a ring in which every user shares one with the `contacts` nearest
+    users, half on either side, so that each has exactly `contacts` contacts: one pair per
+    chat, lower position first."""
+    if contacts % 2 or not 0 < contacts < users:
+        raise ValueError(f"{contacts} contacts each need an even number below {users} users")
+    return [
+        (index, (index + step) % users)
+        for index in range(users)
+        for step in range(1, contacts // 2 + 1)
+    ]
+
+
+def contacts_of(users: int, contacts: int) -> list[list[int]]:
+    """Each user's contacts in `ring_contacts`."""
+    half = contacts // 2
+    return [
+        [(index + step) % users for step in range(-half, half + 1) if step]
+        for index in range(users)
+    ]
+
+
+class _Member:
+    """One user of the `presence` job: its current connection, and what that connection has
+    been told about its contacts' presence."""
+
+    __slots__ = (
+        "back_at",
+        "busy",
+        "contacts",
+        "departed",
+        "fetch_sent",
+        "gone_at",
+        "reader_done",
+        "scope",
+        "user",
+        "user_id",
+        "view",
+    )
+
+    def __init__(self, user_id: str, contacts: frozenset[str]) -> None:
+        self.user_id = user_id
+        self.contacts = contacts
+        self.user: User | None = None
+        self.scope: trio.CancelScope | None = None
+        self.reader_done = trio.Event()
+        self.busy = False  # a reconnect (or an absence) is under way
+        # Its last gap without a connection: from the start of its close to its next
+        # `authenticated` (None while the gap lasts), a little longer than the server's view.
+        self.gone_at: float | None = None
+        self.back_at: float | None = None
+        self.departed = False  # that gap was a departure (away past the grace)
+        self.fetch_sent = 0.0
+        self.view: dict[str, bool] = {}  # contact -> online, as this connection was told
+
+    def gap(self, now: float) -> float | None:
+        """How long its last gap lasted (so far, while it lasts); None if it had none."""
+        if self.gone_at is None:
+            return None
+        return (now if self.back_at is None else self.back_at) - self.gone_at
+
+
+# How long after a user comes back from a gap longer than the grace an `online`
+# announcement of it counts as the announcement of its return (later ones are redundant).
+_RETURN_WINDOW_S: Final = 5.0
+
+
+async def job_presence(gen: Generator) -> dict[str, Any]:
+    """Presence under reconnect churn. `users` users of a contact ring (`ring_contacts`,
+    seeded before the server starts) bind, each sending `fetch_presence` after
+    `authenticated` as a real client does. Then `reconnect_per_s` of them per second, at
+    fixed intervals in a shuffled round robin, close their connection (politely, waiting for
+    the server's close) and at once connect and bind again, then fetch presence again.
+
+    With `away_per_s`, that many of those reconnects per second are departures instead: the
+    user stays away `away_s` (longer than the server's grace `grace_s`) before coming back,
+    so its contacts should see it go offline and come back online.
+
+    Live `presence` frames (no `request_id`) are counted apart from `fetch_presence` answers
+    and classified by the subject's last gap without a connection, on the generator's clock
+    (from the start of its close to its `authenticated`, an upper bound of the server's
+    view): `offline` after a gap shorter than `grace_s` is a flicker the grace should have
+    hidden; after a longer one it is due, from a departure or from a reconnect that took
+    that long (`slow`). `online` after a gap shorter than the grace (or none) is redundant.
+    After the churn stops and `settle_s` passes, every connection's view (its last answer
+    plus the live frames since) should show every contact online.
+    """
+    job = gen.job
+    prefix: str = job["user_prefix"]
+    count: int = job["users"]
+    rate: float = job["reconnect_per_s"]
+    grace: float = job.get("grace_s", 5.0)
+    away_per_s: float = job.get("away_per_s", 0.0)
+    away_s: float = job.get("away_s") or grace + 3.0
+    warmup: float = job.get("warmup_s", grace + 1.0)
+    duration: float = job["duration_s"]
+    settle: float = job.get("settle_s") or grace + 1.0
+    rng = random.Random(job.get("seed", 1))
+    ids = [contact_user(prefix, index) for index in range(count)]
+    neighbours = contacts_of(count, job["contacts"])
+    members = [
+        _Member(user_id, frozenset(ids[n] for n in neighbours[index]))
+        for index, user_id in enumerate(ids)
+    ]
+    by_id = {member.user_id: member for member in members}
+    gen.premint(ids)
+
+    phase = ["setup"]  # setup, warmup, window, after
+    counts: dict[str, Counter[str]] = {
+        name: Counter() for name in ("setup", "warmup", "window", "after")
+    }
+    errors: Counter[str] = Counter()
+    other: Counter[str] = Counter()
+    reconnect_latency: array[float] = array("d")
+    fetch_latency: array[float] = array("d")
+    start_lag: array[float] = array("d")
+    window = [math.inf, math.inf]
+    answer_examples: list[dict[str, Any]] = []  # answers that left contacts out
+
+    def on_answer(member: _Member, frame: dict[str, Any], now: float) -> None:
+        tally = counts[phase[0]]
+        tally["answers"] += 1
+        if phase[0] == "window":
+            fetch_latency.append(now - member.fetch_sent)
+        seen = set()
+        for entry in frame.get("data") or []:
+            subject = entry.get("user_id")
+            seen.add(subject)
+            tally["answer_entries"] += 1
+            if subject not in member.contacts:
+                tally["answer_strangers"] += 1
+                continue
+            online = bool(entry.get("online"))
+            tally["answer_online" if online else "answer_offline"] += 1
+            member.view[subject] = online
+        missing = member.contacts - seen
+        if missing:
+            tally["answer_missing"] += len(missing)
+            if len(answer_examples) < 5:
+                answer_examples.append(
+                    {
+                        "user_id": member.user_id,
+                        "phase": phase[0],
+                        "entries": len(frame.get("data") or []),
+                        "missing": sorted(missing)[:5],
+                    }
+                )
+
+    def on_live(member: _Member, entry: dict[str, Any], now: float) -> None:
+        tally = counts[phase[0]]
+        subject_id = str(entry.get("user_id"))
+        online = bool(entry.get("online"))
+        member.view[subject_id] = online
+        subject = by_id.get(subject_id)
+        if subject_id not in member.contacts or subject is None:
+            tally["live_strangers"] += 1
+            return
+        if phase[0] == "setup":
+            tally["live_online" if online else "live_offline"] += 1
+            return
+        gap = subject.gap(now)
+        long_gap = gap is not None and gap >= grace
+        if online:
+            recent = subject.back_at is None or now - subject.back_at < _RETURN_WINDOW_S
+            tally["live_online_return" if long_gap and recent else "live_online_redundant"] += 1
+        elif not long_gap:
+            tally["live_offline_flicker"] += 1
+        else:
+            tally["live_offline_departed" if subject.departed else "live_offline_slow"] += 1
+
+    async def reader(
+        member: _Member,
+        user: User,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        done = member.reader_done = trio.Event()
+        try:
+            with trio.CancelScope() as scope:
+                member.scope = scope
+                task_status.started()
+                frames = user.pending
+                user.pending = []
+                while True:
+                    now = trio.current_time()
+                    for frame in frames:
+                        kind = frame.get("type")
+                        if kind == "presence":
+                            if frame.get("request_id") is not None:
+                                on_answer(member, frame, now)
+                            else:
+                                counts[phase[0]]["live_frames"] += 1
+                                for entry in frame.get("data") or []:
+                                    on_live(member, entry, now)
+                        elif kind == "error":
+                            errors[str(frame.get("code"))] += 1
+                        else:
+                            other[str(kind)] += 1
+                    try:
+                        frames = [orjson.loads(raw) for raw in await user.conn.receive_batch()]
+                    except wire.ConnectionClosed as closed:
+                        errors[f"closed:{closed.code}"] += 1
+                        member.user = None
+                        return
+        finally:
+            done.set()
+
+    async def attach(member: _Member, user: User, nursery: trio.Nursery) -> None:
+        """What a client does once bound: ask for its contacts' presence, then listen."""
+        member.user = user
+        member.view = {}
+        member.fetch_sent = trio.current_time()
+        await user.send({"type": "fetch_presence", "request_id": "presence"})
+        await nursery.start(partial(reader, member, user))
+
+    async def reconnect(member: _Member, due: float, away: bool, nursery: trio.Nursery) -> None:
+        measured = window[0] <= due < window[1]
+        try:
+            if measured:
+                start_lag.append(trio.current_time() - due)
+            old, member.user = member.user, None
+            member.gone_at, member.back_at, member.departed = trio.current_time(), None, away
+            if old is not None:
+                if member.scope is not None:
+                    member.scope.cancel()
+                await member.reader_done.wait()
+                await old.conn.aclose()
+            if away:
+                counts[phase[0]]["departures"] += 1
+                await trio.sleep(away_s)
+            started = trio.current_time()
+            try:
+                user = await gen.connect(member.user_id)
+            except (
+                OSError,
+                RuntimeError,
+                trio.BrokenResourceError,
+                wire.HandshakeError,
+                wire.ConnectionClosed,
+            ) as error:
+                errors[f"reconnect:{type(error).__name__}"] += 1
+                return
+            member.back_at = trio.current_time()
+            if measured:
+                reconnect_latency.append(member.back_at - started)
+            counts[phase[0]]["reconnects"] += 1
+            await attach(member, user, nursery)
+        finally:
+            member.busy = False
+
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        limiter = trio.CapacityLimiter(job.get("concurrency", 50))
+
+        async def first(member: _Member) -> None:
+            async with limiter:
+                await attach(member, await gen.connect(member.user_id), nursery)
+
+        with trio.fail_after(_SETUP_TIMEOUT):
+            async with trio.open_nursery() as connecting:
+                for member in members:
+                    connecting.start_soon(first, member)
+            while counts["setup"]["answers"] < count:
+                if errors:  # e.g. a server without `fetch_presence`: no point waiting
+                    raise RuntimeError(f"errors while binding the users: {dict(errors)}")
+                await trio.sleep(0.05)
+        await trio.sleep(job.get("setup_settle_s", 0.5))  # the last live frames of the setup
+        setup_s = trio.current_time() - started
+        setup_stale = sum(
+            1 for m in members for contact in m.contacts if m.view.get(contact) is not True
+        )
+
+        order = list(range(count))
+        rng.shuffle(order)
+        away_every = round(rate / away_per_s) if away_per_s else 0
+        interval = 1.0 / rate
+        begin = trio.current_time() + 0.2
+        stop_at = begin + warmup + duration
+        phase[0] = "warmup"
+
+        async def scheduler(churn: trio.Nursery) -> None:
+            """Reconnects at fixed intervals; each runs as its own task, so a slow one does
+            not hold the next back (latency counts from its own start)."""
+            step = 0
+            while (due := begin + step * interval) < stop_at:
+                await trio.sleep_until(due)
+                member = members[order[step % count]]
+                away = bool(away_every) and step % away_every == away_every - 1
+                step += 1
+                if member.busy:
+                    counts[phase[0]]["skipped"] += 1  # still away, or its last one unfinished
+                    continue
+                member.busy = True
+                churn.start_soon(reconnect, member, due, away, nursery)
+
+        async with trio.open_nursery() as churn:
+            churn.start_soon(scheduler, churn)
+            await trio.sleep_until(begin + warmup)
+            await gen.checkpoint("measure_start")
+            window[:] = [trio.current_time(), stop_at]
+            phase[0] = "window"
+            cpu0 = time.process_time()
+            await trio.sleep_until(stop_at)
+            phase[0] = "after"
+            gen_cpu = time.process_time() - cpu0
+            await gen.checkpoint("measure_end")
+            # the reconnects under way (and absences) end; this is only a safety net
+            churn.cancel_scope.deadline = trio.current_time() + away_s + 30.0
+        # A flicker would be announced one grace after its close: wait for it.
+        await trio.sleep(settle)
+        final_stale = sum(
+            1
+            for m in members
+            if m.user is not None
+            for contact in m.contacts
+            if m.view.get(contact) is not True
+        )
+        disconnected = sum(1 for member in members if member.user is None)
+        nursery.cancel_scope.cancel()
+    await close_all([m.user for m in members if m.user is not None], polite=False)
+    elapsed = window[1] - window[0]
+    measured = counts["window"]
+    return {
+        "users": count,
+        "contacts": job["contacts"],
+        "offered_reconnects_per_s": rate,
+        "away_per_s": away_per_s,
+        "away_s": away_s if away_per_s else None,
+        "grace_s": grace,
+        "setup_s": setup_s,
+        "setup": dict(counts["setup"]),
+        "setup_stale": setup_stale,
+        "elapsed_s": elapsed,
+        "window": dict(measured),
+        "after": dict(counts["after"]),
+        "reconnects": measured["reconnects"],
+        "reconnects_per_s": measured["reconnects"] / elapsed,
+        "live_frames": measured["live_frames"],
+        "answers": measured["answers"],
+        "final_stale": final_stale,
+        "disconnected": disconnected,
+        "answer_examples": answer_examples,
+        "reconnect_latency": percentiles(reconnect_latency),
+        "fetch_latency": percentiles(fetch_latency),
+        "start_lag": percentiles(start_lag),
+        "generator_cpu_s": gen_cpu,
+        "errors": dict(errors),
+        "other_frames": dict(other),
+    }
+
+
+async def job_seed_contacts(gen: Generator) -> dict[str, Any]:
+    """The contact ring of `job_presence` as `create_chat` frames through the server (when the
+    store cannot be seeded directly): each user opens the chats it comes first in."""
+    job = gen.job
+    prefix: str = job["user_prefix"]
+    count: int = job["users"]
+    ids = [contact_user(prefix, index) for index in range(count)]
+    outgoing: list[list[str]] = [[] for _ in range(count)]
+    for a, b in ring_contacts(count, job["contacts"]):
+        outgoing[a].append(ids[b])
+    t0 = trio.current_time()
+    users = await gen.connect_many(ids, 50)
+    limiter = trio.CapacityLimiter(16)
+
+    async def open_chats(user: User, recipients: list[str]) -> None:
+        async with limiter:
+            frames = [
+                orjson.dumps({"type": "create_chat", "recipient_id": peer, "request_id": n})
+                for n, peer in enumerate(recipients)
+            ]
+            await user.conn.send_texts(frames)
+            answered = 0
+            while answered < len(recipients):
+                frame = await user.next_frame()
+                if frame.get("type") == "error":
+                    raise RuntimeError(f"seeding failed: {frame}")
+                if frame.get("type") == "new_chats" and frame.get("request_id") is not None:
+                    answered += 1
+
+    async with trio.open_nursery() as nursery:
+        for user, recipients in zip(users, outgoing, strict=True):
+            nursery.start_soon(open_chats, user, recipients)
+    elapsed = trio.current_time() - t0
+    await close_all(users, polite=False)
+    return {"chats": sum(map(len, outgoing)), "elapsed_s": elapsed}
+
+
 JOBS: Final[dict[str, Callable[[Generator], Awaitable[dict[str, Any]]]]] = {
     "relay": job_relay,
     "open_loop": job_open_loop,
@@ -945,6 +1343,8 @@ JOBS: Final[dict[str, Callable[[Generator], Awaitable[dict[str, Any]]]]] = {
     "fetch": job_fetch,
     "group": job_group,
     "seed": job_seed,
+    "presence": job_presence,
+    "seed_contacts": job_seed_contacts,
 }
 
 

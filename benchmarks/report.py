@@ -36,7 +36,7 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def _verdict(ok: bool | None) -> str:
+def verdict(ok: bool | None) -> str:
     return {True: "pass", False: "**FAIL**", None: ""}[ok]
 
 
@@ -60,6 +60,15 @@ def markdown(report: dict[str, Any]) -> str:
         f"generator to core 1, nice {meta.get('nice', 0)}",
         '- "per CPU-s": the figure divided by the server\'s CPU seconds in the same window '
         "(stable on a noisy machine, unlike wall-clock rates)",
+        *(
+            [
+                f"- server setting: {meta['setting']} ("
+                + ", ".join(f"`limits.{k}: {json.dumps(v)}`" for k, v in meta["limits"].items())
+                + " in its config.json)"
+            ]
+            if meta.get("setting")
+            else []
+        ),
         "",
         "| scenario | metric | median | per CPU-s | target | result |",
         "| --- | --- | ---: | ---: | --- | --- |",
@@ -78,7 +87,7 @@ def markdown(report: dict[str, Any]) -> str:
             per_text = f"{fmt(per)} {row.get('per_cpu_unit', '')}".strip() if per else ""
             lines.append(
                 f"| {label} | {row['metric']} | {fmt(row['value'])} {row['unit']} | {per_text} "
-                f"| {row.get('target') or ''} | {_verdict(row.get('ok'))} |"
+                f"| {row.get('target') or ''} | {verdict(row.get('ok'))} |"
             )
     lines += ["", "## Scenarios", ""]
     for key, section in report["scenarios"].items():

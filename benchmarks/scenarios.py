@@ -18,6 +18,7 @@ from typing import Any, Final
 
 from benchmarks.harness import (
     SERVER_CPUS,
+    Contacts,
     Context,
     Dataset,
     Headline,
@@ -40,6 +41,7 @@ KIB: Final = 1024
 
 _RELAY = {"pairs": 100, "window": 8, "content_bytes": 100}
 _GROUP = {"members": 100, "senders": 10, "rate_per_sender": 1.0, "content_bytes": 100}
+_PRESENCE = {"users": 2000, "contacts": 50, "reconnect_share": 0.1, "away_per_s": 20.0}
 
 PROFILES: Final = {
     "full": Profile(
@@ -56,6 +58,7 @@ PROFILES: Final = {
             "g": {**_RELAY, "warmup_s": 3, "duration_s": 10},
             "h": {"chats": 1000, "per_chat": 5, "repeats": 5},
             "i": {**_GROUP, "warmup_s": 3, "duration_s": 20},
+            "j": {**_PRESENCE, "warmup_s": 7, "duration_s": 60, "away_duration_s": 20},
         },
     ),
     "quick": Profile(
@@ -72,6 +75,7 @@ PROFILES: Final = {
             "g": {**_RELAY, "warmup_s": 2, "duration_s": 5},
             "h": {"chats": 1000, "per_chat": 5, "repeats": 5},
             "i": {**_GROUP, "warmup_s": 2, "duration_s": 8},
+            "j": {**_PRESENCE, "warmup_s": 6, "duration_s": 15, "away_duration_s": 10},
         },
     ),
     "smoke": Profile(
@@ -100,6 +104,17 @@ PROFILES: Final = {
                 "rate_per_sender": 5.0,
                 "warmup_s": 0.2,
                 "duration_s": 0.6,
+            },
+            "j": {
+                "users": 12,
+                "contacts": 4,
+                "reconnect_share": 0.25,
+                "warmup_s": 0.5,
+                "duration_s": 2.0,
+                "presence_grace_s": 1.0,
+                "away_per_s": 1.0,
+                "away_s": 2.0,
+                "concurrency": 10,
             },
         },
         stop_grace_s=1.0,
@@ -806,6 +821,309 @@ SCENARIO_I: Final = Scenario(
 )
 
 
+# ----------------------------------------------------------------------------- (j)
+
+_J_PREFIX: Final = "presence"
+_J_SERIES: Final = ("reconnect", "departures")
+DEFAULT_PRESENCE_GRACE_S: Final = 5.0  # the server's `limits.presence_grace_s` default
+
+
+def _j_grace(params: dict[str, Any]) -> float:
+    return float(params.get("presence_grace_s", DEFAULT_PRESENCE_GRACE_S))
+
+
+def _j_away_s(params: dict[str, Any]) -> float:
+    """How long a departing user stays away: well past the grace, so its offline is due."""
+    return float(params.get("away_s") or _j_grace(params) + 3.0)
+
+
+def _j_job(params: dict[str, Any], series: str) -> dict[str, Any]:
+    job = {
+        "kind": "presence",
+        "user_prefix": _J_PREFIX,
+        "users": params["users"],
+        "contacts": params["contacts"],
+        "reconnect_per_s": params["users"] * params["reconnect_share"],
+        "grace_s": _j_grace(params),
+        "warmup_s": params["warmup_s"],
+        "duration_s": params["duration_s"],
+        "concurrency": params.get("concurrency", 50),
+        "sources": 16,
+    }
+    if series == "departures":
+        away = _j_away_s(params)
+        job.update(
+            away_per_s=params["away_per_s"],
+            away_s=away,
+            # the first departures are back before the window opens: a steady state
+            warmup_s=max(params["warmup_s"], away + 1.0),
+            duration_s=params.get("away_duration_s", params["duration_s"]),
+        )
+    return job
+
+
+def _j_run(series: str, run: Measured) -> dict[str, Any]:
+    result, win = run.result, run.window()
+    cpu, wall = win["server_cpu_s"], win["wall_s"]
+    window, after, setup = result["window"], result["after"], result["setup"]
+    elapsed = result["elapsed_s"]
+    online = window.get("answer_online", 0)
+    answered = online + window.get("answer_offline", 0)
+    flicker = window.get("live_offline_flicker", 0)
+    departed = window.get("live_offline_departed", 0)
+    slow = window.get("live_offline_slow", 0)
+    return {
+        "series": series,
+        "users": result["users"],
+        "contacts": result["contacts"],
+        "server_cpu_s": cpu,
+        "server_cpu_frac": cpu / wall,
+        "reconnects": result["reconnects"],
+        "reconnects_per_s": result["reconnects_per_s"],
+        "reconnects_per_server_cpu_s": per(result["reconnects"], cpu),
+        "departures_per_s": window.get("departures", 0) / elapsed,
+        "skipped": window.get("skipped", 0),
+        "live_frames": result["live_frames"],
+        "live_frames_per_s": result["live_frames"] / elapsed,
+        "offline_frames": flicker + departed + slow,
+        "offline_per_s": (flicker + departed + slow) / elapsed,
+        "offline_departed_per_s": departed / elapsed,
+        # due announcements of reconnects that took longer than the grace
+        "offline_slow": slow + after.get("live_offline_slow", 0),
+        "online_return_per_s": window.get("live_online_return", 0) / elapsed,
+        "online_redundant": window.get("live_online_redundant", 0),
+        "online_redundant_per_s": window.get("live_online_redundant", 0) / elapsed,
+        # offline announcements of users who were back within the grace, in the window and
+        # in the settling time after it (where those of the last reconnects arrive)
+        "flicker": flicker + after.get("live_offline_flicker", 0),
+        "strangers": window.get("live_strangers", 0) + window.get("answer_strangers", 0),
+        "answers": result["answers"],
+        "answers_per_s": result["answers"] / elapsed,
+        "answer_online_frac": online / answered if answered else None,
+        "answer_missing": window.get("answer_missing", 0),
+        "reconnect_p50_ms": result["reconnect_latency"].get("p50_ms"),
+        "reconnect_p99_ms": result["reconnect_latency"].get("p99_ms"),
+        "fetch_p50_ms": result["fetch_latency"].get("p50_ms"),
+        "fetch_p99_ms": result["fetch_latency"].get("p99_ms"),
+        "start_lag_p99_ms": result["start_lag"].get("p99_ms"),
+        "setup_s": result["setup_s"],
+        "setup_live_online": setup.get("live_online", 0),
+        "setup_stale": result["setup_stale"],
+        "final_stale": result["final_stale"],
+        "disconnected": result["disconnected"],
+        "generator_cpu_frac": win["generator_cpu_s"] / wall,
+        "other_cpu_frac": win["other_cpu_frac"],
+        "errors": result["errors"],
+        "answer_examples": result.get("answer_examples", []),  # answers that left contacts out
+    }
+
+
+def _j_variants(_ctx: Context, params: dict[str, Any]) -> list[Variant]:
+    grace = params.get("presence_grace_s")
+    server = {"limits": {"presence_grace_s": grace}} if grace is not None else {}
+    return [
+        Variant(
+            job=_j_job(params, series),
+            measure=partial(_j_run, series),
+            series=series,
+            label=series,
+            server=server,
+        )
+        for series in _J_SERIES
+        if series == "reconnect" or params.get("away_per_s")
+    ]
+
+
+def _j_presence_seen(runs: list[dict[str, Any]]) -> bool:
+    """Whether the server reported anyone online at all: with presence off (or missing)
+    every answer says offline and no live frame comes, and the presence targets do not apply."""
+    return any(run["live_frames"] or run.get("answer_online_frac") for run in runs)
+
+
+def _j_rows(out: Outcome, ctx: Context) -> None:
+    params = out.params
+    seen_all = True
+    for series in _J_SERIES:
+        runs = out.series.get(series, [])
+        if not runs:
+            continue
+        seen = _j_presence_seen(runs)
+        seen_all = seen_all and seen
+
+        def med(key: str, runs: list[dict[str, Any]] = runs) -> float | None:
+            return median_of(runs, key)
+
+        def zero(label: str, key: str, runs: list[dict[str, Any]] = runs, seen: bool = seen) -> Row:
+            total = sum(run[key] for run in runs)
+            return Row(
+                f"{label} (sum of {len(runs)} runs)",
+                total,
+                "",
+                target="= 0" if seen else None,
+                ok=(total == 0) if seen else None,
+            )
+
+        if series == "reconnect":
+            out.rows += [
+                Row(
+                    "reconnects/s (close, connect + bind, fetch_presence)",
+                    med("reconnects_per_s"),
+                    "conn/s",
+                    med("reconnects_per_server_cpu_s"),
+                    "reconnects per server CPU-s",
+                ),
+                Row("server CPU over the window", med("server_cpu_s"), "s"),
+                Row("server CPU (fraction of one core)", med("server_cpu_frac"), "core"),
+                Row("connect+bind latency of the reconnects p50", med("reconnect_p50_ms"), "ms"),
+                Row("connect+bind latency of the reconnects p99", med("reconnect_p99_ms"), "ms"),
+                Row(
+                    "fetch_presence answers/s (apart from live frames)", med("answers_per_s"), "/s"
+                ),
+                Row("fetch_presence answer latency p50", med("fetch_p50_ms"), "ms"),
+                Row("fetch_presence answer latency p99", med("fetch_p99_ms"), "ms"),
+                Row(
+                    "contacts online in the answers (reconnecting ones are in their grace)",
+                    med("answer_online_frac"),
+                    "share",
+                ),
+                Row("live presence frames received (window)", med("live_frames"), "frames"),
+                Row("live presence frames/s", med("live_frames_per_s"), "frame/s"),
+                Row("of which offline/s", med("offline_per_s"), "frame/s"),
+                Row(
+                    "of which online for users who never went offline (redundant)/s",
+                    med("online_redundant_per_s"),
+                    "frame/s",
+                ),
+                zero("offline announcements of users back within the grace", "flicker"),
+                Row(
+                    "offline announcements after reconnects slower than the grace "
+                    f"(sum of {len(runs)} runs; due, but a sign of overload)",
+                    sum(run["offline_slow"] for run in runs),
+                    "",
+                ),
+                zero("contacts shown offline after the churn stopped", "final_stale"),
+                zero("contacts shown offline once everyone had bound", "setup_stale"),
+                zero("contacts left out of fetch_presence answers", "answer_missing"),
+                Row(
+                    "generator's own lag starting the reconnects p99",
+                    med("start_lag_p99_ms"),
+                    "ms",
+                ),
+                Row(
+                    f"setup: {params['users']:,} users bind and fetch presence",
+                    med("setup_s"),
+                    "s",
+                ),
+                Row(
+                    "setup: live online frames (of contacts that bound after one's answer)",
+                    med("setup_live_online"),
+                    "frames",
+                ),
+            ]
+        else:
+            out.rows += [
+                Row(
+                    "with departures: departures/s (back after "
+                    f"{_j_away_s(params):g} s, past the grace)",
+                    med("departures_per_s"),
+                    "/s",
+                ),
+                Row(
+                    "with departures: reconnects/s in all",
+                    med("reconnects_per_s"),
+                    "conn/s",
+                    med("reconnects_per_server_cpu_s"),
+                    "reconnects per server CPU-s",
+                ),
+                Row(
+                    "with departures: server CPU (fraction of one core)",
+                    med("server_cpu_frac"),
+                    "core",
+                ),
+                Row(
+                    "with departures: offline announcements of departed users/s (about "
+                    f"departures/s x {params['contacts']})",
+                    med("offline_departed_per_s"),
+                    "frame/s",
+                ),
+                Row(
+                    "with departures: online announcements of returning users/s",
+                    med("online_return_per_s"),
+                    "frame/s",
+                ),
+                Row("with departures: live presence frames/s", med("live_frames_per_s"), "frame/s"),
+                zero(
+                    "with departures: offline announcements of users back within the grace",
+                    "flicker",
+                ),
+                zero(
+                    "with departures: contacts shown offline after the churn stopped", "final_stale"
+                ),
+                zero(
+                    "with departures: contacts left out of fetch_presence answers",
+                    "answer_missing",
+                ),
+            ]
+    runs = out.runs
+    errors = sum(sum(run["errors"].values()) for run in runs) if runs else None
+    out.rows += [
+        _none_row(
+            f"error frames and closed connections (sum of {len(runs)} runs)", errors, "frames"
+        ),
+        _none_row(
+            f"presence entries about strangers (sum of {len(runs)} runs)",
+            sum(run["strangers"] for run in runs) if runs else None,
+            "entries",
+        ),
+        Row("generator CPU (fraction of one core)", out.median("generator_cpu_frac"), "core"),
+        Row("other processes on the machine (noise)", out.median("other_cpu_frac"), "core"),
+    ]
+    out.notes.append(
+        "Each reconnect closes politely (waiting for the server's close), then connects, binds "
+        "and sends `fetch_presence` at once; latency counts from the connect. Live `presence` "
+        "frames are told apart by what the generator knows of their subject: `offline` of a "
+        "user who is not away is a flicker the grace should have hidden, `online` of a user "
+        "who never went offline is redundant. Every user's first bind also delivers its "
+        "undelivered `new_chats` (setup only)."
+    )
+    if not seen_all:
+        out.notes.append(
+            "The server reported nobody online (every fetch_presence answer offline, no live "
+            "frame): presence is off (`limits.presence: false`) or not implemented, so the "
+            "presence checks do not apply."
+        )
+
+
+def _j_title(p: dict[str, Any]) -> str:
+    rate = p["users"] * p["reconnect_share"]
+    text = (
+        f"(j) Presence under reconnect churn: {p['users']:,} users with {p['contacts']} contacts "
+        f"each on one worker; {rate:g} reconnect/s ({p['reconnect_share']:.0%} of the users), "
+        f"grace {_j_grace(p):g} s"
+    )
+    if p.get("away_per_s"):
+        text += (
+            f"; then with {p['away_per_s']:g}/s of them away {_j_away_s(p):g} s "
+            f"({p.get('away_duration_s', p['duration_s']):g} s window)"
+        )
+    return text
+
+
+SCENARIO_J: Final = Scenario(
+    key="j",
+    summary="Presence: users of a contact ring reconnecting at a fixed rate, one worker.",
+    title=_j_title,
+    variants=_j_variants,
+    rows=_j_rows,
+    dataset=Contacts(prefix=_J_PREFIX),
+    headline=(
+        Headline("reconnects per server CPU-s", "reconnects_per_server_cpu_s", "reconnect"),
+        Headline("server CPU under churn (fraction of one core)", "server_cpu_frac", "reconnect"),
+        Headline("live presence frames/s", "live_frames_per_s", "reconnect"),
+    ),
+)
+
+
 # ----------------------------------------------------------------------------- (g)
 
 _SCALE_MODULES: Final = ("handler.app", "handler.store.postgres", "handler.bus.redis")
@@ -949,5 +1267,6 @@ SCENARIOS: Final[dict[str, Scenario]] = {
         SCENARIO_G,
         SCENARIO_H,
         SCENARIO_I,
+        SCENARIO_J,
     )
 }

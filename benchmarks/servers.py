@@ -20,8 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -33,18 +33,24 @@ NOFILE: Final = 65536
 
 @dataclass(frozen=True)
 class Source:
-    """A tree whose `handler` package the servers run: this working tree, or the temporary
-    checkout of a git ref that `--compare` measures it against. The load generator and the
-    bare relays always come from this working tree: only the server under test differs."""
+    """A server under test: the tree whose `handler` package it runs (this working tree, or
+    the temporary checkout of a git ref that `--compare` measures it against), and the
+    `limits` its config.json gets on top of the benchmark's own (one side of `--vary`). The
+    load generator and the bare relays always come from this working tree: only the server
+    under test differs."""
 
     name: str  # "current" or "baseline": also the folder of its logs in a comparison
     root: Path
     ref: str = ""  # the git ref asked for; "" for the working tree
     commit: str = ""  # what `ref` resolved to
+    setting: str = ""  # a varied setting's side, as reports name it ("presence off")
+    limits: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def label(self) -> str:
         """How progress lines and reports name it."""
+        if self.setting:
+            return self.setting
         return f"baseline {self.ref}" if self.ref else "current tree"
 
 

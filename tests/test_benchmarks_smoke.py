@@ -5,7 +5,8 @@ real generator, the real report. It checks that each section has the fields the 
 promises and that they are sane, never timing targets (this machine is shared and noisy).
 The comparison runs (a) and (d) against a worktree of HEAD and checks that both trees ran,
 interleaved, that the baseline's servers ran the worktree's code, and that the worktree is
-gone afterwards.
+gone afterwards. `--vary presence` runs (a), (d) and (j) with presence off and on, and checks
+that the two configs reached their servers (what (j) saw) and that the budgets were judged.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from benchmarks.cli import run
 from benchmarks.scenarios import PROFILES, SCENARIOS
 from benchmarks.servers import REPO
 
-pytestmark = pytest.mark.slow  # about 30 s, and 15 s for the comparison: real servers
+# about 40 s, 15 s for the comparison and 40 s for presence off vs on: real servers
+pytestmark = pytest.mark.slow
 
 SMOKE = PROFILES["smoke"].params
 
@@ -158,6 +160,37 @@ def test_i_group_fanout(smoke: tuple[dict[str, Any], Path]) -> None:
     assert checks["duplicate copies"] is checks["missing copies"] is True
 
 
+def test_j_presence_churn(smoke: tuple[dict[str, Any], Path]) -> None:
+    data = section(smoke, "j")
+    params = SMOKE["j"]
+    assert data["seeding"]["method"] in ("store", "frames")
+    series = {run_["series"]: run_ for run_ in data["runs"]}
+    assert set(series) == {"reconnect", "departures"}
+    for run_ in data["runs"]:
+        assert run_["users"] == params["users"]
+        assert run_["contacts"] == params["contacts"]
+        assert run_["reconnects"] > 0
+        assert run_["answers"] > 0  # fetch_presence after every bind, counted apart
+        assert run_["answer_online_frac"] > 0
+        assert run_["answer_missing"] == run_["strangers"] == 0
+        assert 0 < run_["reconnect_p50_ms"] <= run_["reconnect_p99_ms"]
+        assert 0 < run_["server_cpu_frac"] <= 1.2
+        assert run_["setup_live_online"] > 0  # contacts coming online during the setup
+        # the grace hides a reconnect; every view ends with every contact online
+        assert run_["flicker"] == run_["final_stale"] == run_["setup_stale"] == 0
+        assert run_["disconnected"] == run_["skipped"] == 0
+        assert not run_["errors"]
+    assert series["reconnect"]["offline_frames"] == 0
+    # the control: users away past the grace are announced offline, then online again
+    away = series["departures"]
+    assert away["departures_per_s"] > 0
+    assert away["offline_departed_per_s"] > 0
+    assert away["online_return_per_s"] > 0
+    checks = [row for row in data["rows"] if row["target"]]
+    assert checks
+    assert all(row["ok"] is True for row in checks), checks
+
+
 @pytest.fixture(scope="module")
 def comparison(
     tmp_path_factory: pytest.TempPathFactory,
@@ -247,3 +280,84 @@ def test_compare_ran_the_worktree_and_removed_it(
         check=True,
     ).stdout
     assert str(tree) not in listed
+
+
+@pytest.fixture(scope="module")
+def presence_varied(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[dict[str, Any], Path, list[str]]:
+    out = tmp_path_factory.mktemp("vary")
+    said: list[str] = []
+    report = run(
+        profile="smoke",
+        scenarios=["a", "d", "j"],
+        runs=1,
+        vary="presence",
+        out=out,
+        say=said.append,
+    )
+    return report, out, said
+
+
+def test_vary_presence_alternates_the_two_configs(
+    presence_varied: tuple[dict[str, Any], Path, list[str]],
+) -> None:
+    report, _, said = presence_varied
+    runs = [line.strip() for line in said if "run 1/1 [" in line]
+    assert runs == [
+        f"{prefix}run 1/1 [{side}]"
+        for prefix in ("", "", "reconnect: ", "departures: ")
+        for side in ("presence off", "presence on")
+    ], said
+    baseline = report["baseline"]
+    assert baseline["meta"]["limits"] == {"presence": False}
+    assert report["meta"]["limits"] == {"presence": True}
+    assert baseline["meta"]["setting"] == "presence off"
+    for tree in (report, baseline):
+        assert set(tree["scenarios"]) == {"a", "d", "j"}
+        for name, data in tree["scenarios"].items():
+            assert "error" not in data, f"{name}: {data.get('error')}"
+            assert not data["failed_runs"], data["failed_runs"]
+    # the setting reached the servers: with presence off nobody is ever online (the answers
+    # come, with nobody in them or everyone offline)
+    for run_ in baseline["scenarios"]["j"]["runs"]:
+        assert run_["live_frames"] == 0
+        assert not run_["answer_online_frac"]
+        assert run_["answers"] > 0
+    assert all(run_["answer_online_frac"] > 0 for run_ in report["scenarios"]["j"]["runs"])
+    notes = " ".join(baseline["scenarios"]["j"]["notes"])
+    assert "presence is off" in notes
+    off_checks = [row for row in baseline["scenarios"]["j"]["rows"] if "grace" in row["metric"]]
+    assert off_checks
+    assert all(row["ok"] is None for row in off_checks)  # presence targets do not apply
+
+
+def test_vary_presence_reports_ratios_and_budgets(
+    presence_varied: tuple[dict[str, Any], Path, list[str]],
+) -> None:
+    report, out, _ = presence_varied
+    data = report["comparison"]
+    assert data == json.loads((out / "comparison.json").read_text())
+    assert data["setting"]["name"] == "presence"
+    assert "`limits.presence: false`" in data["setting"]["difference"]
+    judged = {
+        (key, figure["figure"]): figure
+        for key, section in data["scenarios"].items()
+        for figure in section["headline"]
+        if "budget" in figure
+    }
+    assert set(judged) == {
+        ("a", "delivered msg per server CPU-s"),
+        ("d", "connect+bind per server CPU-s"),
+    }
+    for figure in judged.values():
+        assert figure["ratio"] == pytest.approx(figure["current"] / figure["baseline"])
+        assert figure["ok"] is (figure["ratio"] >= figure["budget"])
+    assert judged[("a", "delivered msg per server CPU-s")]["budget"] == 0.9
+    assert judged[("d", "connect+bind per server CPU-s")]["budget"] == 0.85
+    text = (out / "comparison.md").read_text()
+    assert "# Benchmark comparison: presence on vs presence off (same tree)" in text
+    assert "## Budgets: presence on / presence off" in text
+    assert "| scenario | figure | presence off runs | presence on runs |" in text
+    assert "server setting: presence off" in (out / "baseline" / "results.md").read_text()
+    assert "server setting: presence on" in (out / "results.md").read_text()
