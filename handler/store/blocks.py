@@ -13,8 +13,8 @@ from typing import Any, Final
 
 from handler.errors import ErrorCode, ProtocolError
 from handler.protocol import BlockChange
-from handler.store.base import Committed, Origin
-from handler.store.sql_store import Database, Dialect, register_queries
+from handler.store.base import Committed
+from handler.store.sql_store import BlockRequest, Database, Dialect, register_queries
 
 BLOCK_IN_PLACE: Final = "a block is in place between you and this user"
 
@@ -67,25 +67,19 @@ def blocked_by(db: Database, dialect: Dialect, user_id: str) -> tuple[str, ...]:
 
 
 def set_block(
-    db: Database,
-    dialect: Dialect,
-    blocker: str,
-    blocked: str,
-    on: bool,
-    max_blocked: int,
-    now_ms: int,
-    origin: Origin,
+    db: Database, dialect: Dialect, request: BlockRequest, now_ms: int
 ) -> tuple[Any, Committed | None]:
     """Block or unblock; the result is the blocker's list and whether it changed (then
     with a commit).
     Past `max_blocked` a new block is refused (`bad_request`)."""
+    blocker, blocked, on = request.blocker, request.blocked, request.on
     params = {"user": blocker, "other": blocked, "at": now_ms}
     exists = db.execute(dialect.sql("is_blocking"), params).fetchone() is not None
     if exists == on:
         return (blocks_of(db, dialect, blocker), False), None  # idempotent: nothing changes
     if on:
         (count,) = db.execute(dialect.sql("count_blocks"), params).fetchone()
-        if count >= max_blocked:
+        if count >= request.max_blocked:
             return (
                 ProtocolError(
                     ErrorCode.BAD_REQUEST,
@@ -100,7 +94,8 @@ def set_block(
     user_a, user_b = sorted((blocker, blocked))
     db.execute(dialect.sql("flag_chat"), {"a": user_a, "b": user_b})
     blocks = blocks_of(db, dialect, blocker)
-    return (blocks, True), Committed.of_block(BlockChange(blocker, blocked, on, blocks), origin)
+    change = BlockChange(blocker, blocked, on, blocks)
+    return (blocks, True), Committed.of_block(change, request.origin)
 
 
 def save_last_seen(

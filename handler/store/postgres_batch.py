@@ -200,17 +200,7 @@ def _apply_alone(connection: Connection, op: ChangeMembers | SetBlock | SaveLast
     if isinstance(op, SaveLastSeen):
         blocks.save_last_seen(cursor, _SQL, op.entries, greatest="GREATEST")
         return
-    request = op.request
-    op.result, op.committed = blocks.set_block(
-        cursor,
-        _SQL,
-        request.blocker,
-        request.blocked,
-        request.on,
-        request.max_blocked,
-        now_ms(),
-        request.origin,
-    )
+    op.result, op.committed = blocks.set_block(cursor, _SQL, op.request, now_ms())
 
 
 def _lock_pairs(cursor: psycopg.Cursor[TupleRow], batch: Sequence[Op]) -> None:

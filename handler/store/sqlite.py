@@ -259,16 +259,7 @@ class SQLiteStore(SQLStore[_Write]):
 
     def _block_op(self, request: BlockRequest) -> _Write:
         def run(db: sqlite3.Connection) -> Written:
-            return blocks.set_block(
-                db,
-                _DIALECT,
-                request.blocker,
-                request.blocked,
-                request.on,
-                request.max_blocked,
-                now_ms(),
-                request.origin,
-            )
+            return blocks.set_block(db, _DIALECT, request, now_ms())
 
         return _Write(run)
 
