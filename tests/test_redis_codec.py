@@ -19,7 +19,15 @@ from hypothesis import strategies as st
 from handler.bus import redis_codec
 from handler.bus.base import Delivery
 from handler.bus.redis_codec import Channels, MalformedPayload, Outgoing
-from handler.protocol import Chat, ChatView, GroupChange, Message, ReceiptFrame
+from handler.protocol import (
+    BlockChange,
+    Chat,
+    ChatView,
+    GroupChange,
+    Message,
+    ReceiptFrame,
+    TypingEvent,
+)
 
 WHEN = "2026-01-01T00:00:00.000Z"
 EDITED = "2026-01-01T00:00:01.500Z"
@@ -89,6 +97,26 @@ def receipt_event(receipt: ReceiptFrame = RECEIPT) -> Delivery:
     )
 
 
+TYPING = TypingEvent("7", "alice", True)
+BLOCK = BlockChange("alice", "bob", True, ("bob", "carol"))
+UNBLOCK = BlockChange("alice", "bob", False, ())
+
+
+def typing_event(typing: TypingEvent = TYPING) -> Delivery:
+    # Typing is never acknowledged: no origin, as the hub publishes it.
+    return Delivery("typing", ("bob",), typing=typing)
+
+
+def block_event(block: BlockChange = BLOCK) -> Delivery:
+    return Delivery(
+        "block",
+        (block.blocker, block.blocked),
+        block=block,
+        origin_connection="conn-1",
+        origin_request_id="r-4",
+    )
+
+
 # --------------------------------------------------------------------------- events
 
 
@@ -142,6 +170,13 @@ def receipt_event(receipt: ReceiptFrame = RECEIPT) -> Delivery:
             b'"group","Team"],null,[["alice",0],["bob",0],["carol",0]],[["alice",0],["bob",0],'
             b'["carol",0]],[],["dave"],[],[],0,[["alice",0],["bob",0],["carol",0]]]}',
         ),
+        (typing_event(), b'{"o":"n1","t":["7","alice",true]}'),
+        (
+            typing_event(TypingEvent("ç 😀", "ünï 😀", False)),
+            '{"o":"n1","t":["ç 😀","ünï 😀",false]}'.encode(),
+        ),
+        (block_event(), b'{"o":"n1","b":["alice","bob",true,["bob","carol"]]}'),
+        (block_event(UNBLOCK), b'{"o":"n1","b":["alice","bob",false,[]]}'),
     ],
     ids=[
         "message",
@@ -153,6 +188,10 @@ def receipt_event(receipt: ReceiptFrame = RECEIPT) -> Delivery:
         "group-message",
         "members",
         "members-no-message",
+        "typing",
+        "typing-odd-text",
+        "block",
+        "unblock",
     ],
 )
 def test_an_event_is_pinned_to_its_bytes(event: Delivery, expected: bytes) -> None:
@@ -275,6 +314,52 @@ def test_a_members_event_round_trips_narrowed_to_the_channels_user(
 
 
 @pytest.mark.parametrize(
+    "event",
+    [
+        typing_event(),
+        typing_event(TypingEvent("7", "alice", False)),
+        typing_event(TypingEvent("ç 😀", "ünï 😀", True)),
+        typing_event(TypingEvent(ODD_TEXT, ODD_TEXT, False)),
+        attrs.evolve(typing_event(), origin_connection="conn-1", origin_request_id="r-5"),
+        block_event(),
+        block_event(UNBLOCK),
+        block_event(BlockChange("alice", "bob", False, ("carol", "dave"))),  # others still
+        block_event(BlockChange("ünï 😀", "ç 😀", True, ("zed", "ç 😀", "ünï ☃"))),
+        block_event(BlockChange(ODD_TEXT, "bob", True, ("bob", ODD_TEXT))),
+        attrs.evolve(block_event(), origin_connection=None, origin_request_id=None),
+        attrs.evolve(block_event(), origin_request_id=2**40),
+    ],
+    ids=[
+        "typing",
+        "typing-stopped",
+        "typing-odd-text",
+        "typing-odd-text-stopped",
+        "typing-with-origin",
+        "block",
+        "unblock",
+        "unblock-others-still-blocked",
+        "block-odd-text",
+        "block-odd-text-in-list",
+        "block-without-origin",
+        "block-integer-request-id",
+    ],
+)
+@pytest.mark.parametrize("user", ["bob", "alice", "ünï 😀"])
+def test_a_typing_or_block_event_round_trips_narrowed_to_the_channels_user(
+    event: Delivery, user: str
+) -> None:
+    """The same payload for every recipient: the user comes from the channel, the origin
+    (connection and request id) stays on the publishing node."""
+    decoded = redis_codec.decode_event(orjson.loads(redis_codec.encode_event("n1", event)), user)
+    assert decoded == Delivery(event.kind, (user,), block=event.block, typing=event.typing)
+    # 1 == True: equality alone would let a number through where a flag belongs.
+    if decoded.block is not None:
+        assert type(decoded.block.on) is bool
+    if decoded.typing is not None:
+        assert type(decoded.typing.active) is bool
+
+
+@pytest.mark.parametrize(
     "payload",
     [
         {"o": "n0", "m": ["12", "7", "bob", "alice", "hi", WHEN, None]},
@@ -289,8 +374,27 @@ def test_a_version_1_message_is_refused_not_misread(payload: dict[str, Any]) -> 
 
 @pytest.mark.parametrize(
     "payload",
-    [{"o": "n1"}, {"o": "n1", "r": 1}, {"o": "n1", "s": "t"}, {"o": "n1", "x": [1]}, {}],
-    ids=["heartbeat", "resync-notice", "settle-request", "unknown-kind", "empty"],
+    [
+        {"o": "n1"},
+        {"o": "n1", "r": 1},
+        {"o": "n1", "s": "t"},
+        {"o": "n1", "x": [1]},
+        {},
+        # Kinds are one letter and case matters: these are not typing nor a block.
+        {"o": "n1", "T": ["7", "alice", True]},
+        {"o": "n1", "typing": ["7", "alice", True]},
+        {"o": "n1", "B": ["alice", "bob", True, ["bob"]]},
+    ],
+    ids=[
+        "heartbeat",
+        "resync-notice",
+        "settle-request",
+        "unknown-kind",
+        "empty",
+        "typing-upper-case",
+        "typing-spelled-out",
+        "block-upper-case",
+    ],
 )
 def test_a_payload_without_an_event_decodes_to_none(payload: dict[str, Any]) -> None:
     assert redis_codec.decode_event(payload, "alice") is None
@@ -398,6 +502,34 @@ def test_a_full_length_event_of_the_wrong_shape_is_refused_not_misread(
         {"g": [*G_FULL[:6], [["alice", 1, 2]], *G_FULL[7:]]},  # not a pair
         {"g": [*G_FULL[:6], [5], *G_FULL[7:]]},
         {"g": [*G_FULL[:7], None, *G_FULL[8:]]},
+        {"t": ["7", "alice"]},  # no flag
+        {"t": ["7", "alice", True, 6000]},  # one field too many
+        {"t": ["7", "alice", 1]},  # a number, not a boolean
+        {"t": ["7", "alice", "true"]},
+        {"t": ["7", "alice", None]},
+        {"t": [7, "alice", True]},
+        {"t": ["7", None, True]},
+        {"t": ["7", ["alice"], True]},
+        {"t": []},
+        {"t": None},
+        {"t": 7},
+        {"t": "7"},
+        {"t": {"chat_id": "7", "user_id": "alice", "active": True}},
+        {"b": ["alice", "bob", True]},  # no list of blocks
+        {"b": ["alice", "bob", True, ["bob"], "x"]},
+        {"b": ["alice", "bob", 1, ["bob"]]},
+        {"b": ["alice", "bob", "on", ["bob"]]},
+        {"b": ["alice", "bob", None, ["bob"]]},
+        {"b": ["alice", 5, True, ["5"]]},
+        {"b": [None, "bob", True, ["bob"]]},
+        {"b": ["alice", "bob", True, "bob"]},  # not split into characters
+        {"b": ["alice", "bob", True, None]},
+        {"b": ["alice", "bob", True, [5]]},
+        {"b": ["alice", "bob", True, [["bob"]]]},
+        {"b": []},
+        {"b": None},
+        {"b": 5},
+        {"b": {"blocker": "alice"}},
     ],
     ids=[
         "message-no-deleted",
@@ -456,6 +588,34 @@ def test_a_full_length_event_of_the_wrong_shape_is_refused_not_misread(
         "members-unread-triple",
         "members-unread-number",
         "members-unseen-null",
+        "typing-short",
+        "typing-long",
+        "typing-flag-number",
+        "typing-flag-text",
+        "typing-flag-null",
+        "typing-chat-number",
+        "typing-user-null",
+        "typing-user-list",
+        "typing-empty",
+        "typing-null",
+        "typing-number",
+        "typing-string",
+        "typing-object",
+        "block-short",
+        "block-long",
+        "block-flag-number",
+        "block-flag-text",
+        "block-flag-null",
+        "block-blocked-number",
+        "block-blocker-null",
+        "block-list-string",
+        "block-list-null",
+        "block-list-number",
+        "block-list-nested",
+        "block-empty",
+        "block-null",
+        "block-number",
+        "block-object",
     ],
 )
 def test_a_malformed_event_raises_one_error(payload: dict[str, Any]) -> None:
@@ -477,7 +637,8 @@ json_values = st.recursive(
 
 @given(
     st.dictionaries(
-        st.sampled_from(["o", "m", "u", "k", "c", "g", "r", "s", "a"]) | st.text(), json_values
+        st.sampled_from(["o", "m", "u", "k", "c", "g", "t", "b", "r", "s", "a"]) | st.text(),
+        json_values,
     )
 )
 def test_any_decoded_payload_yields_an_event_none_or_the_one_error(payload: dict[str, Any]) -> None:
@@ -497,6 +658,21 @@ def test_any_decoded_payload_yields_an_event_none_or_the_one_error(payload: dict
 def test_what_json_cannot_carry_raises_an_encode_error(content: str, kind: str) -> None:
     message = Message("1", "7", "bob", "alice", content, WHEN, seq=1, version=2)
     event = message_event(message) if kind == "message" else update_event(message)
+    with pytest.raises((TypeError, orjson.JSONEncodeError)):
+        redis_codec.encode_event("n1", event)
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        typing_event(TypingEvent("\ud800", "alice", True)),
+        typing_event(TypingEvent("7", "lone \udfff", False)),
+        block_event(BlockChange("alice", "\ud800", True, ("\ud800",))),
+        block_event(BlockChange("alice", "bob", False, ("lone \udfff",))),
+    ],
+    ids=["typing-chat", "typing-user", "block-blocked", "block-list"],
+)
+def test_a_typing_or_block_json_cannot_carry_raises_an_encode_error(event: Delivery) -> None:
     with pytest.raises((TypeError, orjson.JSONEncodeError)):
         redis_codec.encode_event("n1", event)
 

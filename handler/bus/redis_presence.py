@@ -8,6 +8,8 @@ Theory of operation:
   last) is one MULTI: the set changes, the counter, and the announcement on
   `{prefix}presence` carrying that counter value. So a copy read in one MULTI (members and
   counter together) is exact as of that counter: what came after it is what has a higher one.
+  A heartbeat alone refreshes the keys and announces the count and hash of the users under
+  the current counter, which it does not move.
 - A receiving node applies a node's changes in counter order. A gap (a number skipped: pub/sub
   lost something, or the node rewrote its set after an error), a node it has not seen, or a
   heartbeat whose count and hash of users differ from the board's copy of that node: it reads
@@ -84,8 +86,8 @@ class RedisPresenceLink:
     def _seq_key(self, node: str) -> str:
         return f"{self._prefix}pq:{node}"
 
-    def _node_of(self, key: bytes) -> str:
-        return key.decode().removeprefix(f"{self._prefix}p:")
+    def _node_of(self, counter_key: bytes) -> str:
+        return counter_key.decode().removeprefix(f"{self._prefix}pq:")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -93,12 +95,7 @@ class RedisPresenceLink:
         self, sink: PresenceSink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         self._sink = sink
-        client: coredis.Redis[bytes] = coredis.Redis.from_url(
-            self._url,
-            retry_policy=NoRetryPolicy(),
-            connect_timeout=_COMMAND_TIMEOUT_S,
-            stream_timeout=_COMMAND_TIMEOUT_S,
-        )
+        client = self._connect()
         try:
             async with client, trio.open_nursery() as nursery:
                 self._client = client
@@ -111,16 +108,26 @@ class RedisPresenceLink:
             self._client = None
             self._nursery = None
             with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await self._say_bye(client)
+                await self._say_bye()
 
-    async def _say_bye(self, client: coredis.Redis[bytes]) -> None:
+    async def _say_bye(self) -> None:
+        """Drop our keys and tell the others, on a client of its own: the running one's
+        connections belong to the nursery being cancelled."""
         try:
-            async with client.pipeline(transaction=True) as pipe:
+            async with self._connect() as client, client.pipeline(transaction=True) as pipe:
                 pipe.delete([self._members_key(self.node_id), self._seq_key(self.node_id)])
                 pipe.publish(self._channel, orjson.dumps({"n": self.node_id, "bye": now_ms()}))
         except BaseException as error:
             reraise_cancellation(error)
             log.info("presence: could not say bye: %r", error)
+
+    def _connect(self) -> coredis.Redis[bytes]:
+        return coredis.Redis.from_url(
+            self._url,
+            retry_policy=NoRetryPolicy(),
+            connect_timeout=_COMMAND_TIMEOUT_S,
+            stream_timeout=_COMMAND_TIMEOUT_S,
+        )
 
     def live_nodes(self) -> frozenset[str]:
         now = trio.current_time()
@@ -164,8 +171,9 @@ class RedisPresenceLink:
     ) -> None:
         assert self._sink is not None
         members, counter = self._members_key(self.node_id), self._seq_key(self.node_id)
-        self._seq += 1
         rewrite = self._rewrite
+        if batch or rewrite:
+            self._seq += 1  # a heartbeat alone keeps the counter: nobody needs to read us
         async with client.pipeline(transaction=True) as pipe:
             if rewrite:
                 users = list(self._sink.local_users())
@@ -314,6 +322,8 @@ class RedisPresenceLink:
                 log.warning("presence: reading node %s failed: %r", node, error)
                 self._known.pop(node, None)  # read again on its next payload
                 return
+            if node not in self._syncing:
+                return  # it said bye while we read: what we read is stale
             members, counter = results
             if counter is None:  # the node is gone (its keys expired, or it said bye)
                 self._forget(node)
@@ -331,7 +341,8 @@ class RedisPresenceLink:
     async def _read_everyone(self, client: coredis.Redis[bytes]) -> None:
         """Every node's copy, read again (at start and after a reconnect)."""
         nodes = set()
-        async for key in client.scan_iter(match=f"{self._prefix}p:*".encode()):
+        # By the counters: a node with nobody online has no set, but is alive.
+        async for key in client.scan_iter(match=f"{self._prefix}pq:*".encode()):
             node = self._node_of(key)
             if node != self.node_id:
                 nodes.add(node)
@@ -357,6 +368,7 @@ class RedisPresenceLink:
     def _forget(self, node: str) -> None:
         self._known.pop(node, None)
         self._heard.pop(node, None)
+        self._syncing.pop(node, None)  # a read under way is stale
 
 
 def _changes(items: Any) -> Sequence[Change]:
