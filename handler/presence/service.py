@@ -245,7 +245,7 @@ class Presence:
             online = sorted(c for c in visible if board.online(c))[:RECENT_CONTACTS]
             room = RECENT_CONTACTS - len(online)
             entries = [protocol.PresenceEntry(c, True) for c in online]
-            if room > 0:
+            if room > 0 and len(online) < len(visible):  # someone offline: read when last seen
                 taken = set(online)
                 for contact, seen in await self._store.recent_contacts(
                     user_id, RECENT_CONTACTS + len(online)
