@@ -241,20 +241,23 @@ class Presence:
             return tuple(protocol.PresenceEntry(other) for other in asked or ())
         board = self.board
         if asked is None:
+            recent: list[tuple[str, int | None]] = []
+            online_now = sum(board.online(c) for c in relations.contacts)
+            if online_now < len(relations.contacts):  # someone offline: when were they last seen
+                recent = await self._store.recent_contacts(user_id, RECENT_CONTACTS + online_now)
+            # Decided after the read, with no wait until the reply: a contact who came or went
+            # meanwhile (and was told live already) is answered as they are now.
             visible = [c for c in relations.contacts if not relations.apart(c)]
             online = sorted(c for c in visible if board.online(c))[:RECENT_CONTACTS]
-            room = RECENT_CONTACTS - len(online)
             entries = [protocol.PresenceEntry(c, True) for c in online]
-            if room > 0 and len(online) < len(visible):  # someone offline: read when last seen
-                taken = set(online)
-                for contact, seen in await self._store.recent_contacts(
-                    user_id, RECENT_CONTACTS + len(online)
-                ):
-                    if len(entries) >= RECENT_CONTACTS:
-                        break
-                    if contact in taken or relations.apart(contact) or board.online(contact):
-                        continue
-                    entries.append(protocol.PresenceEntry(contact, False, _format(seen)))
+            taken = set(online)
+            for contact, seen in recent:
+                if len(entries) >= RECENT_CONTACTS:
+                    break
+                if contact in taken or relations.apart(contact) or board.online(contact):
+                    continue
+                last_seen = self._last_seen(contact, seen)
+                entries.append(protocol.PresenceEntry(contact, False, last_seen))
             return tuple(entries)
         shown = {
             other
