@@ -617,6 +617,20 @@ async def test_an_installed_package_serves_the_browser_client(tmp_path: Path) ->
     assert found.stdout.decode().startswith(str(site))
 
 
+def test_pyproject_ships_every_server_package() -> None:
+    """A folder of modules left out of `packages` is missing from a wheel, though every
+    editable checkout finds it."""
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {
+        ".".join(path.parent.relative_to(REPO).parts)
+        for path in (REPO / "handler").rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    assert folders <= set(setuptools["packages"])
+    for package in folders:
+        assert (REPO / package.replace(".", "/") / "__init__.py").is_file(), package
+
+
 def test_pyproject_ships_every_client_file() -> None:
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert setuptools["package-dir"]["handler.web"] == "web"
