@@ -1,5 +1,7 @@
 """The Quart-Trio application: HTTP routes, the `/ws` endpoint and the service lifecycle.
 
+The HTTP API for backends (`/api/v1/`) lives in `handler.api`; `create_app` adds its routes.
+
 `ChatApp.__call__` routes `/ws` WebSocket scopes straight to the ASGI handler in
 `handler.transport.websocket` (no per-frame Quart machinery). The store, bus and hub are
 opened by `running_services()` in one nursery that outlives every connection:
@@ -41,6 +43,7 @@ import trio.lowlevel
 from quart import Response, request
 from quart_trio import QuartTrio
 
+from handler import api
 from handler.auth import TokenAuthority
 from handler.bus import Bus, open_bus, open_presence_link
 from handler.config import DEFAULT_CONFIG_PATH, Config, StorageConfig, load_config, redact
@@ -234,7 +237,13 @@ async def start_services(config: Config, nursery: trio.Nursery) -> Services:
             presence_grace_s=config.limits.presence_grace_s,
         )
         await nursery.start(
-            partial(bus.run, hub.deliver, on_resync=hub.resync, on_settle=hub.marks.sync)
+            partial(
+                bus.run,
+                hub.deliver,
+                on_resync=hub.resync,
+                on_settle=hub.marks.sync,
+                on_disconnect=hub.disconnect_here,
+            )
         )
         await nursery.start(hub.run, receive_commits)
         await nursery.start(hub.marks.run)
@@ -670,4 +679,5 @@ def create_app(config: Config | None = None) -> ChatApp:
             return _bad_request(error.message)
         return _json({"token": token, "user_id": user_id})
 
+    api.install(app, config.api, lambda: app.services)
     return app

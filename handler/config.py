@@ -3,7 +3,7 @@
 An unknown key, a wrong type or an impossible value raises `ConfigError` naming the key, and the
 command line turns that into exit code 2 with one line. Environment variables override the
 secrets and addresses that deployments keep out of files (`CHAT_JWT_SECRET`,
-`CHAT_DATABASE_URL`, `CHAT_REDIS_URL`).
+`CHAT_DATABASE_URL`, `CHAT_REDIS_URL`, `CHAT_API_KEYS`).
 
 With dev tokens on and no secret configured, `auth.secret_file` names where the generated
 secret is kept: beside the SQLite file (`<storage.path>.secret`), or beside the config file
@@ -87,6 +87,20 @@ class LimitsConfig:
         )
 
 
+MIN_API_KEY_CHARS: Final = 16
+
+
+@attrs.frozen
+class ApiConfig:
+    """The HTTP API for backends (`/api/v1/`); no key: the API does not exist (404)."""
+
+    keys: tuple[str, ...] = attrs.field(default=(), repr=False)  # secrets: never printed
+    # Per key and per node, like the WebSocket limits: a runaway backend cannot starve the
+    # store's writer for everyone else.
+    rate_per_s: float = 500.0
+    rate_burst: int = 1000
+
+
 @attrs.frozen
 class Config:
     handler_url: str = "127.0.0.1:8080"
@@ -95,6 +109,7 @@ class Config:
     auth: AuthConfig = AuthConfig()
     limits: LimitsConfig = LimitsConfig()
     allowed_origins: tuple[str, ...] = ()
+    api: ApiConfig = ApiConfig()
 
     @property
     def host(self) -> str:
@@ -175,7 +190,7 @@ def parse_config(raw: Any, *, base_dir: Path, environ: Mapping[str, str] | None 
     root = _Section(
         raw,
         "",
-        frozenset({"handler_url", "storage", "bus", "auth", "limits", "allowed_origins"}),
+        frozenset({"handler_url", "storage", "bus", "auth", "limits", "allowed_origins", "api"}),
     )
     if not root.has("handler_url"):
         raise ConfigError("handler_url", "is required")
@@ -192,6 +207,7 @@ def parse_config(raw: Any, *, base_dir: Path, environ: Mapping[str, str] | None 
         auth=auth,
         limits=_parse_limits(root.raw("limits")),
         allowed_origins=_parse_origins(root),
+        api=_parse_api(root.raw("api"), environ),
     )
     return config
 
@@ -296,6 +312,40 @@ def _parse_limits(raw: Any) -> LimitsConfig:
     if values["max_group_members"] < 2:
         raise ConfigError("limits.max_group_members", "must be at least 2")
     return LimitsConfig(**values)
+
+
+def _parse_api(raw: Any, environ: Mapping[str, str]) -> ApiConfig:
+    section = _Section(raw, "api", frozenset({"keys", "rate_per_s", "rate_burst"}))
+    from_env = environ.get("CHAT_API_KEYS")
+    if from_env:
+        key_name = "CHAT_API_KEYS"
+        keys = [key.strip() for key in from_env.split(",") if key.strip()]
+    else:
+        key_name = section.key("keys")
+        keys = section.get("keys", list, [])
+    for index, key in enumerate(keys):
+        # Errors name the key's position, never the key: config errors end up in logs.
+        if not isinstance(key, str):
+            raise ConfigError(key_name, f"key {index + 1} must be a string")
+        if len(key) < MIN_API_KEY_CHARS:
+            raise ConfigError(
+                key_name, f"key {index + 1} must be at least {MIN_API_KEY_CHARS} characters"
+            )
+        if not (key.isascii() and key.isprintable()) or " " in key:
+            raise ConfigError(
+                key_name,
+                f"key {index + 1} must be printable ASCII without spaces (it travels in an"
+                " Authorization header)",
+            )
+    defaults = ApiConfig()
+    rate_burst = section.positive("rate_burst", defaults.rate_burst, integer=True)
+    if rate_burst < 1:
+        raise ConfigError(section.key("rate_burst"), "must be at least 1")
+    return ApiConfig(
+        keys=tuple(keys),
+        rate_per_s=section.positive("rate_per_s", defaults.rate_per_s),
+        rate_burst=rate_burst,
+    )
 
 
 def _parse_origins(root: _Section) -> tuple[str, ...]:

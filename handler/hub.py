@@ -3,7 +3,7 @@
 Theory of operation (the task tree is drawn in docs/design.md):
 - `run()` owns the hub's nursery: the publisher task, and one task per connected user. A
   user's task owns the nursery its connections' writers run in, so closing a user (bus
-  resync, and later revocation or blocking) is one cancel of that nursery.
+  resync, the HTTP API's disconnect) is one cancel of that nursery.
 - `users` maps a user id to the endpoints (connection drivers) bound here. The first one
   subscribes this node to the user's events on the bus; the last one to leave unsubscribes.
   Concurrent binders of the same user wait for that one subscription (`_UserEntry.ready`).
@@ -286,21 +286,41 @@ class Hub:
         entry = self.users.get(user_id)
         return () if entry is None else [e.connection for e in entry.endpoints.values()]
 
-    def close_user(self, user_id: str, code: CloseCode, reason: str) -> None:
+    async def disconnect(self, user_id: str) -> int:
+        """Close every connection of the user, on every node, with 1008; how many: those
+        closed here plus those the other nodes reported within the bus's bounded wait.
+
+        Raises `BusUnavailable` when the other nodes could not be asked (this node's
+        connections are closed then all the same)."""
+        closed = self.disconnect_here(user_id)
+        return closed + await self.bus.disconnect(user_id)
+
+    def disconnect_here(self, user_id: str) -> int:
+        """This node's part of `disconnect` (the bus's `on_disconnect`)."""
+        closed = self.close_user(user_id, CloseCode.POLICY_VIOLATION, "disconnected by the server")
+        if closed:
+            log.info("disconnect user=%s: closed %d connections here", user_id, closed)
+        return closed
+
+    def close_user(self, user_id: str, code: CloseCode, reason: str) -> int:
         """Close every connection of the user here: one cancel of the user's nursery (each
-        connection keeps `code`, the first close request it got)."""
+        connection keeps `code`, the first close request it got). Returns how many were not
+        closing already."""
         entry = self.users.get(user_id)
         if entry is None:
-            return
+            return 0
         entry.closing = True
+        closed = 0
         for endpoint in list(entry.endpoints.values()):
             connection = endpoint.connection
             if connection.close_code is None:
+                closed += 1
                 connection.close_code, connection.close_reason = code, reason
             if entry.nursery is None or connection.writer.nursery is not entry.nursery:
                 connection.close(code, reason)  # still binding: its writer has not moved yet
         if entry.nursery is not None:
             entry.nursery.cancel_scope.cancel()
+        return closed
 
     # ------------------------------------------------------------------ fan-out
 

@@ -11,7 +11,8 @@ Theory of operation of `decode()`:
    parser so the client gets `bad_request` naming the field instead of a misleading `bad_json`.
    NaN/Infinity literals, nesting deeper than the parsers allow, and non-objects are `bad_json`.
 2. `request_id` is read first, so that every later error can quote it.
-3. `type` selects the frame; each frame validates its own fields, in declaration order.
+3. `type` selects the frame; each frame validates its own fields, in declaration order
+   (`decode_object()`: steps 2 and 3, for a frame that is already parsed).
 Unknown extra fields are ignored, so clients may send fields a newer server understands.
 """
 
@@ -692,9 +693,21 @@ def decode(text: str | bytes, limits: Limits = DEFAULT_LIMITS) -> ClientFrame:
     """
     if isinstance(text, bytes | bytearray | memoryview):
         raise ProtocolError(ErrorCode.BAD_JSON, "binary frames are not accepted; send JSON text")
-    obj = _parse_json(text)
+    obj = parse_json(text)
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_JSON, "a frame must be a JSON object")
+    return decode_object(obj, limits)
+
+
+def decode_object(obj: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> ClientFrame:
+    """Validate one client frame that is already parsed: `decode()` without the JSON step.
+
+    The HTTP API builds the frame its request stands for and passes it here, so a request
+    and a WebSocket frame are held to the same rules by the same code.
+
+    Raises:
+        ProtocolError: as `decode()`.
+    """
     request_id = _request_id(obj)
     try:
         frame_type = obj.get("type")
@@ -713,7 +726,8 @@ def decode(text: str | bytes, limits: Limits = DEFAULT_LIMITS) -> ClientFrame:
         raise error.with_request_id(request_id) from None
 
 
-def _parse_json(text: str) -> Any:
+def parse_json(text: str) -> Any:
+    """JSON text to a value; `ProtocolError(bad_json)` when it is not valid JSON."""
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:

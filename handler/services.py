@@ -23,7 +23,7 @@ from handler.config import LimitsConfig
 from handler.hub import Hub
 from handler.metrics import Metrics
 from handler.single_process import ProcessLock
-from handler.store.base import Store
+from handler.store.base import Origin, Store
 
 _CHAT_CACHE_SIZE: Final = 100_000
 GROUP_TTL_S: Final = 5.0
@@ -86,3 +86,23 @@ class Services:
 
     def __attrs_post_init__(self) -> None:
         self.protocol_limits = self.limits.protocol_limits()  # one instance, shared
+
+    # The store calls whose result needs more than the store gives, shared by a connection's
+    # driver and the HTTP API, so both answer the same.
+
+    async def create_chat(
+        self, creator_id: str, recipient_id: str, origin: Origin
+    ) -> tuple[protocol.ChatView, bool]:
+        """The pair's direct chat, created or found, as the creator's chat object; `True`
+        when it was created now."""
+        chat, created = await self.store.create_chat(creator_id, recipient_id, origin)
+        self.chats.put(chat)
+        view = None if created else await self.store.chat_view(chat.chat_id, creator_id)
+        return view or protocol.ChatView.fresh(chat), created
+
+    async def chats_of(self, user_id: str) -> tuple[protocol.ChatView, ...]:
+        """Every chat of the user, most recently active first (and into the chat cache)."""
+        chats = await self.store.chats_of(user_id)
+        for view in chats:
+            self.chats.put(view.chat)
+        return tuple(chats)

@@ -61,6 +61,10 @@ class Node:
         self.settling: list[str] = []
         self.settled: list[tuple[str, float]] = []
         self.settle_s = 0.0
+        # Whom `on_disconnect` (the hub closing a user's connections here) was asked to
+        # close, and how many connections it says it closed.
+        self.disconnected: list[str] = []
+        self.connections = 0
         self._changed = trio.Event()
 
     def _wake(self) -> None:
@@ -81,6 +85,11 @@ class Node:
         # The subject, not a wait: the commit's duration, during which a test acts.
         await trio.sleep(self.settle_s)
         self.settled.append((user, trio.current_time()))
+
+    def on_disconnect(self, user: str) -> int:
+        self.disconnected.append(user)
+        self._wake()
+        return self.connections
 
     async def subscribe(self, *users: str) -> None:
         for user in users:
@@ -208,13 +217,23 @@ async def _start(
 ) -> Node:
     if backend == "local":
         node = Node(LocalBus())
-        await nursery.start(functools.partial(node.bus.run, node.sink, on_settle=node.on_settle))
+        await nursery.start(
+            functools.partial(
+                node.bus.run, node.sink, on_settle=node.on_settle, on_disconnect=node.on_disconnect
+            )
+        )
         return node
     assert url is not None
     bus = RedisBus(BusConfig(backend="redis", url=url), prefix=prefix, **options)
     node = Node(bus)
     await nursery.start(
-        functools.partial(bus.run, node.sink, on_resync=node.on_resync, on_settle=node.on_settle)
+        functools.partial(
+            bus.run,
+            node.sink,
+            on_resync=node.on_resync,
+            on_settle=node.on_settle,
+            on_disconnect=node.on_disconnect,
+        )
     )
     return node
 
@@ -381,6 +400,15 @@ async def test_settle_with_no_other_node_returns_at_once(start_node: StartNode) 
     assert node.settled == []  # nothing to ask of itself: the hub commits its own marks
 
 
+async def test_disconnect_with_no_other_node_closes_nothing_else(start_node: StartNode) -> None:
+    node = await start_node()
+    node.connections = 2
+    await node.subscribe("alice")
+    with trio.fail_after(2.5):
+        assert await node.bus.disconnect("alice") == 0
+    assert node.disconnected == []  # nothing to ask of itself: the hub closes its own
+
+
 async def test_check_answers_while_running(start_node: StartNode) -> None:
     node = await start_node()
     await node.bus.check()
@@ -494,6 +522,32 @@ async def test_redis_settle_waits_for_every_node_serving_the_user(
     assert binding.settled == []
     assert isinstance(binding.bus, RedisBus)
     assert binding.bus.statistics().settle_timeouts == 0
+
+
+@pytest.mark.scale
+async def test_redis_disconnect_adds_up_what_every_node_serving_the_user_closed(
+    start_redis_node: StartNode,
+) -> None:
+    asking = await start_redis_node()
+    others = [await start_redis_node() for _ in range(2)]
+    bystander = await start_redis_node()
+    for count, node in zip((2, 3), others, strict=True):
+        node.connections = count
+        await node.subscribe("alice")
+    bystander.connections = 7
+    await bystander.subscribe("bob")
+    await asking.subscribe("alice")  # its own copy of the request is answered, not counted
+    with trio.fail_after(2.5):
+        assert await asking.bus.disconnect("alice") == 5
+    for node in others:
+        assert node.disconnected == ["alice"]
+    assert (asking.disconnected, bystander.disconnected) == ([], [])
+    assert isinstance(asking.bus, RedisBus)
+    assert asking.bus.statistics().settle_timeouts == 0
+    # From a node the user is not on, and for a user nobody serves.
+    assert await bystander.bus.disconnect("alice") == 5
+    assert await asking.bus.disconnect("nobody") == 0
+    assert asking.bus.statistics().settle_timeouts == 0
 
 
 @pytest.mark.scale

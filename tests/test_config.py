@@ -324,3 +324,53 @@ def test_cli_token_prints_a_token_the_server_accepts(tmp_path: Path) -> None:
     token = result.stdout.strip()
     identity = TokenAuthority(load_config(path, environ={}).auth).verify(token)
     assert identity.user_id == "alice"
+
+
+API_KEY = "backend-key-0123456789"
+
+
+def test_api_keys_default_to_none_so_the_api_is_off() -> None:
+    api = parse(minimal()).api
+    assert api.keys == ()
+    assert (api.rate_per_s, api.rate_burst) == (500, 1000)
+
+
+def test_api_keys_and_rate_are_read() -> None:
+    raw = minimal(api={"keys": [API_KEY, API_KEY + "x"], "rate_per_s": 5, "rate_burst": 7})
+    api = parse(raw).api
+    assert api.keys == (API_KEY, API_KEY + "x")
+    assert (api.rate_per_s, api.rate_burst) == (5, 7)
+    assert API_KEY not in repr(api)  # a config printed in a log shows no key
+
+
+def test_environment_api_keys_override_the_file() -> None:
+    raw = minimal(api={"keys": [API_KEY]})
+    environ = {"CHAT_API_KEYS": " first-key-0123456789 ,second-key-0123456789,"}
+    assert parse(raw, environ).api.keys == ("first-key-0123456789", "second-key-0123456789")
+    assert parse(raw, {"CHAT_API_KEYS": ""}).api.keys == (API_KEY,)
+
+
+@pytest.mark.parametrize(
+    ("api", "environ", "key"),
+    [
+        ({"keys": API_KEY}, {}, "api.keys"),
+        ({"keys": [5]}, {}, "api.keys"),
+        ({"keys": ["short"]}, {}, "api.keys"),
+        ({"keys": ["has a space in it, sadly"]}, {}, "api.keys"),
+        ({"keys": ["non-ascii-key-\u00e9\u00e9\u00e9\u00e9"]}, {}, "api.keys"),
+        ({}, {"CHAT_API_KEYS": "short"}, "CHAT_API_KEYS"),
+        ({"rate_per_s": 0}, {}, "api.rate_per_s"),
+        ({"rate_burst": 0.5}, {}, "api.rate_burst"),
+        ({"key": [API_KEY]}, {}, "api.key"),
+    ],
+)
+def test_invalid_api_config_names_the_key_never_the_secret(
+    api: dict[str, Any], environ: dict[str, str], key: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse(minimal(api=api), environ)
+    assert raised.value.key == key
+    keys = api.get("keys", [])
+    for secret in (*(keys if isinstance(keys, list) else [keys]), *environ.values()):
+        if isinstance(secret, str):
+            assert secret not in str(raised.value)

@@ -55,6 +55,7 @@ _MODULES: Final = (
     "test_e2e_typing",
     "test_e2e_presence",
     "test_e2e_blocking",
+    "test_api",
 )
 
 # Tests whose subject only exists on one node.

@@ -11,7 +11,10 @@ The bus carries *notifications*; the store stays the source of truth. A backend 
   delivery marks it holds for that user (`on_settle`), and leave a user (`unsubscribe`) only
   after committing its own: a binding settles before reading the backlog, so what another
   node has just written to the user is not offered again;
-- never block the publisher: `publish_nowait` queues or delivers synchronously.
+- never block the publisher: `publish_nowait` queues or delivers synchronously;
+- make `disconnect(user)` reach every other node serving the user, each of which closes the
+  user's connections there (`on_disconnect`) and reports how many, and return their total
+  (bounded wait: a node that does not answer in time is not counted).
 
 A copy delivered from another node may be narrowed: `recipients` is then just the user whose
 channel carried it, and `origin_connection` is None (the origin lives on the publishing node,
@@ -86,6 +89,9 @@ ResyncHook = Callable[[tuple[str, ...]], None]
 # Commits the delivery marks this node holds for a user (the hub's `sync_marks`); awaited when
 # another node binds the user, and before this node leaves the user.
 SettleHook = Callable[[str], Awaitable[None]]
+# Closes every connection of a user on this node (with 1008) and says how many it closed;
+# called when another node is asked to disconnect the user (the HTTP API's disconnect).
+DisconnectHook = Callable[[str], int]
 
 
 class Bus(Protocol):
@@ -95,11 +101,13 @@ class Bus(Protocol):
         *,
         on_resync: ResyncHook | None = None,
         on_settle: SettleHook | None = None,
+        on_disconnect: DisconnectHook | None = None,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Run until cancelled, calling `sink` (synchronously) for every event for this node,
-        `on_resync` for users whose events may have been lost, and `on_settle` when another
-        node binds one of this node's users."""
+        `on_resync` for users whose events may have been lost, `on_settle` when another
+        node binds one of this node's users, and `on_disconnect` when another node
+        disconnects one of them."""
 
     async def subscribe(self, user_id: str) -> None:
         """Start routing the user's events to this node; returns once that is in effect."""
@@ -110,6 +118,12 @@ class Bus(Protocol):
     async def settle(self, user_id: str) -> None:
         """Return once the other nodes serving the user have committed their delivery marks
         for it (bounded wait: a node that does not answer is not waited for forever)."""
+
+    async def disconnect(self, user_id: str) -> int:
+        """Have every other node serving the user close its connections of the user; how many
+        they closed, as reported within a bounded wait (this node's own are the caller's).
+
+        Raises `BusUnavailable` when the other nodes cannot be reached."""
 
     def read_at(self, user_id: str, versions: Mapping[str, int]) -> None:
         """A binding of the user (subscribed here) read these chats at these versions: order

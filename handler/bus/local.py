@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import trio
 
-from handler.bus.base import Delivery, DeliverySink, ResyncHook, SettleHook
+from handler.bus.base import Delivery, DeliverySink, DisconnectHook, ResyncHook, SettleHook
 
 
 class LocalBus:
@@ -22,6 +22,7 @@ class LocalBus:
         *,
         on_resync: ResyncHook | None = None,  # nothing is ever lost in-process
         on_settle: SettleHook | None = None,  # there is no other node
+        on_disconnect: DisconnectHook | None = None,  # likewise
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         self._sink = sink
@@ -39,6 +40,9 @@ class LocalBus:
 
     async def settle(self, user_id: str) -> None:
         return None
+
+    async def disconnect(self, user_id: str) -> int:
+        return 0  # no other node: the hub closes this process's connections itself
 
     def read_at(self, user_id: str, versions: Mapping[str, int]) -> None:
         """One process publishes in commit order already: nothing to put back in order."""

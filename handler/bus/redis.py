@@ -34,6 +34,8 @@ Theory of operation:
     when too many were lost), so the nodes serving them resync them.
 - Delivery marks across nodes: `settle(user)` asks every other node serving the user to commit
   its marks for the user, and `unsubscribe` commits this node's own first (`redis_settle`).
+- `disconnect(user)` asks every node serving the user to close its connections of the user,
+  and adds up the counts they answer (`redis_settle`).
 - Outage: `subscribe` raises `BusUnavailable` (after waiting briefly for a reconnect);
   `publish_nowait` never raises (events queue, then turn into resync notices); `check` fails;
   the bus reconnects with backoff (0.1 s doubling to 5 s) and never stops on a Redis error.
@@ -54,7 +56,7 @@ from coredis.patterns.pubsub import PubSub
 from coredis.retry import NoRetryPolicy
 
 from handler.bus import redis_codec
-from handler.bus.base import Delivery, DeliverySink, ResyncHook, SettleHook
+from handler.bus.base import Delivery, DeliverySink, DisconnectHook, ResyncHook, SettleHook
 from handler.bus.order import HOLD_S, ChatOrder
 from handler.bus.redis_codec import Channels, Outgoing
 from handler.bus.redis_errors import reraise_cancellation
@@ -150,6 +152,7 @@ class RedisBus:
         *,
         on_resync: ResyncHook | None = None,
         on_settle: SettleHook | None = None,
+        on_disconnect: DisconnectHook | None = None,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Connect, then publish and receive until cancelled.
@@ -160,6 +163,7 @@ class RedisBus:
         self._sink = sink
         self._repair.on_resync = on_resync
         self._settle.on_settle = on_settle
+        self._settle.on_disconnect = on_disconnect
         try:
             client: coredis.Redis[bytes] = coredis.Redis.from_url(
                 self._url,
@@ -179,6 +183,7 @@ class RedisBus:
             self._sink = None
             self._repair.on_resync = None
             self._settle.on_settle = None
+            self._settle.on_disconnect = None
             self._nursery = None
             self._client = None
             self._pubsub = None
@@ -241,6 +246,12 @@ class RedisBus:
         if client is None:
             return
         await self._settle.request(client.publish, user_id)
+
+    async def disconnect(self, user_id: str) -> int:
+        client = self._client
+        if client is None:
+            raise BusUnavailable("the redis bus is not running")
+        return await self._settle.disconnect(client.publish, user_id)
 
     # ------------------------------------------------------------------ receiving
 
@@ -323,6 +334,9 @@ class RedisBus:
     def _receive_for_user(self, user_id: str, data: bytes) -> None:
         try:
             decoded = orjson.loads(data)
+            if "d" in decoded:  # our own copy too: it is one of the answers to wait for
+                self._settle.answer_disconnect(user_id, str(decoded["o"]), str(decoded["d"]))
+                return
             if decoded.get("o") == self.node_id:
                 return  # delivered locally when it was published
             if "s" in decoded:
@@ -352,11 +366,13 @@ class RedisBus:
         try:
             decoded = orjson.loads(data)
             token = decoded.get("a")
+            closed = decoded.get("n", 0)
         except (orjson.JSONDecodeError, AttributeError) as error:
             log.warning("ignoring a malformed bus payload: %r", error)
             return
         if isinstance(token, str):
-            self._settle.acknowledged(token)
+            valid = isinstance(closed, int) and not isinstance(closed, bool) and closed >= 0
+            self._settle.acknowledged(token, closed if valid else 0)
 
     def _deliver(self, event: Delivery, users: Sequence[str]) -> None:
         """Pass an event on to the sink for `users` (bound here), in commit order per chat."""

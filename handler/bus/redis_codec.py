@@ -6,8 +6,8 @@ same format. Version 2 changed the message arrays (seq and version instead of th
 message's id) together with the schema, so a cluster upgrades all its nodes together.
 
 Channels, in one namespace (`prefix`):
-- `{prefix}u:{user_id}`: the user's events, resync notices and settle requests;
-- `{prefix}n:{node_id}`: one node's heartbeat and the answers to its settle requests;
+- `{prefix}u:{user_id}`: the user's events, resync notices, settle and disconnect requests;
+- `{prefix}n:{node_id}`: one node's heartbeat and the answers to its requests;
 - `{prefix}all`: "resynchronize everyone" notices.
 
 Payloads are orjson objects; `"o"` always names the publishing node, so a node can skip the
@@ -28,6 +28,8 @@ copies of its own payloads that Redis sends back:
 - typing: `{"o", "t": [chat_id, user_id, active]}` (at most once: never repaired);
 - a resync notice: `{"o", "r": 1}`;
 - a settle request: `{"o", "s": token}`, and its answer `{"o", "a": token}`;
+- a disconnect request: `{"o", "d": token}`, and its answer `{"o", "a": token, "n": closed}`
+  (how many of the user's connections the answering node closed);
 - a heartbeat: `{"o"}` alone.
 """
 
@@ -285,6 +287,14 @@ def settle_request(node: str, token: str) -> bytes:
 
 def settle_answer(node: str, token: str) -> bytes:
     return orjson.dumps({"o": node, "a": token})
+
+
+def disconnect_request(node: str, token: str) -> bytes:
+    return orjson.dumps({"o": node, "d": token})
+
+
+def disconnect_answer(node: str, token: str, closed: int) -> bytes:
+    return orjson.dumps({"o": node, "a": token, "n": closed})
 
 
 def heartbeat(node: str) -> bytes:

@@ -1,4 +1,6 @@
-"""The settle exchange of the Redis bus: delivery marks committed across nodes on request.
+"""The request exchanges of the Redis bus: settle (delivery marks committed across nodes) and
+disconnect (a user's connections closed on every node), each asked on the user's channel and
+answered on the asker's node channel.
 
 A binding reads its user's backlog from the store, so what other nodes have just written to
 the user must be marked delivered first, or it would be offered again. Theory of operation:
@@ -15,7 +17,15 @@ the user must be marked delivered first, or it would be offered again. Theory of
   `RedisBus.unsubscribe`), so a node that no longer gets the request has nothing left to
   commit.
 
-The boundary: this module owns the waiters and the hook; `handler.bus.redis` routes the
+Disconnect is the same exchange with a count: `disconnect(user)` publishes a disconnect request
+on the user's channel; every node that got it closes the user's connections there
+(`on_disconnect`) and answers how many. Unlike settle, this node's own copy of the request is
+waited for too, and answers 0 without a round trip (the hub closed this node's connections
+itself): so the count PUBLISH returns is the number of answers to wait for, whether this node
+was still on the user's channel at that instant or had just left it. The total is what the
+nodes answered within `SETTLE_WAIT_S`.
+
+The boundary: this module owns the waiters and the hooks; `handler.bus.redis` routes the
 payloads to it, starts the answers in its nursery and sends what it queues.
 """
 
@@ -31,13 +41,15 @@ import attrs
 import trio
 
 from handler.bus import redis_codec
-from handler.bus.base import SettleHook
+from handler.bus.base import DisconnectHook, SettleHook
 from handler.bus.redis_codec import Channels, Outgoing
 from handler.bus.redis_errors import reraise_cancellation
+from handler.errors import BusUnavailable
 
 log = logging.getLogger("handler.bus.redis")
 
 SETTLE_WAIT_S: Final = 2.0
+_PUBLISH_TIMEOUT_S: Final = 5.0
 
 Publish = Callable[[bytes, bytes], Awaitable[int]]
 """PUBLISH on the bus's client: (channel, payload) -> how many subscribers received it."""
@@ -48,6 +60,7 @@ class _Settle:
     """One `request` waiting for the other nodes' acknowledgements."""
 
     acks: int = 0
+    closed: int = 0  # a disconnect's: the connections the answering nodes closed
     changed: trio.Event = attrs.field(factory=trio.Event)
 
 
@@ -70,6 +83,7 @@ class SettleExchange:
         self._send_nowait = send_nowait
         self._settles: dict[str, _Settle] = {}
         self.on_settle: SettleHook | None = None
+        self.on_disconnect: DisconnectHook | None = None
         self.timeouts = 0
 
     async def request(self, publish: Publish, user_id: str) -> None:
@@ -94,11 +108,52 @@ class SettleExchange:
         finally:
             del self._settles[token]
 
-    def acknowledged(self, token: str) -> None:
+    async def disconnect(self, publish: Publish, user_id: str) -> int:
+        """How many connections of the user the other nodes closed, as they answered within
+        `SETTLE_WAIT_S`; `BusUnavailable` when the request could not be published."""
+        token = secrets.token_hex(8)
+        waiter = self._settles[token] = _Settle()
+        request = redis_codec.disconnect_request(self._node_id, token)
+        try:
+            try:
+                with trio.fail_after(_PUBLISH_TIMEOUT_S):
+                    receivers = await publish(self._channels.user(user_id), request)
+            except BaseException as error:
+                reraise_cancellation(error)
+                raise BusUnavailable(f"redis publish failed: {error!r}") from None
+            with trio.move_on_after(SETTLE_WAIT_S) as waited:
+                while waiter.acks < receivers:
+                    await waiter.changed.wait()
+            if waited.cancelled_caught:
+                self.timeouts += 1
+                log.warning("disconnect user=%s: not every node answered in time", user_id)
+            return waiter.closed
+        finally:
+            del self._settles[token]
+
+    def answer_disconnect(self, user_id: str, node: str, token: str) -> None:
+        """Close the user's connections here and tell the node that asked how many (our own
+        request: only count the answer, the hub closed them already)."""
+        if node == self._node_id:
+            self.acknowledged(token)
+            return
+        closed = 0
+        try:
+            if self.on_disconnect is not None:
+                closed = self.on_disconnect(user_id)
+        except Exception:
+            log.exception("closing the connections of a user failed")
+        finally:
+            answer = redis_codec.disconnect_answer(self._node_id, token, closed)
+            with contextlib.suppress(trio.WouldBlock):
+                self._send_nowait(Outgoing((self._channels.node(node),), answer))
+
+    def acknowledged(self, token: str, closed: int = 0) -> None:
         """Another node answered one of our requests (tokens of finished ones are ignored)."""
         waiter = self._settles.get(token)
         if waiter is not None:
             waiter.acks += 1
+            waiter.closed += closed
             waiter.changed.set()
             waiter.changed = trio.Event()
 

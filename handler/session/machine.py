@@ -63,6 +63,7 @@ import attrs
 from handler import protocol
 from handler.errors import CloseCode, ConnectionLimitReached, ErrorCode, ProtocolError
 from handler.ratelimit import TokenBucket
+from handler.session import checks
 from handler.session import events as ev
 from handler.session.outgoing import MARK_ONLY, TYPING, Outgoing, Receipt, SeqMark
 
@@ -369,20 +370,10 @@ class SessionMachine:
             case protocol.Ping():
                 return [ev.Reply(protocol.Pong(frame.request_id), "pong")]
             case protocol.CreateChat():
-                if frame.recipient_id == self._user():
-                    raise ProtocolError(
-                        ErrorCode.BAD_REQUEST,
-                        "cannot create a chat with yourself",
-                        field="recipient_id",
-                    )
+                checks.check_create_chat(frame, self._user())
                 return [ev.StoreChat(frame, self._user())]
             case protocol.CreateGroup():
-                if self._user() in frame.member_ids:
-                    raise ProtocolError(
-                        ErrorCode.BAD_REQUEST,
-                        "member_ids names the others: the creator is a member already",
-                        field="member_ids",
-                    )
+                checks.check_create_group(frame, self._user())
                 return [ev.StoreGroup(frame, self._user())]
             case (
                 protocol.SendMessage()
@@ -417,14 +408,9 @@ class SessionMachine:
         raise AssertionError(f"unknown frame {frame!r}")
 
     def _chat_loaded(self, event: ev.ChatLoaded, now: float) -> list[ev.Command]:
-        frame, chat, user_id = event.frame, event.chat, self._user()
+        frame, user_id = event.frame, self._user()
         try:
-            if chat is None:
-                raise ProtocolError(ErrorCode.NOT_FOUND, "no such chat", field="chat_id")
-            if user_id not in chat.participants:
-                raise ProtocolError(
-                    ErrorCode.FORBIDDEN, "you are not a participant of this chat", field="chat_id"
-                )
+            chat = checks.check_participant(event.chat, user_id)
             match frame:
                 case protocol.FetchMessages():
                     return [ev.ReadPage(frame)]
@@ -442,7 +428,7 @@ class SessionMachine:
                             field="chat_id",
                         )
                     return [ev.StoreMembers(frame, chat, user_id)]
-            _check_recipient(frame, chat, user_id)
+            checks.check_recipient(frame, chat, user_id)
         except ProtocolError as error:
             return [_error_reply(error.with_request_id(frame.request_id))]
         # The receivers stop showing the sender typing when the message arrives: the next
@@ -495,13 +481,7 @@ class SessionMachine:
     def _page_read(self, event: ev.PageRead) -> list[ev.Command]:
         frame = event.frame
         if event.page is None:
-            error = ProtocolError(
-                ErrorCode.BAD_REQUEST,
-                "before is not a message of this chat",
-                field="before",
-                request_id=frame.request_id,
-            )
-            return [_error_reply(error)]
+            return [_error_reply(checks.unknown_before().with_request_id(frame.request_id))]
         messages, has_more = event.page
         return [
             ev.Reply(
@@ -701,26 +681,6 @@ class SessionMachine:
         if message_id is None or self._sent_versions.get(message_id, 0) < version:
             return item
         return None if item.receipt is None else Outgoing("", MARK_ONLY, item.receipt)
-
-
-def _check_recipient(frame: protocol.SendMessage, chat: protocol.Chat, user_id: str) -> None:
-    """A direct chat's message names the other participant; a group's names nobody."""
-    if chat.is_group:
-        if frame.recipient_id is not None:
-            raise ProtocolError(
-                ErrorCode.BAD_REQUEST,
-                "a group message has no recipient_id: it goes to every member",
-                field="recipient_id",
-            )
-        return
-    if frame.recipient_id is None:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "recipient_id is required", field="recipient_id")
-    if frame.recipient_id != chat.other_participant(user_id):
-        raise ProtocolError(
-            ErrorCode.BAD_REQUEST,
-            "recipient_id is not the other participant of this chat",
-            field="recipient_id",
-        )
 
 
 def _deadline_of(identity: Identity, now: ev.Instant) -> float:

@@ -166,14 +166,12 @@ class SessionDriver:
                 services.metrics.commit_latency.observe(trio.current_time() - started)
                 return ev.MessageStored(sent, message, created)
             case ev.StoreChat():
-                chat, created = await store.create_chat(
+                view, created = await services.create_chat(
                     command.user_id,
                     command.frame.recipient_id,
                     Origin(connection.id, command.frame.request_id),
                 )
-                services.chats.put(chat)
-                view = None if created else await store.chat_view(chat.chat_id, command.user_id)
-                return ev.ChatStored(command.frame, view or protocol.ChatView.fresh(chat), created)
+                return ev.ChatStored(command.frame, view, created)
             case ev.StoreGroup():
                 group = command.frame
                 chat = await store.create_group(
@@ -221,10 +219,7 @@ class SessionDriver:
                 )
                 return ev.ChangeStored(change, message, changed)
             case ev.ListChats():
-                chats = await store.chats_of(command.user_id)
-                for view in chats:
-                    services.chats.put(view.chat)
-                return ev.ChatsListed(command.frame, tuple(chats))
+                return ev.ChatsListed(command.frame, await services.chats_of(command.user_id))
             case ev.SendTyping():
                 await services.hub.typing(
                     command.user_id, command.chat, command.frame.active, forward=command.forward
