@@ -95,6 +95,9 @@ class RedisBusStatistics:
     connected: bool = False
 
 
+_DRAIN_S: Final = 0.01  # a pause of the subscriber's reading that means it is caught up
+
+
 class _Stale(Exception):
     """The subscriber connection stopped delivering (no heartbeat came back)."""
 
@@ -133,6 +136,7 @@ class RedisBus:
         self._order = ChatOrder(hold_s=order_hold_s)
         self._repair = Repair(self._order, self._call_sink)
         self._order_changed = trio.Event()
+        self._received = 0  # payloads read from the subscriber connection, ever
         self._stats = RedisBusStatistics()
 
     def statistics(self) -> RedisBusStatistics:
@@ -316,7 +320,10 @@ class RedisBus:
             while True:
                 message = await pubsub.get_message()
                 watchdog.deadline = trio.current_time() + silence
-                if message is None or message["type"] != "message":
+                if message is None:
+                    continue
+                self._received += 1
+                if message["type"] != "message":
                     continue
                 channel = message["channel"]
                 data = message["data"]
@@ -408,7 +415,9 @@ class RedisBus:
                 with trio.move_on_at(self._order.next_deadline()):
                     await self._order_changed.wait()
                 continue
-            released, users = self._order.expire(trio.current_time())
+            due = trio.current_time()
+            await self._drain()
+            released, users = self._order.expire(due)
             for event in released:
                 self._call_sink(event)
             if users:
@@ -419,6 +428,18 @@ class RedisBus:
                     self._order.hold_s * 1000,
                 )
                 self._repair.resync(users)
+
+    async def _drain(self) -> None:
+        """Before giving up on a predecessor, let the subscriber read what has come in: a
+        node whose loop was busy past the deadline (a big fan-out, a pause) has the
+        predecessor waiting in its socket, not lost. Waits while reading makes progress, at
+        most one more hold."""
+        with trio.move_on_after(self._order.hold_s):
+            while True:
+                before = self._received
+                await trio.sleep(_DRAIN_S)
+                if self._received == before:
+                    return
 
     def _call_sink(self, event: Delivery) -> None:
         assert self._sink is not None
