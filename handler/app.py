@@ -44,6 +44,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from handler import api
+from handler.asyncapi import ASYNCAPI
 from handler.auth import TokenAuthority
 from handler.bus import Bus, open_bus, open_presence_link
 from handler.config import DEFAULT_CONFIG_PATH, Config, StorageConfig, load_config, redact
@@ -64,6 +65,8 @@ from handler.store.base import CommitSender, Committed
 from handler.store.schema import POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS
 from handler.transport import hypercorn_guard
 from handler.transport.websocket import Receive, Scope, Send, serve_websocket
+from handler.webhooks.delivery import WebhookService
+from handler.webhooks.queue import OutboxQueue
 
 log = logging.getLogger("handler.app")
 
@@ -196,6 +199,8 @@ async def _close(services: Services) -> None:
         await services.hub.close_all(CloseCode.GOING_AWAY, SHUTDOWN_GRACE_S)
         await services.hub.presence.stop()
         await services.hub.marks.stop()
+        if services.webhooks is not None:
+            await services.webhooks.stop()
         await services.store.aclose()
         if services.process_lock is not None:
             services.process_lock.release()
@@ -203,15 +208,17 @@ async def _close(services: Services) -> None:
 
 
 async def start_services(config: Config, nursery: trio.Nursery) -> Services:
-    """Open the store, start the bus, the hub (publisher, users) and the delivery-mark writer
-    in `nursery`.
+    """Open the store, start the bus, the hub (publisher, users), the delivery-mark writer
+    and, with endpoints configured, the webhook service in `nursery`.
 
     Raises `StartupError` (or `ConfigError`) with a one-line message on any failure; what was
     opened is closed again.
     """
     metrics = Metrics()
     authority = TokenAuthority(config.auth)  # a bad dev-secret file fails before anything opens
-    store = _backend(partial(open_store, config.storage), "storage", config.storage.backend)
+    store = _backend(
+        partial(open_store, config.storage, config.webhooks), "storage", config.storage.backend
+    )
     bus = _backend(partial(open_bus, config.bus), "bus", config.bus.backend)
     process_lock = guard_local_bus(config)
     if process_lock is not None:
@@ -247,6 +254,10 @@ async def start_services(config: Config, nursery: trio.Nursery) -> Services:
         )
         await nursery.start(hub.run, receive_commits)
         await nursery.start(hub.marks.run)
+        webhooks = None
+        if config.webhooks.enabled:
+            webhooks = WebhookService(config.webhooks, OutboxQueue.of(config.storage), metrics)
+            await nursery.start(webhooks.run)
     except BaseException:
         with trio.CancelScope(shield=True):
             if opened:
@@ -266,6 +277,7 @@ async def start_services(config: Config, nursery: trio.Nursery) -> Services:
         chats=chats,
         allowed_origins=config.allowed_origins,
         process_lock=process_lock,
+        webhooks=webhooks,
     )
 
 
@@ -658,6 +670,10 @@ def create_app(config: Config | None = None) -> ChatApp:
             return Response("", status=503)
         body, content_type = app.services.metrics.render()
         return Response(body, content_type=content_type)
+
+    @app.route("/asyncapi.json")
+    async def asyncapi_document() -> Response:
+        return _json(ASYNCAPI)
 
     @app.route("/auth/dev-token", methods=["POST"])
     async def dev_token() -> Response:

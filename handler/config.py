@@ -101,6 +101,37 @@ class ApiConfig:
     rate_burst: int = 1000
 
 
+WEBHOOK_EVENTS: Final = (
+    "chat.created",
+    "message.created",
+    "message.updated",
+    "message.read",
+    "message.unread",
+)
+MIN_WEBHOOK_SECRET_CHARS: Final = 16
+
+
+@attrs.frozen
+class WebhookEndpoint:
+    """One receiver: where events are POSTed, the key that signs them, which types it wants."""
+
+    url: str
+    secret: str = attrs.field(repr=False)  # never printed: it signs every event
+    events: frozenset[str] = frozenset(WEBHOOK_EVENTS)
+
+
+@attrs.frozen
+class WebhooksConfig:
+    """Webhooks for backends; no endpoint: nothing is written to the outbox at all."""
+
+    endpoints: tuple[WebhookEndpoint, ...] = ()
+    unread_delay_s: float = 30.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.endpoints)
+
+
 @attrs.frozen
 class Config:
     handler_url: str = "127.0.0.1:8080"
@@ -110,6 +141,7 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     allowed_origins: tuple[str, ...] = ()
     api: ApiConfig = ApiConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
 
     @property
     def host(self) -> str:
@@ -190,7 +222,18 @@ def parse_config(raw: Any, *, base_dir: Path, environ: Mapping[str, str] | None 
     root = _Section(
         raw,
         "",
-        frozenset({"handler_url", "storage", "bus", "auth", "limits", "allowed_origins", "api"}),
+        frozenset(
+            {
+                "handler_url",
+                "storage",
+                "bus",
+                "auth",
+                "limits",
+                "allowed_origins",
+                "api",
+                "webhooks",
+            }
+        ),
     )
     if not root.has("handler_url"):
         raise ConfigError("handler_url", "is required")
@@ -208,6 +251,7 @@ def parse_config(raw: Any, *, base_dir: Path, environ: Mapping[str, str] | None 
         limits=_parse_limits(root.raw("limits")),
         allowed_origins=_parse_origins(root),
         api=_parse_api(root.raw("api"), environ),
+        webhooks=_parse_webhooks(root.raw("webhooks")),
     )
     return config
 
@@ -346,6 +390,41 @@ def _parse_api(raw: Any, environ: Mapping[str, str]) -> ApiConfig:
         rate_per_s=section.positive("rate_per_s", defaults.rate_per_s),
         rate_burst=rate_burst,
     )
+
+
+def _parse_webhooks(raw: Any) -> WebhooksConfig:
+    section = _Section(raw, "webhooks", frozenset({"endpoints", "unread_delay_s"}))
+    endpoints = []
+    urls = set()
+    for index, item in enumerate(section.get("endpoints", list, [])):
+        entry = _Section(
+            item, f"webhooks.endpoints[{index}]", frozenset({"url", "secret", "events"})
+        )
+        for name in ("url", "secret"):
+            if not entry.has(name):
+                raise ConfigError(entry.key(name), "is required")
+        url = entry.get("url", str, "")
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(entry.key("url"), "must be an http:// or https:// URL")
+        if url in urls:
+            raise ConfigError(entry.key("url"), "is listed twice")
+        urls.add(url)
+        # Errors never quote the secret: config errors end up in logs.
+        secret = entry.get("secret", str, "")
+        if len(secret) < MIN_WEBHOOK_SECRET_CHARS:
+            raise ConfigError(
+                entry.key("secret"), f"must be at least {MIN_WEBHOOK_SECRET_CHARS} characters"
+            )
+        events = entry.get("events", list, list(WEBHOOK_EVENTS))
+        unknown = [event for event in events if event not in WEBHOOK_EVENTS]
+        if not events or unknown:
+            raise ConfigError(
+                entry.key("events"), f"must be a non-empty list of {', '.join(WEBHOOK_EVENTS)}"
+            )
+        endpoints.append(WebhookEndpoint(url, secret, frozenset(events)))
+    delay = section.positive("unread_delay_s", WebhooksConfig().unread_delay_s)
+    return WebhooksConfig(endpoints=tuple(endpoints), unread_delay_s=delay)
 
 
 def _parse_origins(root: _Section) -> tuple[str, ...]:

@@ -91,6 +91,9 @@ class Metrics:
     errors: Counter = attrs.field(init=False)
     closes: Counter = attrs.field(init=False)
     slow_consumers: Counter = attrs.field(init=False)
+    webhook_deliveries: Counter = attrs.field(init=False)
+    webhook_pending: Gauge = attrs.field(init=False)
+    webhook_oldest_age: Gauge = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         registry = self.registry
@@ -111,6 +114,23 @@ class Metrics:
         )
         self.slow_consumers = Counter(
             "chat_slow_consumers_dropped", "Connections dropped for not reading", registry=registry
+        )
+        self.webhook_deliveries = Counter(
+            "chat_webhook_deliveries",
+            "Webhook delivery attempts, by outcome (delivered, failed: retried later, dead:"
+            " given up)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.webhook_pending = Gauge(
+            "chat_webhook_pending",
+            "Webhook events not yet delivered (all endpoints)",
+            registry=registry,
+        )
+        self.webhook_oldest_age = Gauge(
+            "chat_webhook_oldest_pending_seconds",
+            "Age of the oldest webhook event not yet delivered",
+            registry=registry,
         )
         registry.register(_FastCollector(self))
 

@@ -24,6 +24,7 @@ from handler.hub import Hub
 from handler.metrics import Metrics
 from handler.single_process import ProcessLock
 from handler.store.base import Origin, Store
+from handler.webhooks.delivery import WebhookService
 
 _CHAT_CACHE_SIZE: Final = 100_000
 GROUP_TTL_S: Final = 5.0
@@ -82,6 +83,7 @@ class Services:
     chats: ChatCache
     allowed_origins: tuple[str, ...] = ()
     process_lock: ProcessLock | None = None
+    webhooks: WebhookService | None = None
     protocol_limits: protocol.Limits = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:

@@ -6,6 +6,7 @@ wait is bounded (`trio.fail_after`), so a broken server fails a test instead of 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -21,11 +22,16 @@ import jwt
 import trio
 import wsproto
 import wsproto.events as ws_events
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 from wsproto.connection import ConnectionState
 from wsproto.extensions import Extension
 
 from handler.app import ChatApp
+from handler.asyncapi import ASYNCAPI, SERVER_FRAMES
 from handler.config import Config, parse_config
 from handler.store.base import Store
 
@@ -95,6 +101,48 @@ def make_token(user_id: str, ttl: float | None = 3600.0, **claims: Any) -> str:
 SET_ASIDE: Final = frozenset({"receipt", "presence"})
 
 
+def _registry() -> Registry[Any]:
+    document = Resource.from_contents(ASYNCAPI, default_specification=DRAFT202012)
+    return Registry().with_resource(_ASYNCAPI_URI, document)
+
+
+_ASYNCAPI_URI: Final = "urn:chat:asyncapi"
+_REGISTRY: Final = _registry()
+
+
+@functools.cache
+def _frame_validator(frame_type: str) -> Draft202012Validator:
+    """One validator per server frame type, built once per process: the document is parsed
+    into the registry once and every `$ref` resolves in it."""
+    schema = {"$ref": f"{_ASYNCAPI_URI}#/components/schemas/{SERVER_FRAMES[frame_type]}"}
+    return Draft202012Validator(schema, registry=_REGISTRY)
+
+
+def check_server_frame(frame: Frame) -> None:
+    """Fail unless `frame` matches the AsyncAPI schema of its `type`.
+
+    Every frame the test clients receive comes through here, so the whole end-to-end suite
+    (on one node and on two) holds the server to the document `GET /asyncapi.json` serves.
+    """
+    frame_type = frame.get("type")
+    assert frame_type in SERVER_FRAMES, f"a server frame of no documented type: {frame!r}"
+    error = best_match(_frame_validator(frame_type).iter_errors(frame))
+    if error is not None:
+        raise AssertionError(
+            f"{frame_type} frame does not match the AsyncAPI schema at"
+            f" {error.json_path}: {error.message}\nframe: {frame!r}"
+        )
+
+
+def received(message: str | bytes) -> Frame:
+    """A message from the server: one JSON object, valid against its frame's schema."""
+    assert isinstance(message, str), f"server sent a binary message: {message!r}"
+    frame = json.loads(message)
+    assert isinstance(frame, dict), frame
+    check_server_frame(frame)
+    return frame
+
+
 class _Syncing:
     """`sync()` for any client that can `send` and `recv` JSON frames."""
 
@@ -156,10 +204,7 @@ class Client(_Syncing):
     async def recv(self, timeout: float = RECV_TIMEOUT_S) -> Frame:
         with trio.fail_after(timeout):
             while True:
-                message = await self.ws.get_message()
-                assert isinstance(message, str), f"server sent a binary message: {message!r}"
-                frame = json.loads(message)
-                assert isinstance(frame, dict), frame
+                frame = received(await self.ws.get_message())
                 if frame.get("type") not in self.set_aside:
                     return frame
                 self.aside.append(frame)
@@ -174,8 +219,7 @@ class Client(_Syncing):
                 if predicate(frame):
                     return self.aside.pop(index)
             while True:
-                message = await self.ws.get_message()
-                frame = json.loads(message)
+                frame = received(await self.ws.get_message())
                 if predicate(frame):
                     return frame
                 if frame.get("type") in self.set_aside:
@@ -219,7 +263,7 @@ class Client(_Syncing):
         with trio.fail_after(timeout):
             try:
                 while True:
-                    await self.ws.get_message()
+                    received(await self.ws.get_message())
             except ConnectionClosed as closed:
                 return None if closed.reason is None else closed.reason.code
 
@@ -540,9 +584,7 @@ class RawClient(_Syncing):
                     self._text.append(event.data)
                     if event.message_finished:
                         text, self._text = "".join(self._text), []
-                        frame = json.loads(text)
-                        assert isinstance(frame, dict), frame
-                        return frame
+                        return received(text)
 
     async def recv(self, timeout: float = RECV_TIMEOUT_S) -> Frame:
         """The next frame that is not set aside (receipts, as `Client.recv`)."""

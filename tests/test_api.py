@@ -170,6 +170,15 @@ async def test_unknown_paths_and_methods_are_404(start_server: StartServer) -> N
         assert_error(await call(server, method, path, {}), 404, "not_found")
 
 
+async def test_ids_with_a_newline_get_json_answers(start_server: StartServer) -> None:
+    """A percent-encoded newline in a path id used to match no route (werkzeug's `path`
+    stops at a newline) and got the framework's HTML 404."""
+    server = await start_api(start_server)
+    assert_error(await call(server, "GET", "/chats/a%0Ab/messages"), 404, "not_found", "chat_id")
+    assert_error(await call(server, "GET", "/users/a%0Ab/chats"), 400, "bad_request", "user_id")
+    assert_error(await call(server, "GET", "/no%0Athing"), 404, "not_found")
+
+
 async def test_over_the_key_rate_is_429(start_server: StartServer) -> None:
     server = await start_api(start_server, rate_per_s=0.5, rate_burst=2)
     for _ in range(2):

@@ -859,7 +859,7 @@ async def test_sqlite_upgrade_from_version_5_keeps_every_row(
         await store.aclose()
     versions = rows(config, "SELECT version FROM schema_version ORDER BY version")
     assert versions == [(version,) for version in range(1, len(SQLITE_MIGRATIONS) + 1)]
-    assert len(SQLITE_MIGRATIONS) == 6  # (a new migration deserves its own upgrade test)
+    assert len(SQLITE_MIGRATIONS) == 7  # (7, webhooks: tests/test_webhooks.py upgrades from 6)
     assert rows(config, "PRAGMA integrity_check") == [("ok",)]
     assert rows(config, "PRAGMA foreign_key_check") == []
 
@@ -883,4 +883,4 @@ async def test_postgres_upgrade_from_version_5_keeps_every_row(
         await store.aclose()
     versions = rows(postgres_config, "SELECT version FROM schema_version ORDER BY version")
     assert versions == [(version,) for version in range(1, len(POSTGRES_MIGRATIONS) + 1)]
-    assert len(POSTGRES_MIGRATIONS) == 6
+    assert len(POSTGRES_MIGRATIONS) == 7

@@ -10,112 +10,29 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from handler import protocol
-from handler.errors import ErrorCode
-
-JsonSchema = dict[str, Any]
-
-_TIMESTAMP: Final[JsonSchema] = {
-    "type": "string",
-    "pattern": r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$",
-    "description": "ISO-8601 UTC with milliseconds",
-}
-_USER_ID: Final[JsonSchema] = {
-    "type": "string",
-    "minLength": 1,
-    "maxLength": protocol.MAX_USER_ID_CHARS,
-    "description": "no control or format characters, no leading or trailing white space",
-}
-_ID: Final[JsonSchema] = {"type": "string", "minLength": 1, "maxLength": protocol.MAX_ID_CHARS}
-_MARKS: Final[JsonSchema] = {
-    "type": "object",
-    "additionalProperties": {"type": "integer", "minimum": 0},
-    "description": "user id -> seq",
-}
-
-
-def _ref(name: str) -> JsonSchema:
-    return {"$ref": f"#/components/schemas/{name}"}
-
+from handler import protocol, schemas
+from handler.schemas import ID, USER_ID, JsonSchema, ref
 
 SCHEMAS: Final[dict[str, JsonSchema]] = {
-    "Error": {
-        "type": "object",
-        "required": ["code", "message"],
-        "properties": {
-            "code": {"enum": [str(code) for code in ErrorCode if code != ErrorCode.UNKNOWN_TYPE]},
-            "message": {"type": "string"},
-            "field": {"type": "string", "description": "the request field at fault"},
-            "retry_after_ms": {"type": "integer", "minimum": 1},
-        },
-        "additionalProperties": False,
-    },
-    "Message": {
-        "type": "object",
-        "required": ["message_id", "chat_id", "sender_id", "content", "timestamp", "seq"],
-        "properties": {
-            "message_id": {"type": "string"},
-            "chat_id": {"type": "string"},
-            "sender_id": {"type": "string"},
-            "recipient_id": {"type": "string", "description": "direct chats only"},
-            "content": {"type": "string"},
-            "timestamp": _TIMESTAMP,
-            "seq": {"type": "integer", "minimum": 1},
-            "client_message_id": {"type": "string"},
-            "edited_at": {"oneOf": [_TIMESTAMP, {"type": "null"}]},
-            "deleted": {"type": "boolean"},
-        },
-        "additionalProperties": False,
-    },
-    "Chat": {
-        "type": "object",
-        "description": "a chat object, computed for the user it is answered for",
-        "required": [
-            "chat_id",
-            "kind",
-            "title",
-            "participants",
-            "created_by",
-            "created_at",
-            "last_message",
-            "unread_count",
-            "read_up_to",
-            "delivered_up_to",
-        ],
-        "properties": {
-            "chat_id": {"type": "string"},
-            "kind": {"enum": [protocol.DIRECT, protocol.GROUP]},
-            "title": {"type": ["string", "null"]},
-            "participants": {"type": "array", "items": {"type": "string"}, "minItems": 1},
-            "created_by": {"type": "string"},
-            "created_at": _TIMESTAMP,
-            "last_message": {"oneOf": [_ref("Message"), {"type": "null"}]},
-            "unread_count": {"type": "integer", "minimum": 0},
-            "read_up_to": _MARKS,
-            "delivered_up_to": _MARKS,
-            "joined_seq": {**_MARKS, "description": "groups only: seq when each member joined"},
-        },
-        "additionalProperties": False,
-    },
+    # The message, chat and error objects are the WebSocket protocol's too (`handler.schemas`).
+    **schemas.SHARED,
     "SendMessage": {
         "type": "object",
         "required": ["sender_id", "chat_id", "content"],
         "properties": {
-            "sender_id": _USER_ID,
-            "chat_id": _ID,
+            "sender_id": USER_ID,
+            "chat_id": ID,
             "content": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": protocol.MAX_MESSAGE_CHARS,
+                **schemas.CONTENT,
                 "description": "longer than limits.max_message_chars: 400 too_large",
             },
             "client_message_id": {
-                **_ID,
+                **ID,
                 "description": "a resend with the same one stores nothing new and answers"
                 " the stored message",
             },
             "recipient_id": {
-                **_USER_ID,
+                **USER_ID,
                 "description": "direct chats: optional, the other participant when given;"
                 " groups: must be absent",
             },
@@ -124,35 +41,38 @@ SCHEMAS: Final[dict[str, JsonSchema]] = {
     "CreateDirectChat": {
         "type": "object",
         "required": ["user_id", "recipient_id"],
-        "properties": {"user_id": _USER_ID, "recipient_id": _USER_ID},
+        "properties": {
+            "user_id": USER_ID,
+            "recipient_id": {**USER_ID, "description": "not user_id (400 bad_request)"},
+        },
     },
     "CreateGroup": {
         "type": "object",
         "required": ["user_id", "title", "member_ids"],
         "properties": {
-            "user_id": _USER_ID,
+            "user_id": USER_ID,
             "title": {"type": "string", "minLength": 1, "maxLength": protocol.MAX_TITLE_CHARS},
             "member_ids": {
                 "type": "array",
-                "items": _USER_ID,
+                "items": USER_ID,
                 "minItems": 1,
                 "maxItems": protocol.MAX_GROUP_MEMBERS - 1,
                 "uniqueItems": True,
-                "description": "the other members (not user_id)",
+                "description": "the other members (not user_id: 400 bad_request)",
             },
         },
     },
     "ChatList": {
         "type": "object",
         "required": ["data"],
-        "properties": {"data": {"type": "array", "items": _ref("Chat")}},
+        "properties": {"data": {"type": "array", "items": ref("Chat")}},
         "additionalProperties": False,
     },
     "MessagePage": {
         "type": "object",
         "required": ["data", "has_more"],
         "properties": {
-            "data": {"type": "array", "items": _ref("Message"), "description": "oldest first"},
+            "data": {"type": "array", "items": ref("Message"), "description": "oldest first"},
             "has_more": {"type": "boolean"},
         },
         "additionalProperties": False,
@@ -190,13 +110,13 @@ def _json(schema: JsonSchema) -> dict[str, Any]:
 
 def _responses(ok: dict[int, str], errors: tuple[int, ...]) -> dict[str, Any]:
     answers: dict[str, Any] = {
-        str(status): {"description": _DESCRIPTIONS[status], "content": _json(_ref(name))}
+        str(status): {"description": _DESCRIPTIONS[status], "content": _json(ref(name))}
         for status, name in ok.items()
     }
     for status in (*errors, 401, 429, 500):
         answers[str(status)] = {
             "description": _DESCRIPTIONS[status],
-            "content": _json(_ref("Error")),
+            "content": _json(ref("Error")),
         }
     return answers
 
@@ -228,7 +148,7 @@ OPENAPI: Final[dict[str, Any]] = {
             "post": {
                 "operationId": "sendMessage",
                 "summary": "Send a message as sender_id",
-                "requestBody": {"required": True, "content": _json(_ref("SendMessage"))},
+                "requestBody": {"required": True, "content": _json(ref("SendMessage"))},
                 "responses": _responses({201: "Message"}, (400, 403, 404)),
             }
         },
@@ -238,15 +158,15 @@ OPENAPI: Final[dict[str, Any]] = {
                 "summary": "Create or find a direct chat (idempotent), or create a group",
                 "requestBody": {
                     "required": True,
-                    "content": _json({"oneOf": [_ref("CreateDirectChat"), _ref("CreateGroup")]}),
+                    "content": _json({"oneOf": [ref("CreateDirectChat"), ref("CreateGroup")]}),
                 },
                 "responses": {
                     **_responses({200: "Chat", 201: "Chat"}, (400, 403)),
                     "200": {
                         "description": "the direct chat existed already",
-                        "content": _json(_ref("Chat")),
+                        "content": _json(ref("Chat")),
                     },
-                    "201": {"description": "a new chat", "content": _json(_ref("Chat"))},
+                    "201": {"description": "a new chat", "content": _json(ref("Chat"))},
                 },
             }
         },
@@ -255,7 +175,7 @@ OPENAPI: Final[dict[str, Any]] = {
                 "operationId": "listChats",
                 "summary": "Every chat of the user, most recently active first",
                 "description": "Marks nothing delivered.",
-                "parameters": [_path_parameter("user_id", _USER_ID, "the user (percent-encoded)")],
+                "parameters": [_path_parameter("user_id", USER_ID, "the user (percent-encoded)")],
                 "responses": _responses({200: "ChatList"}, (400,)),
             }
         },
@@ -265,12 +185,12 @@ OPENAPI: Final[dict[str, Any]] = {
                 "summary": "A page of a chat's messages, oldest first",
                 "description": "As the fetch_messages frame; marks nothing delivered.",
                 "parameters": [
-                    _path_parameter("chat_id", _ID, "the chat"),
+                    _path_parameter("chat_id", ID, "the chat"),
                     {
                         "name": "before",
                         "in": "query",
                         "required": False,
-                        "schema": _ID,
+                        "schema": ID,
                         "description": "a message_id of the chat: the page older than it",
                     },
                     {
@@ -295,7 +215,7 @@ OPENAPI: Final[dict[str, Any]] = {
                 "description": "E.g. after the product revoked the user's tokens. `closed`"
                 " counts the connections closed on the node that answered, plus those the"
                 " other nodes serving the user reported within 2 s.",
-                "parameters": [_path_parameter("user_id", _USER_ID, "the user (percent-encoded)")],
+                "parameters": [_path_parameter("user_id", USER_ID, "the user (percent-encoded)")],
                 "responses": _responses({200: "Disconnected"}, (400,)),
             }
         },
@@ -311,7 +231,7 @@ OPENAPI: Final[dict[str, Any]] = {
                     **{
                         str(status): {
                             "description": _DESCRIPTIONS[status],
-                            "content": _json(_ref("Error")),
+                            "content": _json(ref("Error")),
                         }
                         for status in (401, 429, 500)
                     },

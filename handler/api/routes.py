@@ -26,6 +26,7 @@ import attrs
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
+from werkzeug.routing import PathConverter
 
 from handler import protocol
 from handler.api.auth import ApiKeys
@@ -51,12 +52,13 @@ def install(app: QuartTrio, config: ApiConfig, services_of: Callable[[], Service
     """Add the API's routes to `app`; `services_of()` is the running services (None while
     starting or stopping)."""
     api = _Api(ApiKeys(config.keys, config.rate_per_s, config.rate_burst), services_of)
+    app.url_map.converters["anypath"] = _AnyPath
     routes: tuple[tuple[str, str, Handler], ...] = (
         ("/messages", "POST", api.send_message),
         ("/chats", "POST", api.create_chat),
-        ("/users/<path:user_id>/chats", "GET", api.chats_of),
-        ("/chats/<path:chat_id>/messages", "GET", api.messages_of),
-        ("/users/<path:user_id>/disconnect", "POST", api.disconnect),
+        ("/users/<anypath:user_id>/chats", "GET", api.chats_of),
+        ("/chats/<anypath:chat_id>/messages", "GET", api.messages_of),
+        ("/users/<anypath:user_id>/disconnect", "POST", api.disconnect),
         ("/openapi.json", "GET", api.openapi),
     )
     for rule, method, handler in routes:
@@ -69,7 +71,7 @@ def install(app: QuartTrio, config: ApiConfig, services_of: Callable[[], Service
             provide_automatic_options=False,
         )
     unknown = api.endpoint(api.unknown)
-    for rule in ("/api/", "/api/<path:rest>"):
+    for rule in ("/api/", "/api/<anypath:rest>"):
         app.add_url_rule(
             rule,
             "api_unknown",
@@ -77,6 +79,13 @@ def install(app: QuartTrio, config: ApiConfig, services_of: Callable[[], Service
             methods=list(_ANY_METHOD),
             provide_automatic_options=False,
         )
+
+
+class _AnyPath(PathConverter):
+    """werkzeug's `path`, newlines included: its `.` stops at one, so an id holding a
+    (percent-encoded) newline matched no route and got Quart's HTML 404 instead of ours."""
+
+    regex = "(?s:[^/].*?)"
 
 
 class _Api:

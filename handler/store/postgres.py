@@ -32,6 +32,7 @@ import trio
 from handler.config import StorageConfig
 from handler.errors import StoreUnavailable
 from handler.store.group_commit import GroupCommitWriter, Op, WorkerThread, WriterOptions
+from handler.store.outbox import Outbox
 from handler.store.postgres_batch import (
     AddMessage,
     BatchCommitter,
@@ -78,10 +79,16 @@ _DIALECT: Final = Dialect(pyformat=True, text=decode)
 class PostgresStore(SQLStore[Op]):
     """The shared store for several handler processes; see the module docstring."""
 
-    def __init__(self, config: StorageConfig, **options: Unpack[WriterOptions]) -> None:
-        """`options` bound the writer (`group_commit.MAX_BATCH`, `MAX_QUEUED` by default)."""
+    def __init__(
+        self,
+        config: StorageConfig,
+        outbox: Outbox | None = None,
+        **options: Unpack[WriterOptions],
+    ) -> None:
+        """`outbox`: write webhook events with the changes (None: no webhooks); `options`
+        bound the writer (`group_commit.MAX_BATCH`, `MAX_QUEUED` by default)."""
         self._connector = Connector(config.dsn)
-        self._committer = BatchCommitter(self._connector)
+        self._committer = BatchCommitter(self._connector, outbox)
         super().__init__(
             GroupCommitWriter[Op](self._committer, WorkerThread(), **options), _DIALECT
         )

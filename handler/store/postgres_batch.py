@@ -38,6 +38,7 @@ from handler.protocol import Chat, Message, ReceiptFrame
 from handler.store import blocks, groups
 from handler.store.base import Committed
 from handler.store.group_commit import Op
+from handler.store.outbox import Outbox
 from handler.store.postgres_connect import (
     Connection,
     Connector,
@@ -730,9 +731,10 @@ class BatchCommitter:
     """The writer's connection and its failure policy (see the module docstring): the
     `apply` of the PostgreSQL `GroupCommitWriter`, run in its worker thread."""
 
-    def __init__(self, connector: Connector) -> None:
+    def __init__(self, connector: Connector, outbox: Outbox | None = None) -> None:
         self._connector = connector
         self._connection: Connection | None = None
+        self._outbox = outbox
 
     def __call__(self, batch: list[Op]) -> str | None:
         """Commit `batch`, retrying what is safe to retry; every op ends with a result or an
@@ -748,6 +750,8 @@ class BatchCommitter:
                     # UPDATEs, COMMIT) travel together instead of one round trip each.
                     connection.execute("BEGIN")
                     apply_batch(connection, batch)
+                    if self._outbox is not None:  # the events of the batch, before COMMIT
+                        self._outbox.write(connection.cursor(), _SQL, batch, now_ms())
                     commit_sent = True
                     connection.execute("COMMIT")
                 return None

@@ -160,6 +160,35 @@ SQLITE_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX blocks_by_blocked ON blocks (blocked_id, blocker_id)",
         "CREATE TABLE presence (user_id TEXT PRIMARY KEY, last_seen_ms INTEGER NOT NULL)",
     ),
+    # 7: webhooks. `webhook_outbox` holds one row per event and endpoint, written in the
+    # transaction of the change that caused it; a row is deleted once its endpoint answered
+    # 2xx (or gave up after 24 h). `body` is the exact JSON POSTed, so every retry sends and
+    # signs the same bytes. `lease_until_ms`: a node delivering the row owns it until then.
+    # `webhook_unread` is each member's `message.unread` mark (the seq reported up to), kept
+    # apart from `members` so the scan never writes a row the writer locks per message.
+    (
+        """
+        CREATE TABLE webhook_outbox (
+            id INTEGER PRIMARY KEY,
+            event_id TEXT NOT NULL,
+            endpoint TEXT NOT NULL,
+            body BLOB NOT NULL,
+            created_at_ms INTEGER NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_at_ms INTEGER NOT NULL,
+            lease_until_ms INTEGER NOT NULL DEFAULT 0
+        )
+        """,
+        "CREATE INDEX webhook_outbox_due ON webhook_outbox (endpoint, next_at_ms)",
+        """
+        CREATE TABLE webhook_unread (
+            chat_id INTEGER NOT NULL,
+            user_id TEXT NOT NULL,
+            reported_seq INTEGER NOT NULL,
+            PRIMARY KEY (chat_id, user_id)
+        )
+        """,
+    ),
 )
 
 # PostgreSQL keeps the SQLite shape, with two differences that matter:
@@ -290,5 +319,29 @@ POSTGRES_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         """,
         "CREATE INDEX blocks_by_blocked ON blocks (blocked_id, blocker_id)",
         "CREATE TABLE presence (user_id TEXT PRIMARY KEY, last_seen_ms BIGINT NOT NULL)",
+    ),
+    # 7: webhooks, as in SQLite's migration 7.
+    (
+        """
+        CREATE TABLE webhook_outbox (
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            event_id TEXT NOT NULL,
+            endpoint TEXT NOT NULL,
+            body BYTEA NOT NULL,
+            created_at_ms BIGINT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_at_ms BIGINT NOT NULL,
+            lease_until_ms BIGINT NOT NULL DEFAULT 0
+        )
+        """,
+        "CREATE INDEX webhook_outbox_due ON webhook_outbox (endpoint, next_at_ms)",
+        """
+        CREATE TABLE webhook_unread (
+            chat_id BIGINT NOT NULL,
+            user_id TEXT NOT NULL,
+            reported_seq BIGINT NOT NULL,
+            PRIMARY KEY (chat_id, user_id)
+        )
+        """,
     ),
 )

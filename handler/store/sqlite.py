@@ -30,6 +30,7 @@ from handler.protocol import GROUP, Chat, Message, ReceiptFrame
 from handler.store import blocks, groups
 from handler.store.base import Committed
 from handler.store.group_commit import DedicatedThread, GroupCommitWriter, Op, WriterOptions
+from handler.store.outbox import Outbox
 from handler.store.rows import CHAT_COLUMNS, MESSAGE_COLUMNS, chat_of, message_of
 from handler.store.schema import SQLITE_MIGRATIONS
 from handler.store.sql_store import (
@@ -74,28 +75,35 @@ def _run(connection: sqlite3.Connection, op: _Write) -> None:
     op.result, op.committed = op.run(connection)
 
 
-def _apply(connection: sqlite3.Connection, batch: list[_Write]) -> str | None:
+def _apply(
+    connection: sqlite3.Connection, batch: list[_Write], outbox: Outbox | None = None
+) -> str | None:
     """One transaction for the whole batch; if any operation fails, the batch is rolled back
     and replayed one operation per transaction, so only the faulty one fails. (Failures are
-    rare; a SAVEPOINT per operation would cost two statements each.) Returns why the
-    database could not write (I/O, disk full), or None."""
+    rare; a SAVEPOINT per operation would cost two statements each.) The webhook events of
+    what it committed are written in the same transaction. Returns why the database could
+    not write (I/O, disk full), or None."""
     try:
         connection.execute("BEGIN IMMEDIATE")
         for op in batch:
             _run(connection, op)
+        if outbox is not None:
+            outbox.write(connection, _DIALECT, batch, now_ms())
         connection.execute("COMMIT")
         return None
     except Exception:
         if connection.in_transaction:
             connection.execute("ROLLBACK")
-    failures = [_apply_alone(connection, op) for op in batch]
+    failures = [_apply_alone(connection, op, outbox) for op in batch]
     return next((failure for failure in reversed(failures) if failure is not None), None)
 
 
-def _apply_alone(connection: sqlite3.Connection, op: _Write) -> str | None:
+def _apply_alone(connection: sqlite3.Connection, op: _Write, outbox: Outbox | None) -> str | None:
     try:
         connection.execute("BEGIN IMMEDIATE")
         _run(connection, op)
+        if outbox is not None:
+            outbox.write(connection, _DIALECT, (op,), now_ms())
         connection.execute("COMMIT")
         return None
     except sqlite3.OperationalError as error:  # I/O, disk full, locked: the store's fault
@@ -115,11 +123,18 @@ _DIALECT: Final = Dialect()
 class SQLiteStore(SQLStore[_Write]):
     """The embedded default store; see the module docstring for the concurrency design."""
 
-    def __init__(self, config: StorageConfig, **options: Unpack[WriterOptions]) -> None:
-        """`options` bound the writer (`group_commit.MAX_BATCH`, `MAX_QUEUED` by default)."""
+    def __init__(
+        self,
+        config: StorageConfig,
+        outbox: Outbox | None = None,
+        **options: Unpack[WriterOptions],
+    ) -> None:
+        """`outbox`: write webhook events with the changes (None: no webhooks); `options`
+        bound the writer (`group_commit.MAX_BATCH`, `MAX_QUEUED` by default)."""
         writer = GroupCommitWriter[_Write](self._apply, DedicatedThread("sqlite-writer"), **options)
         super().__init__(writer, _DIALECT)
         self._config = config
+        self._outbox = outbox
         self._path: Path = config.path
         self._readers: list[sqlite3.Connection] = []
         self._reader_limiter = trio.CapacityLimiter(_READERS)
@@ -180,7 +195,7 @@ class SQLiteStore(SQLStore[_Write]):
     def _apply(self, batch: list[_Write]) -> str | None:
         """The writer's `apply`, in its thread (the connection is only used there)."""
         assert self._writer_connection is not None  # the writer runs only after `open`
-        return _apply(self._writer_connection, batch)
+        return _apply(self._writer_connection, batch, self._outbox)
 
     def _noop(self) -> _Write:
         return _Write(_nothing)
