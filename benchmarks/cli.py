@@ -3,7 +3,8 @@
 With `--compare GIT_REF` the same invocation also measures a server from a temporary checkout
 of GIT_REF (`benchmarks.compare`), its runs alternating with the working tree's, and writes
 the ratios beside the two reports. `--vary SETTING` does the same with two configurations of
-the working tree's server (`benchmarks.compare.SETTINGS`), e.g. presence off and on.
+the working tree's server (`benchmarks.compare.SETTINGS`), e.g. presence off and on, or
+webhooks off and on.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ def _meta(
         "uncommitted": _uncommitted(source),
         "handler": _origin(source, strict=strict),
         **({"setting": source.setting, "limits": dict(source.limits)} if source.setting else {}),
+        **({"config": source.config.summary} if source.config is not None else {}),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
@@ -267,7 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=sorted(comparing.SETTINGS),
         help="measure every chosen scenario with the working tree's server configured both "
         "ways, runs alternating (presence: `limits.presence` false as the baseline, true as "
-        "the current side), and report medians, ratios and the setting's budgets "
+        "the current side; webhooks: none as the baseline, one endpoint whose receiver never "
+        "answers as the current side), and report medians, ratios and the setting's budgets "
         "(comparison.md, comparison.json)",
     )
     args = parser.parse_args(argv)

@@ -16,7 +16,8 @@ table rows follow from the runs. `run_scenario` carries out the rest the same wa
 Alone there is one tree, the working tree. With `--compare` there are two, and step 2
 alternates them (baseline, current, baseline, current ...) so that noise on the shared machine
 falls on both alike. `--vary SETTING` alternates the same way between two sides of one tree
-whose servers differ only in their config's `limits` (`Source.limits`). A failed run is
+whose servers differ only in their config: its `limits` (`Source.limits`) or other sections
+(`Source.config`). A failed run is
 recorded and the others still count; a failure outside the runs becomes the section's `error`
 instead of stopping the suite.
 """
@@ -103,18 +104,26 @@ class Context:
         **options: Any,
     ) -> Iterator[tuple[ServerProcess, str]]:
         """The handler of `source` with this profile's stop grace, logging to NAME-server.log;
-        the source's `limits` (a setting being varied) win over the variant's."""
+        the source's `limits` (a setting being varied) win over the variant's, and its other
+        config sections are started before the server (logging to NAME-sections.log) and
+        stopped after it."""
         limits = {**(options.pop("limits", None) or {}), **source.limits}
         if limits:
             options["limits"] = limits
-        with handler_server(
-            workdir,
-            cpus=cpus,
-            log_path=self.log(f"{name}-server.log", source),
-            stop_grace_s=self.profile.stop_grace_s,
-            root=source.root,
-            **options,
-        ) as (server, secret):
+        with contextlib.ExitStack() as stack:
+            if source.config is not None:
+                log = self.log(f"{name}-sections.log", source)
+                options["sections"] = stack.enter_context(source.config.start(log))
+            server, secret = stack.enter_context(
+                handler_server(
+                    workdir,
+                    cpus=cpus,
+                    log_path=self.log(f"{name}-server.log", source),
+                    stop_grace_s=self.profile.stop_grace_s,
+                    root=source.root,
+                    **options,
+                )
+            )
             yield server, secret
         if server.killed:
             self.say(

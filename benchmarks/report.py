@@ -40,6 +40,13 @@ def verdict(ok: bool | None) -> str:
     return {True: "pass", False: "**FAIL**", None: ""}[ok]
 
 
+def _setting(meta: dict[str, Any]) -> str:
+    """A varied setting's side and what its config.json has for it."""
+    limits = ", ".join(f"`limits.{k}: {json.dumps(v)}`" for k, v in meta.get("limits", {}).items())
+    parts = [f"{limits} in its config.json" if limits else "", meta.get("config") or ""]
+    return f"{meta['setting']} ({'; '.join(filter(None, parts)) or 'the defaults'})"
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The results table, one section per scenario, medians over the runs."""
     meta = report["meta"]
@@ -60,15 +67,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"generator to core 1, nice {meta.get('nice', 0)}",
         '- "per CPU-s": the figure divided by the server\'s CPU seconds in the same window '
         "(stable on a noisy machine, unlike wall-clock rates)",
-        *(
-            [
-                f"- server setting: {meta['setting']} ("
-                + ", ".join(f"`limits.{k}: {json.dumps(v)}`" for k, v in meta["limits"].items())
-                + " in its config.json)"
-            ]
-            if meta.get("setting")
-            else []
-        ),
+        *([f"- server setting: {_setting(meta)}"] if meta.get("setting") else []),
         "",
         "| scenario | metric | median | per CPU-s | target | result |",
         "| --- | --- | ---: | ---: | --- | --- |",

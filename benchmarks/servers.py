@@ -20,7 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -32,12 +33,23 @@ NOFILE: Final = 65536
 
 
 @dataclass(frozen=True)
+class Sections:
+    """Config sections other than `limits` that one side of `--vary` adds to its servers'
+    config.json. `start(log_path)` is entered before each of them starts and left after it
+    stopped, and yields the sections: it may run what they point at (a webhook receiver),
+    logging to `log_path`. `summary` states them in the reports."""
+
+    summary: str
+    start: Callable[[Path], AbstractContextManager[Mapping[str, Any]]]
+
+
+@dataclass(frozen=True)
 class Source:
     """A server under test: the tree whose `handler` package it runs (this working tree, or
     the temporary checkout of a git ref that `--compare` measures it against), and the
-    `limits` its config.json gets on top of the benchmark's own (one side of `--vary`). The
-    load generator and the bare relays always come from this working tree: only the server
-    under test differs."""
+    `limits` its config.json gets on top of the benchmark's own, and any other `config`
+    sections (one side of `--vary`). The load generator and the bare relays always come from
+    this working tree: only the server under test differs."""
 
     name: str  # "current" or "baseline": also the folder of its logs in a comparison
     root: Path
@@ -45,6 +57,7 @@ class Source:
     commit: str = ""  # what `ref` resolved to
     setting: str = ""  # a varied setting's side, as reports name it ("presence off")
     limits: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    config: Sections | None = field(default=None, hash=False)
 
     @property
     def label(self) -> str:
@@ -344,14 +357,17 @@ def handler_config(
     postgres_dsn: str | None = None,
     redis_url: str | None = None,
     limits: dict[str, Any] | None = None,
+    sections: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A config.json for benchmarking: rate limits out of the way, idle timeouts long."""
+    """A config.json for benchmarking: rate limits out of the way, idle timeouts long;
+    `sections` (other than `limits`) are added at the top level."""
     storage: dict[str, Any] = {"backend": "sqlite", "path": str(db_path), "synchronous": "normal"}
     if postgres_dsn:
         storage = {"backend": "postgres", "dsn": postgres_dsn}
     bus: dict[str, Any] = {"backend": "local"}
     if redis_url:
         bus = {"backend": "redis", "url": redis_url}
+    assert "limits" not in (sections or {}), "limits are merged through `limits`"
     return {
         "handler_url": f"127.0.0.1:{port}",
         "storage": storage,
@@ -364,6 +380,7 @@ def handler_config(
             "idle_timeout_s": 3600.0,
             **(limits or {}),
         },
+        **(sections or {}),
     }
 
 
@@ -377,6 +394,7 @@ def handler_server(
     postgres_dsn: str | None = None,
     redis_url: str | None = None,
     limits: dict[str, Any] | None = None,
+    sections: Mapping[str, Any] | None = None,
     log_path: Path | None = None,
     stop_grace_s: float = 15.0,
     root: Path = REPO,
@@ -390,7 +408,13 @@ def handler_server(
     secret = secrets.token_hex(16)
     db = db_path or workdir / "chat.db"
     config = handler_config(
-        port, db, secret, postgres_dsn=postgres_dsn, redis_url=redis_url, limits=limits
+        port,
+        db,
+        secret,
+        postgres_dsn=postgres_dsn,
+        redis_url=redis_url,
+        limits=limits,
+        sections=sections,
     )
     config_path = workdir / f"config-{port}.json"
     config_path.write_text(json.dumps(config, indent=2))

@@ -6,7 +6,9 @@ promises and that they are sane, never timing targets (this machine is shared an
 The comparison runs (a) and (d) against a worktree of HEAD and checks that both trees ran,
 interleaved, that the baseline's servers ran the worktree's code, and that the worktree is
 gone afterwards. `--vary presence` runs (a), (d) and (j) with presence off and on, and checks
-that the two configs reached their servers (what (j) saw) and that the budgets were judged.
+that the two configs reached their servers (what (j) saw) and that the budgets were judged;
+`--vary webhooks` runs (a) and (b) without webhooks and with a receiver that never answers, and
+checks that the servers POSTed to it and that both budgets (a least and a most) were judged.
 """
 
 from __future__ import annotations
@@ -361,3 +363,94 @@ def test_vary_presence_reports_ratios_and_budgets(
     assert "| scenario | figure | presence off runs | presence on runs |" in text
     assert "server setting: presence off" in (out / "baseline" / "results.md").read_text()
     assert "server setting: presence on" in (out / "results.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def webhooks_varied(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[dict[str, Any], Path, list[str]]:
+    out = tmp_path_factory.mktemp("vary-webhooks")
+    said: list[str] = []
+    report = run(
+        profile="smoke", scenarios=["a", "b"], runs=1, vary="webhooks", out=out, say=said.append
+    )
+    return report, out, said
+
+
+def test_vary_webhooks_alternates_the_two_configs(
+    webhooks_varied: tuple[dict[str, Any], Path, list[str]],
+) -> None:
+    report, out, said = webhooks_varied
+    runs = [line.strip() for line in said if "run 1/1 [" in line]
+    assert runs == [
+        f"run 1/1 [{side}]" for _ in "ab" for side in ("webhooks off", "webhooks on, receiver hung")
+    ], said
+    assert not [line for line in said if "was killed" in line], said  # stopped in time
+    baseline = report["baseline"]
+    assert baseline["meta"]["setting"] == "webhooks off"
+    assert baseline["meta"]["limits"] == report["meta"]["limits"] == {}
+    assert "config" not in baseline["meta"]
+    assert "never answering" in report["meta"]["config"]
+    for tree in (report, baseline):
+        assert set(tree["scenarios"]) == {"a", "b"}
+        for name, data in tree["scenarios"].items():
+            assert "error" not in data, f"{name}: {data.get('error')}"
+            assert not data["failed_runs"], data["failed_runs"]
+            assert all(not run_["errors"] for run_ in data["runs"])
+    assert report["scenarios"]["b"]["median"]["lost"] == 0
+    # the setting reached the servers: the webhooks side's servers POSTed to the receiver,
+    # which never answered; the other side has no receiver at all
+    for name in ("a-0", "b-0"):
+        seen = (out / "logs" / "current" / f"{name}-sections.log").read_text()
+        assert "none answered" in seen
+        requests = int(seen.split(" connections, ")[1].split(" requests")[0])
+        assert requests > 0, seen
+    assert not list((out / "logs" / "baseline").glob("*-sections.log"))
+    text = (out / "results.md").read_text()
+    assert "server setting: webhooks on, receiver hung (`webhooks.endpoints`" in text
+    assert (
+        "server setting: webhooks off (the defaults)"
+        in (out / "baseline" / "results.md").read_text()
+    )
+
+
+def test_vary_webhooks_reports_ratios_and_budgets(
+    webhooks_varied: tuple[dict[str, Any], Path, list[str]],
+) -> None:
+    report, out, _ = webhooks_varied
+    data = report["comparison"]
+    assert data == json.loads((out / "comparison.json").read_text())
+    assert data["setting"]["name"] == "webhooks"
+    assert "webhooks off: the defaults" in data["setting"]["difference"]
+    assert data["setting"]["budgets"] == [
+        {"scenario": "a", "figure": "delivered msg per server CPU-s", "least_ratio": 0.9},
+        {"scenario": "b", "figure": "delivery latency p99 (ms)", "most_ratio": 1.1},
+    ]
+    judged = {
+        (key, figure["figure"]): figure
+        for key, section in data["scenarios"].items()
+        for figure in section["headline"]
+        if "budget" in figure
+    }
+    assert set(judged) == {
+        ("a", "delivered msg per server CPU-s"),
+        ("b", "delivery latency p99 (ms)"),
+    }
+    for figure in judged.values():
+        assert len(figure["baseline_runs"]) == len(figure["current_runs"]) == 1
+        assert figure["baseline"] > 0
+        assert figure["current"] > 0
+        assert figure["ratio"] == pytest.approx(figure["current"] / figure["baseline"])
+    relay = judged[("a", "delivered msg per server CPU-s")]
+    assert (relay["bound"], relay["budget"]) == (">=", 0.9)
+    assert relay["ok"] is (relay["ratio"] >= 0.9)
+    latency = judged[("b", "delivery latency p99 (ms)")]
+    assert (latency["bound"], latency["budget"]) == ("<=", 1.1)
+    assert latency["ok"] is (latency["ratio"] <= 1.1)
+    text = (out / "comparison.md").read_text()
+    assert "# Benchmark comparison: webhooks on, receiver hung vs webhooks off (same tree)" in text
+    assert "## Budgets: webhooks on, receiver hung / webhooks off" in text
+    assert "| (b) | delivery latency p99 (ms) |" in text
+    assert "| <= 1.1x |" in text
+    assert "| >= 0.9x |" in text
+    assert "| scenario | figure | webhooks off runs | webhooks on, receiver hung runs |" in text
