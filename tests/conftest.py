@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import pytest
 import trio
-from support import RunningServer, make_config
+from support import RunningServer, check_received_frames, make_config
 
 from handler.app import create_app
 from handler.server import serve
@@ -25,6 +25,14 @@ TEST_DEADLINE_S: Final = 30.0
 SHUTDOWN_TIMEOUT_S: Final = 15.0
 
 StartServer = Callable[..., Awaitable[RunningServer]]
+
+
+@pytest.fixture(autouse=True)
+def every_received_frame_matches_the_asyncapi_document() -> Generator[None, None, None]:
+    """Every frame a test client received during the test validates against the schema of its
+    type in `GET /asyncapi.json` (`support.check_received_frames`)."""
+    yield
+    check_received_frames()
 
 
 @pytest.hookimpl(wrapper=True)

@@ -1,11 +1,11 @@
 """The AsyncAPI document of the WebSocket protocol: its shape, what it serves, and that its
 schemas say what the code does.
 
-The end-to-end half of the check is in `support.received`: every frame an end-to-end test
-receives is validated against its schema. Here: the document is a well-formed AsyncAPI 3
-document whose schemas are valid Draft 2020-12; every server frame class encodes to a valid
-frame; and `protocol.decode` accepts exactly the client frames the schema accepts, on a
-generated sample of valid and broken frames.
+The end-to-end half of the check is in `support.received` and `check_received_frames`: every
+frame a test client receives is validated against its schema once its test is over. Here:
+the document is a well-formed AsyncAPI 3 document whose schemas are valid Draft 2020-12;
+every server frame class encodes to a valid frame; and `protocol.decode` accepts exactly the
+client frames the schema accepts, on a generated sample of valid and broken frames.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any, Final
 
 import orjson
 import pytest
+import support
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
@@ -186,6 +187,11 @@ def test_every_server_frame_class_encodes_to_a_valid_frame() -> None:
 def test_the_end_to_end_check_refuses_a_frame_off_its_schema(frame: dict[str, Any]) -> None:
     with pytest.raises(AssertionError):
         check_server_frame(frame)
+    # What a test client receives is checked after the test: the same refusal, later.
+    assert support.received(json.dumps(frame)) == frame
+    with pytest.raises(AssertionError):
+        support.check_received_frames()
+    support.check_received_frames()  # checked once: nothing left over for the next test
 
 
 # --------------------------------------------------------------------------- client frames
