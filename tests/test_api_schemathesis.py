@@ -113,6 +113,8 @@ CROSS_FIELD_RULES: Final = {
     ("member_ids", "member_ids names the others: the creator is a member already"),
     ("recipient_id", "a group message has no recipient_id: it goes to every member"),
     ("recipient_id", "recipient_id is not the other participant of this chat"),
+    # `before` must name a message of the chat in the path (a chat the run created exists).
+    ("before", "before is not a message of this chat"),
 }
 
 
