@@ -22,6 +22,7 @@ from wsproto.events import (
     AcceptConnection,
     CloseConnection,
     Event,
+    Pong,
     RejectConnection,
     Request,
     TextMessage,
@@ -31,6 +32,7 @@ from wsproto.extensions import PerMessageDeflate
 from handler.auth import TokenAuthority
 from handler.config import Config, parse_config
 from handler.server import serve
+from tests.support import masked_frame
 
 SECRET = "transport-test-secret-0123456789abcdef"
 
@@ -233,6 +235,84 @@ async def test_invalid_utf8_closes_1007(server_port: int) -> None:
         mask = b"\x00\x00\x00\x00"
         await client.send_raw(bytes([0x81, 0x80 | len(payload)]) + mask + payload)
         assert await client.wait_close() == 1007
+
+
+def _ping_request(request_id: int) -> bytes:
+    return json.dumps({"type": "ping", "request_id": request_id}).encode()
+
+
+async def _pongs(client: RawClient, count: int) -> tuple[list[int], list[bytes]]:
+    """The request ids of the next `count` JSON pongs, and the WebSocket pongs among them."""
+    ids: list[int] = []
+    control: list[bytes] = []
+    parts: list[str] = []
+    while len(ids) < count:
+        event = await client.next_event()
+        if isinstance(event, Pong):
+            control.append(bytes(event.payload))
+        elif isinstance(event, TextMessage):
+            parts.append(event.data)
+            if event.message_finished:
+                frame = json.loads("".join(parts))
+                parts = []
+                if frame["type"] == "pong":
+                    ids.append(frame["request_id"])
+        elif isinstance(event, CloseConnection):
+            raise ConnectionError(f"closed {event.code}")
+    return ids, control
+
+
+async def test_many_frames_in_one_write_are_all_answered_in_order(server_port: int) -> None:
+    """Whole frames of one read reach the session together; a WebSocket ping among them is
+    answered, and a fragmented message among them still goes through wsproto, in order."""
+    with trio.fail_after(10):
+        client = await _bound(server_port, "alice")
+        burst = b"".join(masked_frame(0x81, _ping_request(n)) for n in range(1, 31))
+        await client.send_raw(burst)
+        assert await _pongs(client, 30) == (list(range(1, 31)), [])
+        fragmented = _ping_request(102)
+        await client.send_raw(
+            masked_frame(0x81, _ping_request(100))
+            + masked_frame(0x89, b"heartbeat")
+            + masked_frame(0x81, _ping_request(101))
+            + masked_frame(0x01, fragmented[:5])
+            + masked_frame(0x80, fragmented[5:])
+            + masked_frame(0x81, _ping_request(103))
+        )
+        ids, control = await _pongs(client, 4)
+        assert ids == [100, 101, 102, 103]
+        if not control:  # the ping's pong may come after the replies before it
+            event = await client.next_event()
+            control = [bytes(event.payload)] if isinstance(event, Pong) else []
+        assert control == [b"heartbeat"]
+        # After the fragmented message wsproto reads the stream; it goes on working.
+        await client.send_raw(masked_frame(0x81, _ping_request(104)))
+        assert await _pongs(client, 1) == ([104], [])
+
+
+async def test_frames_cut_at_every_byte_are_read_whole(server_port: int) -> None:
+    with trio.fail_after(10):
+        client = await _bound(server_port, "alice")
+        burst = b"".join(masked_frame(0x81, _ping_request(n)) for n in range(1, 4))
+        for offset in range(len(burst)):
+            await client.send_raw(burst[offset : offset + 1])
+            await trio.sleep(0.002)  # one read per byte, mostly
+        assert await _pongs(client, 3) == ([1, 2, 3], [])
+
+
+async def test_an_unmasked_frame_behind_good_ones_in_one_read_closes_1002(
+    server_port: int,
+) -> None:
+    """The frames before it are the session's; the bad one is wsproto's to refuse (RFC 6455
+    5.1: a server must close on an unmasked frame), and the close goes out at once."""
+    with trio.fail_after(5):
+        client = await _bound(server_port, "alice")
+        unmasked = bytes([0x81, len(_ping_request(2))]) + _ping_request(2)
+        await client.send_raw(masked_frame(0x81, _ping_request(1)) + unmasked)
+        assert await client.wait_close() == 1002
+        other = await _bound(server_port, "bob")
+        await other.send_raw(masked_frame(0x81, _ping_request(3)))
+        assert await _pongs(other, 1) == ([3], [])
 
 
 @pytest.mark.parametrize(

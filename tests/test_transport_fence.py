@@ -23,6 +23,7 @@ import trio
 import trio._highlevel_serve_listeners as serve_listeners
 import wsproto.connection
 import wsproto.extensions
+import wsproto.frame_protocol
 import wsproto.handshake
 from support import masked_frame
 from wsproto.connection import Connection, ConnectionState, ConnectionType
@@ -37,6 +38,9 @@ from handler.transport.patching import Patch, source_fingerprint
 REPLACED: Final = {
     "hypercorn.protocol.ws_stream.WSStream._accept": (
         "144623ad2e13fc566be426323f5f072de97ffccb58c6a4fc1f344626c9f93be9"
+    ),
+    "hypercorn.protocol.ws_stream.WSStream.handle": (
+        "743209f49012b8c7b57b89be980c662a254edf3bbf7de8f95a8f9943e92f6e7c"
     ),
     "hypercorn.protocol.ws_stream.WSStream._handle_events": (
         "b90f3f595ff9fd4722f15769e9c40d113838a1deb6f3ecc0f63dc8ffc1d7f8e8"
@@ -78,7 +82,9 @@ REPLACED: Final = {
 #   with `server_extensions_handshake`, as Hypercorn does;
 # - `_guarded_handle_events` tells rejected input from a peer's Close by the state in which
 #   `Connection.events` yields `CloseConnection`, and `_guarded_app_send` counts on
-#   `Connection.send` raising `LocalProtocolError` once the WebSocket is closing.
+#   `Connection.send` raising `LocalProtocolError` once the WebSocket is closing;
+# - `lean_frames.frame_texts` writes the bytes `FrameProtocol.send_data` and `_serialize_frame`
+#   write for a whole text message without extensions.
 MIRRORED: Final = {
     "trio.SocketStream.send_all": (
         trio.SocketStream.send_all,
@@ -119,6 +125,14 @@ MIRRORED: Final = {
     "wsproto.connection.Connection.send": (
         wsproto.connection.Connection.send,
         "f24770b66cf8fcb56f4670e34a166c8443040c1d869a59bb865adf43d7216c43",
+    ),
+    "wsproto.frame_protocol.FrameProtocol.send_data": (
+        wsproto.frame_protocol.FrameProtocol.send_data,
+        "123f604b2533c71119b3a0f9f252b2eccb8f57fb82058b3cf3b7706004dcb508",
+    ),
+    "wsproto.frame_protocol.FrameProtocol._serialize_frame": (
+        wsproto.frame_protocol.FrameProtocol._serialize_frame,
+        "54db7d4e9bb11d8f370baa359344035245262854d864532a28c711c2d390482c",
     ),
     "wsproto.handshake.server_extensions_handshake": (
         wsproto.handshake.server_extensions_handshake,

@@ -6,7 +6,8 @@ source the tests fingerprint:
 
 - `hypercorn_ws`: the WebSocket stream: no permessage-deflate unless asked, inflation capped,
   a byte limit, close frames for rejected input, a close handshake that completes after an
-  oversized message, `ClientGone` for late frames, batched writes and pings.
+  oversized message, `ClientGone` for late frames, batched writes and pings, and lean
+  framing with batched receives where no extension is negotiated.
 - `hypercorn_tcp`: the TCP connection: cancellable, counted socket writes (`TcpProgress`,
   `current_progress()`), idle plain-HTTP connections that really close (Quart-Trio cancelled
   the close and the keep-alive timer), a socket closed as soon as its peer left, `send_eof`
@@ -16,6 +17,8 @@ source the tests fingerprint:
 
 The upstream fix each one stands in for (the modules above tell the fault in full):
 - `WSStream._accept`: let the application choose the extensions `Handshake.accept` offers.
+- `WSStream.handle`: none (a speed-up, not a fix): whole data frames of a stream without
+  extensions parsed directly, and handed to the application in one event per read.
 - `WSStream._handle_events`: send the close frame of wsproto's `CloseConnection` for rejected
   input; after `FrameTooLargeError`, clear the buffer and read on to the peer's Close.
 - `WSStream.app_send`: raise for a data frame sent after the close instead of dropping it
@@ -51,6 +54,7 @@ from typing import Final
 from handler.transport import accept_errors, hypercorn_http1, hypercorn_tcp, hypercorn_ws
 from handler.transport.hypercorn_ws import (
     ACCEPT_OPTIONS_KEY,
+    RECEIVE_MANY,
     SEND_MANY,
     SEND_PING,
     CappedPerMessageDeflate,
@@ -63,6 +67,7 @@ from handler.transport.tcp_progress import TcpProgress, current_progress
 __all__ = [
     "ACCEPT_OPTIONS_KEY",
     "PATCHES",
+    "RECEIVE_MANY",
     "SEND_MANY",
     "SEND_PING",
     "SUPPORTED_HYPERCORN",

@@ -14,6 +14,14 @@ tests) has these WebSocket faults:
    timeout (59.7 s measured).
 5. A data frame sent after the close is dropped silently.
 
+And it is slow where a chat gateway spends most of its time: every received message costs a
+pass through wsproto's frame objects and a wake-up of the application (one ASGI receive
+queue hand-off per message), and every sent frame a pass through wsproto's serializer. When
+no extension is negotiated, `lean_frames` parses whole data frames and builds the server's
+text frames directly, and every message parsed from one socket read reaches the application
+in one `RECEIVE_MANY` event; anything unusual (control frames, fragments, bad input) still
+goes through wsproto and the fixes above.
+
 The application drives the fixes per connection through private keys of the ASGI
 `websocket.accept` message (servers ignore unknown keys, so the app stays a plain ASGI app):
 no compression unless asked for, and then inflation capped at the message limit; the byte
@@ -31,7 +39,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Iterable
-from typing import Any, Final, TypedDict
+from typing import Any, Final, NotRequired, TypedDict
 
 from hypercorn.protocol.events import Data, Response, StreamClosed
 from hypercorn.protocol.ws_stream import (
@@ -47,6 +55,7 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.handshake import server_extensions_handshake
 from wsproto.utilities import LocalProtocolError, generate_accept_token
 
+from handler.transport.lean_frames import Handoff, LeanReader, frame_texts
 from handler.transport.patching import Patch
 
 ACCEPT_OPTIONS_KEY: Final = "handler.transport"
@@ -55,6 +64,14 @@ ACCEPT_OPTIONS_KEY: Final = "handler.transport"
 # dropping frames.
 SEND_MANY: Final = "handler.websocket.send_many"
 SEND_PING: Final = "handler.websocket.ping"
+# The ASGI receive event of our own, only for an application that passed `ACCEPT_OPTIONS_KEY`:
+# every message of one socket read, in order ("messages": str for text, bytes for binary),
+# each whole and within `max_message_bytes` (counted in bytes).
+RECEIVE_MANY: Final = "handler.websocket.receive_many"
+# Where a stream without extensions keeps its `LeanReader` (None: wsproto does all framing),
+# and whether its application takes `RECEIVE_MANY`.
+_LEAN_ATTR: Final = "_handler_lean"
+_MANY_ATTR: Final = "_handler_receive_many"
 
 
 class TransportOptions(TypedDict):
@@ -62,6 +79,8 @@ class TransportOptions(TypedDict):
 
     max_message_bytes: int
     compression: bool
+    # The application takes `RECEIVE_MANY` events (else one `websocket.receive` per message).
+    receive_many: NotRequired[bool]
 
 
 class CappedPerMessageDeflate(PerMessageDeflate):
@@ -131,6 +150,7 @@ def _accept_handshake(
 
 
 _original_accept = WSStream._accept
+_original_handle = WSStream.handle
 _original_app_send = WSStream.app_send
 _original_handle_events = WSStream._handle_events
 
@@ -152,6 +172,9 @@ async def _guarded_accept(self: Any, message: dict[str, Any]) -> None:
     # Hypercorn's buffer counts characters for text; characters <= bytes, so this is a first
     # cut and the application checks the exact UTF-8 size.
     self.buffer.max_length = max_bytes
+    negotiated = any(extension.enabled() for extension in extensions)
+    setattr(self, _LEAN_ATTR, None if negotiated else LeanReader(max_bytes))
+    setattr(self, _MANY_ATTR, options.get("receive_many", False))
     await self.send(Response(stream_id=self.stream_id, status_code=status_code, headers=headers))
     await self.config.log.access(
         self.scope, {"status": status_code, "headers": []}, time.time() - self.start_time
@@ -185,12 +208,56 @@ async def _guarded_app_send(self: Any, message: Any) -> None:
     if kind == "websocket.send":
         await _original_app_send(self, message)
         return
-    events = [Ping()] if kind == SEND_PING else [TextMessage(data=t) for t in message["texts"]]
-    try:
-        data = b"".join(self.connection.send(event) for event in events)
-    except LocalProtocolError:
-        return  # the WebSocket is closing; like Hypercorn, drop late frames
+    if kind == SEND_MANY and self.__dict__.get(_LEAN_ATTR) is not None:
+        # OPEN and no extension (checked above): wsproto would emit exactly these bytes.
+        data = frame_texts(message["texts"])
+    else:
+        events = [Ping()] if kind == SEND_PING else [TextMessage(data=t) for t in message["texts"]]
+        try:
+            data = b"".join(self.connection.send(event) for event in events)
+        except LocalProtocolError:
+            return  # the WebSocket is closing; like Hypercorn, drop late frames
     await self.send(Data(stream_id=self.stream_id, data=data))
+
+
+async def _guarded_handle(self: Any, event: Any) -> None:
+    """Hypercorn's `handle`; received data of a stream without extensions goes through the
+    `LeanReader`, its messages to the application in one `RECEIVE_MANY` event per read."""
+    lean: LeanReader | None = self.__dict__.get(_LEAN_ATTR)
+    if (
+        lean is None
+        or not lean.active
+        or self.closed
+        or not isinstance(event, Data)
+        or self.connection.state is not ConnectionState.OPEN
+    ):
+        await _original_handle(self, event)
+        return
+    messages: list[str | bytes] = []
+    for item in lean.feed(event.data):
+        if isinstance(item, Handoff):
+            await _put_messages(self, messages)
+            messages = []
+            self.connection.receive_data(item.data)
+            await self._handle_events()
+            if self.closed:
+                return
+        else:
+            messages.append(item)
+    await _put_messages(self, messages)
+
+
+async def _put_messages(self: Any, messages: list[str | bytes]) -> None:
+    if not messages:
+        return
+    if self.__dict__[_MANY_ATTR]:
+        await self.app_put({"type": RECEIVE_MANY, "messages": messages})
+        return
+    for message in messages:
+        if isinstance(message, str):
+            await self.app_put({"type": "websocket.receive", "bytes": None, "text": message})
+        else:
+            await self.app_put({"type": "websocket.receive", "bytes": message, "text": None})
 
 
 async def _guarded_handle_events(self: Any) -> None:
@@ -234,6 +301,7 @@ async def _guarded_handle_events(self: Any) -> None:
 
 PATCHES: Final = (
     Patch(WSStream, "_accept", _guarded_accept, _original_accept),
+    Patch(WSStream, "handle", _guarded_handle, _original_handle),
     Patch(WSStream, "_handle_events", _guarded_handle_events, _original_handle_events),
     Patch(WSStream, "app_send", _guarded_app_send, _original_app_send),
 )

@@ -43,6 +43,7 @@ from handler.transport.acks import SentFrames
 from handler.transport.driver import SessionDriver
 from handler.transport.hypercorn_guard import (
     ACCEPT_OPTIONS_KEY,
+    RECEIVE_MANY,
     SEND_MANY,
     SEND_PING,
     ClientGone,
@@ -101,6 +102,7 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, services: 
         options: TransportOptions = {
             "max_message_bytes": limits.max_frame_bytes,
             "compression": limits.compression,
+            "receive_many": True,
         }
         accept[ACCEPT_OPTIONS_KEY] = options
     await send(accept)
@@ -165,6 +167,13 @@ async def _read(
             event = await receive()
         if event is not None:
             kind = event["type"]
+            if kind == RECEIVE_MANY:
+                # Whole messages within the byte limit (the guard counted their bytes).
+                for message in event["messages"]:
+                    await driver.frame(message)
+                    if connection.close_code is not None:
+                        return False
+                continue
             if kind == "websocket.disconnect":
                 return True
             if kind != "websocket.receive":
