@@ -254,6 +254,7 @@ async def start_services(config: Config, nursery: trio.Nursery) -> Services:
         )
         await nursery.start(hub.run, receive_commits)
         await nursery.start(hub.marks.run)
+        await nursery.start(hub.acks.run)
         webhooks = None
         if config.webhooks.enabled:
             webhooks = WebhookService(config.webhooks, OutboxQueue.of(config.storage), metrics)

@@ -40,6 +40,7 @@ from handler.relations import Relations
 from handler.session.outgoing import TYPING, SeqMark
 from handler.store.base import Committed, Store
 from handler.store.blocks import refused_in_chat
+from handler.transport.acks import AckWatch
 
 __all__ = ["ConnectionLimitReached", "Endpoint", "Hub"]
 
@@ -99,6 +100,7 @@ class Hub:
         )
         self.metrics = metrics
         self.marks = DeliveryMarks(store)
+        self.acks = AckWatch()
         self._max_connections = max_connections_per_user
         self._rate = rate_per_s
         self._burst = rate_burst

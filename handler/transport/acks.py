@@ -12,8 +12,9 @@ Theory of operation:
   or 10-byte header and its UTF-8 payload).
 - `release()` compares those offsets with what the peer acknowledged (`TcpProgress.acked()`,
   SIOCOUTQ on Linux) and hands the receipts of fully acknowledged frames to the delivery
-  marks. The writer calls it after each write and, while something is pending, on a short
-  backing-off poll.
+  marks. One `AckWatch` task per process calls it every `ACK_POLL_S` for every connection
+  with something pending: one wake-up per tick for all of them, instead of a timer and an
+  ioctl per write on each connection (the marks are written every 100 ms anyway).
 - When the connection ends, `settle()` waits (bounded) for the transport to record its final
   count (taken after the delayed ACKs settled, see `hypercorn_guard`), releases what the peer
   got, and forgets the rest: those items stay undelivered and come back in the next backlog.
@@ -38,8 +39,10 @@ if TYPE_CHECKING:
     from handler.delivery_marks import DeliveryMarks
     from handler.transport.hypercorn_guard import TcpProgress
 
-ACK_POLL_MIN_S: Final = 0.001
-ACK_POLL_MAX_S: Final = 0.05
+# How often the pending receipts of every connection are checked against the peers' ACKs.
+ACK_POLL_S: Final = 0.01
+# A clean close waits for the last ACKs this often (one connection, bounded).
+CLOSE_POLL_S: Final = 0.005
 # How long the end of a connection waits for the transport's final count.
 SETTLE_TIMEOUT_S: Final = 3.0
 
@@ -53,21 +56,49 @@ def frame_wire_size(payload_bytes: int) -> int:
     return 10 + payload_bytes
 
 
+class AckWatch:
+    """Releases the acknowledged receipts of every connection that has some pending."""
+
+    __slots__ = ("_idle", "_waiting")
+
+    def __init__(self) -> None:
+        self._waiting: dict[SentFrames, None] = {}  # insertion-ordered set
+        self._idle = trio.Event()
+
+    def watch(self, frames: SentFrames) -> None:
+        self._waiting[frames] = None
+        self._idle.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            if not self._waiting:
+                await self._idle.wait()
+                self._idle = trio.Event()
+            await trio.sleep(ACK_POLL_S)
+            for frames in list(self._waiting):
+                frames.release()
+                if not frames.pending:
+                    del self._waiting[frames]
+
+
 class SentFrames:
     """Receipts of written frames, released once the peer acknowledged their last byte."""
 
-    __slots__ = ("_exact_sizes", "_marks", "_on_sent", "_pending", "_progress", "poll_s")
+    __slots__ = ("_exact_sizes", "_marks", "_on_sent", "_pending", "_progress", "_watch")
 
     def __init__(
         self,
         marks: DeliveryMarks,
         on_sent: Callable[[Outgoing], None],
         progress: TcpProgress | None,
+        watch: AckWatch,
         *,
         exact_sizes: bool,
     ) -> None:
         self._marks = marks
         self._on_sent = on_sent
+        self._watch = watch
         # Without a count of acknowledged bytes (TLS, another server) there is nothing to wait
         # for; decided once here, not with an extra ioctl per write.
         self._progress = (
@@ -77,7 +108,6 @@ class SentFrames:
         # then waits for the end of the whole write (later, never too early).
         self._exact_sizes = exact_sizes
         self._pending: collections.deque[tuple[int, Receipt]] = collections.deque()
-        self.poll_s = ACK_POLL_MIN_S
 
     @property
     def pending(self) -> bool:
@@ -105,8 +135,8 @@ class SentFrames:
             if item.receipt is not None:
                 marks.begin_write(item.receipt.user_id)
                 self._pending.append((offset, item.receipt))
-        self.poll_s = ACK_POLL_MIN_S
-        self.release()
+        if self._pending:
+            self._watch.watch(self)
 
     def sent_partially(self, batch: list[Outgoing]) -> None:
         """A write of `batch` was cancelled halfway (the connection is being aborted): the
@@ -139,14 +169,12 @@ class SentFrames:
             _, receipt = pending.popleft()
             marks.acknowledged(receipt)
             marks.end_write(receipt.user_id)
-        if pending:
-            self.poll_s = min(self.poll_s * 2, ACK_POLL_MAX_S)
 
     async def wait_acked(self, timeout_s: float) -> None:
         """Before a clean close: give the peer a moment to acknowledge what it was sent."""
         with trio.move_on_after(timeout_s):
             while self._pending:
-                await trio.sleep(self.poll_s)
+                await trio.sleep(CLOSE_POLL_S)
                 self.release()
 
     async def settle(self) -> None:

@@ -108,7 +108,9 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, services: 
     await send(accept)
 
     connection = Connection(limits.send_queue, hub.drop_slow, limits.send_queue_bytes)
-    sent = SentFrames(hub.marks, hub.sent, current_progress(), exact_sizes=not limits.compression)
+    sent = SentFrames(
+        hub.marks, hub.sent, current_progress(), hub.acks, exact_sizes=not limits.compression
+    )
     hub.attach(connection)
     client = scope.get("client")
     log.info("open conn=%s peer=%s", connection.id, client[0] if client else "-")
@@ -200,24 +202,16 @@ async def _write(
 ) -> None:
     """Drain the outbox; frames queued together go out in one socket write.
 
-    While some written frames wait for the client's acknowledgement, the wait for the next
-    frame is bounded by `sent.poll_s`, so their receipts are released soon after the ACK.
-    Returns at `RETIRE` (the writer moves to another nursery), at the end of the outbox, when
-    the client is gone, or after a deferred close. Without the transport guard the frames go
-    out as standard ASGI `websocket.send` events, one each, and keep-alive pings are skipped.
+    The receipts of written frames are released by the hub's `AckWatch` once the client's
+    TCP stack acknowledged them. Returns at `RETIRE` (the writer moves to another nursery), at
+    the end of the outbox, when the client is gone, or after a deferred close. Without the
+    transport guard the frames go out as standard ASGI `websocket.send` events, one each, and
+    keep-alive pings are skipped.
     """
     count_out = services.metrics.count_out
     outbox = connection.outbox
     while True:
-        if sent.pending:
-            first = None
-            with trio.move_on_after(sent.poll_s):
-                first = await _next(outbox)
-            if first is None:
-                sent.release()
-                continue
-        else:
-            first = await _next(outbox)
+        first = await _next(outbox)
         if first is _END:
             return
         batch = [first]
