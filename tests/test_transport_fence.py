@@ -21,6 +21,7 @@ import hypercorn.protocol.ws_stream as ws_stream
 import pytest
 import trio
 import trio._highlevel_serve_listeners as serve_listeners
+import trio._socket
 import wsproto.connection
 import wsproto.extensions
 import wsproto.frame_protocol
@@ -72,8 +73,10 @@ REPLACED: Final = {
 }
 
 # Not replaced, but relied on line by line: `hypercorn_tcp._send_counted` mirrors trio's
-# `SocketStream.send_all`, `accept_errors` assumes trio's accept loop (its logger, its retry
-# after EMFILE), and `hypercorn_ws._accept_handshake` mirrors Hypercorn's `Handshake.accept`.
+# `SocketStream.send_all`, and it and `_read_directly` call the standard-library socket inside
+# trio's (`_sock`) the way `_nonblocking_helper` and `_try_sync` do, minus the yield;
+# `accept_errors` assumes trio's accept loop (its logger, its retry after EMFILE), and
+# `hypercorn_ws._accept_handshake` mirrors Hypercorn's `Handshake.accept`.
 # The wsproto entries are what `hypercorn_ws` relies on beyond wsproto's documented API:
 # - `CappedPerMessageDeflate` overrides `frame_inbound_payload_data` (a copy plus the cap) and
 #   reads the inflate state that `__init__`, `frame_inbound_header` and
@@ -89,6 +92,14 @@ MIRRORED: Final = {
     "trio.SocketStream.send_all": (
         trio.SocketStream.send_all,
         "df9f0a360b5bbd20d3b05f9bb9bc1f39fb03098f1786dcab975c9817c9955720",
+    ),
+    "trio._socket._SocketType._nonblocking_helper": (
+        trio._socket._SocketType._nonblocking_helper,
+        "9e896e3fb79e414017a1ade9972c4825d17bbdcf42656fe8c526fac2392da257",
+    ),
+    "trio._socket._try_sync": (
+        trio._socket._try_sync,
+        "f60d82430bbc33755be34d6b65b2ca1a360e07bde18aa49120451397df4f8780",
     ),
     "trio._highlevel_serve_listeners._serve_one_listener": (
         serve_listeners._serve_one_listener,

@@ -32,6 +32,13 @@ Replaced (each checked against Hypercorn 0.18's source, fingerprinted in the tes
   ends.
 - `_initiate_server_close` (the keep-alive timeout): the final count is taken before the
   socket is closed.
+
+Not fixes but the cost of a frame: trio's socket calls yield to the scheduler after every
+successful `recv`/`send` (its "checkpoint sandwich"), so each read and each write costs one
+more pass of the run loop than the I/O needs. The read loop and the counted write call the
+socket directly and wait (`wait_readable`, or trio's `send`) only when it would block; the
+read loop still yields every `READ_STREAK` reads in a row, so a peer that never stops sending
+cannot starve the others.
 """
 
 from __future__ import annotations
@@ -61,6 +68,10 @@ _original_read_data = TCPServer._read_data
 
 _PROGRESS_ATTR: Final = "_handler_progress"
 _CLOSED_ERRNOS: Final = frozenset({errno.EBADF, errno.ENOTSOCK})
+# Hypercorn's read size (`hypercorn.trio.tcp_server.MAX_RECV`).
+MAX_RECV: Final = 2**16
+# Reads in a row without waiting after which the read loop yields to other tasks anyway.
+READ_STREAK: Final = 8
 
 
 def _plain_socket(stream: Any) -> trio.socket.SocketType | None:
@@ -68,6 +79,12 @@ def _plain_socket(stream: Any) -> trio.socket.SocketType | None:
     if isinstance(stream, trio.SocketStream):
         return stream.socket
     return None
+
+
+def _stdlib_socket(sock: trio.socket.SocketType | None) -> socket.socket | None:
+    """The standard-library socket inside a trio socket (non-blocking), if it has one."""
+    raw = getattr(sock, "_sock", None)
+    return raw if isinstance(raw, socket.socket) else None
 
 
 def progress_of(server: Any) -> TcpProgress | None:
@@ -156,11 +173,18 @@ async def _send_counted(stream: Any, data: bytes, progress: TcpProgress | None) 
     with memoryview(data) as view:
         if not view:
             await trio.lowlevel.checkpoint()
+        raw = _stdlib_socket(sock)
+        await trio.lowlevel.checkpoint_if_cancelled()
         total = 0
         while total < len(view):
             try:
                 with view[total:] as rest:
-                    count = await sock.send(rest)
+                    try:
+                        if raw is None:
+                            raise BlockingIOError
+                        count = raw.send(rest)
+                    except BlockingIOError:
+                        count = await sock.send(rest)  # waits until the socket takes some
             except OSError as error:
                 if error.errno in _CLOSED_ERRNOS:
                     raise trio.ClosedResourceError("the socket was closed") from None
@@ -261,13 +285,44 @@ async def _read_then_close(self: Any) -> None:
     peer's EOF as the end (the app gets its disconnect), so nothing is lost by closing now,
     and `TcpProgress.closed` is set when the connection really ended, not seconds later.
     """
-    await _original_read_data(self)
+    raw = _stdlib_socket(_plain_socket(self.stream))
+    if raw is None or self.config.read_timeout:
+        await _original_read_data(self)
+    else:
+        await _read_directly(self, raw)
     with trio.CancelScope(shield=True):
         await self.idle_task.stop()
         progress = progress_of(self)
         if progress is not None:
             await progress.wait_settled()  # a half-closed peer may still be acknowledging
         await self._close()
+
+
+async def _read_directly(self: Any, raw: socket.socket) -> None:
+    """Hypercorn's read loop (no read timeout), reading the socket directly: it waits only
+    when there is nothing to read, and does not yield after every successful read."""
+    handle = self.protocol.handle
+    streak = 0
+    while True:
+        try:
+            data = raw.recv(MAX_RECV)
+        except BlockingIOError:
+            streak = 0
+            try:
+                await trio.lowlevel.wait_readable(raw)
+            except trio.ClosedResourceError:
+                break
+            continue
+        except OSError:  # reset by the peer, or closed here (what trio reports as broken)
+            break
+        await handle(RawData(data))
+        if not data:
+            break
+        streak += 1
+        if streak >= READ_STREAK:
+            streak = 0
+            await trio.lowlevel.checkpoint()
+    await handle(Closed())
 
 
 async def _guarded_initiate_server_close(self: Any) -> None:
