@@ -45,6 +45,18 @@ _REQUESTS: Final = (
 )
 
 
+# Writes whose acknowledgement is their fan-out (the hub's copy for the origin connection).
+_FANNED_OUT: Final = (
+    ev.StoreMessage,
+    ev.StoreChat,
+    ev.StoreGroup,
+    ev.StoreMembers,
+    ev.StoreRead,
+    ev.StoreChange,
+    ev.StoreBlock,
+)
+
+
 def rules_of(services: Services) -> SessionRules:
     limits = services.limits
     return SessionRules(
@@ -137,6 +149,11 @@ class SessionDriver:
                 result = await self._carry_out(command)
             except Exception as error:
                 result = _failed(command, error)
+            if isinstance(command, _FANNED_OUT):
+                # The commit's fan-out carries the acknowledgement; the hub's publisher was
+                # woken before this task: let it run before this connection's next reply
+                # (the reader may take the next frame without a pass of the run loop).
+                await trio.lowlevel.checkpoint()
             if result is not None:
                 pending.extend(reversed(self.machine.handle(result, now())))
 

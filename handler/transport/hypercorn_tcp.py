@@ -36,9 +36,10 @@ Replaced (each checked against Hypercorn 0.18's source, fingerprinted in the tes
 Not fixes but the cost of a frame: trio's socket calls yield to the scheduler after every
 successful `recv`/`send` (its "checkpoint sandwich"), so each read and each write costs one
 more pass of the run loop than the I/O needs. The read loop and the counted write call the
-socket directly and wait (`wait_readable`, or trio's `send`) only when it would block; the
-read loop still yields every `READ_STREAK` reads in a row, so a peer that never stops sending
-cannot starve the others.
+socket directly and wait (`wait_readable`, or trio's `send`) only when it would block, or,
+for reads, after a short read (the buffer is then most likely empty, and trying again would
+cost a failing `recv`); the read loop waits at least every `READ_STREAK` reads, so a peer
+that never stops sending cannot starve the others.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ _PROGRESS_ATTR: Final = "_handler_progress"
 _CLOSED_ERRNOS: Final = frozenset({errno.EBADF, errno.ENOTSOCK})
 # Hypercorn's read size (`hypercorn.trio.tcp_server.MAX_RECV`).
 MAX_RECV: Final = 2**16
-# Reads in a row without waiting after which the read loop yields to other tasks anyway.
+# Full reads in a row after which the read loop waits for readiness (and yields) anyway.
 READ_STREAK: Final = 8
 
 
@@ -238,6 +239,12 @@ async def _guarded_protocol_send(self: Any, event: Any) -> None:
         # Often called from inside the app's `send()`, in the app's task: the app's cancel
         # scopes must not cancel the close of the socket (`_close` shields itself). Telling
         # the protocol stays cancellable: it may wait on the app's receive queue.
+        progress = progress_of(self)
+        if progress is not None:
+            # The close handshake just wrote its last frame: let the peer's ACKs of what it
+            # got arrive before the final count (bounded, shielded), or frames it did get
+            # would count as undelivered and come again in its next backlog.
+            await progress.wait_settled()
         await self._close()
         await self.protocol.handle(Closed())
     elif isinstance(event, Updated):
@@ -307,21 +314,24 @@ async def _read_directly(self: Any, raw: socket.socket) -> None:
         try:
             data = raw.recv(MAX_RECV)
         except BlockingIOError:
-            streak = 0
-            try:
-                await trio.lowlevel.wait_readable(raw)
-            except trio.ClosedResourceError:
-                break
-            continue
+            data = None
         except OSError:  # reset by the peer, or closed here (what trio reports as broken)
             break
-        await handle(RawData(data))
-        if not data:
+        if data is not None:
+            await handle(RawData(data))
+            if not data:
+                break
+            if len(data) == MAX_RECV and streak < READ_STREAK:
+                streak += 1
+                continue  # more is probably waiting: read it without a pass of the run loop
+        # The buffer is most likely empty after a short read: wait rather than try again.
+        streak = 0
+        if raw.fileno() < 0:
+            break  # closed while its data was handled (trio would raise for a closed socket)
+        try:
+            await trio.lowlevel.wait_readable(raw)
+        except trio.ClosedResourceError:
             break
-        streak += 1
-        if streak >= READ_STREAK:
-            streak = 0
-            await trio.lowlevel.checkpoint()
     await handle(Closed())
 
 

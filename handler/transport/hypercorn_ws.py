@@ -41,6 +41,7 @@ import zlib
 from collections.abc import Iterable
 from typing import Any, Final, NotRequired, TypedDict
 
+import trio
 from hypercorn.protocol.events import Data, Response, StreamClosed
 from hypercorn.protocol.ws_stream import (
     ASGIWebsocketState,
@@ -251,7 +252,17 @@ async def _put_messages(self: Any, messages: list[str | bytes]) -> None:
     if not messages:
         return
     if self.__dict__[_MANY_ATTR]:
-        await self.app_put({"type": RECEIVE_MANY, "messages": messages})
+        event = {"type": RECEIVE_MANY, "messages": messages}
+        # `app_put` is the bound `send` of the app's queue: with room in it, hand the event
+        # over without a pass of the run loop (the read loop yields while it waits for data).
+        queue = getattr(self.app_put, "__self__", None)
+        if isinstance(queue, trio.MemorySendChannel):
+            try:
+                queue.send_nowait(event)
+                return
+            except trio.WouldBlock:
+                pass
+        await self.app_put(event)
         return
     for message in messages:
         if isinstance(message, str):

@@ -56,6 +56,8 @@ log = logging.getLogger("handler.ws")
 CLOSE_TIMEOUT_S: Final = 2.0
 CLOSE_ACK_WAIT_S: Final = 1.0
 WRITE_BATCH: Final = 64
+# Writes in a row without waiting for the outbox, after which the writer yields anyway.
+WRITE_STREAK: Final = 8
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -113,7 +115,9 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, services: 
     )
     hub.attach(connection)
     client = scope.get("client")
-    log.info("open conn=%s peer=%s", connection.id, client[0] if client else "-")
+    # DEBUG, not INFO: two log lines per connection are a measurable part of a reconnect
+    # storm's cost; the connection metrics count them at INFO's level of detail.
+    log.debug("open conn=%s peer=%s", connection.id, client[0] if client else "-")
     disconnected = False
     driver: SessionDriver | None = None
     try:
@@ -141,7 +145,7 @@ async def serve_websocket(scope: Scope, receive: Receive, send: Send, services: 
             if driver is not None:
                 driver.closing()
             await hub.detach(connection)
-        log.info(
+        log.debug(
             "close conn=%s user=%s code=%s",
             connection.id,
             user_id,
@@ -161,12 +165,20 @@ async def _read(
     max_bytes = limits.max_frame_bytes
     ping_interval = limits.ping_interval_s
     machine = driver.machine
+    queued = _queued_events(receive)
     while True:
         event: MutableMapping[str, Any] | None = None
-        # Only the wait runs under the deadline: a frame that came just before a ping was due
-        # must not have its handling (reply and all) cancelled when that time passes.
-        with trio.move_on_at(min(machine.next_deadline(), connection.last_sent + ping_interval)):
-            event = await receive()
+        deadline = min(machine.next_deadline(), connection.last_sent + ping_interval)
+        if queued is not None and trio.current_time() < deadline:
+            try:
+                event = queued()  # already there: no pass of the run loop to fetch it
+            except (trio.WouldBlock, trio.EndOfChannel):
+                event = None
+        if event is None:
+            # Only the wait runs under the deadline: a frame that came just before a ping was
+            # due must not have its handling (reply and all) cancelled when that time passes.
+            with trio.move_on_at(deadline):
+                event = await receive()
         if event is not None:
             kind = event["type"]
             if kind == RECEIVE_MANY:
@@ -197,6 +209,15 @@ async def _read(
             await driver.keepalive()
 
 
+def _queued_events(receive: Receive) -> Callable[[], MutableMapping[str, Any]] | None:
+    """`receive_nowait` of the channel behind Hypercorn's ASGI `receive`, if it is one."""
+    channel = getattr(receive, "__self__", None)
+    if isinstance(channel, trio.MemoryReceiveChannel):
+        nowait: Callable[[], MutableMapping[str, Any]] = channel.receive_nowait
+        return nowait
+    return None
+
+
 async def _write(
     connection: Connection, send: Send, services: Services, sent: SentFrames, guarded: bool
 ) -> None:
@@ -210,8 +231,20 @@ async def _write(
     """
     count_out = services.metrics.count_out
     outbox = connection.outbox
+    streak = 0
     while True:
-        first = await _next(outbox)
+        first = None
+        if streak < WRITE_STREAK:
+            try:
+                first = outbox.receive_nowait()  # queued while writing: no pass of the run loop
+                streak += 1
+            except trio.WouldBlock:
+                pass
+            except trio.EndOfChannel:
+                return
+        if first is None:
+            streak = 0
+            first = await _next(outbox)
         if first is _END:
             return
         batch = [first]
