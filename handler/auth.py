@@ -4,6 +4,12 @@ The user id is the `sub` claim. `exp` and `nbf` are checked when present (and mu
 `iss`/`aud` when configured; `alg: none` and any algorithm not configured are refused before the
 key is chosen.
 
+Verified tokens are cached for reconnects (`VERIFIED_CACHE_SIZE` of them, least recently used
+first out), keyed by a hash of the token, so a client that reconnects with the same token skips
+the signature check. Only success is cached, and a hit is checked against `exp` again: `nbf` and
+`iat` only ever move from the future into the past, so a token that verified once stays valid
+until it expires, and the keys do not change while the process runs.
+
 Dev tokens without a configured secret are signed with a secret kept in a file
 (`AuthConfig.secret_file`, beside the database), created on first use: tokens then survive a
 restart, and `python -m handler token USER` signs tokens the server accepts.
@@ -11,6 +17,7 @@ restart, and `python -m handler token USER` signs tokens the server accepts.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import stat
@@ -26,6 +33,8 @@ from handler.errors import ConfigError, ErrorCode, ProtocolError
 from handler.protocol import validate_user_id
 
 DEV_TOKEN_TTL_S = 24 * 3600
+# Verified tokens kept for reconnects: about 200 bytes each.
+VERIFIED_CACHE_SIZE: Final = 16384
 DEV_SECRET_MIN_CHARS: Final = 32
 _SECRET_KEY: Final = "auth.jwt_secret"
 
@@ -59,6 +68,7 @@ class TokenAuthority:
         if config.dev_tokens and "HS256" not in self._algorithms:
             self._algorithms.append("HS256")  # dev tokens are always HS256
         self.dev_tokens = config.dev_tokens
+        self._verified: dict[bytes, Identity] = {}  # insertion order = least recently used first
 
     def _key_for(self, algorithm: str) -> Any:
         if algorithm.startswith("HS"):
@@ -67,6 +77,22 @@ class TokenAuthority:
 
     def verify(self, token: str, now: float | None = None) -> Identity:
         """Return the token's identity or raise `ProtocolError(unauthorized)`."""
+        key = hashlib.blake2b(token.encode(), digest_size=16).digest()
+        cached = self._verified.pop(key, None)
+        if cached is not None:
+            if cached.expires_at is not None and int(cached.expires_at) <= (
+                time.time() if now is None else now
+            ):
+                raise _unauthorized("expired")  # as PyJWT says it (its `exp` check, leeway 0)
+            self._verified[key] = cached  # the most recently used now
+            return cached
+        identity = self._verify_signed(token)
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            del self._verified[next(iter(self._verified))]
+        self._verified[key] = identity
+        return identity
+
+    def _verify_signed(self, token: str) -> Identity:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:

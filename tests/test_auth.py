@@ -384,3 +384,54 @@ def test_dev_secret_file_that_cannot_be_created_names_the_fix(tmp_path: Path) ->
 def test_issue_refuses_an_invalid_user_id() -> None:
     with pytest.raises(ProtocolError):
         authority().issue(" alice")
+
+
+# --------------------------------------------------------------------------- verified cache
+
+
+def test_a_cached_token_still_expires_on_time() -> None:
+    auth = authority()
+    expires = int(time.time()) + 60
+    token = hs256({"sub": "alice", "exp": expires})
+    assert auth.verify(token).user_id == "alice"
+    assert auth.verify(token, now=expires - 0.5).user_id == "alice"  # the cached identity
+    with pytest.raises(ProtocolError) as caught:
+        auth.verify(token, now=expires)
+    assert caught.value.code is ErrorCode.UNAUTHORIZED
+    assert "expired" in caught.value.message
+    # Forgotten once expired: the next try goes through PyJWT again, which refuses it too.
+    assert (
+        "expired"
+        in unauthorized(auth, hs256({"sub": "alice", "exp": int(time.time()) - 1})).message
+    )
+
+
+def test_a_refused_token_is_not_cached() -> None:
+    auth = authority()
+    early = hs256({"sub": "alice", "nbf": int(time.time()) + 60})
+    for _ in range(2):
+        assert "ImmatureSignatureError" in unauthorized(auth, early).message
+    forged = hs256({"sub": "alice"}, key=OTHER_SECRET)
+    for _ in range(2):
+        unauthorized(auth, forged)
+
+
+def test_one_character_changed_is_a_different_token() -> None:
+    auth = authority()
+    token = hs256({"sub": "alice"})
+    assert auth.verify(token).user_id == "alice"
+    tampered = token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1]
+    unauthorized(auth, tampered)
+
+
+def test_the_cache_is_bounded_and_keeps_the_recently_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("handler.auth.VERIFIED_CACHE_SIZE", 3)
+    auth = authority()
+    tokens = [hs256({"sub": f"user{n}"}) for n in range(4)]
+    for token in tokens[:3]:
+        auth.verify(token)
+    auth.verify(tokens[0])  # used again: user1 is now the least recently used
+    auth.verify(tokens[3])
+    assert len(auth._verified) == 3
+    kept = {identity.user_id for identity in auth._verified.values()}
+    assert kept == {"user0", "user2", "user3"}

@@ -401,12 +401,14 @@ async def test_the_startup_line_says_where_and_on_what(tmp_path: Path) -> None:
         assert "dev tokens on" in line
         frame = await bound_client_says(f"ws://127.0.0.1:{port}/ws?token={token_for('a')}")
         assert frame == {"type": "authenticated", "user_id": "a"}
-        await server.wait_for(r"handler\.ws close", 5)
+        frame = await bound_client_says(f"ws://127.0.0.1:{port}/ws?token=not-a-token")
+        assert frame["code"] == "unauthorized"
+        await server.wait_for(r"handler\.session error conn=\w+ user=None code=unauthorized", 5)
         assert await server.stop() == 0
     output = server.output()
     # Each line once: the handler's logger is not configured twice under `python -m handler`.
     assert output.count("serving on") == 1
-    assert len(re.findall(r"handler\.ws open conn=", output)) == 1
+    assert len(re.findall(r"handler\.session error conn=", output)) == 1
     assert "WARNING" not in output
 
 
@@ -452,11 +454,13 @@ async def test_hypercorn_cli_shows_the_handler_log_lines(tmp_path: Path) -> None
         port = await server.wait_ready()
         frame = await bound_client_says(f"ws://127.0.0.1:{port}/ws?token={token_for('a')}")
         assert frame == {"type": "authenticated", "user_id": "a"}
-        await server.wait_for(r"handler\.ws close conn=\w+ user=a", 5)
+        frame = await bound_client_says(f"ws://127.0.0.1:{port}/ws?token=not-a-token")
+        assert frame["code"] == "unauthorized"
+        await server.wait_for(r"handler\.session error conn=\w+ user=None code=unauthorized", 5)
         assert await server.stop(signal.SIGTERM, within=15) == 0
     output = server.output()
     assert len(re.findall(r"INFO handler\.app serving on 127\.0\.0\.1:0", output)) == 1, output
-    assert len(re.findall(r"INFO handler\.ws open conn=", output)) == 1, output
+    assert len(re.findall(r"INFO handler\.session error conn=", output)) == 1, output
     assert "services stopped" in output
 
 
