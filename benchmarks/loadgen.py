@@ -741,7 +741,12 @@ async def job_idle(gen: Generator) -> dict[str, Any]:
 
 
 async def job_connect(gen: Generator) -> dict[str, Any]:
-    """Connect + bind `count` fresh users with `concurrency` clients at a time."""
+    """Connect + bind `count` fresh users with `concurrency` clients at a time.
+
+    With `reconnect`, a reconnect storm instead: the same users, with the same tokens, were
+    bound once and their connections dropped (as in a network blip) before the measured
+    round, so the server has seen them and their tokens already.
+    """
     job = gen.job
     count: int = job["count"]
     latencies: array[float] = array("d")
@@ -750,6 +755,20 @@ async def job_connect(gen: Generator) -> dict[str, Any]:
     limiter = trio.CapacityLimiter(job.get("concurrency", 50))
     ids = [gen.user_id(i) for i in range(count)]
     gen.premint(ids)
+    if job.get("reconnect"):
+        earlier: list[User] = []
+
+        async def first(user_id: str) -> None:
+            async with limiter:
+                with contextlib.suppress(
+                    OSError, trio.BrokenResourceError, wire.HandshakeError, wire.ConnectionClosed
+                ):
+                    earlier.append(await gen.connect(user_id))
+
+        async with trio.open_nursery() as nursery:
+            for user_id in ids:
+                nursery.start_soon(first, user_id)
+        await close_all(earlier, polite=False)
     await gen.checkpoint("measure_start")
     t0 = trio.current_time()
     cpu0 = time.process_time()

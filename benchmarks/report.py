@@ -11,7 +11,18 @@ import math
 from pathlib import Path
 from typing import Any, Final
 
+from benchmarks.harness import median_of
+
 NOISY_CORES: Final = 0.2  # other processes' CPU during a window above which figures are suspect
+
+# How tables and plots name the bare relays of `benchmarks.echo`, by `--stack`.
+STACK_NAMES: Final = {
+    "raw": "raw trio sockets",
+    "quart": "Quart-Trio on Hypercorn",
+    "asgi": "raw ASGI on Hypercorn",
+    "trio-websocket": "trio-websocket",
+    "websockets": "asyncio websockets",
+}
 
 
 def fmt(value: Any) -> str:
@@ -45,6 +56,65 @@ def _setting(meta: dict[str, Any]) -> str:
     limits = ", ".join(f"`limits.{k}: {json.dumps(v)}`" for k, v in meta.get("limits", {}).items())
     parts = [f"{limits} in its config.json" if limits else "", meta.get("config") or ""]
     return f"{meta['setting']} ({'; '.join(filter(None, parts)) or 'the defaults'})"
+
+
+def stack_yardsticks(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
+    """The bare relays of the ceiling scenario side by side, and (a) when it ran, each with
+    the ratio of its msg per server CPU-s to the bare Quart-Trio relay's: what the stack under
+    the handler allows, what other stacks would, and how near the handler comes. Per CPU-s,
+    because wall-clock rates on this shared machine are noisy. One row per relay stack, from
+    its first series (the raw relay's is the one driven by the raw client); [] without any."""
+    rows: list[dict[str, Any]] = []
+    for label, runs in ((scenarios.get("ceiling") or {}).get("series") or {}).items():
+        stack = next((run["stack"] for run in runs if run.get("stack")), None)
+        if stack is None or any(row["stack"] == stack for row in rows):
+            continue
+        rows.append(
+            {
+                "relay": f"bare relay: {STACK_NAMES.get(stack, label)}",
+                "stack": stack,
+                "delivered_per_s": median_of(runs, "delivered_per_s"),
+                "per_server_cpu_s": median_of(runs, "delivered_per_server_cpu_s"),
+            }
+        )
+    if not rows:
+        return []
+    handler = (scenarios.get("a") or {}).get("median") or {}
+    if handler.get("delivered_per_s") is not None:
+        rows.append(
+            {
+                "relay": "the handler, (a): 1 worker, SQLite",
+                "stack": None,
+                "delivered_per_s": handler["delivered_per_s"],
+                "per_server_cpu_s": handler.get("delivered_per_server_cpu_s"),
+            }
+        )
+    quart = next((row["per_server_cpu_s"] for row in rows if row["stack"] == "quart"), None)
+    for row in rows:
+        per = row["per_server_cpu_s"]
+        row["vs_quart"] = per / quart if per is not None and quart else None
+    return rows
+
+
+def _yardstick_lines(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    return [
+        "",
+        "## Stack yardsticks",
+        "",
+        "The same workload as (a) on bare relays (no auth, no storage); the ratio is of msg per "
+        "server CPU-s to the bare Quart-Trio relay's, the stack the handler runs on. The raw "
+        "relay's msg/s is the generator's ceiling rather than its own.",
+        "",
+        "| relay | delivered msg/s | msg per server CPU-s | per CPU-s vs Quart-Trio relay |",
+        "| --- | ---: | ---: | ---: |",
+        *(
+            f"| {row['relay']} | {fmt(row['delivered_per_s'])} | {fmt(row['per_server_cpu_s'])} "
+            f"| {fmt(row['vs_quart'])}{'x' if row['vs_quart'] is not None else ''} |"
+            for row in rows
+        ),
+    ]
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -88,6 +158,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {label} | {row['metric']} | {fmt(row['value'])} {row['unit']} | {per_text} "
                 f"| {row.get('target') or ''} | {verdict(row.get('ok'))} |"
             )
+    lines += _yardstick_lines(stack_yardsticks(report["scenarios"]))
     lines += ["", "## Scenarios", ""]
     for key, section in report["scenarios"].items():
         lines.append(
@@ -238,13 +309,13 @@ def _throughput_bars(
         if label in ("connect", "latency floor"):
             continue
         values = [r["delivered_per_s"] for r in runs]
-        short = label.split(",")[0].replace("generator ceiling", "generator ceiling")
-        if "trio-websocket" in label:
+        stack = next((run["stack"] for run in runs if run.get("stack")), "")
+        if stack != "raw":
+            short = f"bare {STACK_NAMES.get(stack, label)}"
+        elif "trio-websocket" in label:
             short = "ceiling (trio-websocket client)"
-        elif "raw client" in label:
-            short = "ceiling (raw client)"
         else:
-            short = "bare Quart-Trio relay"
+            short = "ceiling (raw client)"
         relay.append((short, sorted(values)[len(values) // 2], "yardstick"))
     for key, label in (("a", "(a) handler"), ("g", None)):
         section = scenarios.get(key) or {}

@@ -23,8 +23,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
+
+from benchmarks.echo import NO_HTTP
 
 REPO: Final = Path(__file__).resolve().parent.parent
 _TICKS: Final = os.sysconf("SC_CLK_TCK")
@@ -242,7 +245,8 @@ def _healthy(port: int) -> bool:
 
 
 class ServerProcess:
-    """A server subprocess: started pinned, polled until `/healthz` answers, stopped cleanly."""
+    """A server subprocess: started pinned, polled until `ready` (by default: `/healthz`
+    answers), stopped cleanly."""
 
     def __init__(
         self,
@@ -254,10 +258,14 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         stop_grace_s: float = 15.0,
         root: Path = REPO,
+        start_timeout_s: float = 60.0,
+        ready: Callable[[int], bool] = _healthy,
     ) -> None:
         self.argv = list(argv)
+        self.ready = ready
         self.root = root
         self.stop_grace_s = stop_grace_s
+        self.start_timeout_s = start_timeout_s
         self.killed = False
         self.port = port
         self.cpus = usable_cpus(cpus)
@@ -297,7 +305,7 @@ class ServerProcess:
                     f"server exited with {self._proc.returncode}; log: {self.log_path}\n"
                     + self.log_tail()
                 )
-            if _healthy(self.port):
+            if self.ready(self.port):
                 return
             time.sleep(0.05)
         self.stop()
@@ -342,7 +350,7 @@ class ServerProcess:
         return proc.returncode
 
     def __enter__(self) -> ServerProcess:
-        self.start()
+        self.start(self.start_timeout_s)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -398,11 +406,15 @@ def handler_server(
     log_path: Path | None = None,
     stop_grace_s: float = 15.0,
     root: Path = REPO,
+    argv_prefix: Sequence[str] = (),
+    start_timeout_s: float = 60.0,
 ) -> Iterator[tuple[ServerProcess, str]]:
     """Run the handler of the tree at `root` with a fresh config; yields (process, jwt secret).
 
     `workers=None` runs `python -m handler --config`; a number runs Hypercorn's trio worker
-    with that many processes and `CHAT_CONFIG`, the multi-process deployment.
+    with that many processes and `CHAT_CONFIG`, the multi-process deployment. `argv_prefix`
+    runs the server under another program (`valgrind ...`, `benchmarks.instructions`), which
+    may need a longer `start_timeout_s` until `/healthz` answers.
     """
     port = free_port()
     secret = secrets.token_hex(16)
@@ -441,13 +453,14 @@ def handler_server(
             "handler.app:create_app()",
         ]
     server = ServerProcess(
-        argv,
+        [*argv_prefix, *argv],
         port,
         cpus=cpus,
         log_path=log_path or workdir / "server.log",
         env=env,
         stop_grace_s=stop_grace_s,
         root=root,
+        start_timeout_s=start_timeout_s,
     )
     with server:
         yield server, secret
@@ -457,10 +470,13 @@ def handler_server(
 def echo_server(
     log_path: Path, stack: str, *, cpus: Sequence[int] | None = (0,)
 ) -> Iterator[ServerProcess]:
-    """Run one of the bare relays of `benchmarks.echo`."""
+    """Run one of the bare relays of `benchmarks.echo`. Those without HTTP count as up once
+    their port accepts connections: the listener is bound before the server runs, so the
+    first handshakes wait in its backlog rather than fail."""
     port = free_port()
     argv = [sys.executable, "-m", "benchmarks.echo", "--stack", stack, "--port", str(port)]
-    server = ServerProcess(argv, port, cpus=cpus, log_path=log_path, stop_grace_s=5.0)
+    ready = partial(port_open, "127.0.0.1") if stack in NO_HTTP else _healthy
+    server = ServerProcess(argv, port, cpus=cpus, log_path=log_path, stop_grace_s=5.0, ready=ready)
     with server:
         yield server
 

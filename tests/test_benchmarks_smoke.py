@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from benchmarks.cli import run
+from benchmarks.report import stack_yardsticks
 from benchmarks.scenarios import PROFILES, SCENARIOS
 from benchmarks.servers import REPO
 
@@ -69,13 +70,27 @@ def test_every_scenario_ran_and_wrote_the_report(smoke: tuple[dict[str, Any], Pa
 def test_ceiling(smoke: tuple[dict[str, Any], Path]) -> None:
     data = section(smoke, "ceiling")
     series = data["series"]
-    assert len(series) == 5
+    assert len(series) == 8  # 6 relay series (the raw relay once per client), floor, connects
+    stacks = {run_["stack"] for runs in series.values() for run_ in runs if "stack" in run_}
+    assert stacks == {"raw", "quart", "asgi", "trio-websocket", "websockets"}
     for label, runs in series.items():
         for run_ in runs:
             if label == "latency floor":
                 assert 0 < run_["p50_ms"] <= run_["p99_ms"]
             else:
                 assert run_.get("delivered_per_s", run_.get("connects_per_s", 0)) > 0
+    report, out = smoke
+    yardsticks = stack_yardsticks(report["scenarios"])
+    assert [row["stack"] for row in yardsticks] == [
+        "raw",
+        "quart",
+        "asgi",
+        "trio-websocket",
+        "websockets",
+        None,  # the handler, (a)
+    ]
+    assert all(row["per_server_cpu_s"] > 0 and row["vs_quart"] > 0 for row in yardsticks)
+    assert "## Stack yardsticks" in (out / "results.md").read_text()
 
 
 def test_a_saturated_relay(smoke: tuple[dict[str, Any], Path]) -> None:
