@@ -241,7 +241,8 @@ def test_compare_runs_both_trees_interleaved(
         for name, section in tree["scenarios"].items():
             assert "error" not in section, f"{name}: {section.get('error')}"
             assert not section["failed_runs"], section["failed_runs"]
-            assert len(section["runs"]) == 2
+            # (d) has two series: fresh users, and the reconnect storm.
+            assert len(section["runs"]) == (4 if name == "d" else 2)
 
 
 def test_compare_reports_medians_and_ratios(
@@ -323,7 +324,7 @@ def test_vary_presence_alternates_the_two_configs(
     runs = [line.strip() for line in said if "run 1/1 [" in line]
     assert runs == [
         f"{prefix}run 1/1 [{side}]"
-        for prefix in ("", "", "reconnect: ", "departures: ")
+        for prefix in ("", "", "reconnect storm: ", "reconnect: ", "departures: ")
         for side in ("presence off", "presence on")
     ], said
     baseline = report["baseline"]
