@@ -84,12 +84,15 @@ def test_markdown_has_the_table() -> None:
     }
     text = markdown(report)
     assert "## Stack yardsticks" in text
-    header = "| relay | delivered msg/s | msg per server CPU-s | per CPU-s vs Quart-Trio relay |"
+    header = (
+        "| relay | delivered msg/s | msg per server CPU-s | per CPU-s vs Quart-Trio relay"
+        " | target | result |"
+    )
     table = text.split(header)[1].split("\n\n")[0].strip().splitlines()[1:]
     assert table == [
-        "| bare relay: raw trio sockets | 90,000 | 300,000 | 11.5x |",
-        "| bare relay: Quart-Trio on Hypercorn | 22,000 | 26,000 | 1.00x |",
-        "| bare relay: asyncio websockets | 40,000 | 52,000 | 2.00x |",
-        "| the handler, (a): 1 worker, SQLite | 12,000 | 13,000 | 0.500x |",
+        "| bare relay: raw trio sockets | 90,000 | 300,000 | 11.5x |  |  |",
+        "| bare relay: Quart-Trio on Hypercorn | 22,000 | 26,000 | 1.00x |  |  |",
+        "| bare relay: asyncio websockets | 40,000 | 52,000 | 2.00x |  |  |",
+        "| the handler, (a): 1 worker, SQLite | 12,000 | 13,000 | 0.500x | >= 1.6x | **FAIL** |",
     ]
     assert "## Stack yardsticks" not in markdown({**report, "scenarios": {}})
