@@ -7,6 +7,8 @@ managed environment"): from a venv, `python3 -m venv .venv && .venv/bin/pip inst
 
 from __future__ import annotations
 
+import shutil
+
 import nox
 
 nox.options.sessions = ["tests", "lint"]
@@ -42,3 +44,6 @@ def bench(session: nox.Session) -> None:
     """The benchmark suite; writes JSON, a markdown table and PNG plots to benchmarks/results/."""
     session.install("-e", ".[test,bench]")
     session.run("python", "-m", "benchmarks", *session.posargs)
+    if not session.posargs and shutil.which("valgrind"):
+        # The cost per message over the performance steps, in instructions (callgrind).
+        session.run("python", "-m", "benchmarks.steps")
