@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable
 from typing import Final
 
+import hypercorn.protocol.h11
 import hypercorn.protocol.ws_stream as ws_stream
 import pytest
 import trio
@@ -75,6 +76,8 @@ REPLACED: Final = {
 # Not replaced, but relied on line by line: `hypercorn_tcp._send_counted` mirrors trio's
 # `SocketStream.send_all`, and it and `_read_directly` call the standard-library socket inside
 # trio's (`_sock`) the way `_nonblocking_helper` and `_try_sync` do, minus the yield;
+# `_read_directly` hands an upgraded connection's bytes to its `WSStream` as
+# `H11Protocol._handle_events` passes them through an empty `H11WSConnection`;
 # `accept_errors` assumes trio's accept loop (its logger, its retry after EMFILE), and
 # `hypercorn_ws._accept_handshake` mirrors Hypercorn's `Handshake.accept`.
 # The wsproto entries are what `hypercorn_ws` relies on beyond wsproto's documented API:
@@ -104,6 +107,14 @@ MIRRORED: Final = {
     "trio._highlevel_serve_listeners._serve_one_listener": (
         serve_listeners._serve_one_listener,
         "9367ae038290927f905a8bd68170f479134b9a6e2ab5e8d88e0772cf9e26345b",
+    ),
+    "hypercorn.protocol.h11.H11Protocol._handle_events": (
+        hypercorn.protocol.h11.H11Protocol._handle_events,
+        "bd4a76b2837e872273a69e31a827fbcfd6a74c31bfcc59ac6ece1976af9aaed1",
+    ),
+    "hypercorn.protocol.h11.H11WSConnection": (
+        hypercorn.protocol.h11.H11WSConnection,
+        "33372cf6894299781cef6e5d27bb13d72b5fab6cf29a2f9bff2f6b7c3ca966aa",
     ),
     "hypercorn.protocol.ws_stream.Handshake.accept": (
         ws_stream.Handshake.accept,

@@ -54,6 +54,9 @@ from typing import Any, Final
 
 import trio
 from hypercorn.events import Closed, RawData, Updated
+from hypercorn.protocol.events import Data
+from hypercorn.protocol.h11 import STREAM_ID, H11Protocol, H11WSConnection
+from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.tcp_server import TCPServer
 
 from handler.transport.patching import Patch
@@ -305,10 +308,27 @@ async def _read_then_close(self: Any) -> None:
         await self._close()
 
 
+def _websocket_of(protocol: Any) -> WSStream | None:
+    """The WebSocket stream behind an upgraded HTTP/1.1 connection, when the bytes read can
+    go to it directly: Hypercorn's `H11Protocol` would pass them through unchanged (its
+    `H11WSConnection` buffers nothing between reads)."""
+    inner = getattr(protocol, "protocol", None)
+    if type(inner) is not H11Protocol:
+        return None
+    connection = inner.connection
+    if type(connection) is not H11WSConnection or connection.buffer:
+        return None
+    stream = inner.stream
+    return stream if type(stream) is WSStream else None
+
+
 async def _read_directly(self: Any, raw: socket.socket) -> None:
     """Hypercorn's read loop (no read timeout), reading the socket directly: it waits only
-    when there is nothing to read, and does not yield after every successful read."""
+    when there is nothing to read, and does not yield after every successful read. Once the
+    connection is a WebSocket, data goes straight to its stream (what `H11Protocol` does,
+    without its layers per read)."""
     handle = self.protocol.handle
+    websocket: WSStream | None = None
     streak = 0
     while True:
         try:
@@ -318,9 +338,14 @@ async def _read_directly(self: Any, raw: socket.socket) -> None:
         except OSError:  # reset by the peer, or closed here (what trio reports as broken)
             break
         if data is not None:
-            await handle(RawData(data))
             if not data:
+                await handle(RawData(data))
                 break
+            websocket = websocket or _websocket_of(self.protocol)
+            if websocket is not None:
+                await websocket.handle(Data(stream_id=STREAM_ID, data=data))
+            else:
+                await handle(RawData(data))
             if len(data) == MAX_RECV and streak < READ_STREAK:
                 streak += 1
                 continue  # more is probably waiting: read it without a pass of the run loop

@@ -35,6 +35,8 @@ _SIOCOUTQ: Final[int | None] = (
     getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
 )
 _INT: Final = struct.Struct("i")
+# The ioctl's result, read at once after each call (one thread reads counts: the event loop's).
+_OUTQ: Final = bytearray(_INT.size)
 
 # Waiting for delayed ACKs before an abort: poll, stop once the count held still this long,
 # and never wait longer than the cap in total.
@@ -150,10 +152,10 @@ class TcpProgress:
         if fd < 0:
             return None
         try:
-            raw = fcntl.ioctl(fd, _SIOCOUTQ, b"\0" * _INT.size)
+            fcntl.ioctl(fd, _SIOCOUTQ, _OUTQ, True)  # into the shared buffer: no allocation
         except OSError:
             return None
-        value: int = _INT.unpack(raw)[0]
+        value: int = _INT.unpack_from(_OUTQ)[0]
         return value
 
 
