@@ -63,6 +63,8 @@ class Endpoint(Protocol):
 
 
 class _UserEntry:
+    __slots__ = ("bucket", "closing", "endpoints", "failed", "left", "nursery", "opened", "ready")
+
     def __init__(self, rate: float, burst: float) -> None:
         self.endpoints: dict[str, Endpoint] = {}
         self.ready = trio.Event()  # the bus subscription is settled (`failed` says how)

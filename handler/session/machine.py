@@ -52,7 +52,6 @@ frames costs. Recoverable errors answer an `error` frame and change nothing.
 
 from __future__ import annotations
 
-import collections
 import enum
 import math
 from collections.abc import Callable
@@ -149,10 +148,12 @@ class SessionMachine:
         self._user_bucket: TokenBucket | None = None
         self._fetching = False  # a fetch_chats answer is being streamed
         # BINDING only: parked fan-out, the frame to answer once bound, backlog still to read.
-        self._parked: collections.deque[Outgoing] = collections.deque()
+        # Lists, not deques (an empty deque is ten times an empty list, and every connection
+        # keeps these): the backlog's work lists are reversed and taken from the end.
+        self._parked: list[Outgoing] = []
         self._after_bind: protocol.ClientFrame | None = None
-        self._backlog_todo: collections.deque[tuple[str, int]] = collections.deque()
-        self._updates_todo: collections.deque[tuple[str, int, int]] = collections.deque()
+        self._backlog_todo: list[tuple[str, int]] = []
+        self._updates_todo: list[tuple[str, int, int]] = []
         self._updates_pending: set[str] = set()
         self._snapshot_marks: dict[str, tuple[int, int]] = {}
         # What the snapshot covered (chat id -> its version), until `_marks_until`; and the
@@ -520,8 +521,8 @@ class SessionMachine:
         self._user_bucket = event.bucket
         self._snapshot_marks = dict(plan.high_water)
         self._backlog_chats = plan.chat_ids
-        self._backlog_todo = collections.deque(plan.message_chats)
-        self._updates_todo = collections.deque(plan.update_chats)
+        self._backlog_todo = list(reversed(plan.message_chats))
+        self._updates_todo = list(reversed(plan.update_chats))
         self._updates_pending = {chat_id for chat_id, _, _ in plan.update_chats}
         self._sent_versions = {}
         self.backlog_chats, self.backlog_messages = len(plan.chats), 0
@@ -541,11 +542,11 @@ class SessionMachine:
         backlog is read as fast as the client takes it, never whole. New messages first,
         then the changes to messages the user had (the protocol's order)."""
         if self._backlog_todo:
-            chat_id, after_seq = self._backlog_todo.popleft()
+            chat_id, after_seq = self._backlog_todo.pop()
             up_to_seq = self._snapshot_marks[chat_id][0]
             return [ev.ReadBacklog(self._user(), chat_id, after_seq, up_to_seq)]
         if self._updates_todo:
-            chat_id, after_version, up_to_seq = self._updates_todo.popleft()
+            chat_id, after_version, up_to_seq = self._updates_todo.pop()
             up_to_version = self._snapshot_marks[chat_id][1]
             return [ev.ReadUpdates(self._user(), chat_id, after_version, up_to_version, up_to_seq)]
         self._marks = {chat_id: version for chat_id, (_, version) in self._snapshot_marks.items()}
@@ -597,7 +598,7 @@ class SessionMachine:
         return snapshot_version
 
     def _replay(self, now: ev.Instant) -> list[ev.Command]:
-        parked, self._parked = self._parked, collections.deque()
+        parked, self._parked = self._parked, []
         writes: list[ev.Command] = []
         for item in parked:
             kept = self._cover(item, now.monotonic)

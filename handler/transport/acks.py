@@ -27,7 +27,6 @@ frames) there is no count, and a frame counts as delivered once written, as befo
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
@@ -107,7 +106,9 @@ class SentFrames:
         # With permessage-deflate the wire size of a frame is unknown: every frame of a write
         # then waits for the end of the whole write (later, never too early).
         self._exact_sizes = exact_sizes
-        self._pending: collections.deque[tuple[int, Receipt]] = collections.deque()
+        # A list, not a deque: an idle connection's empty list is a tenth of an empty deque's
+        # memory, and releases take their acknowledged head in one slice.
+        self._pending: list[tuple[int, Receipt]] = []
 
     @property
     def pending(self) -> bool:
@@ -165,10 +166,14 @@ class SentFrames:
         assert self._progress is not None
         acked = self._progress.acked_written()
         marks = self._marks
-        while pending and pending[0][0] <= acked:
-            _, receipt = pending.popleft()
+        count = 0
+        for offset, receipt in pending:
+            if offset > acked:
+                break
             marks.acknowledged(receipt)
             marks.end_write(receipt.user_id)
+            count += 1
+        del pending[:count]
 
     async def wait_acked(self, timeout_s: float) -> None:
         """Before a clean close: give the peer a moment to acknowledge what it was sent."""
@@ -185,6 +190,6 @@ class SentFrames:
         with trio.move_on_after(SETTLE_TIMEOUT_S):
             await self._progress.closed.wait()
         self.release()
-        while self._pending:
-            _, receipt = self._pending.popleft()
+        for _, receipt in self._pending:
             self._marks.end_write(receipt.user_id)  # never acknowledged: stays undelivered
+        self._pending.clear()
