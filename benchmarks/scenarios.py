@@ -454,8 +454,8 @@ def _c_rows(out: Outcome, ctx: Context) -> None:
                 f"RSS per connection at {step:,}",
                 value,
                 "KiB",
-                target="<= 30" if last else None,
-                ok=at_most(value, 30) if last else None,
+                target="<= 25" if last else None,
+                ok=at_most(value, 25) if last else None,
             )
         )
     held_count = out.median(f"held_{steps[-1]}")

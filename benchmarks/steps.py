@@ -37,6 +37,8 @@ STEPS: Final = (
     ("03b7008", "socket calls without a run-loop pass each"),
     ("85402df", "queued events taken without a pass"),
     ("48ae884", "verified tokens cached, no log line per connection"),
+    ("4ca95fd", "bytes straight to the WebSocket stream"),
+    ("1c4b34a", "lists for the queues an idle connection keeps"),
 )
 
 
