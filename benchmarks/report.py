@@ -331,6 +331,9 @@ def _throughput_bars(
         else:
             short = "ceiling (raw client)"
         relay.append((short, sorted(values)[len(values) // 2], "yardstick"))
+        if stack != "raw":  # the raw relay's per-CPU figure is the generator's, not its own
+            efficiency = median_of(runs, "delivered_per_server_cpu_s")
+            per_cpu.append((short, efficiency, "yardstick"))
     for key, label in (("a", "(a) handler"), ("g", None)):
         section = scenarios.get(key) or {}
         if key == "a" and section.get("median"):
@@ -361,8 +364,11 @@ def _throughput_bars(
             connects.append(
                 ("generator ceiling (raw relay)", values[len(values) // 2], "yardstick")
             )
-    if (scenarios.get("d") or {}).get("median"):
-        connects.append(("(d) handler", scenarios["d"]["median"].get("connects_per_s"), "handler"))
+    d_runs = (scenarios.get("d") or {}).get("runs") or []
+    for name, storm in (("(d) handler", False), ("(d) reconnect storm", True)):
+        runs = [run for run in d_runs if bool(run.get("storm")) == storm]
+        if runs:
+            connects.append((name, median_of(runs, "connects_per_s"), "handler"))
     if connects:
         panels.append(("Connect + bind", "conn/s", connects))
     other: list[tuple[str, float | None, str]] = []

@@ -551,7 +551,7 @@ SCENARIO_D: Final = Scenario(
         Variant(job={"kind": "connect", "sources": 16, **p}, measure=_d_run),
         Variant(
             job={"kind": "connect", "sources": 16, "reconnect": True, **p},
-            measure=_d_run,
+            measure=lambda run: {**_d_run(run), "storm": True},
             series="reconnect",
             label="reconnect storm",
         ),
